@@ -1,0 +1,57 @@
+"""Shared pieces of the benchmark scripts: timing, the matmul peak, the peer's configuration, peer runs."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+# audiolm-pytorch's SemanticTransformer defaults at dim 512: multi-query attention (one key/value head), GEGLU
+# feed-forward of width int(512 * 4 * 2 / 3), relative position bias. `--kv_heads 8` gives our multi-head default.
+PEER_CONFIG = dict(embed_dim=512, num_layers=6, num_heads=8, num_kv_heads=1, head_dim=64, mlp_dim=1365,
+                   gated_mlp=True, position_encoding="relative", vocab_multiple=1, causal_query_blocks=4)
+
+
+def peer_config(kv_heads: int) -> dict:
+    return dict(PEER_CONFIG, num_kv_heads=kv_heads)
+PEER_VOCAB = 1024
+# Figures measured on this machine for the issue (audiolm-pytorch 2.4.0, torch 2.13 CPU, 2 threads, medians of 5).
+PEER_REFERENCE = {"train_tokens_per_s": 725.0, "generate_tokens_per_s": 67.7}
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_audiolm.py")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall seconds of fn() (which must block until its result is ready) and all the timings."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of a jitted [size, size] @ [size, size] matmul on the default device (median)."""
+    a = jnp.ones((size, size), jnp.float32)
+    b = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(jnp.dot)
+    seconds, _ = median_seconds(lambda: f(a, b).block_until_ready(), repeats, warmup=2)
+    return 2 * size**3 / seconds / 1e9
+
+
+def run_peer(peer_python: Optional[str], repeats: int) -> Optional[dict]:
+    """Runs benchmarks/peer_audiolm.py under `peer_python` (a venv with torch + audiolm-pytorch); its JSON."""
+    if not peer_python:
+        return None
+    proc = subprocess.run([peer_python, PEER_SCRIPT, "--steps", str(repeats)], capture_output=True, text=True,
+                          timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer benchmark failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,130 @@
+"""Ahead-of-time compile of a run's real train step for a TPU topology, on this (CPU) machine.
+
+    python -m musiclm_jax.aot --gin_file=gin/stages/semantic_paper.gin --topology=v5e:4x4 [--gin.BATCH_SIZE=...]
+
+Uses the same gin files as training (the `train` bindings: model, optimizer, batch size, mesh, rules,
+microbatches), builds the mesh from the topology's abstract devices (libtpu, from the `tpu` extra), lowers and
+compiles the train step with its shardings, and prints one JSON line:
+
+  topology, device_kind, num_chips, num_devices, mesh, batch_size, params,
+  per_chip_bytes        arguments + outputs + temporaries - donated aliases, from the executable's
+                        memory_analysis(), summed over the devices of one chip
+  hbm_bytes_per_chip, fits, headroom (1 - per_chip_bytes / hbm_bytes_per_chip),
+  model_flops_per_chip  analytic: 6 * matmul params * tokens + attention, over the chips
+  min_step_seconds      model_flops_per_chip / the chip's peak bf16 FLOP/s: a compute-bound lower bound
+                        (libtpu's cost_analysis() counts a scanned layer once, so it is not used)
+  largest_replicated_param_bytes / _name   MaxText's check that parameters are sharded enough
+  compile_seconds
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax import gin_utils, partitioning
+
+# Per chip: HBM bytes and peak dense bf16 FLOP/s (public TPU specifications), by jax device_kind.
+TPU_CHIPS = {
+    "TPU v4": {"hbm_bytes": 32 * 2**30, "peak_bf16_flops": 275e12},
+    "TPU v5 lite": {"hbm_bytes": 16 * 2**30, "peak_bf16_flops": 197e12},
+    "TPU v5": {"hbm_bytes": 95 * 2**30, "peak_bf16_flops": 459e12},
+    "TPU v6 lite": {"hbm_bytes": 32 * 2**30, "peak_bf16_flops": 918e12},
+}
+
+TRAIN_ARGUMENTS = ("model", "optimizer", "train_dataset_cfg", "mesh_config", "logical_axis_rules",
+                   "num_microbatches")
+
+
+def topology_devices(topology: str) -> list:
+    """Abstract devices of a TPU topology such as 'v5e:4x4' or 'v4:2x2x1' (needs libtpu)."""
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # libtpu missing or unknown name
+        raise ValueError(f"--topology={topology!r}: libtpu could not describe it ({e}). Install the `tpu` extra "
+                         f"(pip install -e '.[tpu]') and use a name like v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:4x4") from e
+
+
+def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: partitioning.MeshConfig,
+                         logical_axis_rules: Optional[Sequence] = None, num_microbatches: int = 1,
+                         topology: str) -> dict[str, Any]:
+    """Compiles the train step for `topology` and returns the report (see module docstring)."""
+    from musiclm_jax.train import make_train_setup
+
+    devices = topology_devices(topology)
+    kind = devices[0].device_kind
+    if kind not in TPU_CHIPS:
+        raise ValueError(f"no chip specification for device kind {kind!r}; known: {sorted(TPU_CHIPS)}")
+    chips = len({tuple(d.coords) for d in devices})
+    devices_per_chip = len(devices) // chips
+    mesh = partitioning.create_mesh(mesh_config, devices)
+    partitioner = partitioning.Partitioner(mesh, logical_axis_rules)
+    setup = make_train_setup(model=model, optimizer=optimizer, batch_size=batch_size, partitioner=partitioner,
+                             num_microbatches=num_microbatches)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_shardings[k])
+             for k, shape in model.input_shapes(batch_size).items()}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated())
+
+    start = time.perf_counter()
+    with partitioner.activate():
+        compiled = setup.train_step.lower(setup.abstract_state, batch, rng).compile()
+    compile_seconds = time.perf_counter() - start
+
+    mem = compiled.memory_analysis()
+    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                  - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
+    per_chip = int(per_device * devices_per_chip)
+    chip = TPU_CHIPS[kind]
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+    largest_bytes, largest_name = partitioner.largest_replicated_param_bytes(
+        setup.abstract_state.params, setup.state_shardings.params)
+    flops_per_chip = model.train_flops_per_example() * batch_size / chips
+    return {
+        "topology": topology,
+        "device_kind": kind,
+        "num_chips": chips,
+        "num_devices": len(devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "batch_size": batch_size,
+        "num_microbatches": num_microbatches,
+        "params": params,
+        "per_chip_bytes": per_chip,
+        "per_chip_breakdown": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                               "temporaries": int(mem.temp_size_in_bytes), "aliased": int(mem.alias_size_in_bytes)},
+        "hbm_bytes_per_chip": chip["hbm_bytes"],
+        "fits": per_chip <= chip["hbm_bytes"],
+        "headroom": 1.0 - per_chip / chip["hbm_bytes"],
+        "model_flops_per_chip": flops_per_chip,
+        "min_step_seconds": flops_per_chip / chip["peak_bf16_flops"],
+        "largest_replicated_param_bytes": largest_bytes,
+        "largest_replicated_param_name": largest_name,
+        "compile_seconds": round(compile_seconds, 2),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Entry point; prints the report as one JSON line and returns it."""
+    def run(flags):
+        if not flags["topology"]:
+            raise gin_utils.FlagError("--topology is required, e.g. --topology=v5e:4x4")
+        defaults = {"mesh_config": partitioning.MeshConfig(), "logical_axis_rules": None, "num_microbatches": 1}
+        args = gin_utils.bound_arguments("train", TRAIN_ARGUMENTS, defaults)
+        report = compile_for_topology(
+            model=args["model"], optimizer=args["optimizer"], batch_size=args["train_dataset_cfg"].batch_size,
+            mesh_config=args["mesh_config"], logical_axis_rules=args["logical_axis_rules"],
+            num_microbatches=args["num_microbatches"], topology=flags["topology"])
+        print(json.dumps(report), flush=True)
+        return report
+
+    return gin_utils.run(run, extra_flags={"topology": None}, argv=argv, finalize=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

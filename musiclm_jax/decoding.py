@@ -1,0 +1,115 @@
+"""Jitted incremental sampling with a KV cache: temperature, top-k, top-p, per-example RNG, vocabulary ranges.
+
+The loop is a `lax.scan` over the new tokens; the model is abstracted as `step_fn(tokens [B, 1], cache) ->
+(logits [B, V], cache)`, so the same sampler serves every stage (and guidance, which wraps step_fn).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def mask_to_range(logits: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+    """Keeps logits [B, V] whose ids lie in [low, high) (scalars or [B]); the rest become -inf."""
+    ids = jnp.arange(logits.shape[-1])
+    low = jnp.reshape(low, (-1, 1))
+    high = jnp.reshape(high, (-1, 1))
+    return jnp.where((ids >= low) & (ids < high), logits, NEG_INF)
+
+
+def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
+    """Keeps the top_k largest logits per row [B, V] (ties at the threshold kept); top_k <= 0 disables."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    threshold = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def filter_top_p(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filtering: keeps the smallest set of largest logits whose probability reaches top_p.
+
+    The most likely token is always kept; top_p >= 1 disables.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Draws one token per row of logits [B, V] with its own key (keys: [B] typed keys). temperature 0 = greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+
+
+def per_example_keys(rng: Optional[jax.Array], batch_size: int) -> jax.Array:
+    """[B] typed keys: `rng` split B ways, or `rng` itself if it already is a [B] array of keys."""
+    if rng is None:
+        rng = jax.random.key(0)
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    if rng.ndim == 1 and rng.shape[0] == batch_size:
+        return rng
+    if rng.ndim != 0:
+        raise ValueError(f"rng must be one key or {batch_size} keys, got shape {rng.shape}")
+    return jax.random.split(rng, batch_size)
+
+
+def sample(step_fn: StepFn, cache: Any, first_logits: jax.Array, num_steps: int, keys: jax.Array, *,
+           level_ranges: jax.Array, first_level: int = 0, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0) -> tuple[jax.Array, jax.Array, Any]:
+    """Samples `num_steps` tokens autoregressively.
+
+    Args:
+      step_fn: (tokens [B, 1] int32, cache) -> (logits [B, V] fp32, cache); feeds one token per example.
+      cache: the model's decoding state after the prompt.
+      first_logits: [B, V] logits for the first new token (from the prompt's last position).
+      num_steps: number of tokens to draw (static).
+      keys: [B] typed PRNG keys, one per example, so an example's samples do not depend on the batch.
+      level_ranges: [levels, 2] global id ranges; new token t must lie in level (first_level + t) % levels.
+      temperature, top_k, top_p: sampling settings (temperature 0: greedy).
+    Returns:
+      (tokens [B, num_steps] int32, log-probabilities of the drawn tokens under the unfiltered
+      range-restricted distribution [B, num_steps] fp32, final cache).
+    """
+    level_ranges = jnp.asarray(level_ranges, jnp.int32)
+    num_levels = level_ranges.shape[0]
+
+    def draw(logits, keys, t):
+        low, high = level_ranges[(first_level + t) % num_levels]
+        logits = mask_to_range(logits, low, high)
+        next_keys = jax.vmap(jax.random.split)(keys)
+        token = sample_logits(logits, next_keys[:, 1], temperature=temperature, top_k=top_k, top_p=top_p)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        return token, logprob, next_keys[:, 0]
+
+    def body(carry, t):
+        cache, logits, keys = carry
+        token, logprob, keys = draw(logits, keys, t)
+        logits, cache = step_fn(token[:, None], cache)
+        return (cache, logits, keys), (token, logprob)
+
+    carry = (cache, first_logits, keys)
+    tokens = jnp.zeros((first_logits.shape[0], 0), jnp.int32)
+    logprobs = jnp.zeros((first_logits.shape[0], 0), jnp.float32)
+    if num_steps > 1:
+        carry, (toks, lps) = jax.lax.scan(body, carry, jnp.arange(num_steps - 1))
+        tokens, logprobs = toks.T, lps.T
+    cache, logits, keys = carry
+    # The last token needs no forward pass after it.
+    token, logprob, _ = draw(logits, keys, num_steps - 1)
+    return (jnp.concatenate([tokens, token[:, None]], axis=1),
+            jnp.concatenate([logprobs, logprob[:, None]], axis=1), cache)

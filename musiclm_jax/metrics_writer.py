@@ -1,0 +1,78 @@
+"""Training metrics to MODEL_DIR/metrics.jsonl, TensorBoard and a one-line console log (process 0 only).
+
+metrics.jsonl holds one JSON object per logged step: {"step": int, "loss": float, "learning_rate": float,
+"steps_per_sec": float, ...the model's metrics..., "eval/<metric>": float on evaluation steps}.
+On resume, lines of steps after the restored checkpoint (work lost at the interruption) are dropped, so the
+file reads as one run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Mapping, Optional
+
+import jax
+from etils import epath
+
+
+class MetricsWriter:
+    """Writes scalar metrics of a run. Args: model_dir; tensorboard: also write TensorBoard event files."""
+
+    def __init__(self, model_dir: str, *, tensorboard: bool = True):
+        self.model_dir = model_dir
+        self.enabled = jax.process_index() == 0
+        self.path = epath.Path(model_dir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from clu import metric_writers  # imports TensorFlow's summary writer
+                self._tb = metric_writers.SummaryWriter(str(epath.Path(model_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines with step > `step` (left by an interrupted run that is now resumed from `step`)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: float(v) for k, v in scalars.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.write_scalars(int(step), {k: float(v) for k, v in scalars.items()})
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ConsoleLog:
+    """One line per logged step: progress, loss, learning rate, speed, time left."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.enabled = jax.process_index() == 0
+
+    def __call__(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.0f}%)"]
+        if "loss" in scalars:
+            parts.append(f"loss {scalars['loss']:.4f}")
+        if "learning_rate" in scalars:
+            parts.append(f"lr {scalars['learning_rate']:.2e}")
+        rate = scalars.get("steps_per_sec")
+        if rate:
+            eta = (self.total_steps - step) / rate
+            parts.append(f"{rate:.2f} steps/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if "eval/loss" in scalars:
+            parts.append(f"eval_loss {scalars['eval/loss']:.4f}")
+        print(" ".join(parts), file=sys.stdout, flush=True)

@@ -1,0 +1,238 @@
+"""The model interface (as in t5x) and the token language model used by the three MusicLM stages.
+
+One trainer, partitioner and checkpointer serve every model through `BaseModel`:
+
+  get_initial_variables(rng, input_shapes) -> Flax variables (with logical-axis boxes)
+  loss_fn(params, batch, dropout_rng)      -> (scalar loss, metrics)     dropout_rng None = deterministic
+  eval_fn(params, batch)                   -> metrics
+  predict_batch_with_aux(params, batch, rng, **decoder_params) -> (predictions, aux)
+  score_batch(params, batch)               -> [batch] scores
+
+Metrics are dicts of fp32 scalars; the key `loss_weight` (e.g. the number of target tokens) tells the trainer
+how to weight a microbatch when it accumulates gradients and averages metrics.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax import decoding
+from musiclm_jax.networks.transformer import DecoderOnlyTransformer, TransformerConfig
+from musiclm_jax.token_layout import PAD_ID, TokenLayout
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class BaseModel(abc.ABC):
+    """What the trainer, evaluator and partitioner need from a model.
+
+    `feature_converter_name` names the seqio feature converter (data.feature_converters) that turns task
+    examples into this model's batches; models do not import seqio themselves.
+    """
+
+    feature_converter_name: str = ""
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        """Token ids the model accepts (checked against the task's vocabularies), None if not a token model."""
+        return None
+
+    @abc.abstractmethod
+    def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Sequence[int]]) -> Any:
+        """Flax variables for inputs of `input_shapes` ({feature: shape}); parameters carry logical names."""
+
+    def train_flops_per_example(self) -> float:
+        """Analytic model FLOPs of one training example (forward + backward), for MFU and the AOT estimate."""
+        raise NotImplementedError(f"{type(self).__name__} does not state its FLOPs")
+
+    @abc.abstractmethod
+    def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of a training batch of `batch_size` examples: {feature: shape}."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params: Any, batch: Batch, dropout_rng: Optional[jax.Array]) -> tuple[jax.Array, Metrics]:
+        """(scalar loss to minimise, metrics). dropout_rng None means deterministic (evaluation)."""
+
+    def eval_fn(self, params: Any, batch: Batch) -> Metrics:
+        """Metrics on an evaluation batch (deterministic)."""
+        return self.loss_fn(params, batch, None)[1]
+
+    @abc.abstractmethod
+    def predict_batch_with_aux(self, params: Any, batch: Batch, rng: Optional[jax.Array] = None,
+                               **decoder_params) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Predictions for a batch and auxiliary outputs (e.g. log-probabilities)."""
+
+    def predict_batch(self, params: Any, batch: Batch, rng: Optional[jax.Array] = None, **decoder_params):
+        return self.predict_batch_with_aux(params, batch, rng, **decoder_params)[0]
+
+    @abc.abstractmethod
+    def score_batch(self, params: Any, batch: Batch) -> jax.Array:
+        """[batch] scores (log-likelihood of each example's targets)."""
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
+                  label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and z-loss (z * logsumexp^2), fp32.
+
+    Args:
+      logits: [..., V] fp32; targets: [...] int32.
+    Returns:
+      (cross entropy [...], z loss [...]) in nats.
+    """
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    if label_smoothing > 0.0:
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - jnp.mean(logits, axis=-1))
+    return nll, z_loss * jnp.square(log_z)
+
+
+class TokenLMModel(BaseModel):
+    """A decoder-only prefix LM over the tokens of a TokenLayout.
+
+    Training batches (from data.feature_converters.PrefixLMFeatureConverter), all [batch, length]:
+      decoder_input_tokens   the sequence [prefix | targets] shifted right, PAD (0) first
+      decoder_target_tokens  the sequence [prefix | targets]
+      decoder_loss_weights   1 on target tokens, 0 on prefix and padding (loss only on targets)
+      decoder_causal_attention 1 on the prefix positions (and the one predicting the first target)
+
+    Prediction batches: `prefix_tokens` [batch, P] global ids (conditioning, then any prompt target tokens).
+
+    Args:
+      network: the Transformer's config; its vocab_size is taken from the layout (if set, it must match).
+      layout: the stage's token groups.
+      prefix_groups: groups that form the prefix, in order, e.g. ('mulan',) or ('mulan', 'semantic').
+      target_group: the group the stage predicts, e.g. 'semantic' or 'coarse'.
+      prefix_length, target_length: tokens of prefix and targets in a training sequence.
+      z_loss, label_smoothing: regularisers of the loss.
+    """
+
+    feature_converter_name = "prefix_lm"
+
+    def __init__(self, network: TransformerConfig, layout: TokenLayout, prefix_groups: Sequence[str],
+                 target_group: str, prefix_length: int, target_length: int, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0):
+        if network.vocab_size is None:
+            network = dataclasses.replace(network, vocab_size=layout.vocab_size)
+        if network.vocab_size != layout.vocab_size:
+            raise ValueError(f"network vocab_size={network.vocab_size} but the token layout needs "
+                             f"{layout.vocab_size} ids ({layout.groups})")
+        if prefix_length and not prefix_groups:
+            raise ValueError(f"prefix_length={prefix_length} but no prefix_groups")
+        for name in list(prefix_groups) + [target_group]:
+            layout.group(name)  # raises KeyError naming the group
+        self.network = network
+        self.layout = layout
+        self.prefix_groups = tuple(prefix_groups)
+        self.target_group = target_group
+        self.prefix_length = int(prefix_length)
+        self.target_length = int(target_length)
+        self.z_loss = z_loss
+        self.label_smoothing = label_smoothing
+        self.module = DecoderOnlyTransformer(network)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def sequence_length(self) -> int:
+        return self.prefix_length + self.target_length
+
+    def train_flops_per_example(self) -> float:
+        return self.sequence_length * self.network.train_flops_per_token(self.sequence_length)
+
+    def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        shape = (batch_size, self.sequence_length)
+        return {k: shape for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                                   "decoder_causal_attention")}
+
+    def get_initial_variables(self, rng, input_shapes):
+        tokens = jnp.zeros(input_shapes["decoder_input_tokens"], jnp.int32)
+        return self.module.init({"params": rng}, tokens, jnp.zeros_like(tokens), deterministic=True)
+
+    def logits(self, params, batch: Batch, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+        """Teacher-forced logits [batch, length, vocab] fp32."""
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        return self.module.apply({"params": params}, batch["decoder_input_tokens"],
+                                 batch.get("decoder_causal_attention"), deterministic=dropout_rng is None,
+                                 rngs=rngs)
+
+    def loss_fn(self, params, batch, dropout_rng):
+        logits = self.logits(params, batch, dropout_rng)
+        targets = batch["decoder_target_tokens"]
+        weights = batch["decoder_loss_weights"].astype(jnp.float32)
+        nll, z = cross_entropy(logits, targets, self.z_loss, self.label_smoothing)
+        num_tokens = jnp.sum(weights)
+        denominator = jnp.maximum(num_tokens, 1.0)
+        ce = jnp.sum(nll * weights) / denominator
+        z_loss = jnp.sum(z * weights) / denominator
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        metrics = {
+            "loss": ce + z_loss,
+            "cross_entropy": ce,
+            "z_loss": z_loss,
+            "accuracy": jnp.sum(correct * weights) / denominator,
+            "loss_weight": num_tokens,
+        }
+        return ce + z_loss, metrics
+
+    def score_batch(self, params, batch):
+        logits = self.logits(params, batch)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        target_lp = jnp.take_along_axis(logprobs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+        return jnp.sum(target_lp * batch["decoder_loss_weights"], axis=-1)
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def init_cache(self, batch_size: int, capacity: int) -> Any:
+        """An empty KV cache for `batch_size` sequences of up to `capacity` tokens (zeros; 'cache' collection)."""
+        tokens = jnp.zeros((batch_size, capacity), jnp.int32)
+        shapes = jax.eval_shape(lambda: self.module.init({"params": jax.random.key(0)}, tokens, decode=True))
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+    def _decode_step(self, params, tokens, cache, prefix_mask=None):
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, prefix_mask,
+                                            decode=True, mutable=["cache"])
+        return logits, mutated["cache"]
+
+    def predict_batch_with_aux(self, params, batch, rng=None, *, num_decode_steps: Optional[int] = None,
+                               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                               prompt_target_length: int = 0):
+        """Samples target tokens after `batch['prefix_tokens']`.
+
+        Args:
+          batch: {'prefix_tokens': [B, P] int32 global ids}; the last `prompt_target_length` of them are
+            already-known target tokens (continuation), the rest are conditioning.
+          rng: one key (split per example) or [B] keys (one per example).
+          num_decode_steps: new tokens to draw (default: target_length - prompt_target_length).
+          temperature, top_k, top_p: sampling settings; temperature 0 is greedy.
+        Returns:
+          (tokens [B, num_decode_steps] global ids, {'logprobs': [B, num_decode_steps]}).
+        """
+        prefix = jnp.asarray(batch["prefix_tokens"], jnp.int32)
+        batch_size = prefix.shape[0]
+        steps = num_decode_steps if num_decode_steps is not None else self.target_length - prompt_target_length
+        if steps < 1:
+            raise ValueError(f"num_decode_steps must be >= 1, got {steps}")
+        prompt = jnp.concatenate([jnp.full((batch_size, 1), PAD_ID, jnp.int32), prefix], axis=1)
+        conditioning = prompt.shape[1] - prompt_target_length
+        prefix_mask = jnp.broadcast_to(jnp.arange(prompt.shape[1]) < conditioning, prompt.shape)
+        cache = self.init_cache(batch_size, prompt.shape[1] + steps - 1)
+        logits, cache = self._decode_step(params, prompt, cache, prefix_mask)
+
+        def step(tokens, cache):
+            step_logits, cache = self._decode_step(params, tokens, cache)
+            return step_logits[:, -1], cache
+
+        keys = decoding.per_example_keys(rng, batch_size)
+        tokens, logprobs, _ = decoding.sample(
+            step, cache, logits[:, -1], steps, keys,
+            level_ranges=self.layout.level_ranges(self.target_group), first_level=prompt_target_length,
+            temperature=temperature, top_k=top_k, top_p=top_p)
+        return tokens, {"logprobs": logprobs}

@@ -1,0 +1,49 @@
+"""Install musiclm_jax.
+
+The pins are the set verified to install together on Python 3.11 (see README, "Install").
+Extras:
+  test     pytest and the references the tests compare against (scipy, scikit-learn)
+  tpu      libtpu, so that `python -m musiclm_jax.aot` can compile for TPU topologies on a CPU machine
+  convert  torch (CPU build) and transformers, used only by the weight converters and their tests
+"""
+import setuptools
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "librosa==0.11.0",
+    "soundfile==0.14.0",
+    "gin-config==0.5.0",
+    "clu==0.0.12",
+    "tensorboard==2.21.0",
+    "pydub==0.25.1",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+]
+
+EXTRAS = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "scikit-learn==1.9.1"],
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+    "convert": ["torch==2.13.0", "transformers==5.24.0"],
+}
+
+setuptools.setup(
+    name="musiclm_jax",
+    version="0.1.0",
+    description="MusicLM (text to music) in JAX/Flax for TPU pods",
+    python_requires=">=3.11,<3.12",
+    # `tasks/` (seqio task definitions) and `gin/` (gin files) live at the top of the repository and are
+    # installed as musiclm_jax.tasks and musiclm_jax.gin, so an installed package carries both.
+    packages=["musiclm_jax", "musiclm_jax.networks", "musiclm_jax.data", "musiclm_jax.tasks", "musiclm_jax.gin"],
+    package_dir={"musiclm_jax": "musiclm_jax", "musiclm_jax.tasks": "tasks", "musiclm_jax.gin": "gin"},
+    package_data={"musiclm_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

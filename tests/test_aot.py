@@ -1,0 +1,51 @@
+"""AOT compile of the real train step for TPU topologies, on this CPU (needs the `tpu` extra: libtpu)."""
+import gin
+import pytest
+
+from musiclm_jax import aot, partitioning
+
+KEYS = {"topology", "num_chips", "per_chip_bytes", "hbm_bytes_per_chip", "fits", "params", "model_flops_per_chip",
+        "min_step_seconds", "largest_replicated_param_bytes"}
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config()
+
+
+def test_tiny_semantic_stage_on_v5e_2x2():
+    report = aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v5e:2x2"])
+    assert KEYS <= set(report)
+    assert report["num_chips"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "model": 1}
+    assert report["fits"] and report["per_chip_bytes"] > 0
+    # Analytic FLOPs: 6 * matmul params * tokens + 12 * layers * heads * head_dim * length per token.
+    d, layers, heads, head_dim, mlp, vocab, length, batch = 64, 2, 4, 16, 256, 512, 44, 32
+    matmul = layers * (4 * d * heads * head_dim + 3 * d * mlp) + d * vocab
+    per_token = 6 * matmul + 12 * layers * heads * head_dim * length
+    assert report["model_flops_per_chip"] == pytest.approx(per_token * length * batch / 4)
+    assert report["min_step_seconds"] == pytest.approx(report["model_flops_per_chip"] / 197e12)
+
+
+def test_v4_counts_chips_not_cores_and_model_parallel_mesh():
+    report = aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v4:2x2x1",
+                       "--gin.ICI_PARALLELISM={'data': 4, 'fsdp': 1, 'model': 2}"])
+    assert report["num_chips"] == 4 and report["num_devices"] == 8
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "model": 2}
+    assert report["hbm_bytes_per_chip"] == 32 * 2**30
+
+
+def test_mesh_that_does_not_fit_the_topology_is_an_error():
+    with pytest.raises(partitioning.MeshShapeError, match="describes 3 devices but there are 4"):
+        aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v5e:2x2",
+                  "--gin.ICI_PARALLELISM={'data': 3}"])
+    with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
+        aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v9z:1x1"])
+
+
+def test_paper_semantic_stage_fits_16_v5e_chips_with_headroom():
+    report = aot.main(["--gin_file=gin/stages/semantic_paper.gin", "--topology=v5e:4x4"])
+    assert report["num_chips"] == 16 and report["batch_size"] == 256
+    assert 420e6 < report["params"] < 440e6
+    assert report["fits"] and report["per_chip_bytes"] <= 0.8 * 16 * 2**30, report
+    assert report["largest_replicated_param_bytes"] <= 16 * 2**20

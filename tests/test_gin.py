@@ -1,0 +1,95 @@
+"""Every gin file parses; experiments build their objects; gin mistakes are errors; README and CI agree."""
+import fnmatch
+import os
+import re
+
+import gin
+import pytest
+
+from conftest import REPO_DIR
+from musiclm_jax import gin_utils
+from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib.train)
+
+GIN_DIR = os.path.join(REPO_DIR, "gin")
+ALL_GIN = gin_utils.gin_files_in(GIN_DIR)
+EXPERIMENTS = [f for f in ALL_GIN if f.startswith(os.path.join(GIN_DIR, "stages"))]
+TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_steps", "model_dir"]
+
+
+def test_the_expected_gin_files_exist():
+    names = {os.path.relpath(f, REPO_DIR) for f in ALL_GIN}
+    assert {"gin/stages/semantic_tiny.gin", "gin/stages/semantic_paper.gin", "gin/runs/pretrain.gin",
+            "gin/models/semantic_tiny.gin", "gin/models/semantic_paper.gin"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))
+def test_every_gin_file_parses(path):
+    gin_utils.parse_gin([path], [], finalize=False)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, GIN_DIR))
+def test_every_experiment_builds_its_objects(path):
+    gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'"], finalize=True)
+    args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
+    model, data = args["model"], args["train_dataset_cfg"]
+    assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
+    assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
+
+
+def test_paper_semantic_stage_has_the_paper_sizes():
+    gin_utils.parse_gin(["gin/stages/semantic_paper.gin"], ["MODEL_DIR = '/tmp/unused'"])
+    args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
+    net = args["model"].network
+    assert (net.num_layers, net.num_heads, net.embed_dim, net.mlp_dim) == (24, 16, 1024, 4096)
+    assert 420e6 < net.num_params() < 440e6
+    assert args["model"].prefix_length == 12 and args["model"].target_length == 750  # 30 s at 25 Hz
+    assert args["train_dataset_cfg"].batch_size == 256
+
+
+def test_required_macro_left_unset_is_an_error():
+    with pytest.raises(ValueError, match="MODEL_DIR"):
+        gin_utils.parse_gin(["gin/stages/semantic_tiny.gin"], [], finalize=True)
+
+
+def test_gin_typos_are_errors():
+    with pytest.raises(ValueError, match="embed_dimm"):
+        gin_utils.parse_gin(["gin/stages/semantic_tiny.gin"],
+                            ["MODEL_DIR='/x'", "transformer.TransformerConfig.embed_dimm = 3"])
+    with pytest.raises(FileNotFoundError, match="no_such.gin"):
+        gin_utils.parse_gin(["gin/stages/no_such.gin"], [])
+    with pytest.raises(gin_utils.FlagError, match="unknown flag --topolgy"):
+        gin_utils.parse_flags(["--gin_file=a.gin", "--topolgy=v5e:4x4"], {"topology": None})
+
+
+def test_flag_parsing():
+    flags = gin_utils.parse_flags(["--gin_file=a.gin", "--gin.MODEL_DIR='/tmp/x'", "--gin_file", "b.gin",
+                                   "--gin.train_lib.train.total_steps=5", "--topology=v4:2x2x1"], {"topology": None})
+    assert flags["gin_files"] == ["a.gin", "b.gin"]
+    assert flags["gin_bindings"] == ["MODEL_DIR = '/tmp/x'", "train_lib.train.total_steps = 5"]
+    assert flags["topology"] == "v4:2x2x1"
+
+
+def test_gin_files_ship_as_package_data():
+    setup = open(os.path.join(REPO_DIR, "setup.py")).read()
+    patterns = re.search(r'"musiclm_jax.gin": \[([^\]]*)\]', setup).group(1)
+    patterns = [p.strip().strip('"') for p in patterns.split(",") if p.strip()]
+    for path in ALL_GIN:
+        rel = os.path.relpath(path, GIN_DIR)
+        assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = open(os.path.join(REPO_DIR, "README.md")).read()
+    ci = [line for line in open(os.path.join(REPO_DIR, ".ci", "run")).read().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith("set ") and not line.startswith("cd ")]
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    quick_start = blocks[0].strip().splitlines()
+    assert len(quick_start) == 2, quick_start
+    assert ci == [quick_start[1]]
+    assert "python -m musiclm_jax.train" in quick_start[0]
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config()
