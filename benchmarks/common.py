@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: timing, the matmul peak, the peer's configuration, peer runs."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -11,14 +12,31 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from musiclm_jax.models import TokenLMModel
+from musiclm_jax.networks.transformer import TransformerConfig
+from musiclm_jax.token_layout import TokenLayout
+
 # audiolm-pytorch's SemanticTransformer defaults at dim 512: multi-query attention (one key/value head), GEGLU
 # feed-forward of width int(512 * 4 * 2 / 3), relative position bias. `--kv_heads 8` gives our multi-head default.
 PEER_CONFIG = dict(embed_dim=512, num_layers=6, num_heads=8, num_kv_heads=1, head_dim=64, mlp_dim=1365,
                    gated_mlp=True, position_encoding="relative", vocab_multiple=1, causal_query_blocks=4)
 
 
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kv_heads", type=int, default=1, help="1: the peer's multi-query attention; 8: multi-head")
+    parser.add_argument("--peer_python", default=None, help="python of a venv with audiolm-pytorch (same-run peer)")
+
+
 def peer_config(kv_heads: int) -> dict:
     return dict(PEER_CONFIG, num_kv_heads=kv_heads)
+
+
+def peer_model(kv_heads: int, target_length: int) -> TokenLMModel:
+    """A plain LM (no prefix) over the peer's 1024 semantic tokens, at the peer's configuration."""
+    layout = TokenLayout.from_tuples((("semantic", 1, PEER_VOCAB),))
+    return TokenLMModel(TransformerConfig(**peer_config(kv_heads)), layout, prefix_groups=(),
+                        target_group="semantic", prefix_length=0, target_length=target_length)
 PEER_VOCAB = 1024
 # Figures measured on this machine for the issue (audiolm-pytorch 2.4.0, torch 2.13 CPU, 2 threads, medians of 5).
 PEER_REFERENCE = {"train_tokens_per_s": 725.0, "generate_tokens_per_s": 67.7}

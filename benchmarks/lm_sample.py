@@ -18,26 +18,18 @@ import numpy as np
 
 import common
 from musiclm_jax import partitioning
-from musiclm_jax.models import TokenLMModel
-from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.token_layout import TokenLayout
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--kv_heads", type=int, default=1, help="1: the peer's multi-query attention; 8: multi-head")
-    parser.add_argument("--peer_python", default=None)
+    common.add_common_flags(parser)
     args = parser.parse_args()
 
-    layout = TokenLayout.from_tuples((("semantic", 1, common.PEER_VOCAB),))
-    model = TokenLMModel(TransformerConfig(**common.peer_config(args.kv_heads)), layout, prefix_groups=(),
-                         target_group="semantic",
-                         prefix_length=0, target_length=args.new_tokens + 1)
+    model = common.peer_model(args.kv_heads, target_length=args.new_tokens + 1)
     params = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1))["params"])
-    prompt = jnp.asarray(np.random.RandomState(0).randint(1, layout.vocab_size, (args.batch, 1)), jnp.int32)
+    prompt = jnp.asarray(np.random.RandomState(0).randint(1, model.vocab_size, (args.batch, 1)), jnp.int32)
 
     @jax.jit
     def sample(params, prompt, rng):

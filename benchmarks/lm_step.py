@@ -21,31 +21,23 @@ import numpy as np
 
 import common
 from musiclm_jax import optimizers, partitioning
-from musiclm_jax.models import TokenLMModel
-from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.token_layout import TokenLayout
 from musiclm_jax.train_state import TrainState
 from musiclm_jax.trainer import make_train_step
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--kv_heads", type=int, default=1, help="1: the peer's multi-query attention; 8: multi-head")
-    parser.add_argument("--peer_python", default=None)
+    common.add_common_flags(parser)
     args = parser.parse_args()
 
-    layout = TokenLayout.from_tuples((("semantic", 1, common.PEER_VOCAB),))
-    model = TokenLMModel(TransformerConfig(**common.peer_config(args.kv_heads)), layout, prefix_groups=(),
-                         target_group="semantic",
-                         prefix_length=0, target_length=args.length)
+    model = common.peer_model(args.kv_heads, target_length=args.length)
     optimizer = optimizers.create_optimizer(name="adamw", learning_rate=3e-4, weight_decay=0.01)
     variables = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1)))
     state = TrainState.create(variables, optimizer.tx)
     rng = np.random.RandomState(0)
-    tokens = rng.randint(1, layout.vocab_size, (args.batch, args.length)).astype(np.int32)
+    tokens = rng.randint(1, model.vocab_size, (args.batch, args.length)).astype(np.int32)
     batch = {"decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), tokens[:, :-1]], 1),
              "decoder_target_tokens": tokens, "decoder_loss_weights": np.ones_like(tokens),
              "decoder_causal_attention": np.zeros_like(tokens)}

@@ -121,7 +121,6 @@ class TransformerConfig:
         relpos = self.relative_num_buckets * self.num_heads if self.position_encoding == "relative" else 0
         return self.num_layers * per_layer + self.padded_vocab_size * self.embed_dim + output + self.embed_dim + relpos
 
-
     def matmul_params(self) -> int:
         """Parameters used in matrix multiplies (all but the embedding lookup, norms and relative bias)."""
         attention = 2 * self.embed_dim * (self.num_heads + self.kv_heads) * self.head_dim
@@ -270,6 +269,7 @@ class DecoderOnlyTransformer(nn.Module):
         if decode:
             initialized = self.has_variable("cache", "cache_index")
             index_var = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            # A placeholder whose shape records the capacity chosen at init (the length of the init call).
             capacity_var = self.variable("cache", "capacity", lambda: jnp.zeros((length,), jnp.int8))
             capacity = capacity_var.value.shape[0]
             cache_index = index_var.value if initialized else jnp.zeros((), jnp.int32)
