@@ -33,7 +33,7 @@ def main():
 
     @jax.jit
     def sample(params, prompt, rng):
-        return model.predict_batch(params, {"prefix_tokens": prompt}, rng, num_decode_steps=args.new_tokens,
+        return model.predict_batch(params, {"prefix_tokens": prompt}, rng, numdecode_steps=args.new_tokens,
                                    prompt_target_length=1, temperature=1.0)
 
     calls = iter(range(10**6))

@@ -169,6 +169,15 @@ def _grouped_query(query: jax.Array, kv_heads: int) -> jax.Array:
     return query.reshape(b, q, kv_heads, h // kv_heads, d)
 
 
+def _masked_softmax(logits: jax.Array, bias: Optional[jax.Array], mask: Optional[jax.Array]) -> jax.Array:
+    """softmax(logits + bias) over the last axis, with mask-False positions given no weight (fp32)."""
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 def _attend(query, key, value, bias, mask, dropout_rate, dropout_rng, dtype):
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
@@ -178,11 +187,7 @@ def _attend(query, key, value, bias, mask, dropout_rate, dropout_rng, dtype):
     else:
         logits = jnp.einsum("bqkgd,bskd->bkgqs", _grouped_query(query, kv_heads), key.astype(dtype),
                             preferred_element_type=jnp.float32).reshape(batch, heads, q_len, key.shape[1])
-    if bias is not None:
-        logits = logits + bias
-    if mask is not None:
-        logits = jnp.where(mask, logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = _masked_softmax(logits, bias, mask)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
@@ -257,12 +262,8 @@ def cached_attention(query: jax.Array, cached_keys: jax.Array, cached_values: ja
         logits = jnp.einsum("md,kd->mk", q[0], keys, preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("nmd,nkd->nmk", q, keys, preferred_element_type=jnp.float32)
-    logits = logits.reshape(batch, heads, q_len, -1)
-    if bias is not None:
-        logits = logits + bias
-    if mask is not None:
-        logits = jnp.where(mask, logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).reshape(rows, group * q_len, -1).astype(dtype)
+    weights = _masked_softmax(logits.reshape(batch, heads, q_len, -1), bias, mask)
+    weights = weights.reshape(rows, group * q_len, -1).astype(dtype)
     if cached_keys.ndim == 2:
         out = jnp.einsum("mk,kd->md", weights[0], values)
     else:

@@ -196,12 +196,16 @@ class TokenLMModel(BaseModel):
         shapes = jax.eval_shape(lambda: self.module.init({"params": jax.random.key(0)}, tokens, decode=True))
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
-    def _decode_step(self, params, tokens, cache, prefix_mask=None):
+    def decode_step(self, params, tokens, cache, prefix_mask=None):
+        """Feeds tokens [B, q] at the cache's current position: (logits [B, q, V] fp32, updated cache).
+
+        prefix_mask [B, q] marks the bidirectional prefix (the whole prefix must come in one call).
+        """
         logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, prefix_mask,
                                             decode=True, mutable=["cache"])
         return logits, mutated["cache"]
 
-    def predict_batch_with_aux(self, params, batch, rng=None, *, num_decode_steps: Optional[int] = None,
+    def predict_batch_with_aux(self, params, batch, rng=None, *, numdecode_steps: Optional[int] = None,
                                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                                prompt_target_length: int = 0):
         """Samples target tokens after `batch['prefix_tokens']`.
@@ -210,24 +214,24 @@ class TokenLMModel(BaseModel):
           batch: {'prefix_tokens': [B, P] int32 global ids}; the last `prompt_target_length` of them are
             already-known target tokens (continuation), the rest are conditioning.
           rng: one key (split per example) or [B] keys (one per example).
-          num_decode_steps: new tokens to draw (default: target_length - prompt_target_length).
+          numdecode_steps: new tokens to draw (default: target_length - prompt_target_length).
           temperature, top_k, top_p: sampling settings; temperature 0 is greedy.
         Returns:
-          (tokens [B, num_decode_steps] global ids, {'logprobs': [B, num_decode_steps]}).
+          (tokens [B, numdecode_steps] global ids, {'logprobs': [B, numdecode_steps]}).
         """
         prefix = jnp.asarray(batch["prefix_tokens"], jnp.int32)
         batch_size = prefix.shape[0]
-        steps = num_decode_steps if num_decode_steps is not None else self.target_length - prompt_target_length
+        steps = numdecode_steps if numdecode_steps is not None else self.target_length - prompt_target_length
         if steps < 1:
-            raise ValueError(f"num_decode_steps must be >= 1, got {steps}")
+            raise ValueError(f"numdecode_steps must be >= 1, got {steps}")
         prompt = jnp.concatenate([jnp.full((batch_size, 1), PAD_ID, jnp.int32), prefix], axis=1)
         conditioning = prompt.shape[1] - prompt_target_length
         prefix_mask = jnp.broadcast_to(jnp.arange(prompt.shape[1]) < conditioning, prompt.shape)
         cache = self.init_cache(batch_size, prompt.shape[1] + steps - 1)
-        logits, cache = self._decode_step(params, prompt, cache, prefix_mask)
+        logits, cache = self.decode_step(params, prompt, cache, prefix_mask)
 
         def step(tokens, cache):
-            step_logits, cache = self._decode_step(params, tokens, cache)
+            step_logits, cache = self.decode_step(params, tokens, cache)
             return step_logits[:, -1], cache
 
         keys = decoding.per_example_keys(rng, batch_size)

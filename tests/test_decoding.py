@@ -76,10 +76,10 @@ def test_samples_cycle_through_the_target_levels():
     prefix = layout.to_global(np.random.RandomState(0).randint(0, 8, (2, 12)), "mulan")
     for first_level in (0, 3):
         tokens = model.predict_batch(params, {"prefix_tokens": jnp.asarray(prefix)}, jax.random.key(0),
-                                     num_decode_steps=9, prompt_target_length=0) if first_level == 0 else \
+                                     numdecode_steps=9, prompt_target_length=0) if first_level == 0 else \
             model.predict_batch(params, {"prefix_tokens": jnp.concatenate(
                 [jnp.asarray(prefix), jnp.asarray(layout.to_global(np.zeros((2, 3), np.int32), "coarse"))], 1)},
-                jax.random.key(0), num_decode_steps=9, prompt_target_length=3)
+                jax.random.key(0), numdecode_steps=9, prompt_target_length=3)
         ranges = layout.level_ranges("coarse")
         for t in range(9):
             low, high = ranges[(first_level + t) % 4]

@@ -25,7 +25,7 @@ def _stepwise_logits(model, params, batch):
     prompt_len = model.prefix_length + 1
     cache = model.init_cache(inputs.shape[0], inputs.shape[1])
     prefix_mask = jnp.asarray(batch["decoder_causal_attention"][:, :prompt_len])
-    decode_step = jax.jit(model._decode_step)
+    decode_step = jax.jit(model.decode_step)
     logits, cache = decode_step(params, inputs[:, :prompt_len], cache, prefix_mask)
     out = [logits]
     for t in range(prompt_len, inputs.shape[1]):
