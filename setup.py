@@ -41,7 +41,8 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     # `tasks/` (seqio task definitions) and `gin/` (gin files) live at the top of the repository and are
     # installed as musiclm_jax.tasks and musiclm_jax.gin, so an installed package carries both.
-    packages=["musiclm_jax", "musiclm_jax.networks", "musiclm_jax.data", "musiclm_jax.tasks", "musiclm_jax.gin"],
+    packages=(["musiclm_jax"] + ["musiclm_jax." + p for p in setuptools.find_packages("musiclm_jax")]
+              + ["musiclm_jax.tasks", "musiclm_jax.gin"]),
     package_dir={"musiclm_jax": "musiclm_jax", "musiclm_jax.tasks": "tasks", "musiclm_jax.gin": "gin"},
     package_data={"musiclm_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,

@@ -7,7 +7,7 @@ import os
 import statistics
 import subprocess
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +64,12 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def run_peer(peer_python: Optional[str], repeats: int) -> Optional[dict]:
+def run_peer(peer_python: Optional[str], repeats: int, extra_args: Sequence[str] = ()) -> Optional[dict]:
     """Runs benchmarks/peer_audiolm.py under `peer_python` (a venv with torch + audiolm-pytorch); its JSON."""
     if not peer_python:
         return None
-    proc = subprocess.run([peer_python, PEER_SCRIPT, "--steps", str(repeats)], capture_output=True, text=True,
-                          timeout=3600)
+    proc = subprocess.run([peer_python, PEER_SCRIPT, "--steps", str(repeats), *extra_args], capture_output=True,
+                          text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"peer benchmark failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,7 +1,8 @@
-"""Same-machine baseline: audiolm-pytorch 2.4.0 SemanticTransformer on CPU.
+"""Same-machine baseline: audiolm-pytorch 2.4.0 SemanticTransformer / SoundStream on CPU.
 
 Measures the peer PyTorch implementation (lucidrains' audiolm-pytorch) so our
-JAX benchmarks can print a baseline taken on the same machine in the same run:
+JAX benchmarks can print a baseline taken on the same machine in the same run.
+`--model semantic` (the default) measures the SemanticTransformer:
 
   * a training step: SemanticTransformerWrapper(..., return_loss=True) forward
     on a 4 x 512 batch of random token ids, backward, AdamW step (lr 3e-4);
@@ -12,6 +13,14 @@ JAX benchmarks can print a baseline taken on the same machine in the same run:
 The last line printed is one JSON object with the keys
 peer, peer_version, params, train_step_s_median, train_tokens_per_s,
 generate_s_median, generate_tokens_per_s, torch_matmul_peak_gflops.
+
+`--model soundstream` measures the SoundStream codec instead (see "SoundStream
+mode" below); its last line is one JSON object with the keys
+peer, peer_version, model, generator_params, discriminator_params,
+encode_decode_s_median, codec_seconds_per_audio_second, train_step_s_median,
+peak_rss_gib, torch_threads.
+
+Both modes run with torch.set_num_threads(2).
 
 This script runs under its own virtual environment (it imports torch,
 audiolm_pytorch and, for one config object, transformers, a dependency of
@@ -42,7 +51,8 @@ audiolm_pytorch), never under the project's .venv. Setup that worked
 
 Run:
 
-    /tmp/peer_venv/bin/python benchmarks/peer_audiolm.py [--steps 5]
+    /tmp/peer_venv/bin/python benchmarks/peer_audiolm.py [--steps 5] \
+        [--model {semantic,soundstream}]
 
 Notes on how the peer API is driven (audiolm-pytorch 2.4.0):
 
@@ -65,6 +75,74 @@ Notes on how the peer API is driven (audiolm-pytorch 2.4.0):
     here, so the peer's config cache (audiolm_pytorch.t5.T5_CONFIGS) is seeded
     with T5Config(d_model=768) first; the model is then exactly the default
     one, and the reported parameter count includes that unused projection.
+
+SoundStream mode (audiolm-pytorch 2.4.0 `SoundStream`):
+
+  * Model: SoundStream(codebook_size=1024, rq_num_quantizers=8,
+    strides=(2, 4, 5, 8), channels=32, target_sample_hz=24000), every other
+    argument at its 2.4.0 default (channel_mults (2, 4, 8, 16),
+    codebook_dim 512, causal local-attention transformer (window 128, depth
+    1) after the encoder and before the decoder, GroupedResidualVQ with
+    kmeans_init, EMA codebooks (decay 0.95), dead-code replacement
+    (threshold 2), quantize dropout and the rotation trick; three
+    multi-scale waveform discriminators (scales 1, 0.5, 0.25) plus the
+    complex STFT discriminator; multi-spectral mel loss over windows
+    2^6 .. 2^11). Hop = 2*4*5*8 = 320 samples, i.e. 75 frames/s at 24 kHz.
+  * generator_params = sum over SoundStream.non_discr_parameters() (encoder,
+    decoder, both local-attention blocks, both FiLM layers, rq), i.e. what
+    the peer trainer's generator optimizer updates; about 18.1M. The RVQ
+    codebooks (8 x 1024 x 512 = 4.19M values) are EMA *buffers* in
+    vector-quantize-pytorch, not parameters, so they are not counted.
+    discriminator_params = the three multi-scale discriminators plus the
+    STFT discriminator. The two add up to sum(model.parameters()).
+  * encode_decode_s: model.eval(), torch.no_grad(); codes =
+    model.tokenize(audio) (encoder, local attention, RVQ -> int codes of
+    shape (groups=1, batch, frames, quantizers)), then
+    model.decode_from_codebook_indices(codes) (codebook lookup, local
+    attention, decoder) for batch 1 x 240000 random samples (10 s at
+    24 kHz -> 750 frames x 8 codes -> 240000 samples). Warm-up 1 (the first
+    forward also runs the RVQ's one-off k-means codebook init), then
+    `--steps` timed repeats; the median is reported, and
+    codec_seconds_per_audio_second = median / 10.
+  * train_step_s: one generator + discriminator step the way
+    SoundStreamTrainer.train_step does it, on a batch of 2 x 24000 random
+    samples (2 x 1 s), model in train mode:
+      - generator: loss, breakdown = model(wave, return_loss_breakdown=True);
+        loss.backward(); clip_grad_norm_(model.parameters(), 0.5) (the
+        trainer's default max_grad_norm); Adam step over
+        non_discr_parameters(); zero_grad;
+      - discriminators: zero the STFT-discriminator and the three
+        multi-scale discriminator optimizers' grads (this drops the grads
+        the generator loss left on the discriminators, as the trainer does),
+        losses = model(wave, return_discr_loss=True,
+        return_discr_losses_separately=True), backward each loss with
+        retain_graph=True, then step the STFT-discriminator Adam and each
+        multi-scale discriminator's Adam.
+    Optimizers as the trainer builds them with its defaults (lr 2e-4,
+    wd 0 -> get_optimizer returns torch.optim.Adam, betas (0.9, 0.99),
+    eps 1e-8). Differences from the trainer, all deliberate: one micro-batch
+    per step (grad_accum_every=1 instead of the trainer's default 4; the
+    same batch is used for the generator and discriminator halves), no
+    accelerate wrapper (on CPU in fp32 its autocast is a no-op), no LR
+    warmup scheduler (it only rescales lr), no EMA generator copy (the
+    trainer updates it only after step 500, every 10 steps), no loss
+    logging/.item() syncs, and apply_grad_penalty=False: the trainer adds
+    gradient penalties (double backward) on every 4th step only
+    (apply_grad_penalty_every=4), so this measures the common step.
+    Quantize dropout (a random number of the 8 quantizers kept while
+    training) is active as in real training; torch.manual_seed(0) fixes
+    its draws. Warm-up 1 step (includes the k-means init if it has not run
+    yet and Adam state allocation), then `--steps` timed steps; median.
+  * peak_rss_gib: resource.getrusage(RUSAGE_SELF).ru_maxrss (KiB on Linux)
+    / 2**20 at the end of the run, i.e. the process high-water mark over
+    model construction, the encode/decode runs and the training steps.
+  * Noise: with 2 torch threads on a 2-core machine, any other process
+    busy on a core stalls torch's parallel regions, and timings inflate by
+    far more than 2x (seen: encode+decode 7.4 s with 2 threads vs 3.0 s
+    with 1 thread while another process held ~1 core; 2.1-2.3 s with 2
+    threads when idle; single training steps from 11 s to 96 s). The text
+    lines print every repeat and the min next to the median; check the
+    loadavg lines before trusting a median.
 """
 
 from __future__ import annotations
@@ -72,6 +150,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -80,7 +159,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from audiolm_pytorch import SemanticTransformer, SemanticTransformerWrapper  # noqa: E402
+from audiolm_pytorch import SemanticTransformer, SemanticTransformerWrapper, SoundStream  # noqa: E402
 from audiolm_pytorch.version import __version__ as PEER_VERSION  # noqa: E402
 from audiolm_pytorch.t5 import DEFAULT_T5_NAME, T5_CONFIGS  # noqa: E402
 from transformers import T5Config  # noqa: E402  (a dependency of audiolm_pytorch)
@@ -95,6 +174,19 @@ TRAIN_SEQ = 512
 GEN_NEW_TOKENS = 512
 MATMUL_N = 2048
 T5_BASE_D_MODEL = 768  # d_model of google/t5-v1_1-base, the peer's default T5
+
+# SoundStream mode
+SS_CODEBOOK_SIZE = 1024
+SS_NUM_QUANTIZERS = 8
+SS_STRIDES = (2, 4, 5, 8)
+SS_CHANNELS = 32
+SS_SAMPLE_HZ = 24000
+SS_CODEC_SECONDS = 10            # encode+decode: batch 1 x 10 s
+SS_TRAIN_BATCH = 2               # training: batch 2 x 1 s
+SS_TRAIN_SECONDS = 1
+SS_LR = 2e-4                     # SoundStreamTrainer defaults: lr 2e-4, wd 0 -> Adam
+SS_ADAM_BETAS = (0.9, 0.99)      # audiolm_pytorch.optimizer.get_optimizer defaults
+SS_MAX_GRAD_NORM = 0.5           # SoundStreamTrainer default max_grad_norm
 
 
 def timed(fn, warmup: int, repeats: int) -> list[float]:
@@ -174,14 +266,129 @@ def bench_matmul(repeats: int = 10) -> float:
     return 2 * MATMUL_N**3 / statistics.median(times) / 1e9
 
 
+def build_soundstream() -> SoundStream:
+    return SoundStream(
+        codebook_size=SS_CODEBOOK_SIZE,
+        rq_num_quantizers=SS_NUM_QUANTIZERS,
+        strides=SS_STRIDES,
+        channels=SS_CHANNELS,
+        target_sample_hz=SS_SAMPLE_HZ,
+    )
+
+
+def discriminator_modules(model: SoundStream) -> list[torch.nn.Module]:
+    return [*model.discriminators, model.stft_discriminator]
+
+
+def bench_soundstream_codec(model: SoundStream, steps: int) -> list[float]:
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    n = SS_CODEC_SECONDS * SS_SAMPLE_HZ
+    audio = torch.rand((1, n), generator=gen) * 2 - 1
+    frames = n // model.seq_len_multiple_of
+
+    def encode_decode():
+        with torch.no_grad():
+            codes = model.tokenize(audio)  # (groups, batch, frames, quantizers)
+            recon = model.decode_from_codebook_indices(codes)
+        assert codes.shape == (1, 1, frames, SS_NUM_QUANTIZERS), codes.shape
+        assert recon.shape == (1, 1, n), recon.shape
+        return recon
+
+    return timed(encode_decode, warmup=1, repeats=steps)
+
+
+def bench_soundstream_train(model: SoundStream, steps: int) -> list[float]:
+    model.train()
+    adam = dict(lr=SS_LR, betas=SS_ADAM_BETAS, eps=1e-8)
+    gen_opt = torch.optim.Adam(model.non_discr_parameters(), **adam)
+    discr_opts = [torch.optim.Adam(d.parameters(), **adam) for d in discriminator_modules(model)]
+    gen = torch.Generator().manual_seed(2)
+    wave = torch.rand((SS_TRAIN_BATCH, SS_TRAIN_SECONDS * SS_SAMPLE_HZ), generator=gen) * 2 - 1
+
+    def step():
+        # generator (SoundStreamTrainer.train_step, first half)
+        loss, _breakdown = model(wave, return_loss_breakdown=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), SS_MAX_GRAD_NORM)
+        gen_opt.step()
+        gen_opt.zero_grad()
+        # discriminators (second half)
+        for opt in discr_opts:
+            opt.zero_grad()
+        discr_losses = model(wave, apply_grad_penalty=False, return_discr_loss=True,
+                             return_discr_losses_separately=True)
+        for _name, discr_loss in discr_losses:
+            discr_loss.backward(retain_graph=True)
+        for opt in discr_opts:
+            opt.step()
+        return loss
+
+    return timed(step, warmup=1, repeats=steps)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def fmt_times(times: list[float]) -> str:
+    return (", ".join(f"{t:.3f}" for t in times)
+            + f" s; min {min(times):.3f} s, median {statistics.median(times):.3f} s")
+
+
+def main_soundstream(args: argparse.Namespace) -> None:
+    model = build_soundstream()
+    generator_params = sum(p.numel() for p in model.non_discr_parameters())
+    discriminator_params = sum(p.numel() for d in discriminator_modules(model) for p in d.parameters())
+    assert generator_params + discriminator_params == sum(p.numel() for p in model.parameters())
+    print(f"audiolm-pytorch {PEER_VERSION}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"SoundStream generator params: {generator_params:,}; "
+          f"discriminator params: {discriminator_params:,} "
+          f"(RVQ codebooks are buffers: {SS_NUM_QUANTIZERS} x {SS_CODEBOOK_SIZE} x {model.codebook_dim})")
+
+    codec_times = bench_soundstream_codec(model, args.steps)
+    codec_s = statistics.median(codec_times)
+    print(f"encode+decode {SS_CODEC_SECONDS} s (batch 1, {SS_CODEC_SECONDS * SS_SAMPLE_HZ} samples): "
+          + fmt_times(codec_times)
+          + f"; {codec_s / SS_CODEC_SECONDS:.4f} codec s per audio s")
+
+    train_times = bench_soundstream_train(model, args.steps)
+    train_s = statistics.median(train_times)
+    print(f"train step (gen + discr, {SS_TRAIN_BATCH} x {SS_TRAIN_SECONDS} s): " + fmt_times(train_times))
+
+    rss = peak_rss_gib()
+    print(f"peak RSS: {rss:.2f} GiB")
+    print(f"loadavg at end: {load_average()}  (other processes on the machine skew timings)")
+
+    print(json.dumps({
+        "peer": "audiolm-pytorch",
+        "peer_version": PEER_VERSION,
+        "model": "soundstream",
+        "generator_params": generator_params,
+        "discriminator_params": discriminator_params,
+        "encode_decode_s_median": round(codec_s, 4),
+        "codec_seconds_per_audio_second": round(codec_s / SS_CODEC_SECONDS, 4),
+        "train_step_s_median": round(train_s, 4),
+        "peak_rss_gib": round(rss, 3),
+        "torch_threads": torch.get_num_threads(),
+    }))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed repeats")
+    parser.add_argument("--model", choices=("semantic", "soundstream"), default="semantic",
+                        help="which peer model to measure (default: semantic)")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print(f"loadavg at start: {load_average()}")
+
+    if args.model == "soundstream":
+        main_soundstream(args)
+        return
 
     model, wrapper = build_model()
     params = sum(p.numel() for p in model.parameters())

@@ -67,7 +67,8 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
     partitioner = partitioning.Partitioner(mesh, logical_axis_rules)
     setup = make_train_setup(model=model, optimizer=optimizer, batch_size=batch_size, partitioner=partitioner,
                              num_microbatches=num_microbatches)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_shardings[k])
+    dtypes = model.input_dtypes()
+    batch = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=setup.batch_shardings[k])
              for k, shape in model.input_shapes(batch_size).items()}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated())
@@ -85,7 +86,10 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
     largest_bytes, largest_name = partitioner.largest_replicated_param_bytes(
         setup.abstract_state.params, setup.state_shardings.params)
-    flops_per_chip = model.train_flops_per_example() * batch_size / chips
+    try:
+        flops_per_chip = model.train_flops_per_example() * batch_size / chips
+    except NotImplementedError:  # models without an analytic FLOP count (convolutional codecs)
+        flops_per_chip = None
     return {
         "topology": topology,
         "device_kind": kind,
@@ -102,7 +106,7 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
         "fits": per_chip <= chip["hbm_bytes"],
         "headroom": 1.0 - per_chip / chip["hbm_bytes"],
         "model_flops_per_chip": flops_per_chip,
-        "min_step_seconds": flops_per_chip / chip["peak_bf16_flops"],
+        "min_step_seconds": None if flops_per_chip is None else flops_per_chip / chip["peak_bf16_flops"],
         "largest_replicated_param_bytes": largest_bytes,
         "largest_replicated_param_name": largest_name,
         "compile_seconds": round(compile_seconds, 2),

@@ -96,6 +96,241 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+# ------------------------------------------------------------------------------------------------ convolutions
+
+
+def pad_time(x: jax.Array, left: int, right: int, mode: str = "constant") -> jax.Array:
+    """Pads x [batch, time, channels] along time. mode 'reflect' (as torch: edge not repeated) or 'constant'.
+
+    Reflect padding of a signal shorter than the padding first appends zeros (EnCodec's rule), so any length works.
+    """
+    if left == 0 and right == 0:
+        return x
+    if mode == "constant":
+        return jnp.pad(x, ((0, 0), (left, right), (0, 0)))
+    if mode != "reflect":
+        raise ValueError(f"pad mode {mode!r}: expected 'reflect' or 'constant'")
+    length = x.shape[1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+    padded = jnp.pad(x, ((0, 0), (left, right), (0, 0)), mode="reflect")
+    return padded[:, :padded.shape[1] - extra]
+
+
+def conv_padding(length: int, kernel_size: int, stride: int, dilation: int, causal: bool) -> tuple[int, int]:
+    """(left, right) padding of a 1-D convolution so that it produces ceil(length / stride) frames.
+
+    As EnCodec/SEANet: the total padding is effective_kernel - stride, all on the left if causal (no output
+    depends on a later input), split with the extra sample on the left otherwise; extra right padding
+    completes the last frame.
+    """
+    effective = (kernel_size - 1) * dilation + 1
+    total = effective - stride
+    frames = math.ceil((length - effective + total) / stride + 1) - 1
+    extra = frames * stride + effective - total - length
+    if causal:
+        return total, extra
+    right = total // 2
+    return total - right, right + extra
+
+
+def grouped_conv1d(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, groups: int) -> jax.Array:
+    """VALID grouped 1-D convolution as batched matmuls.
+
+    x [batch, time, in], kernel [width, in / groups, out] -> [batch, frames, out]; equal to
+    lax.conv_general_dilated(..., feature_group_count=groups), which XLA's CPU backend runs 3-100x slower for
+    the wide grouped kernels of the MelGAN discriminator. Undilated: polyphase form, the input cut into
+    stride-long phases and the kernel into ceil(width / stride) blocks, one group-batched matmul per block.
+    Dilated: the windows gathered once (im2col), one matmul.
+    """
+    width, in_per_group, out = kernel.shape
+    batch, time, channels = x.shape
+    frames = (time - (width - 1) * dilation - 1) // stride + 1
+    out_per_group = out // groups
+    if dilation == 1:
+        blocks = -(-width // stride)
+        need = (frames - 1 + blocks) * stride
+        phases = jnp.pad(x, ((0, 0), (0, max(0, need - time)), (0, 0)))[:, :need]
+        phases = phases.reshape(batch, need // stride, stride, groups, in_per_group)
+        phases = jnp.transpose(phases, (3, 0, 1, 2, 4)).reshape(groups, batch, need // stride, stride * in_per_group)
+        blocks_w = jnp.pad(kernel, ((0, blocks * stride - width), (0, 0), (0, 0)))
+        blocks_w = blocks_w.reshape(blocks, stride, in_per_group, groups, out_per_group)
+        blocks_w = jnp.transpose(blocks_w, (0, 3, 1, 2, 4)).reshape(blocks, groups, stride * in_per_group,
+                                                                      out_per_group)
+        y = sum(jnp.einsum("gbtc,gco->gbto", phases[:, :, m:m + frames], blocks_w[m]) for m in range(blocks))
+        return jnp.transpose(y, (1, 2, 0, 3)).reshape(batch, frames, out)
+    span = (frames - 1) * stride + 1
+    windows = jnp.stack([x[:, j * dilation:j * dilation + span:stride] for j in range(width)], axis=2)
+    windows = windows.reshape(batch, frames, width, groups, in_per_group)
+    y = jnp.einsum("btkgc,kcgo->btgo", windows, kernel.reshape(width, in_per_group, groups, out_per_group))
+    return y.reshape(batch, frames, out)
+
+
+class Conv1D(nn.Module):
+    """1-D convolution over x [batch, time, channels] with SEANet padding and optional weight normalisation.
+
+    Attributes:
+      features, kernel_size, stride, dilation, groups: as usual.
+      causal: pad only on the left (output t never depends on input > t).
+      pad_mode: 'reflect' or 'constant'.
+      weight_norm: kernel = g * v / ||v|| with the norm over (width, in) per output channel (params 'kernel_v',
+        'kernel_g'), as torch.nn.utils.weight_norm; else a plain 'kernel'.
+      padding: 'seanet' (conv_padding above) or 'valid'.
+    Kernel logical names ('conv_width', 'conv_in', 'conv_out'), shape [kernel_size, in/groups, features].
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    groups: int = 1
+    causal: bool = True
+    pad_mode: str = "constant"
+    weight_norm: bool = False
+    use_bias: bool = True
+    padding: str = "seanet"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups:
+            raise ValueError(f"{self.name}: {in_features} input channels do not split into {self.groups} groups")
+        shape = (self.kernel_size, in_features // self.groups, self.features)
+        names = ("conv_width", "conv_in", "conv_out")
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        if self.weight_norm:
+            v = self.param("kernel_v", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+            g = self.param("kernel_g", nn.with_logical_partitioning(
+                lambda key, s, d: jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1))).astype(d), ("conv_out",)),
+                (self.features,), self.param_dtype)
+            kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1))))
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        if self.padding == "seanet":
+            left, right = conv_padding(x.shape[1], self.kernel_size, self.stride, self.dilation, self.causal)
+            x = pad_time(x, left, right, self.pad_mode)
+        elif self.padding != "valid":
+            raise ValueError(f"{self.name}: padding={self.padding!r}: expected 'seanet' or 'valid'")
+        if self.groups > 1:
+            y = grouped_conv1d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.dilation,
+                               self.groups)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride,), padding="VALID",
+                rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def transposed_conv1d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Transposed 1-D convolution (torch ConvTranspose1d, no padding) as one matmul plus overlap-add.
+
+    x [batch, time, in], kernel [width, in, out] -> [batch, (time - 1) * stride + width, out]. Input frame t adds
+    x[t] @ kernel[j] at output t * stride + j; with the kernel cut into ceil(width / stride) blocks of `stride`
+    taps this is a matmul and a few shifted sums. (XLA's CPU backend runs the equivalent input-dilated
+    convolution 10-60x slower.)
+    """
+    width, channels, out = kernel.shape
+    batch, time, _ = x.shape
+    blocks = -(-width // stride)
+    padded = jnp.pad(kernel, ((0, blocks * stride - width), (0, 0), (0, 0)))
+    weights = jnp.transpose(padded.reshape(blocks, stride, channels, out), (2, 0, 1, 3)).reshape(channels, -1)
+    proj = (x.reshape(batch * time, channels) @ weights).reshape(batch, time, blocks, stride, out)
+    y = jnp.zeros((batch, time + blocks - 1, stride, out), proj.dtype)
+    for m in range(blocks):
+        y = y.at[:, m:m + time].add(proj[:, :, m])
+    return y.reshape(batch, (time + blocks - 1) * stride, out)[:, :(time - 1) * stride + width]
+
+
+class ConvTranspose1D(nn.Module):
+    """Transposed 1-D convolution over x [batch, time, channels] (torch ConvTranspose1d semantics), then trimmed
+    as SEANet: the kernel_size - stride extra samples are cut on the right if causal, else split.
+
+    Output length: time * stride. Kernel [kernel_size, in, features], logical names as Conv1D; `weight_norm`
+    normalises over (width, out) per input channel, as torch's weight_norm on ConvTranspose1d.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    causal: bool = True
+    weight_norm: bool = False
+    use_bias: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, x.shape[-1], self.features)
+        names = ("conv_width", "conv_in", "conv_out")
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        if self.weight_norm:
+            v = self.param("kernel_v", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+            g = self.param("kernel_g", nn.with_logical_partitioning(
+                lambda key, s, d: jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2))).astype(d), ("conv_in",)),
+                (x.shape[-1],), self.param_dtype)
+            kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2))))[None, :, None]
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        k = self.kernel_size
+        y = transposed_conv1d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        total = k - self.stride
+        right = total if self.causal else total // 2
+        return y[:, total - right:y.shape[1] - right]
+
+
+class LSTM(nn.Module):
+    """A stack of LSTM layers over x [batch, time, features] (torch.nn.LSTM semantics: gates i, f, g, o;
+    one bias per layer holding torch's b_ih + b_hh), returning the last layer's outputs [batch, time, hidden].
+
+    Params per layer 'layer_{l}': kernel_ih [in, 4 * hidden] ('lstm_in', 'lstm_gates'), kernel_hh [hidden,
+    4 * hidden] ('lstm_in', 'lstm_gates'), bias [4 * hidden] ('lstm_gates',).
+    """
+
+    hidden: int
+    num_layers: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.hidden
+        for layer in range(self.num_layers):
+            scope = f"layer_{layer}"
+            init = nn.initializers.uniform(scale=2.0 / math.sqrt(h))
+            shifted = lambda key, shape, dtype, init=init: init(key, shape, dtype) - 1.0 / math.sqrt(h)  # noqa: E731
+            w_ih = self.param(f"{scope}_kernel_ih", nn.with_logical_partitioning(shifted, ("lstm_in", "lstm_gates")),
+                              (x.shape[-1], 4 * h), self.param_dtype)
+            w_hh = self.param(f"{scope}_kernel_hh", nn.with_logical_partitioning(shifted, ("lstm_in", "lstm_gates")),
+                              (h, 4 * h), self.param_dtype)
+            bias = self.param(f"{scope}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("lstm_gates",)),
+                              (4 * h,), self.param_dtype)
+            inputs = jnp.einsum("btf,fg->tbg", x.astype(self.dtype), w_ih.astype(self.dtype)) + bias
+
+            def step(carry, gates_x, w_hh=w_hh):
+                hidden, cell = carry
+                gates = gates_x + hidden @ w_hh.astype(self.dtype)
+                i, f, g, o = jnp.split(gates, 4, axis=-1)
+                cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+                hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+                return (hidden, cell), hidden
+
+            zeros = jnp.zeros((x.shape[0], h), self.dtype)
+            _, outputs = jax.lax.scan(step, (zeros, zeros), inputs)
+            x = jnp.transpose(outputs, (1, 0, 2))
+        return x
+
+
 # ------------------------------------------------------------------------------------------ position encodings
 
 

@@ -8,6 +8,10 @@ One trainer, partitioner and checkpointer serve every model through `BaseModel`:
   predict_batch_with_aux(params, batch, rng, **decoder_params) -> (predictions, aux)
   score_batch(params, batch)               -> [batch] scores
 
+Models with non-trainable state that training updates (codebook statistics of a quantizer) keep it in other
+Flax collections ("flax_mutables"); they receive it through the `flax_mutables` arguments and return its new
+value from `train_loss_fn`, which is what the trainer differentiates.
+
 Metrics are dicts of fp32 scalars; the key `loss_weight` (e.g. the number of target tokens) tells the trainer
 how to weight a microbatch when it accumulates gradients and averages metrics.
 """
@@ -55,13 +59,24 @@ class BaseModel(abc.ABC):
     def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         """Shapes of a training batch of `batch_size` examples: {feature: shape}."""
 
+    def input_dtypes(self) -> dict[str, Any]:
+        """dtype of each input feature (default int32 tokens)."""
+        return {k: jnp.int32 for k in self.input_shapes(1)}
+
     @abc.abstractmethod
-    def loss_fn(self, params: Any, batch: Batch, dropout_rng: Optional[jax.Array]) -> tuple[jax.Array, Metrics]:
+    def loss_fn(self, params: Any, batch: Batch, dropout_rng: Optional[jax.Array],
+                flax_mutables: Optional[dict] = None) -> tuple[jax.Array, Metrics]:
         """(scalar loss to minimise, metrics). dropout_rng None means deterministic (evaluation)."""
 
-    def eval_fn(self, params: Any, batch: Batch) -> Metrics:
+    def train_loss_fn(self, params: Any, flax_mutables: dict, batch: Batch,
+                      dropout_rng: jax.Array) -> tuple[jax.Array, tuple[Metrics, dict]]:
+        """What the trainer differentiates: (loss, (metrics, updated flax_mutables)). Default: no state."""
+        loss, metrics = self.loss_fn(params, batch, dropout_rng, flax_mutables)
+        return loss, (metrics, flax_mutables)
+
+    def eval_fn(self, params: Any, batch: Batch, flax_mutables: Optional[dict] = None) -> Metrics:
         """Metrics on an evaluation batch (deterministic)."""
-        return self.loss_fn(params, batch, None)[1]
+        return self.loss_fn(params, batch, None, flax_mutables)[1]
 
     @abc.abstractmethod
     def predict_batch_with_aux(self, params: Any, batch: Batch, rng: Optional[jax.Array] = None,
@@ -164,7 +179,8 @@ class TokenLMModel(BaseModel):
                                  batch.get("decoder_causal_attention"), deterministic=dropout_rng is None,
                                  rngs=rngs)
 
-    def loss_fn(self, params, batch, dropout_rng):
+    def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
+        del flax_mutables  # the LM has no state besides its parameters
         logits = self.logits(params, batch, dropout_rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)

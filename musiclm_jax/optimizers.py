@@ -82,3 +82,15 @@ def create_optimizer(*, name: str = "adamw", learning_rate: Schedule | float = 1
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return Optimizer(tx=tx, schedule=schedule)
+
+
+def create_gan_optimizer(*, generator: Optimizer, discriminator: Optimizer) -> Optimizer:
+    """One optimizer over params {'generator': ..., 'discriminator': ...}: each part follows its own optimizer
+    (learning rate, clipping). The logged learning rate is the generator's."""
+    def labels(params):
+        unknown = set(params) - {"generator", "discriminator"}
+        if unknown:
+            raise ValueError(f"GAN parameters must be {{'generator', 'discriminator'}}, got extra {sorted(unknown)}")
+        return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+    tx = optax.multi_transform({"generator": generator.tx, "discriminator": discriminator.tx}, labels)
+    return Optimizer(tx=tx, schedule=generator.schedule)

@@ -46,7 +46,10 @@ def standard_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
       relpos_buckets, norm.
     Activations (batch split over data+fsdp, heads/mlp/vocab over model):
       activation_batch, activation_length, activation_embed, activation_heads, activation_kv,
-      activation_kv_heads, activation_mlp, activation_vocab.
+      activation_kv_heads, activation_mlp, activation_vocab; audio: activation_time, activation_freq,
+      activation_channels.
+    Convolutions and codebooks (replicated): conv_width, conv_height, conv_in, conv_out, codebook_levels,
+      codebook_codes, codebook_dim, lstm_gates, lstm_in.
     Decoding caches: cache_batch_heads (or cache_batch_kv_heads), cache_length, cache_kv.
     """
     return (
@@ -59,6 +62,10 @@ def standard_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
         ("activation_kv_heads", None),
         ("activation_mlp", "model"),
         ("activation_vocab", "model"),
+        # Audio activations [batch, time, channels] (and [batch, time, freq, channels] for spectrograms).
+        ("activation_time", None),
+        ("activation_freq", None),
+        ("activation_channels", None),
         # Decoding caches.
         # [batch * heads, length, head_dim]: batch (major) over data+fsdp, heads over model.
         ("cache_batch_heads", BATCH_MESH_AXES + ("model",)),
@@ -75,6 +82,17 @@ def standard_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
         ("layers", None),
         ("relpos_buckets", None),
         ("norm", None),
+        # Convolutions (codec, discriminators, front ends): small, replicated; the batch carries the parallelism.
+        ("conv_width", None),
+        ("conv_height", None),
+        ("conv_in", None),
+        ("conv_out", None),
+        # Codebooks [levels, codes, dim] (vector quantizers) and recurrent weights.
+        ("codebook_levels", None),
+        ("codebook_codes", None),
+        ("codebook_dim", None),
+        ("lstm_gates", None),
+        ("lstm_in", None),
     )
 
 

@@ -35,7 +35,7 @@ class TrainSetup:
     batch_shardings: dict
     init_state: Callable[[jax.Array], Any]  # rng -> sharded TrainState
     train_step: Callable  # jitted (state, batch, rng) -> (state, metrics), state donated
-    eval_step: Callable  # jitted (params, batch) -> metrics
+    eval_step: Callable  # jitted (params, flax_mutables, batch) -> metrics
 
 
 def make_train_setup(*, model: BaseModel, optimizer: Optimizer, batch_size: int, partitioner: partitioning.Partitioner,
@@ -60,7 +60,8 @@ def make_train_setup(*, model: BaseModel, optimizer: Optimizer, batch_size: int,
     train_step = partitioner.jit(make_train_step(model, optimizer, num_microbatches),
                                  in_shardings=(state_shardings, batch_shardings, replicated),
                                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    eval_step = partitioner.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
+    eval_step = partitioner.jit(make_eval_step(model),
+                                in_shardings=(state_shardings.params, state_shardings.flax_mutables, batch_shardings),
                                 out_shardings=replicated)
     return TrainSetup(partitioner, abstract_state, state_shardings, batch_shardings,
                       lambda rng: partitioner.create_train_state(init_variables, make_state, rng)[0],
@@ -72,7 +73,7 @@ def _mean_metrics(history: Sequence[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def evaluate(eval_step: Callable, params: Any, eval_input, partitioner: partitioning.Partitioner,
+def evaluate(eval_step: Callable, state: TrainState, eval_input, partitioner: partitioning.Partitioner,
              num_batches: int) -> dict[str, float]:
     """Metrics averaged (weighted by loss_weight) over the first `num_batches` batches of eval_input."""
     eval_input.reset()
@@ -83,7 +84,7 @@ def evaluate(eval_step: Callable, params: Any, eval_input, partitioner: partitio
             batch = next(eval_input)
         except StopIteration:
             break
-        metrics = jax.device_get(eval_step(params, partitioner.shard_batch(batch)))
+        metrics = jax.device_get(eval_step(state.params, state.flax_mutables, partitioner.shard_batch(batch)))
         weight = float(metrics.get("loss_weight", 1.0))
         weight_sum += weight
         for k, v in metrics.items():
@@ -169,7 +170,7 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
                     record["steps_per_sec"] = (step - window_step) / (now - window_start)
                     history, window_start, window_step = [], now, step
                 if eval_input is not None and step % eval_period == 0:
-                    eval_metrics = evaluate(setup.eval_step, state.params, eval_input, partitioner, eval_batches)
+                    eval_metrics = evaluate(setup.eval_step, state, eval_input, partitioner, eval_batches)
                     record.update({f"eval/{k}": v for k, v in eval_metrics.items()})
                 if record:
                     writer.write(step, record)
@@ -187,6 +188,9 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
         checkpointer.close()
         writer.close()
         watcher.close()
+        train_input.close()
+        if eval_input is not None:
+            eval_input.close()
     return last
 
 

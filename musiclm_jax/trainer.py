@@ -38,32 +38,33 @@ def make_train_step(model: BaseModel, optimizer: Optimizer, num_microbatches: in
     Metrics: the model's (averaged over microbatches by loss_weight), plus grad_norm, learning_rate and
     loss_weight (summed).
     """
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(model.train_loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         if num_microbatches <= 1:
-            (_, metrics), grads = grad_fn(state.params, batch, rng)
+            (_, (metrics, mutables)), grads = grad_fn(state.params, state.flax_mutables, batch, rng)
             weight = metrics.get("loss_weight", jnp.float32(1.0))
             summed = _weighted(metrics, weight)
         else:
             micro = _split_microbatches(batch, num_microbatches)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            _, abstract_metrics = jax.eval_shape(model.loss_fn, state.params,
-                                                 jax.tree.map(lambda x: x[0], micro), rng)
+            _, (abstract_metrics, _) = jax.eval_shape(model.train_loss_fn, state.params, state.flax_mutables,
+                                                      jax.tree.map(lambda x: x[0], micro), rng)
             init = (zeros, {k: jnp.zeros((), jnp.float32) for k in abstract_metrics if k != "loss_weight"},
-                    jnp.zeros((), jnp.float32))
+                    jnp.zeros((), jnp.float32), state.flax_mutables)
 
             def body(carry, xs):
-                acc_grads, acc_metrics, acc_weight = carry
+                acc_grads, acc_metrics, acc_weight, mutables = carry
                 index, microbatch = xs
-                (_, metrics), grads = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+                (_, (metrics, mutables)), grads = grad_fn(state.params, mutables, microbatch,
+                                                          jax.random.fold_in(rng, index))
                 weight = metrics.get("loss_weight", jnp.float32(1.0))
                 acc_grads = jax.tree.map(lambda a, g: a + weight * g, acc_grads, grads)
                 acc_metrics = jax.tree.map(jnp.add, acc_metrics, _weighted(metrics, weight))
-                return (acc_grads, acc_metrics, acc_weight + weight), None
+                return (acc_grads, acc_metrics, acc_weight + weight, mutables), None
 
-            (grads, summed, weight), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
+            (grads, summed, weight, mutables), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
             grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1e-9), grads)
         metrics = {k: v / jnp.maximum(weight, 1e-9) for k, v in summed.items()}
         metrics["loss_weight"] = weight
@@ -71,14 +72,14 @@ def make_train_step(model: BaseModel, optimizer: Optimizer, num_microbatches: in
         metrics["learning_rate"] = optimizer.schedule(state.step)
         updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, flax_mutables=mutables)
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(model: BaseModel) -> Callable:
-    """Returns eval_step(params, batch) -> metrics (deterministic)."""
-    def eval_step(params, batch):
-        return model.eval_fn(params, batch)
+    """Returns eval_step(params, flax_mutables, batch) -> metrics (deterministic)."""
+    def eval_step(params, flax_mutables, batch):
+        return model.eval_fn(params, batch, flax_mutables)
     return eval_step

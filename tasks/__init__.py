@@ -1,2 +1,14 @@
-"""seqio task definitions, installed as `musiclm_jax.tasks`. Importing this package registers every task."""
-from musiclm_jax.tasks import synthetic  # noqa: F401  (registers the synthetic token tasks)
+"""seqio task definitions, installed as `musiclm_jax.tasks`. Importing this package registers the fixed tasks;
+raw-audio tasks are registered on first use by name (`get_or_register`)."""
+import seqio
+
+from musiclm_jax.tasks import audio, synthetic  # noqa: F401  (registers the synthetic token tasks)
+
+
+def get_or_register(name: str):
+    """The registered task or mixture `name`, registering a raw-audio task from its name if needed."""
+    if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+        return seqio.get_mixture_or_task(name)
+    if name.startswith(("synthetic_music_", "audio_folder_")):
+        return audio.register_raw_audio_task(name)
+    return seqio.get_mixture_or_task(name)  # raises, naming the known tasks

@@ -12,14 +12,15 @@ from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib
 
 GIN_DIR = os.path.join(REPO_DIR, "gin")
 ALL_GIN = gin_utils.gin_files_in(GIN_DIR)
-EXPERIMENTS = [f for f in ALL_GIN if f.startswith(os.path.join(GIN_DIR, "stages"))]
+EXPERIMENTS = [f for f in ALL_GIN if f.startswith((os.path.join(GIN_DIR, "stages"), os.path.join(GIN_DIR, "codec")))]
 TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_steps", "model_dir"]
 
 
 def test_the_expected_gin_files_exist():
     names = {os.path.relpath(f, REPO_DIR) for f in ALL_GIN}
     assert {"gin/stages/semantic_tiny.gin", "gin/stages/semantic_paper.gin", "gin/runs/pretrain.gin",
-            "gin/models/semantic_tiny.gin", "gin/models/semantic_paper.gin"} <= names
+            "gin/models/semantic_tiny.gin", "gin/models/semantic_paper.gin", "gin/codec/tiny.gin",
+            "gin/codec/paper.gin", "gin/codec/encodec_24khz.gin", "gin/runs/codec_gan.gin"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))
@@ -32,8 +33,18 @@ def test_every_experiment_builds_its_objects(path):
     gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'"], finalize=True)
     args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
     model, data = args["model"], args["train_dataset_cfg"]
-    assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
-    assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
+    if hasattr(model, "sequence_length"):  # token stages
+        assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
+        assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
+    else:  # codecs: raw audio of the model's segment length and rate
+        assert data.task_feature_lengths == {"audio": model.segment_samples}
+        assert data.mixture_or_task_name == f"synthetic_music_{model.sample_rate}hz"
+
+
+def test_audio_dir_selects_a_folder_task():
+    gin_utils.parse_gin(["gin/codec/tiny.gin"], ["MODEL_DIR = '/tmp/unused'", "AUDIO_DIR = '/data/my_clips'"])
+    data = gin_utils.bound_arguments("train", ["train_dataset_cfg"], {})["train_dataset_cfg"]
+    assert data.mixture_or_task_name == "audio_folder_24000hz:/data/my_clips"
 
 
 def test_paper_semantic_stage_has_the_paper_sizes():

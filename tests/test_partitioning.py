@@ -104,11 +104,11 @@ def test_parameter_with_an_unknown_logical_name_is_an_error():
 def test_activation_constraint_with_an_unknown_name_is_an_error():
     partitioner = partitioning.Partitioner(mesh(2, 4))
     with partitioner.activate():
-        with pytest.raises(partitioning.UnknownLogicalAxisError, match="activation_time"):
-            jax.jit(lambda x: partitioning.constrain(x, ("activation_batch", "activation_time")))(jnp.ones((8, 4)))
+        with pytest.raises(partitioning.UnknownLogicalAxisError, match="activation_sequence"):
+            jax.jit(lambda x: partitioning.constrain(x, ("activation_batch", "activation_sequence")))(jnp.ones((8, 4)))
     # Outside any rules context the standard rules are checked too.
     with pytest.raises(partitioning.UnknownLogicalAxisError):
-        partitioning.constrain(jnp.ones((8, 4)), ("activation_batch", "activation_time"))
+        partitioning.constrain(jnp.ones((8, 4)), ("activation_batch", "activation_sequence"))
 
 
 def test_constraints_really_apply_under_the_mesh():

@@ -5,6 +5,18 @@ import dataclasses
 from typing import Mapping, Optional
 
 
+def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None) -> str:
+    """The raw-audio task for a rate: the embedded synthetic music, or the audio files of `audio_dir`.
+
+    Such tasks are registered on first use (tasks/audio.py), so a gin file can name a user's folder:
+    `MIXTURE_OR_TASK_NAME = @dataset_config.raw_audio_task_name()` with `raw_audio_task_name.audio_dir =
+    %AUDIO_DIR`.
+    """
+    if audio_dir:
+        return f"audio_folder_{int(sample_rate)}hz:{audio_dir}"
+    return f"synthetic_music_{int(sample_rate)}hz"
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     """A seqio task or mixture as one input stream.

@@ -67,7 +67,29 @@ class PrefixLMFeatureConverter(seqio.FeatureConverter):
         return {k: length for k in self.MODEL_FEATURES}
 
 
-FEATURE_CONVERTERS = {"prefix_lm": PrefixLMFeatureConverter}
+class AudioFeatureConverter(seqio.FeatureConverter):
+    """{'audio': float32 [samples]} -> {'audio': float32 [samples]} zero-padded to the requested length."""
+
+    TASK_FEATURES = {"audio": Spec(dtype=tf.float32)}
+    MODEL_FEATURES = {"audio": Spec(dtype=tf.float32)}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, pack: bool = False, **kwargs):
+        if pack:
+            raise ValueError("AudioFeatureConverter does not pack")
+        super().__init__(pack=False, **kwargs)
+
+    def _convert_features(self, ds, task_feature_lengths):
+        length = task_feature_lengths["audio"]
+        return ds.map(lambda ex: {"audio": tf.ensure_shape(
+            tf.pad(ex["audio"], [[0, length - tf.shape(ex["audio"])[0]]]), [length])},
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        return {"audio": task_feature_lengths["audio"]}
+
+
+FEATURE_CONVERTERS = {"prefix_lm": PrefixLMFeatureConverter, "audio": AudioFeatureConverter}
 
 
 def get(name: str) -> seqio.FeatureConverter:

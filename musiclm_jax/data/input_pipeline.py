@@ -7,6 +7,7 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 from typing import Iterator
@@ -24,9 +25,12 @@ tf.config.set_visible_devices([], "GPU")
 
 
 def get_task_or_mixture(cfg: DatasetConfig):
-    if cfg.module:
-        importlib.import_module(cfg.module)
+    """The seqio task or mixture of cfg, after importing cfg.module (whose `get_or_register`, if it has one,
+    may register tasks named on the fly, such as a user's audio folder)."""
+    module = importlib.import_module(cfg.module) if cfg.module else None
     try:
+        if module is not None and hasattr(module, "get_or_register"):
+            return module.get_or_register(cfg.mixture_or_task_name)
         return seqio.get_mixture_or_task(cfg.mixture_or_task_name)
     except ValueError as e:
         raise ValueError(f"DatasetConfig.mixture_or_task_name={cfg.mixture_or_task_name!r} is not a registered "
@@ -62,6 +66,9 @@ class SeqioInputPipeline:
         ds = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
         options.deterministic = True
+        # Sources that call numpy (audio decoding, synthetic music) are pure functions of their inputs, so the
+        # iterator position can be checkpointed without their (non-existent) state.
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         self._dataset = ds.with_options(options)
         self._iterator = iter(self._dataset)
 
@@ -80,6 +87,19 @@ class SeqioInputPipeline:
 
     def __next__(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def close(self) -> None:
+        """Stops the background input threads. Pipelines whose sources call Python (audio decoding, synthetic
+        music) must be closed before the interpreter exits, or their threads can deadlock its shutdown."""
+        self._iterator = None
+        self._dataset = None
+        gc.collect()
+
+    def __enter__(self) -> "SeqioInputPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         """Starts again from the first batch (used by evaluation)."""

@@ -1,0 +1,163 @@
+"""The codec interface (as audiocraft's compression models) and its command line.
+
+    codec = Codec.from_checkpoint("/path/to/MODEL_DIR")
+    codes = codec.encode(audio)              # audio [batch, samples] at codec.sample_rate -> [batch, frames, n_q]
+    audio = codec.decode(codes[..., :4])     # any number of the first levels (bitrate scalability)
+
+    python -m musiclm_jax.codec encode --checkpoint DIR --input a.wav --output codes.npy [--num_quantizers N |
+        --bandwidth KBPS]
+    python -m musiclm_jax.codec decode --checkpoint DIR --input codes.npy --output b.wav [--num_samples N]
+
+A checkpoint directory is a training MODEL_DIR (config.gin + checkpoints/), e.g. from `python -m
+musiclm_jax.train --gin_file=gin/codec/tiny.gin` or `python -m musiclm_jax.convert encodec`. Input audio is
+mixed to mono and resampled to the codec's rate; codes.npy holds int32 [frames, n_q].
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax.networks.soundstream import SoundStream
+
+
+class Codec:
+    """Encode audio to RVQ codes and decode them back.
+
+    Args:
+      network: the SoundStream generator; variables: its Flax variables ('params' and 'quantizer').
+      sample_rate: Hz.
+    """
+
+    def __init__(self, network: SoundStream, variables: dict, sample_rate: int):
+        self.network = network
+        self.variables = variables
+        self.sample_rate = int(sample_rate)
+        self._encode = jax.jit(partial(network.apply, method=SoundStream.encode), static_argnums=(2,))
+        self._decode = jax.jit(partial(network.apply, method=SoundStream.decode))
+
+    @property
+    def hop_length(self) -> int:
+        """Samples per frame."""
+        return self.network.seanet.hop_length
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames (code vectors) per second."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.network.rvq.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        return self.network.rvq.codebook_size
+
+    def bitrate_kbps(self, num_quantizers: Optional[int] = None) -> float:
+        """kbit/s of `num_quantizers` levels (default all): levels * log2(codebook_size) * frame_rate / 1000."""
+        n = self.num_quantizers if num_quantizers is None else num_quantizers
+        return n * math.log2(self.codebook_size) * self.frame_rate / 1000.0
+
+    def num_quantizers_for_bandwidth(self, kbps: float) -> int:
+        """The most levels whose bitrate does not exceed `kbps` (at least 1), as EnCodec chooses them."""
+        per_level = math.log2(self.codebook_size) * self.frame_rate / 1000.0
+        n = max(1, int(math.floor(kbps / per_level + 1e-9)))
+        if n > self.num_quantizers:
+            raise ValueError(f"bandwidth {kbps} kbps needs {n} levels; this codec has {self.num_quantizers} "
+                             f"({self.bitrate_kbps():.2f} kbps)")
+        return n
+
+    def encode(self, audio, num_quantizers: Optional[int] = None) -> np.ndarray:
+        """audio [batch, samples] (or [samples]) at sample_rate -> codes [batch, ceil(samples / hop), n] int32."""
+        audio = np.asarray(audio, np.float32)
+        squeeze = audio.ndim == 1
+        audio = audio[None] if squeeze else audio
+        n = self.num_quantizers if num_quantizers is None else int(num_quantizers)
+        if not 1 <= n <= self.num_quantizers:
+            raise ValueError(f"num_quantizers={n}: this codec has 1 to {self.num_quantizers}")
+        codes = np.asarray(self._encode(self.variables, jnp.asarray(audio), n))
+        return codes[0] if squeeze else codes
+
+    def decode(self, codes) -> np.ndarray:
+        """codes [batch, frames, n] (or [frames, n]) of the first n levels -> audio [batch, frames * hop]."""
+        codes = np.asarray(codes, np.int32)
+        squeeze = codes.ndim == 2
+        codes = codes[None] if squeeze else codes
+        if codes.shape[-1] > self.num_quantizers or codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes of shape {codes.shape} with values in [{codes.min()}, {codes.max()}] do not fit "
+                             f"{self.num_quantizers} levels of {self.codebook_size} codes")
+        audio = np.asarray(self._decode(self.variables, jnp.asarray(codes)))
+        return audio[0] if squeeze else audio
+
+    def reconstruct(self, audio, num_quantizers: Optional[int] = None) -> np.ndarray:
+        """decode(encode(audio)) trimmed back to the input's length: [batch, samples] (or [samples]) -> same shape.
+
+        A length that is not a multiple of the hop is padded (with zeros, after the end) for the codec.
+        """
+        audio = np.asarray(audio, np.float32)
+        return self.decode(self.encode(audio, num_quantizers))[..., :audio.shape[-1]]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str, step: Optional[int] = None) -> "Codec":
+        """Loads the codec of a training MODEL_DIR (its config.gin and latest, or `step`, checkpoint)."""
+        from musiclm_jax import checkpoint_loading
+        model, state = checkpoint_loading.load_model_and_state(model_dir, step)
+        if not hasattr(model, "generator"):
+            raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a codec")
+        variables = jax.device_get(model.variables(state.params, state.flax_mutables))
+        return cls(model.generator, variables, model.sample_rate)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m musiclm_jax.codec", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="audio file -> codes.npy [frames, n_q]")
+    dec = sub.add_parser("decode", help="codes.npy -> audio file")
+    for p in (enc, dec):
+        p.add_argument("--checkpoint", required=True, help="codec MODEL_DIR")
+        p.add_argument("--input", required=True)
+        p.add_argument("--output", required=True)
+    dec.add_argument("--num_samples", type=int, default=None,
+                     help="trim the decoded audio to this many samples (the encoded file's length)")
+    levels = enc.add_mutually_exclusive_group()
+    levels.add_argument("--num_quantizers", type=int, default=None, help="levels to keep (default all)")
+    levels.add_argument("--bandwidth", type=float, default=None, help="kbit/s; picks the number of levels")
+    args = parser.parse_args(argv)
+
+    from musiclm_jax.data import audio_io
+    codec = Codec.from_checkpoint(args.checkpoint)
+    if args.command == "encode":
+        audio = audio_io.load_audio(args.input, codec.sample_rate)
+        n = args.num_quantizers
+        if args.bandwidth is not None:
+            n = codec.num_quantizers_for_bandwidth(args.bandwidth)
+        codes = codec.encode(audio, n)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        np.save(args.output, codes.astype(np.int32))
+        print(f"codec: {args.input} ({len(audio)} samples, {len(audio) / codec.sample_rate:.2f} s) -> "
+              f"{args.output} {codes.shape} ({codec.bitrate_kbps(codes.shape[-1]):.2f} kbps); decode with "
+              f"--num_samples {len(audio)} to trim back", file=sys.stderr)
+    else:
+        codes = np.load(args.input)
+        if codes.ndim != 2:
+            raise ValueError(f"{args.input}: expected codes [frames, n_q], got shape {codes.shape}")
+        audio = codec.decode(codes)
+        if args.num_samples is not None:
+            if not 0 < args.num_samples <= len(audio):
+                raise ValueError(f"--num_samples={args.num_samples}: the codes decode to {len(audio)} samples")
+            audio = audio[:args.num_samples]
+        audio_io.save_audio(args.output, audio, codec.sample_rate)
+        print(f"codec: {args.input} {codes.shape} -> {args.output} ({len(audio) / codec.sample_rate:.2f} s)",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Losses of the SoundStream codec: adversarial hinge losses, feature matching and multi-scale mel losses.
+
+Discriminator outputs are what `musiclm_jax.networks.discriminators.Discriminators` returns: a list with one
+(logits, features) pair per sub-discriminator, logits of any shape (e.g. [batch, frames, 1]) and features a list
+of arrays. Every loss is a float32 scalar averaged with equal weight over the sub-discriminators (SoundStream,
+Zeghidour et al. 2021, eqs. 1-3).
+
+The multi-scale mel loss is the spectral reconstruction loss of Gritsenko et al. 2020 used by SoundStream:
+L1 distance of mel magnitude spectrograms plus alpha_s times an L2 distance of their logarithms, summed over
+window lengths s = 64 .. 2048 (hop s / 4, alpha_s = sqrt(s / 2)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax.networks.discriminators import stft
+
+DiscriminatorOutputs = Sequence[tuple[jax.Array, Sequence[jax.Array]]]
+
+
+def _mean(x: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.asarray(x).astype(jnp.float32))
+
+
+def _check_pairs(real_outputs: DiscriminatorOutputs, fake_outputs: DiscriminatorOutputs) -> None:
+    if len(real_outputs) != len(fake_outputs):
+        raise ValueError(f"{len(real_outputs)} real discriminator outputs but {len(fake_outputs)} fake ones")
+    if not real_outputs:
+        raise ValueError("no discriminator outputs")
+
+
+# ---------------------------------------------------------------------------------------------- adversarial
+
+
+def hinge_discriminator_loss(real_outputs: DiscriminatorOutputs, fake_outputs: DiscriminatorOutputs) -> jax.Array:
+    """Hinge loss of the discriminators.
+
+    Args:
+      real_outputs: [(logits, features)] of the discriminators on real audio x (logits e.g. [batch, frames, 1]).
+      fake_outputs: the same on decoded audio x̂ (usually stop-gradiented by the caller).
+    Returns:
+      float32 scalar: mean over discriminators k of mean(relu(1 - D_k(x))) + mean(relu(1 + D_k(x̂))), the means
+      taken over every logit (batch and frames).
+    """
+    _check_pairs(real_outputs, fake_outputs)
+    terms = [_mean(jax.nn.relu(1.0 - real[0].astype(jnp.float32)))
+             + _mean(jax.nn.relu(1.0 + fake[0].astype(jnp.float32)))
+             for real, fake in zip(real_outputs, fake_outputs)]
+    return jnp.mean(jnp.stack(terms))
+
+
+def hinge_generator_loss(fake_outputs: DiscriminatorOutputs) -> jax.Array:
+    """SoundStream's adversarial loss of the generator.
+
+    Args:
+      fake_outputs: [(logits, features)] of the discriminators on decoded audio x̂.
+    Returns:
+      float32 scalar: mean over discriminators k of mean(relu(1 - D_k(x̂))) over every logit.
+    """
+    if not fake_outputs:
+        raise ValueError("no discriminator outputs")
+    return jnp.mean(jnp.stack([_mean(jax.nn.relu(1.0 - fake[0].astype(jnp.float32))) for fake in fake_outputs]))
+
+
+def feature_matching_loss(real_outputs: DiscriminatorOutputs, fake_outputs: DiscriminatorOutputs) -> jax.Array:
+    """L1 feature-matching loss between discriminator activations on real and decoded audio.
+
+    Args:
+      real_outputs: [(logits, features)] on real audio; the caller passes the features already
+        stop-gradiented (no stop_gradient is added here).
+      fake_outputs: [(logits, features)] on decoded audio, features with the same shapes as the real ones.
+    Returns:
+      float32 scalar: mean over discriminators k of (mean over layers l of mean |f_k^l(x) - f_k^l(x̂)|); the
+      per-element means run over batch, time (frequency) and channels. Equals SoundStream's
+      1/(K L) sum_k sum_l when every discriminator has the same number of layers L.
+    """
+    _check_pairs(real_outputs, fake_outputs)
+    per_disc = []
+    for k, ((_, real_features), (_, fake_features)) in enumerate(zip(real_outputs, fake_outputs)):
+        if len(real_features) != len(fake_features) or not real_features:
+            raise ValueError(f"discriminator {k}: {len(real_features)} real features vs {len(fake_features)} fake")
+        layers = [_mean(jnp.abs(r.astype(jnp.float32) - f.astype(jnp.float32)))
+                  for r, f in zip(real_features, fake_features)]
+        per_disc.append(jnp.mean(jnp.stack(layers)))
+    return jnp.mean(jnp.stack(per_disc))
+
+
+# ------------------------------------------------------------------------------------------------- mel losses
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """librosa's (Slaney) mel filterbank [n_mels', n_fft // 2 + 1] float32, fmin 0, fmax sample_rate / 2.
+
+    n_mels' is the largest value <= min(n_mels, n_fft // 2) whose filters are all non-empty (a short window has
+    too few FFT bins for many narrow low-frequency filters: at 24 kHz, window 64 keeps 17, window 128 keeps 35).
+    """
+    import librosa  # only here: the matrix is computed once, in numpy
+
+    n = max(1, min(n_mels, n_fft // 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # librosa warns about the empty filters we are searching past
+        while True:
+            bank = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n, fmin=0.0, fmax=sample_rate / 2.0)
+            if n == 1 or np.all(bank.max(axis=1) > 0):
+                return bank.astype(np.float32)
+            n -= 1
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """sqrt with a zero (not infinite) gradient at 0."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def magnitude_spectrogram(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
+    """|STFT| of audio [batch, samples] -> float32 [batch, frames, n_fft // 2 + 1] (periodic Hann, center=False).
+
+    Gradients are finite everywhere (zero at bins of exactly zero magnitude).
+    """
+    spec = stft(audio, n_fft, hop)
+    return _safe_sqrt(jnp.square(spec.real) + jnp.square(spec.imag))
+
+
+class MultiScaleMelLoss:
+    """Multi-scale mel-spectrogram reconstruction loss (Gritsenko et al. 2020; SoundStream eq. 4).
+
+    Args:
+      sample_rate: audio sample rate in Hz (sets the mel scale).
+      scales: STFT window lengths s in samples, hop s // 4 (periodic Hann, no centring).
+      n_mels: mel bands per scale, reduced for short windows (see `mel_filterbank`).
+      eps: added to mel magnitudes before the logarithm.
+
+    `__call__(target, estimate)`, both [batch, samples] with samples >= max(scales), returns the float32 scalar
+      sum_s [ mean |M_s(x) - M_s(x̂)| + alpha_s * sqrt(mean (log(M_s(x) + eps) - log(M_s(x̂) + eps))^2) ],
+    alpha_s = sqrt(s / 2), M_s the mel magnitude spectrogram [batch, frames, n_mels'] of window s; the means run
+    over batch, frames and mel bands. It is exactly 0 for identical inputs and its gradient is finite there.
+    `mel_distance(target, estimate)` is the L1 term alone averaged over the scales (a metric).
+    """
+
+    def __init__(self, sample_rate: int, scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), n_mels: int = 64,
+                 eps: float = 1e-5):
+        self.sample_rate = int(sample_rate)
+        self.scales = tuple(int(s) for s in scales)
+        self.n_mels = int(n_mels)
+        self.eps = float(eps)
+        if not self.scales or any(s < 4 for s in self.scales):
+            raise ValueError(f"MultiScaleMelLoss: scales {self.scales} must be window lengths >= 4 samples")
+        # [freq, mels] per scale, so that M_s = |STFT| @ bank.
+        self.filterbanks = tuple(mel_filterbank(self.sample_rate, s, self.n_mels).T for s in self.scales)
+
+    def __repr__(self) -> str:
+        return (f"MultiScaleMelLoss(sample_rate={self.sample_rate}, scales={self.scales}, n_mels={self.n_mels}, "
+                f"eps={self.eps})")
+
+    def hop(self, scale: int) -> int:
+        """Hop length of window `scale`: scale // 4."""
+        return max(1, scale // 4)
+
+    def mel_spectrogram(self, audio: jax.Array, index: int) -> jax.Array:
+        """Mel magnitude spectrogram of scale `index`: audio [batch, samples] -> float32 [batch, frames, n_mels']."""
+        scale = self.scales[index]
+        if audio.ndim != 2:
+            raise ValueError(f"MultiScaleMelLoss expects audio [batch, samples], got shape {audio.shape}")
+        if audio.shape[-1] < scale:
+            raise ValueError(f"MultiScaleMelLoss: {audio.shape[-1]} samples are fewer than the window {scale}")
+        mag = magnitude_spectrogram(audio, scale, self.hop(scale))
+        return jnp.einsum("btf,fm->btm", mag, jnp.asarray(self.filterbanks[index]),
+                          precision=jax.lax.Precision.HIGHEST)
+
+    def _check(self, target: jax.Array, estimate: jax.Array) -> None:
+        if target.shape != estimate.shape:
+            raise ValueError(f"target {target.shape} and estimate {estimate.shape} differ in shape")
+
+    def __call__(self, target: jax.Array, estimate: jax.Array) -> jax.Array:
+        """The loss (see the class docstring): target, estimate [batch, samples] -> float32 scalar."""
+        self._check(target, estimate)
+        total = jnp.zeros((), jnp.float32)
+        for i, scale in enumerate(self.scales):
+            m_x = self.mel_spectrogram(target, i)
+            m_y = self.mel_spectrogram(estimate, i)
+            l1 = jnp.mean(jnp.abs(m_x - m_y))
+            log_diff = jnp.log(m_x + self.eps) - jnp.log(m_y + self.eps)
+            l2 = _safe_sqrt(jnp.mean(jnp.square(log_diff)))
+            total = total + l1 + np.sqrt(scale / 2.0) * l2
+        return total
+
+    def mel_distance(self, target: jax.Array, estimate: jax.Array) -> jax.Array:
+        """Mean over scales of mean |M_s(x) - M_s(x̂)|: target, estimate [batch, samples] -> float32 scalar."""
+        self._check(target, estimate)
+        terms = [jnp.mean(jnp.abs(self.mel_spectrogram(target, i) - self.mel_spectrogram(estimate, i)))
+                 for i in range(len(self.scales))]
+        return jnp.mean(jnp.stack(terms))

@@ -1,0 +1,152 @@
+"""The SoundStream codec as a trainable model: generator and discriminators trained as a GAN on one trainer.
+
+Parameters are {'generator': ..., 'discriminator': ...}; the quantizer's codebooks are state (the 'quantizer'
+collection, updated by EMA). One loss serves both players: gradients are kept apart with stop_gradient, so
+
+  total = generator loss (discriminator parameters frozen) + discriminator loss (reconstruction frozen)
+
+gives each part exactly its own gradient in one backward pass, and `optimizers.create_gan_optimizer` applies
+each part's optimizer. Generator loss (SoundStream): adversarial hinge + feature matching + multi-scale mel
+reconstruction + commitment, weighted by `CodecLossWeights` (paper: 1, 100, 1; commitment 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from musiclm_jax import codec_losses
+from musiclm_jax.models import BaseModel
+from musiclm_jax.networks.discriminators import Discriminators, STFTDiscriminatorConfig, WaveDiscriminatorConfig
+from musiclm_jax.networks.seanet import SEANetConfig
+from musiclm_jax.networks.soundstream import SoundStream
+from musiclm_jax.quantizers import STATE, RVQConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecLossWeights:
+    """Weights of the generator's loss terms (SoundStream: adversarial 1, feature matching 100, mel 1)."""
+
+    adversarial: float = 1.0
+    feature_matching: float = 100.0
+    reconstruction: float = 1.0
+    commitment: float = 1.0
+
+
+class SoundStreamModel(BaseModel):
+    """Codec training and evaluation on batches {'audio': [batch, samples] float32 in [-1, 1]}.
+
+    Args:
+      seanet, rvq: the generator (SEANet encoder/decoder around a residual VQ).
+      wave_discriminator, stft_discriminator: the discriminators (None: that one is left out).
+      sample_rate: Hz; segment_samples: samples per training example.
+      loss_weights: see CodecLossWeights.
+      mel_scales: window lengths (samples) of the multi-scale mel reconstruction loss.
+    """
+
+    feature_converter_name = "audio"
+
+    def __init__(self, seanet: SEANetConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
+                 wave_discriminator: Optional[WaveDiscriminatorConfig] = WaveDiscriminatorConfig(),
+                 stft_discriminator: Optional[STFTDiscriminatorConfig] = STFTDiscriminatorConfig(),
+                 loss_weights: CodecLossWeights = CodecLossWeights(),
+                 mel_scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048)):
+        self.seanet, self.rvq = seanet, rvq
+        self.sample_rate = int(sample_rate)
+        self.segment_samples = int(segment_samples)
+        self.loss_weights = loss_weights
+        self.generator = SoundStream(seanet, rvq)
+        self.discriminators = Discriminators(wave=wave_discriminator, stft=stft_discriminator)
+        self.mel_loss = codec_losses.MultiScaleMelLoss(sample_rate=self.sample_rate, scales=tuple(mel_scales))
+
+    @property
+    def frame_rate(self) -> float:
+        """Latent frames (code vectors) per second."""
+        return self.sample_rate / self.seanet.hop_length
+
+    def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        return {"audio": (batch_size, self.segment_samples)}
+
+    def input_dtypes(self) -> dict[str, Any]:
+        return {"audio": jnp.float32}
+
+    def train_flops_per_example(self) -> float:
+        raise NotImplementedError("the codec's FLOPs are not stated analytically; use the compiled step")
+
+    def get_initial_variables(self, rng, input_shapes):
+        # Parameter shapes do not depend on the length: initialise on a short clip (compiles faster).
+        length = min(input_shapes["audio"][1], max(4 * self.seanet.hop_length, 4096))
+        audio = jnp.zeros((input_shapes["audio"][0], length), jnp.float32)
+        g_rng, d_rng = jax.random.split(rng)
+        generator = self.generator.init({"params": g_rng}, audio)
+        discriminator = self.discriminators.init({"params": d_rng}, audio)
+        return {"params": {"generator": generator["params"], "discriminator": discriminator["params"]},
+                STATE: generator[STATE]}
+
+    # ------------------------------------------------------------------------------------------ training
+    def _losses(self, params, flax_mutables, audio, rng, train: bool):
+        g_vars = {"params": params["generator"], STATE: flax_mutables[STATE]}
+        if train:
+            (recon, _, aux), updated = self.generator.apply(g_vars, audio, train=True, rng=rng, mutable=[STATE])
+        else:
+            (recon, _, aux), updated = self.generator.apply(g_vars, audio), {STATE: flax_mutables[STATE]}
+        d_params = params["discriminator"]
+        batch = audio.shape[0]
+        # Pass 1 (discriminator's gradient): real and generated audio in one batch, the generator frozen.
+        both = self.discriminators.apply({"params": d_params},
+                                         jnp.concatenate([audio, jax.lax.stop_gradient(recon)], axis=0))
+        real = jax.tree.map(lambda x: x[:batch], both)
+        fake_for_d = jax.tree.map(lambda x: x[batch:], both)
+        # Pass 2 (generator's gradient): generated audio through the frozen discriminator.
+        fake_for_g = self.discriminators.apply({"params": jax.lax.stop_gradient(d_params)}, recon)
+        real_for_g = jax.lax.stop_gradient(real)
+
+        w = self.loss_weights
+        discriminator_loss = codec_losses.hinge_discriminator_loss(real, fake_for_d)
+        adversarial = codec_losses.hinge_generator_loss(fake_for_g)
+        feature_matching = codec_losses.feature_matching_loss(real_for_g, fake_for_g)
+        reconstruction = self.mel_loss(audio, recon)
+        commitment = aux["commitment_loss"]
+        generator_loss = (w.adversarial * adversarial + w.feature_matching * feature_matching
+                          + w.reconstruction * reconstruction + w.commitment * commitment)
+        metrics = {
+            "loss": generator_loss + discriminator_loss,
+            "generator_loss": generator_loss,
+            "discriminator_loss": discriminator_loss,
+            "adversarial_loss": adversarial,
+            "feature_matching_loss": feature_matching,
+            "reconstruction_loss": reconstruction,
+            "mel_distance": self.mel_loss.mel_distance(audio, recon),
+            "commitment_loss": commitment,
+            "mean_levels": jnp.mean(aux["num_levels"].astype(jnp.float32)),
+            "loss_weight": jnp.float32(audio.shape[0]),
+        }
+        return generator_loss + discriminator_loss, metrics, updated
+
+    def train_loss_fn(self, params, flax_mutables, batch, dropout_rng):
+        loss, metrics, updated = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=True)
+        return loss, (metrics, dict(flax_mutables, **updated))
+
+    def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
+        if flax_mutables is None:
+            raise ValueError("the codec's loss needs its quantizer state (flax_mutables)")
+        loss, metrics, _ = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=False)
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------ inference
+    def variables(self, params, flax_mutables) -> dict:
+        """The generator's Flax variables (what the Codec interface runs)."""
+        return {"params": params["generator"], STATE: flax_mutables[STATE]}
+
+    def predict_batch_with_aux(self, params, batch, rng=None, *, flax_mutables=None, num_levels=None):
+        """Reconstruction [batch, samples] of batch['audio'] through `num_levels` quantizer levels; aux: codes."""
+        recon, codes, _ = self.generator.apply(self.variables(params, flax_mutables), batch["audio"],
+                                               num_levels=num_levels)
+        return recon, {"codes": codes[..., :num_levels or self.rvq.num_quantizers]}
+
+    def score_batch(self, params, batch, flax_mutables=None):
+        """[batch] negative mel distance between each example and its reconstruction."""
+        recon, _ = self.predict_batch_with_aux(params, batch, flax_mutables=flax_mutables)
+        return -jax.vmap(lambda a, b: self.mel_loss.mel_distance(a[None], b[None]))(batch["audio"], recon)

@@ -1,0 +1,227 @@
+"""Residual vector quantization (SoundStream / EnCodec) with EMA codebooks.
+
+N levels of K codes each quantize a latent [batch, frames, dim] one residual at a time. Codebooks are not
+trained by gradients: they live in the 'quantizer' Flax collection and follow exponential moving averages of
+the vectors assigned to each code (VQ-VAE-2 / SoundStream), with
+
+* k-means initialisation of each level from the first training batch,
+* replacement of dead codes (EMA usage below `dead_code_threshold`) by random vectors of the current batch,
+* quantizer dropout: each training example uses n_q levels, n_q uniform in [1, N] (bitrate scalability),
+* a commitment loss ||residual - sg(quantized)||^2 per active level, and straight-through gradients.
+
+Under data parallelism the statistics are sums over the *global* batch: the arrays are global jax.Arrays and
+XLA reduces over the data axes, so every replica holds identical codebooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STATE = "quantizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class RVQConfig:
+    """Residual VQ settings.
+
+    Attributes:
+      num_quantizers: levels N; codebook_size: codes per level K; dim: latent dimension.
+      decay: EMA decay of the codebook statistics; epsilon: Laplace smoothing of code counts.
+      kmeans_init, kmeans_iters: initialise each level by k-means on the first training batch.
+      dead_code_threshold: codes whose EMA count falls below this are replaced (0 disables).
+      quantizer_dropout: draw n_q per training example uniformly in [1, N].
+    """
+
+    num_quantizers: int = 12
+    codebook_size: int = 1024
+    dim: int = 128
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    dead_code_threshold: float = 2.0
+    quantizer_dropout: bool = True
+
+
+def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """||x_i - c_k||^2 for x [M, D] and codebook [K, D] -> [M, K] (fp32)."""
+    x = x.astype(jnp.float32)
+    codebook = codebook.astype(jnp.float32)
+    return (jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * x @ codebook.T
+            + jnp.sum(codebook * codebook, axis=1)[None, :])
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of the closest code for each row of x [M, D] -> [M] int32 (ties: lowest index)."""
+    return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
+
+
+def kmeans_plus_plus(x: jax.Array, k: int, rng: jax.Array, weights: jax.Array) -> jax.Array:
+    """k-means++ seeding: k rows of x [M, D], each drawn with probability proportional to its squared distance to
+    the rows already chosen (rows with weight 0 are never drawn). Returns [k, D] fp32."""
+    x = x.astype(jnp.float32)
+    uniform = weights / jnp.maximum(jnp.sum(weights), 1e-12)
+    rng, first_key = jax.random.split(rng)
+    first = x[jax.random.choice(first_key, x.shape[0], p=uniform)]
+    centroids = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
+    d2 = jnp.sum(jnp.square(x - first), axis=1)
+
+    def add(i, carry):
+        centroids, d2, key = carry
+        key, sub = jax.random.split(key)
+        mass = d2 * weights
+        p = jnp.where(jnp.sum(mass) > 0, mass / jnp.maximum(jnp.sum(mass), 1e-30), uniform)
+        chosen = x[jax.random.choice(sub, x.shape[0], p=p)]
+        return centroids.at[i].set(chosen), jnp.minimum(d2, jnp.sum(jnp.square(x - chosen), axis=1)), key
+
+    centroids, _, _ = jax.lax.fori_loop(1, k, add, (centroids, d2, rng))
+    return centroids
+
+
+def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
+    """Lloyd's k-means on x [M, D] from a k-means++ start (rows with weight 0 ignored).
+
+    Returns (centroids [k, D], counts [k]); a centroid that loses all its points keeps its position.
+    """
+    weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    centroids = kmeans_plus_plus(x, k, rng, weights)
+
+    def step(centroids, _):
+        assign = jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None]
+        counts = jnp.sum(assign, axis=0)
+        sums = assign.T @ x.astype(jnp.float32)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts[:, None], 1.0), centroids), None
+
+    centroids, _ = jax.lax.scan(step, centroids, None, length=iters)
+    counts = jnp.sum(jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None], axis=0)
+    return centroids, counts
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantizer; state in the 'quantizer' collection (codebook, cluster_size, embed_sum,
+    initialized), all with a leading [num_quantizers] axis."""
+
+    config: RVQConfig
+
+    def setup(self):
+        cfg = self.config
+        shape = (cfg.num_quantizers, cfg.codebook_size)
+        # Random codebooks until k-means (or a converted checkpoint) replaces them; init functions only run when
+        # the variables are created.
+        self.codebook = self.variable(STATE, "codebook", lambda: jax.random.normal(
+            self.make_rng("params"), shape + (cfg.dim,), jnp.float32))
+        self.cluster_size = self.variable(STATE, "cluster_size", lambda: jnp.zeros(shape, jnp.float32))
+        self.embed_sum = self.variable(STATE, "embed_sum", lambda: jnp.zeros(shape + (cfg.dim,), jnp.float32))
+        self.initialized = self.variable(STATE, "initialized", lambda: jnp.zeros((cfg.num_quantizers,), jnp.float32))
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """codes [batch, frames, n] (levels 0..n-1, n <= N) -> the sum of their code vectors [batch, frames, dim]."""
+        codebook = self.codebook.value
+        out = jnp.zeros(codes.shape[:2] + (self.config.dim,), jnp.float32)
+        for level in range(codes.shape[-1]):
+            out = out + jnp.take(codebook[level], codes[..., level], axis=0)
+        return out
+
+    def encode(self, x: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
+        """x [batch, frames, dim] -> codes [batch, frames, num_levels] int32 (default: all levels)."""
+        codebook = self.codebook.value
+        n = self.config.num_quantizers if num_levels is None else num_levels
+        residual = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        codes = []
+        for level in range(n):
+            idx = nearest_code(residual, codebook[level])
+            residual = residual - codebook[level][idx]
+            codes.append(idx)
+        return jnp.stack(codes, axis=-1).reshape(x.shape[:2] + (n,))
+
+    def __call__(self, x: jax.Array, *, train: bool = False, num_levels: Optional[int] = None,
+                 rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict]:
+        """Quantizes x [batch, frames, dim].
+
+        Args:
+          train: update the EMA statistics (the 'quantizer' collection must be mutable) and, if configured,
+            apply quantizer dropout; needs `rng`.
+          num_levels: levels to use when not dropping out (default all).
+        Returns:
+          (quantized [batch, frames, dim] with straight-through gradients to x,
+           codes [batch, frames, N] int32 (levels beyond an example's n_q are still computed),
+           {'commitment_loss': scalar, 'num_levels': [batch] int32 levels used per example}).
+        """
+        cfg = self.config
+        codebook_var, size_var, sum_var, init_var = self.codebook, self.cluster_size, self.embed_sum, self.initialized
+        batch, frames, dim = x.shape
+        flat = x.reshape(-1, dim).astype(jnp.float32)
+        if train and cfg.quantizer_dropout:
+            rng, sub = jax.random.split(rng)
+            n_q = jax.random.randint(sub, (batch,), 1, cfg.num_quantizers + 1)
+        else:
+            n_q = jnp.full((batch,), cfg.num_quantizers if num_levels is None else num_levels, jnp.int32)
+        rows_n_q = jnp.repeat(n_q, frames)  # [batch * frames]
+
+        codebooks, sizes, sums, inits = codebook_var.value, size_var.value, sum_var.value, init_var.value
+        residual = flat
+        quantized = jnp.zeros_like(flat)
+        commitment = jnp.zeros((), jnp.float32)
+        codes = []
+        new_codebooks, new_sizes, new_sums = [], [], []
+        for level in range(cfg.num_quantizers):
+            active = (rows_n_q > level).astype(jnp.float32)
+            codebook, size, total = codebooks[level], sizes[level], sums[level]
+            if train:
+                rng, k_init, k_dead = jax.random.split(rng, 3)
+                if cfg.kmeans_init:
+                    def fresh(r=residual, key=k_init):
+                        centroids, counts = kmeans(r, cfg.codebook_size, cfg.kmeans_iters, key)
+                        return centroids, counts, centroids * counts[:, None]
+                    codebook, size, total = jax.lax.cond(
+                        inits[level] > 0, lambda c=codebook, s=size, t=total: (c, s, t), fresh)
+            idx = nearest_code(residual, codebook)
+            q = codebook[idx]
+            weight = jnp.maximum(jnp.sum(active), 1.0)
+            commitment = commitment + jnp.sum(jnp.sum(jnp.square(residual - jax.lax.stop_gradient(q)), axis=1)
+                                              * active) / (weight * dim)
+            quantized = quantized + q * active[:, None]
+            codes.append(idx)
+            if train:
+                codebook, size, total = self._ema_update(residual, idx, active, codebook, size, total, k_dead)
+                new_codebooks.append(codebook)
+                new_sizes.append(size)
+                new_sums.append(total)
+            residual = residual - q
+        if train and self.is_mutable_collection(STATE):
+            codebook_var.value = jnp.stack(new_codebooks)
+            size_var.value = jnp.stack(new_sizes)
+            sum_var.value = jnp.stack(new_sums)
+            init_var.value = jnp.ones_like(inits)
+        quantized = flat + jax.lax.stop_gradient(quantized - flat)  # straight-through
+        codes = jnp.stack(codes, axis=-1).reshape(batch, frames, cfg.num_quantizers)
+        return (quantized.reshape(x.shape).astype(x.dtype), codes,
+                {"commitment_loss": commitment, "num_levels": n_q})
+
+    def _ema_update(self, residual, idx, active, codebook, size, total, rng):
+        """One EMA step of a level's statistics from the rows assigned to its codes (inactive rows ignored).
+
+        A level that no example uses in this batch (quantizer dropout) keeps its statistics.
+        """
+        cfg = self.config
+        old = (codebook, size, total)
+        residual = jax.lax.stop_gradient(residual)
+        assign = jax.nn.one_hot(idx, cfg.codebook_size, dtype=jnp.float32) * active[:, None]
+        size = cfg.decay * size + (1.0 - cfg.decay) * jnp.sum(assign, axis=0)
+        total = cfg.decay * total + (1.0 - cfg.decay) * (assign.T @ residual)
+        n = jnp.sum(size)
+        smoothed = (size + cfg.epsilon) / (n + cfg.codebook_size * cfg.epsilon) * n
+        codebook = total / smoothed[:, None]
+        if cfg.dead_code_threshold > 0:
+            dead = size < cfg.dead_code_threshold
+            p = active / jnp.maximum(jnp.sum(active), 1.0)
+            samples = residual[jax.random.choice(rng, residual.shape[0], (cfg.codebook_size,), p=p)]
+            codebook = jnp.where(dead[:, None], samples, codebook)
+            size = jnp.where(dead, cfg.dead_code_threshold, size)
+            total = jnp.where(dead[:, None], samples * cfg.dead_code_threshold, total)
+        used = jnp.sum(active) > 0
+        return tuple(jnp.where(used, new, prev) for new, prev in zip((codebook, size, total), old))

@@ -1,0 +1,197 @@
+"""The SoundStream codec: paper-config rates and shapes, causality, GAN training, the Codec interface and CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_DIR, subprocess_env
+from musiclm_jax import codec as codec_lib
+from musiclm_jax import gin_utils
+from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
+from musiclm_jax.data import audio_io
+from musiclm_jax.networks.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from musiclm_jax.networks.soundstream import SoundStream
+from musiclm_jax.partitioning import unbox
+from musiclm_jax.quantizers import RVQConfig
+
+TRAIN_STEPS = 200
+# Mean mel distance of the last 10 of 200 steps against the first 10 (observed ratio ~0.55).
+MEL_RATIO_BELOW = 0.75
+
+
+def _paper_codec():
+    gin_utils.parse_gin(["gin/codec/paper.gin"], ["MODEL_DIR = '/tmp/unused'"])
+    model = gin_utils.bound_arguments("train", ["model"], {})["model"]
+    gin.clear_config()
+    audio = jnp.zeros((1, model.sample_rate))
+    variables = unbox(model.generator.init({"params": jax.random.key(0)}, audio))
+    return codec_lib.Codec(model.generator, variables, model.sample_rate)
+
+
+def test_paper_config_is_24khz_50hz_12_levels_6kbps():
+    codec = _paper_codec()
+    assert (codec.sample_rate, codec.frame_rate, codec.hop_length) == (24000, 50.0, 480)
+    assert (codec.num_quantizers, codec.codebook_size) == (12, 1024)
+    assert codec.bitrate_kbps() == pytest.approx(6.0)
+    assert codec.num_quantizers_for_bandwidth(3.0) == 6
+    audio = np.random.RandomState(0).randn(2, 24000 + 100).astype(np.float32) * 0.1
+    codes = codec.encode(audio)
+    assert codes.shape == (2, 51, 12) and codes.dtype == np.int32
+    assert codes.min() >= 0 and codes.max() < 1024
+    assert codec.decode(codes).shape == (2, 51 * 480)
+    assert codec.decode(codes[..., :3]).shape == (2, 51 * 480)  # fewer levels: a lower bitrate
+    with pytest.raises(ValueError, match="num_quantizers=13"):
+        codec.encode(audio, 13)
+
+
+def test_encoder_and_decoder_are_causal():
+    cfg = SEANetConfig(channels=4, dimension=8, strides=(2, 3), residual_dilations=(1, 3), lstm_layers=1,
+                       weight_norm=True, conv_shortcut=True, pad_mode="reflect")
+    rng = np.random.RandomState(0)
+    audio = rng.randn(1, 120, 1).astype(np.float32)
+    changed = audio.copy()
+    t0 = 61
+    changed[:, t0:] = rng.randn(1, 120 - t0, 1)
+    encoder, decoder = SEANetEncoder(cfg), SEANetDecoder(cfg)
+    enc_vars = encoder.init(jax.random.key(0), audio)
+    a, b = encoder.apply(enc_vars, audio), encoder.apply(enc_vars, changed)
+    hop = cfg.hop_length
+    frames_before = t0 // hop  # frames whose samples all precede t0
+    np.testing.assert_array_equal(a[:, :frames_before], b[:, :frames_before])
+    assert not np.allclose(a[:, frames_before:], b[:, frames_before:])
+    dec_vars = decoder.init(jax.random.key(1), a)
+    latents_changed = np.asarray(a).copy()
+    latents_changed[:, 10:] += 1.0
+    x, y = decoder.apply(dec_vars, a), decoder.apply(dec_vars, latents_changed)
+    np.testing.assert_array_equal(x[:, :10 * hop], y[:, :10 * hop])
+    assert not np.allclose(x[:, 10 * hop:], y[:, 10 * hop:])
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_codec(tmp_path_factory):
+    """200 steps of the tiny codec through the training CLI, on one CPU device (batch 4 x 0.25 s)."""
+    model_dir = str(tmp_path_factory.mktemp("codec_tiny"))
+    env = subprocess_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    command = [sys.executable, "-m", "musiclm_jax.train", "--gin_file=gin/codec/tiny.gin",
+               f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={TRAIN_STEPS}", "--gin.BATCH_SIZE=4",
+               "--gin.SEGMENT_SAMPLES=6000", "--gin.train_lib.train.eval_period=0",
+               "--gin.train_lib.train.tensorboard=False", "--gin.train_lib.train.checkpoint_period=200"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model_dir
+
+
+def test_gan_training_lowers_the_mel_distance(trained_tiny_codec):
+    with open(os.path.join(trained_tiny_codec, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, TRAIN_STEPS + 1))
+    for r in records:
+        assert all(np.isfinite(v) for v in r.values()), r
+    first = np.mean([r["mel_distance"] for r in records[:10]])
+    last = np.mean([r["mel_distance"] for r in records[-10:]])
+    assert last < MEL_RATIO_BELOW * first, (first, last)
+    # Both players learn: the discriminator separates real from generated audio better than at the start.
+    assert np.mean([r["discriminator_loss"] for r in records[-20:]]) < np.mean(
+        [r["discriminator_loss"] for r in records[:5]])
+    assert 1.0 <= records[-1]["mean_levels"] <= 4.0  # quantizer dropout draws 1..4 levels
+
+
+def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
+    codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
+    assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 64)
+    from musiclm_jax.data import synthetic_music
+    audio = synthetic_music.generate_clip(7, seed=5, seconds=1.0, sample_rate=16000)["audio"]
+    wav = str(tmp_path / "in.wav")
+    audio_io.save_audio(wav, audio, 16000)  # another rate: the CLI resamples
+    codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", wav, "--output",
+                    str(tmp_path / "codes.npy"), "--num_quantizers", "2"])
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (50, 2)  # 1 s at 50 Hz, 2 levels
+    np.testing.assert_array_equal(codes, codec.encode(audio_io.load_audio(wav, 24000), 2))
+    codec_lib.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
+                    "--output", str(tmp_path / "out.wav")])
+    decoded = audio_io.load_audio(str(tmp_path / "out.wav"), 24000)
+    assert decoded.shape == (24000,)
+    np.testing.assert_allclose(decoded, np.clip(codec.decode(codes), -1, 1), atol=1.0 / 2**15 + 1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        codec.decode(np.full((5, 2), 64))
+
+
+def test_bad_input_is_downmixed_resampled_padded_or_named(trained_tiny_codec, tmp_path):
+    import soundfile
+    codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
+    rng = np.random.RandomState(0)
+    odd = 0.3 * rng.randn(2, 24000 + 123).astype(np.float32)  # not a multiple of the 480-sample hop
+    assert codec.reconstruct(odd).shape == odd.shape
+    assert codec.encode(odd).shape == (2, 51, 4)
+    # A stereo file at 44.1 kHz through the CLI: downmixed, resampled, and trimmed back with --num_samples.
+    stereo = str(tmp_path / "stereo.wav")
+    soundfile.write(stereo, 0.3 * rng.randn(44100 // 2, 2).astype(np.float32), 44100)
+    codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", stereo, "--output",
+                    str(tmp_path / "codes.npy")])
+    assert np.load(tmp_path / "codes.npy").shape == (25, 4)
+    codec_lib.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
+                    "--output", str(tmp_path / "back.wav"), "--num_samples", "12000"])
+    assert soundfile.info(str(tmp_path / "back.wav")).frames == 12000
+    # Non-finite samples and undecodable files are errors naming the file.
+    nan_wav = str(tmp_path / "nan.wav")
+    soundfile.write(nan_wav, np.full(4800, np.nan, np.float32), 24000, subtype="FLOAT")
+    with pytest.raises(audio_io.AudioDecodeError, match="nan.wav: non-finite samples"):
+        codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", nan_wav, "--output",
+                        str(tmp_path / "x.npy")])
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(audio_io.AudioDecodeError, match="junk.wav: cannot decode audio"):
+        codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", str(junk), "--output",
+                        str(tmp_path / "x.npy")])
+
+
+def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_codec, tmp_path):
+    import soundfile
+    from musiclm_jax import eval as eval_lib
+    from musiclm_jax.codec_losses import MultiScaleMelLoss
+    from musiclm_jax.data import synthetic_music
+    from musiclm_jax.evaluation.audio_metrics import si_snr_db
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    a = synthetic_music.generate_clip(1, seed=9, seconds=0.6, sample_rate=44100)["audio"]
+    soundfile.write(str(clips / "a.wav"), np.stack([a, 0.5 * a], axis=1), 44100)  # stereo, 44.1 kHz
+    b = synthetic_music.generate_clip(2, seed=9, seconds=0.4, sample_rate=16000)["audio"]
+    soundfile.write(str(clips / "b.flac"), b, 16000)  # shorter than the clip window
+    soundfile.write(str(clips / "train.wav"), b, 16000)
+    soundfile.write(str(clips / "nan.wav"), np.full(4800, np.nan, np.float32), 24000, subtype="FLOAT")
+    with open(clips / "captions.jsonl", "w") as f:
+        for name, split in [("a.wav", "test"), ("b.flac", "test"), ("nan.wav", "test"), ("train.wav", "train")]:
+            f.write(json.dumps({"audio_path": name, "caption": "x", "split": split}) + "\n")
+    out = tmp_path / "eval"
+    eval_lib.main(["--gin_file=gin/eval/codec.gin", f"--gin.CHECKPOINT_DIR='{trained_tiny_codec}'",
+                   f"--gin.AUDIO_DIR='{clips}'", f"--gin.OUTPUT_DIR='{out}'",
+                   "--gin.codec_eval.evaluate_codec.clip_seconds=0.5"])
+    with open(out / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["num_examples"] == 2 and metrics["num_skipped"] == 0  # nan.wav is dropped (counted) by the scan
+    assert metrics["bitrate_kbps"] == pytest.approx(4 * 6 * 50 / 1000)  # 4 levels x log2(64) bits x 50 Hz
+    codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
+    mel = MultiScaleMelLoss(24000)
+    snrs, mels = [], []
+    for name in ("a.wav", "b.flac"):
+        audio = audio_io.load_audio(str(clips / name), 24000, max_seconds=0.5)
+        recon = codec.reconstruct(audio)
+        snrs.append(si_snr_db(audio, recon))
+        mels.append(float(mel.mel_distance(audio[None], recon[None])))
+    assert metrics["si_snr_db"] == pytest.approx(np.mean(snrs), abs=1e-3)
+    assert metrics["mel_distance"] == pytest.approx(np.mean(mels), rel=1e-4)
+    # Fewer levels: the bitrate follows; the embedded synthetic test clips are the default data.
+    result = eval_lib.main(["--gin_file=gin/eval/codec.gin", f"--gin.CHECKPOINT_DIR='{trained_tiny_codec}'",
+                            "--gin.NUM_QUANTIZERS=1", "--gin.codec_eval.evaluate_codec.max_examples=3",
+                            "--gin.codec_eval.evaluate_codec.clip_seconds=0.5"])
+    assert result["bitrate_kbps"] == pytest.approx(0.3) and result["num_examples"] == 3
+    assert os.path.exists(os.path.join(trained_tiny_codec, "eval", "codec", "metrics.json"))
+    assert np.isfinite(result["si_snr_db"]) and result["mel_distance"] > 0
