@@ -402,7 +402,8 @@ def main() -> None:
     train_s = statistics.median(train_times)
     print(f"train step ({TRAIN_BATCH}x{TRAIN_SEQ}): "
           + ", ".join(f"{t:.3f}" for t in train_times)
-          + f" s; min {min(train_times):.3f} s, median {train_s:.3f} s, {TRAIN_BATCH * TRAIN_SEQ / train_s:.1f} tokens/s")
+          + f" s; min {min(train_times):.3f} s, median {train_s:.3f} s, "
+          f"{TRAIN_BATCH * TRAIN_SEQ / train_s:.1f} tokens/s")
 
     gen_times = bench_generate(model, wrapper, args.steps)
     gen_s = statistics.median(gen_times)

@@ -24,7 +24,6 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import gin_utils, partitioning

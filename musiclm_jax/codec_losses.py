@@ -11,15 +11,13 @@ window lengths s = 64 .. 2048 (hop s / 4, alpha_s = sqrt(s / 2)).
 """
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.networks.discriminators import stft
+from musiclm_jax.spectral import _safe_sqrt, magnitude_spectrogram, mel_filterbank
 
 DiscriminatorOutputs = Sequence[tuple[jax.Array, Sequence[jax.Array]]]
 
@@ -92,39 +90,6 @@ def feature_matching_loss(real_outputs: DiscriminatorOutputs, fake_outputs: Disc
 
 
 # ------------------------------------------------------------------------------------------------- mel losses
-
-
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """librosa's (Slaney) mel filterbank [n_mels', n_fft // 2 + 1] float32, fmin 0, fmax sample_rate / 2.
-
-    n_mels' is the largest value <= min(n_mels, n_fft // 2) whose filters are all non-empty (a short window has
-    too few FFT bins for many narrow low-frequency filters: at 24 kHz, window 64 keeps 17, window 128 keeps 35).
-    """
-    import librosa  # only here: the matrix is computed once, in numpy
-
-    n = max(1, min(n_mels, n_fft // 2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # librosa warns about the empty filters we are searching past
-        while True:
-            bank = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n, fmin=0.0, fmax=sample_rate / 2.0)
-            if n == 1 or np.all(bank.max(axis=1) > 0):
-                return bank.astype(np.float32)
-            n -= 1
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """sqrt with a zero (not infinite) gradient at 0."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
-def magnitude_spectrogram(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
-    """|STFT| of audio [batch, samples] -> float32 [batch, frames, n_fft // 2 + 1] (periodic Hann, center=False).
-
-    Gradients are finite everywhere (zero at bins of exactly zero magnitude).
-    """
-    spec = stft(audio, n_fft, hop)
-    return _safe_sqrt(jnp.square(spec.real) + jnp.square(spec.imag))
 
 
 class MultiScaleMelLoss:

@@ -12,13 +12,13 @@ reconstruction + commitment, weighted by `CodecLossWeights` (paper: 1, 100, 1; c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from musiclm_jax import codec_losses
-from musiclm_jax.models import BaseModel
+from musiclm_jax.models import RawAudioModel
 from musiclm_jax.networks.discriminators import Discriminators, STFTDiscriminatorConfig, WaveDiscriminatorConfig
 from musiclm_jax.networks.seanet import SEANetConfig
 from musiclm_jax.networks.soundstream import SoundStream
@@ -35,7 +35,7 @@ class CodecLossWeights:
     commitment: float = 1.0
 
 
-class SoundStreamModel(BaseModel):
+class SoundStreamModel(RawAudioModel):
     """Codec training and evaluation on batches {'audio': [batch, samples] float32 in [-1, 1]}.
 
     Args:
@@ -45,8 +45,6 @@ class SoundStreamModel(BaseModel):
       loss_weights: see CodecLossWeights.
       mel_scales: window lengths (samples) of the multi-scale mel reconstruction loss.
     """
-
-    feature_converter_name = "audio"
 
     def __init__(self, seanet: SEANetConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
                  wave_discriminator: Optional[WaveDiscriminatorConfig] = WaveDiscriminatorConfig(),
@@ -65,12 +63,6 @@ class SoundStreamModel(BaseModel):
     def frame_rate(self) -> float:
         """Latent frames (code vectors) per second."""
         return self.sample_rate / self.seanet.hop_length
-
-    def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
-        return {"audio": (batch_size, self.segment_samples)}
-
-    def input_dtypes(self) -> dict[str, Any]:
-        return {"audio": jnp.float32}
 
     def train_flops_per_example(self) -> float:
         raise NotImplementedError("the codec's FLOPs are not stated analytically; use the compiled step")

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax import partitioning
 
 DType = Any
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 from etils import epath

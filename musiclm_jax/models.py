@@ -23,7 +23,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from musiclm_jax import decoding
 from musiclm_jax.networks.transformer import DecoderOnlyTransformer, TransformerConfig
@@ -106,6 +105,41 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
     if label_smoothing > 0.0:
         nll = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - jnp.mean(logits, axis=-1))
     return nll, z_loss * jnp.square(log_z)
+
+
+class RawAudioModel(BaseModel):
+    """Base of the models trained on raw audio (codec, w2v-BERT, imported feature models): batches
+    {'audio': [batch, segment_samples] float32} from the raw-audio tasks. Subclasses set `segment_samples`."""
+
+    feature_converter_name = "audio"
+    segment_samples: int
+
+    def input_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        return {"audio": (batch_size, self.segment_samples)}
+
+    def input_dtypes(self) -> dict[str, Any]:
+        return {"audio": jnp.float32}
+
+
+class AudioFeatureModel(RawAudioModel):
+    """A raw-audio model whose layers give features (w2v-BERT, imported HuBERT/MERT): what the semantic tokenizer
+    uses. Subclasses hold `network` (a config with sample_rate and frame_rate) and define `num_layers` and
+    `embed(params, audio [batch, samples], layer) -> [batch, frames, dim]`."""
+
+    network: Any
+
+    @property
+    def sample_rate(self) -> int:
+        return self.network.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        """Feature frames per second."""
+        return self.network.frame_rate
+
+    @abc.abstractmethod
+    def embed(self, params: Any, audio: jax.Array, layer: int) -> jax.Array:
+        """Hidden state `layer` (0 = the first block's input) of audio [batch, samples] -> [batch, frames, dim]."""
 
 
 class TokenLMModel(BaseModel):

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from musiclm_jax import kmeans as kmeans_lib
+
 STATE = "quantizer"
 
 
@@ -60,35 +62,13 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
     return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
 
 
-def kmeans_plus_plus(x: jax.Array, k: int, rng: jax.Array, weights: jax.Array) -> jax.Array:
-    """k-means++ seeding: k rows of x [M, D], each drawn with probability proportional to its squared distance to
-    the rows already chosen (rows with weight 0 are never drawn). Returns [k, D] fp32."""
-    x = x.astype(jnp.float32)
-    uniform = weights / jnp.maximum(jnp.sum(weights), 1e-12)
-    rng, first_key = jax.random.split(rng)
-    first = x[jax.random.choice(first_key, x.shape[0], p=uniform)]
-    centroids = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
-    d2 = jnp.sum(jnp.square(x - first), axis=1)
-
-    def add(i, carry):
-        centroids, d2, key = carry
-        key, sub = jax.random.split(key)
-        mass = d2 * weights
-        p = jnp.where(jnp.sum(mass) > 0, mass / jnp.maximum(jnp.sum(mass), 1e-30), uniform)
-        chosen = x[jax.random.choice(sub, x.shape[0], p=p)]
-        return centroids.at[i].set(chosen), jnp.minimum(d2, jnp.sum(jnp.square(x - chosen), axis=1)), key
-
-    centroids, _, _ = jax.lax.fori_loop(1, k, add, (centroids, d2, rng))
-    return centroids
-
-
 def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
-    """Lloyd's k-means on x [M, D] from a k-means++ start (rows with weight 0 ignored).
+    """Lloyd's k-means on x [M, D] from a plain k-means++ start (rows with weight 0 ignored).
 
     Returns (centroids [k, D], counts [k]); a centroid that loses all its points keeps its position.
     """
     weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    centroids = kmeans_plus_plus(x, k, rng, weights)
+    centroids = kmeans_lib.kmeans_plus_plus(rng, x, k, weights=weights, n_local_trials=1)
 
     def step(centroids, _):
         assign = jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None]

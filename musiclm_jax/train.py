@@ -7,7 +7,6 @@ preemption). Outputs in MODEL_DIR: config.gin, metrics.jsonl, tensorboard/, chec
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 

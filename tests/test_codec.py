@@ -1,8 +1,6 @@
 """The SoundStream codec: paper-config rates and shapes, causality, GAN training, the Codec interface and CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import jax
@@ -10,15 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_DIR, subprocess_env
+from conftest import train_on_one_device
 from musiclm_jax import codec as codec_lib
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
 from musiclm_jax.data import audio_io
 from musiclm_jax.networks.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
-from musiclm_jax.networks.soundstream import SoundStream
 from musiclm_jax.partitioning import unbox
-from musiclm_jax.quantizers import RVQConfig
 
 TRAIN_STEPS = 200
 # Mean mel distance of the last 10 of 200 steps against the first 10 (observed ratio ~0.55).
@@ -76,16 +72,9 @@ def test_encoder_and_decoder_are_causal():
 @pytest.fixture(scope="module")
 def trained_tiny_codec(tmp_path_factory):
     """200 steps of the tiny codec through the training CLI, on one CPU device (batch 4 x 0.25 s)."""
-    model_dir = str(tmp_path_factory.mktemp("codec_tiny"))
-    env = subprocess_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    command = [sys.executable, "-m", "musiclm_jax.train", "--gin_file=gin/codec/tiny.gin",
-               f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={TRAIN_STEPS}", "--gin.BATCH_SIZE=4",
-               "--gin.SEGMENT_SAMPLES=6000", "--gin.train_lib.train.eval_period=0",
-               "--gin.train_lib.train.tensorboard=False", "--gin.train_lib.train.checkpoint_period=200"]
-    proc = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return model_dir
+    return train_on_one_device("gin/codec/tiny.gin", str(tmp_path_factory.mktemp("codec_tiny")),
+                               f"--gin.TRAIN_STEPS={TRAIN_STEPS}", "--gin.BATCH_SIZE=4", "--gin.SEGMENT_SAMPLES=6000",
+                               "--gin.train_lib.train.checkpoint_period=200")
 
 
 def test_gan_training_lowers_the_mel_distance(trained_tiny_codec):

@@ -11,9 +11,11 @@ import pytest
 
 from musiclm_jax import partitioning
 from musiclm_jax.codec_losses import (MultiScaleMelLoss, feature_matching_loss, hinge_discriminator_loss,
-                                      hinge_generator_loss, mel_filterbank)
+                                      hinge_generator_loss)
+from musiclm_jax.spectral import mel_filterbank
 from musiclm_jax.networks.discriminators import (Discriminators, MultiScaleWaveDiscriminator,
-                                                 STFTDiscriminatorConfig, WaveDiscriminatorConfig, stft)
+                                                 STFTDiscriminatorConfig, WaveDiscriminatorConfig)
+from musiclm_jax.spectral import stft
 
 SAMPLE_RATE = 24000
 

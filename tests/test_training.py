@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import init_params, mesh, random_batch, tiny_model
+from helpers import init_params, random_batch, tiny_model
 from musiclm_jax import optimizers, partitioning
 from musiclm_jax.checkpoints import Checkpointer
 from musiclm_jax.data.dataset_config import DatasetConfig

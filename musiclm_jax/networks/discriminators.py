@@ -9,7 +9,6 @@
   kernel (s_t+2, s_f+2) and strides (s_t, s_f) alternating (1, 2), (2, 2); a strided 1x1 Conv2D on the skip
   path) -> Conv2D (1, F') collapsing the remaining F' frequency bins to one logit per time frame.
 * `Discriminators`: both, returning one flat list of (logits, features).
-* `stft`: the framed FFT shared with the mel losses (`musiclm_jax.codec_losses`).
 
 Layouts: audio [batch, samples]; 1-D activations [batch, time, channels]; 2-D activations
 [batch, time, freq, channels]. Every parameter carries logical axis names (conv_width / conv_height / conv_in /
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import layers
+from musiclm_jax.spectral import num_stft_frames, stft
 from musiclm_jax.partitioning import constrain
 
 BTC = ("activation_batch", "activation_time", "activation_channels")
@@ -35,69 +35,6 @@ BTFC = ("activation_batch", "activation_time", "activation_freq", "activation_ch
 
 # (logits, features) of one sub-discriminator.
 DiscriminatorOutput = tuple[jax.Array, list[jax.Array]]
-
-
-# ------------------------------------------------------------------------------------------------------ STFT
-
-
-def hann_window(length: int) -> np.ndarray:
-    """Periodic Hann window [length] float32 (as torch.hann_window and scipy.signal.get_window('hann'))."""
-    n = np.arange(length, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)).astype(np.float32)
-
-
-def num_stft_frames(num_samples: int, n_fft: int, hop: int, center: bool = False) -> int:
-    """Frames produced by `stft` for `num_samples` samples: 1 + (N - n_fft) // hop (N + 2 * (n_fft // 2) if center)."""
-    if center:
-        num_samples += 2 * (n_fft // 2)
-    if num_samples < n_fft:
-        raise ValueError(f"stft: {num_samples} samples are fewer than n_fft={n_fft} (center={center})")
-    return 1 + (num_samples - n_fft) // hop
-
-
-def frame(audio: jax.Array, frame_length: int, hop: int) -> jax.Array:
-    """Overlapping frames of audio [batch, samples] -> [batch, frames, frame_length], frames as `num_stft_frames`.
-
-    When hop divides frame_length the frames are built from shifted views of a [batch, chunks, hop] reshape
-    (no gather: cheap forward and backward on every backend); otherwise with one gather.
-    """
-    num_frames = num_stft_frames(audio.shape[-1], frame_length, hop)
-    if frame_length % hop == 0:
-        ratio = frame_length // hop
-        chunks = num_frames - 1 + ratio
-        blocks = audio[:, :chunks * hop].reshape(audio.shape[0], chunks, hop)
-        return jnp.concatenate([blocks[:, j:j + num_frames] for j in range(ratio)], axis=-1)
-    index = np.arange(num_frames)[:, None] * hop + np.arange(frame_length)[None, :]
-    return audio[:, index]
-
-
-def stft(audio: jax.Array, n_fft: int, hop: int, window: str = "hann", center: bool = False,
-         pad_mode: str = "constant") -> jax.Array:
-    """Short-time Fourier transform of real audio.
-
-    Args:
-      audio: [batch, samples] real waveform (any float dtype; computed in float32).
-      n_fft: window and FFT length in samples.
-      hop: hop between frames in samples.
-      window: 'hann' (periodic Hann) or None / 'boxcar' (rectangular).
-      center: pad n_fft // 2 samples on both sides first (as librosa / torch with center=True).
-      pad_mode: padding used when center: 'constant' (librosa >= 0.10 default) or 'reflect' (torch default).
-    Returns:
-      complex64 [batch, frames, n_fft // 2 + 1] with frames = `num_stft_frames(samples, n_fft, hop, center)`;
-      equal to librosa.stft(audio, n_fft=n_fft, hop_length=hop, window='hann', center=center) transposed.
-    """
-    audio = jnp.asarray(audio).astype(jnp.float32)
-    if audio.ndim != 2:
-        raise ValueError(f"stft expects audio [batch, samples], got shape {audio.shape}")
-    if center:
-        pad = n_fft // 2
-        audio = layers.pad_time(audio[..., None], pad, pad, pad_mode)[..., 0]
-    frames = frame(audio, n_fft, hop)
-    if window == "hann":
-        frames = frames * jnp.asarray(hann_window(n_fft))
-    elif window not in (None, "boxcar", "rectangular"):
-        raise ValueError(f"stft window {window!r}: expected 'hann' or 'boxcar'")
-    return jnp.fft.rfft(frames, n=n_fft, axis=-1).astype(jnp.complex64)
 
 
 # ------------------------------------------------------------------------------------------------ activations

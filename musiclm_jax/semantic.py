@@ -1,0 +1,283 @@
+"""Semantic tokens: embeddings of one layer of a frozen feature model, normalised per dimension, clustered by
+k-means (MusicLM: w2v-BERT MLM-module layer 7, k = 1024, 25 Hz).
+
+    tokenizer = SemanticTokenizer.load("/path/to/TOKENIZER_DIR")
+    tokens = tokenizer.tokenize(audio)              # audio [batch, samples] at tokenizer.sample_rate -> [batch, frames]
+    tokens = tokenizer.tokenize(audio, dedupe=True) # AudioLM: consecutive duplicates removed (a list of arrays)
+
+The feature model is any run directory whose model has `embed(params, audio, layer)`, `sample_rate` and
+`frame_rate`: a trained w2v-BERT (gin/w2v_bert/*.gin) or an imported HuBERT/MERT (`python -m musiclm_jax.convert
+hubert`); which one is a gin setting of the fitting job (gin/semantic/*.gin). `frame_pooling` averages that many
+consecutive frames (HuBERT's 50 Hz -> 25 Hz with 2).
+
+Command line:
+    python -m musiclm_jax.semantic fit --gin_file=gin/semantic/kmeans_tiny.gin \
+        --gin.FEATURE_CHECKPOINT="'/tmp/w2v_bert_tiny'" --gin.OUTPUT_DIR="'/tmp/semantic_tok'" [--gin.AUDIO_DIR=...]
+    python -m musiclm_jax.semantic tokenize --checkpoint TOKENIZER_DIR --input a.wav --output tokens.npy [--dedupe]
+    python -m musiclm_jax.semantic embed --checkpoint FEATURE_MODEL_DIR --layer L --input a.wav --output emb.npy
+
+TOKENIZER_DIR holds tokenizer.json (feature checkpoint, layer, pooling, k), normalisation.npz (mean, std) and
+kmeans.npz (the k-means state; written every `save_every` steps, so a restarted fit resumes where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax.kmeans import MiniBatchKMeans
+
+TOKENIZER_FILE = "tokenizer.json"
+NORMALIZATION_FILE = "normalization.npz"
+KMEANS_FILE = "kmeans.npz"
+
+
+def load_feature_model(checkpoint: str):
+    """(model, params) of a feature-model run directory (w2v-BERT or imported HuBERT/MERT)."""
+    from musiclm_jax import checkpoint_loading
+    model, state = checkpoint_loading.load_model_and_state(checkpoint)
+    if not hasattr(model, "embed"):
+        raise ValueError(f"{checkpoint} holds a {type(model).__name__}, which has no layer embeddings "
+                         f"(expected w2v-BERT or an imported HuBERT/MERT)")
+    return model, jax.device_get(state.params)
+
+
+def pool_frames(features: jax.Array, pooling: int) -> jax.Array:
+    """Averages groups of `pooling` consecutive frames: [b, t, d] -> [b, ceil(t / pooling), d] (a short last
+    group is averaged over the frames it has)."""
+    if pooling == 1:
+        return features
+    b, t, d = features.shape
+    pad = -t % pooling
+    padded = jnp.pad(features, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, pooling, d)
+    counts = jnp.pad(jnp.ones((t,)), (0, pad)).reshape(-1, pooling).sum(axis=1)
+    return padded.sum(axis=2) / counts[None, :, None]
+
+
+def dedupe_consecutive(tokens: np.ndarray) -> np.ndarray:
+    """[frames] -> tokens with runs of equal consecutive tokens collapsed to one (AudioLM)."""
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        return tokens
+    keep = np.concatenate([[True], tokens[1:] != tokens[:-1]])
+    return tokens[keep]
+
+
+class FeatureExtractor:
+    """Layer `layer` of a feature model, pooled: audio [batch, samples] -> float32 [batch, frames, dim] (jitted)."""
+
+    def __init__(self, model, params, layer: int, frame_pooling: int = 1):
+        if not 0 <= layer <= model.num_layers:
+            raise ValueError(f"layer={layer}: {type(model).__name__} has layers 0..{model.num_layers}")
+        self.model, self.params, self.layer, self.frame_pooling = model, params, int(layer), int(frame_pooling)
+        self._embed = jax.jit(lambda p, a: pool_frames(model.embed(p, a, layer).astype(jnp.float32),
+                                                       self.frame_pooling))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.model.frame_rate / self.frame_pooling
+
+    def __call__(self, audio) -> np.ndarray:
+        audio = np.asarray(audio, np.float32)
+        return np.asarray(self._embed(self.params, jnp.asarray(audio)))
+
+
+class SemanticTokenizer:
+    """Normalised layer features -> nearest k-means centre. See the module docstring."""
+
+    def __init__(self, features: FeatureExtractor, mean: np.ndarray, std: np.ndarray, centroids: np.ndarray):
+        self.features = features
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.centroids = np.asarray(centroids, np.float32)
+        self._assign = jax.jit(partial(_nearest, centroids=jnp.asarray(self.centroids)))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.features.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        """Tokens per second (25 Hz for w2v-BERT, or HuBERT with frame_pooling 2)."""
+        return self.features.frame_rate
+
+    @property
+    def num_tokens(self) -> int:
+        return self.centroids.shape[0]
+
+    def tokenize(self, audio, dedupe: bool = False):
+        """audio [batch, samples] (or [samples]) -> tokens [batch, frames] int32; dedupe=True returns a list of
+        [tokens_i] arrays with consecutive duplicates removed (or one array for 1-D input)."""
+        audio = np.asarray(audio, np.float32)
+        squeeze = audio.ndim == 1
+        audio = audio[None] if squeeze else audio
+        normalized = (self.features(audio) - self.mean) / self.std
+        tokens = np.asarray(self._assign(jnp.asarray(normalized)))
+        if dedupe:
+            tokens = [dedupe_consecutive(t) for t in tokens]
+        return tokens[0] if squeeze else tokens
+
+    def save(self, directory: str, feature_checkpoint: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        np.savez(os.path.join(directory, NORMALIZATION_FILE), mean=self.mean, std=self.std)
+        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
+            json.dump({"feature_checkpoint": os.path.abspath(feature_checkpoint), "layer": self.features.layer,
+                       "frame_pooling": self.features.frame_pooling, "num_clusters": self.num_tokens}, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str) -> "SemanticTokenizer":
+        """The tokenizer of a TOKENIZER_DIR written by the fit job."""
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if not os.path.exists(path) or not os.path.exists(os.path.join(directory, KMEANS_FILE)):
+            raise FileNotFoundError(f"{directory} is not a semantic tokenizer directory (no {TOKENIZER_FILE} or "
+                                    f"{KMEANS_FILE}; write one with `python -m musiclm_jax.semantic fit`)")
+        with open(path) as f:
+            spec = json.load(f)
+        model, params = load_feature_model(spec["feature_checkpoint"])
+        features = FeatureExtractor(model, params, spec["layer"], spec["frame_pooling"])
+        with np.load(os.path.join(directory, NORMALIZATION_FILE)) as norm, \
+                np.load(os.path.join(directory, KMEANS_FILE)) as km:
+            if not bool(km["initialized"]):
+                raise ValueError(f"{directory}: the k-means fit has not run a step yet")
+            return cls(features, norm["mean"], norm["std"], km["centroids"])
+
+
+def _nearest(points, centroids):
+    """points [b, t, d] -> ids [b, t] int32 of the nearest centroid [k, d]."""
+    from musiclm_jax.kmeans import assign
+    ids, _ = assign(centroids, points.reshape(-1, points.shape[-1]))
+    return ids.reshape(points.shape[:2]).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------- fitting
+
+def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_dir: Optional[str] = None,
+                  seed: int = 0, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Batches [batch_size, clip samples] of training audio, batch s fixed by (seed, s): the embedded synthetic
+    music's train split, or random crops of AUDIO_DIR's train files (cycled). Starts at batch `start_step`."""
+    from musiclm_jax.data import audio_io, synthetic_music
+    length = int(round(clip_seconds * sample_rate))
+    paths = None
+    if audio_dir is not None:
+        from musiclm_jax.tasks.audio import scan_audio_folder
+        paths = scan_audio_folder(audio_dir, sample_rate).get("train", [])
+        if not paths:
+            raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable train files")
+    step = start_step
+    while True:
+        rng = np.random.RandomState([seed, step])
+        rows = []
+        for row in range(batch_size):
+            if paths is None:
+                audio = synthetic_music.generate_clip(step * batch_size + row, seed=seed, seconds=clip_seconds,
+                                                      sample_rate=sample_rate)["audio"]
+            else:
+                audio = audio_io.load_audio(paths[rng.randint(len(paths))], sample_rate)
+            if len(audio) < length:
+                audio = np.pad(audio, (0, length - len(audio)))
+            start = rng.randint(len(audio) - length + 1)
+            rows.append(audio[start:start + length])
+        yield np.stack(rows).astype(np.float32)
+        step += 1
+
+
+def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int, num_clusters: int = 1024,
+                           frame_pooling: int = 1, audio_dir: Optional[str] = None, batch_size: int = 8,
+                           clip_seconds: float = 10.0, num_steps: int = 1000, normalization_batches: int = 10,
+                           save_every: int = 50, seed: int = 0) -> SemanticTokenizer:
+    """Fits the tokenizer's normalisation and k-means by streaming audio through the frozen feature model.
+
+    Normalisation (per-dimension mean and std) comes from the first `normalization_batches` batches; then
+    `num_steps` mini-batch k-means steps, one per audio batch (all frames of the batch are the points, sharded
+    over the data axes). State is saved every `save_every` steps and at the end; a restart with the same
+    arguments continues from the saved step and gives the same result as an uninterrupted fit.
+    """
+    model, params = load_feature_model(feature_checkpoint)
+    features = FeatureExtractor(model, params, layer, frame_pooling)
+    os.makedirs(output_dir, exist_ok=True)
+    norm_path = os.path.join(output_dir, NORMALIZATION_FILE)
+    if os.path.exists(norm_path):
+        with np.load(norm_path) as norm:
+            mean, std = norm["mean"], norm["std"]
+    else:
+        stats = [features(a) for a, _ in zip(audio_batches(features.sample_rate, batch_size, clip_seconds,
+                                                           audio_dir, seed + 1), range(normalization_batches))]
+        flat = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats]).astype(np.float64)
+        mean, std = flat.mean(axis=0).astype(np.float32), (flat.std(axis=0) + 1e-5).astype(np.float32)
+    tokenizer = SemanticTokenizer(features, mean, std, np.zeros((num_clusters, mean.shape[0]), np.float32))
+    tokenizer.save(output_dir, feature_checkpoint)
+
+    kmeans = MiniBatchKMeans(num_clusters, mean.shape[0], seed=seed)
+    kmeans_path = os.path.join(output_dir, KMEANS_FILE)
+    if os.path.exists(kmeans_path):
+        kmeans.restore(kmeans_path)
+    start = int(kmeans.state_dict()["step"])
+    if start:
+        print(f"semantic fit: resuming at step {start} of {num_steps}", file=sys.stderr)
+    batches = audio_batches(features.sample_rate, batch_size, clip_seconds, audio_dir, seed, start_step=start)
+    for step in range(start, num_steps):
+        points = (features(next(batches)) - mean) / std
+        metrics = kmeans.step(points.reshape(-1, points.shape[-1]))
+        if (step + 1) % save_every == 0 or step + 1 == num_steps:
+            kmeans.save(kmeans_path)
+            print(f"semantic fit: step {step + 1}/{num_steps} "
+                  f"{ {k: round(float(v), 4) for k, v in jax.device_get(metrics).items()} }", file=sys.stderr)
+    kmeans.save(kmeans_path)
+    return SemanticTokenizer(features, mean, std, kmeans.centroids)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        import gin
+
+        from musiclm_jax import gin_utils
+        gin_utils.run(lambda flags: gin.get_configurable(fit_semantic_tokenizer)(), argv=argv[1:])
+        return
+    parser = argparse.ArgumentParser(prog="python -m musiclm_jax.semantic", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fit", help="fit the tokenizer (gin flags: see the module docstring)")
+    tok = sub.add_parser("tokenize", help="audio file -> tokens.npy [frames] int32")
+    tok.add_argument("--checkpoint", required=True, help="TOKENIZER_DIR written by `fit`")
+    tok.add_argument("--dedupe", action="store_true", help="remove consecutive duplicate tokens")
+    emb = sub.add_parser("embed", help="audio file -> emb.npy [frames, dim] (raw layer features)")
+    emb.add_argument("--checkpoint", required=True, help="feature model run directory (w2v-BERT, HuBERT, MERT)")
+    emb.add_argument("--layer", type=int, required=True)
+    for p in (tok, emb):
+        p.add_argument("--input", required=True)
+        p.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+
+    from musiclm_jax.data import audio_io
+    if args.command == "tokenize":
+        tokenizer = SemanticTokenizer.load(args.checkpoint)
+        sample_rate = tokenizer.sample_rate
+        audio = audio_io.load_audio(args.input, sample_rate)
+        result = tokenizer.tokenize(audio, dedupe=args.dedupe).astype(np.int32)
+    else:
+        model, params = load_feature_model(args.checkpoint)
+        extractor = FeatureExtractor(model, params, args.layer)
+        sample_rate = extractor.sample_rate
+        audio = audio_io.load_audio(args.input, sample_rate)
+        result = extractor(audio[None])[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    np.save(args.output, result)
+    print(f"semantic {args.command}: {args.input} ({len(audio) / sample_rate:.2f} s) -> {args.output} "
+          f"{result.shape}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from musiclm_jax import semantic as _semantic_module  # gin binds musiclm_jax.semantic, not __main__
+    _semantic_module.main()

@@ -1,0 +1,93 @@
+"""Semantic tokenizer: fit job (resumable), 25 Hz tokens, dedupe, the tokenize/embed CLI, HuBERT features."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import train_on_one_device
+from musiclm_jax import semantic
+from musiclm_jax.data import audio_io, synthetic_music
+
+
+@pytest.fixture(scope="module")
+def w2v_bert_dir(tmp_path_factory):
+    """A tiny w2v-BERT run directory (5 training steps through the CLI, one device)."""
+    return train_on_one_device("gin/w2v_bert/tiny.gin", str(tmp_path_factory.mktemp("w2v_bert_for_tokens")),
+                               "--gin.TRAIN_STEPS=5", "--gin.WARMUP_STEPS=0",
+                               "--gin.train_lib.train.checkpoint_period=5", timeout=600)
+
+
+def _fit(feature_dir, out, *bindings, gin_file="gin/semantic/kmeans_tiny.gin"):
+    semantic.main(["fit", f"--gin_file={gin_file}", f"--gin.FEATURE_CHECKPOINT='{feature_dir}'",
+                   f"--gin.OUTPUT_DIR='{out}'", *bindings])
+
+
+def test_fit_tokenize_and_resume(w2v_bert_dir, tmp_path):
+    straight = tmp_path / "straight"
+    _fit(w2v_bert_dir, straight, "--gin.semantic.fit_semantic_tokenizer.num_steps=8")
+    resumed = tmp_path / "resumed"
+    _fit(w2v_bert_dir, resumed, "--gin.semantic.fit_semantic_tokenizer.num_steps=4")
+    with np.load(resumed / "kmeans.npz") as km:
+        assert int(km["step"]) == 4
+    _fit(w2v_bert_dir, resumed, "--gin.semantic.fit_semantic_tokenizer.num_steps=8")  # continues at step 4
+    with np.load(straight / "kmeans.npz") as a, np.load(resumed / "kmeans.npz") as b:
+        assert int(b["step"]) == 8
+        np.testing.assert_allclose(a["centroids"], b["centroids"], atol=1e-5)
+
+    tokenizer = semantic.SemanticTokenizer.load(str(straight))
+    assert tokenizer.frame_rate == 25.0 and tokenizer.num_tokens == 64
+    audio = np.stack([synthetic_music.generate_clip(i, seed=3, seconds=3.0, sample_rate=16000)["audio"]
+                      for i in range(2)])
+    tokens = tokenizer.tokenize(audio)
+    assert tokens.shape == (2, 75) and tokens.dtype == np.int32  # 3 s at 25 Hz
+    assert 0 <= tokens.min() and tokens.max() < 64
+    assert len(np.unique(tokens)) > 1
+    # Tokens are the nearest centres of the normalised layer-3 features.
+    feats = (tokenizer.features(audio) - tokenizer.mean) / tokenizer.std
+    distances = ((feats[..., None, :] - tokenizer.centroids) ** 2).sum(-1)
+    agree = np.mean(np.argmin(distances, axis=-1) == tokens)
+    assert agree > 0.999, agree
+    deduped = tokenizer.tokenize(audio, dedupe=True)
+    for row, short in zip(tokens, deduped):
+        np.testing.assert_array_equal(short, semantic.dedupe_consecutive(row))
+        assert (short[1:] != short[:-1]).all() and len(short) <= len(row)
+    np.testing.assert_array_equal(semantic.dedupe_consecutive(np.array([3, 3, 1, 1, 1, 3])), [3, 1, 3])
+
+    # The command line: tokenize (any rate and channel count: resampled, downmixed) and embed.
+    wav = str(tmp_path / "a.wav")
+    audio_io.save_audio(wav, synthetic_music.generate_clip(5, seed=3, seconds=2.0, sample_rate=22050)["audio"],
+                        22050)
+    semantic.main(["tokenize", "--checkpoint", str(straight), "--input", wav, "--output", str(tmp_path / "t.npy")])
+    assert np.load(tmp_path / "t.npy").shape == (50,)
+    semantic.main(["embed", "--checkpoint", w2v_bert_dir, "--layer", "3", "--input", wav, "--output",
+                   str(tmp_path / "e.npy")])
+    emb = np.load(tmp_path / "e.npy")
+    assert emb.shape == (50, 64)
+    np.testing.assert_allclose(emb, tokenizer.features(audio_io.load_audio(wav, 16000)[None])[0], atol=1e-5)
+    with open(straight / "tokenizer.json") as f:
+        assert json.load(f)["layer"] == 3
+    with pytest.raises(FileNotFoundError, match="not a semantic tokenizer directory"):
+        semantic.SemanticTokenizer.load(str(tmp_path))
+
+
+def test_tokens_from_an_imported_hubert_at_25_hz(tmp_path):
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import HubertConfig, HubertModel
+    torch.manual_seed(0)
+    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    HubertModel(config).eval().save_pretrained(tmp_path / "hf")
+    from musiclm_jax.convert.__main__ import main as convert_main
+    convert_main(["hubert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "hubert")])
+    _fit(tmp_path / "hubert", tmp_path / "tok", "--gin.LAYER=1", "--gin.NUM_CLUSTERS=16",
+         "--gin.semantic.fit_semantic_tokenizer.batch_size=4", "--gin.semantic.fit_semantic_tokenizer.clip_seconds=2.0",
+         "--gin.semantic.fit_semantic_tokenizer.num_steps=3",
+         "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1", gin_file="gin/semantic/kmeans_hubert.gin")
+    tokenizer = semantic.SemanticTokenizer.load(str(tmp_path / "tok"))
+    assert tokenizer.frame_rate == 25.0  # HuBERT's 50 Hz pooled by 2
+    audio = synthetic_music.generate_clip(1, seed=4, seconds=2.0, sample_rate=16000)["audio"]
+    tokens = tokenizer.tokenize(audio)
+    assert tokens.shape == (50,) and tokens.max() < 16  # 49 HuBERT frames pooled by 2 -> 25 per second
