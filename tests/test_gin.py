@@ -12,7 +12,9 @@ from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib
 
 GIN_DIR = os.path.join(REPO_DIR, "gin")
 ALL_GIN = gin_utils.gin_files_in(GIN_DIR)
-EXPERIMENTS = [f for f in ALL_GIN if f.startswith((os.path.join(GIN_DIR, "stages"), os.path.join(GIN_DIR, "codec")))]
+EXPERIMENT_DIRS = tuple(os.path.join(GIN_DIR, d) for d in ("stages", "codec", "w2v_bert"))
+EXPERIMENTS = [f for f in ALL_GIN
+               if f.startswith(EXPERIMENT_DIRS) or f.endswith(os.path.join("semantic", "hubert.gin"))]
 TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_steps", "model_dir"]
 
 
@@ -20,7 +22,10 @@ def test_the_expected_gin_files_exist():
     names = {os.path.relpath(f, REPO_DIR) for f in ALL_GIN}
     assert {"gin/stages/semantic_tiny.gin", "gin/stages/semantic_paper.gin", "gin/runs/pretrain.gin",
             "gin/models/semantic_tiny.gin", "gin/models/semantic_paper.gin", "gin/codec/tiny.gin",
-            "gin/codec/paper.gin", "gin/codec/encodec_24khz.gin", "gin/runs/codec_gan.gin"} <= names
+            "gin/codec/paper.gin", "gin/codec/encodec_24khz.gin", "gin/runs/codec_gan.gin", "gin/eval/codec.gin",
+            "gin/w2v_bert/tiny.gin", "gin/w2v_bert/paper.gin", "gin/semantic/hubert.gin",
+            "gin/semantic/kmeans_tiny.gin",
+            "gin/semantic/kmeans_w2v_bert.gin", "gin/semantic/kmeans_hubert.gin"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))
@@ -36,15 +41,16 @@ def test_every_experiment_builds_its_objects(path):
     if hasattr(model, "sequence_length"):  # token stages
         assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
         assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
-    else:  # codecs: raw audio of the model's segment length and rate
+    else:  # raw-audio models (codec, w2v-BERT, HuBERT): audio of the model's segment length and rate
         assert data.task_feature_lengths == {"audio": model.segment_samples}
         assert data.mixture_or_task_name == f"synthetic_music_{model.sample_rate}hz"
 
 
-def test_audio_dir_selects_a_folder_task():
-    gin_utils.parse_gin(["gin/codec/tiny.gin"], ["MODEL_DIR = '/tmp/unused'", "AUDIO_DIR = '/data/my_clips'"])
+@pytest.mark.parametrize("path,rate", [("gin/codec/tiny.gin", 24000), ("gin/w2v_bert/tiny.gin", 16000)])
+def test_audio_dir_selects_a_folder_task(path, rate):
+    gin_utils.parse_gin([path], ["MODEL_DIR = '/tmp/unused'", "AUDIO_DIR = '/data/my_clips'"])
     data = gin_utils.bound_arguments("train", ["train_dataset_cfg"], {})["train_dataset_cfg"]
-    assert data.mixture_or_task_name == "audio_folder_24000hz:/data/my_clips"
+    assert data.mixture_or_task_name == f"audio_folder_{rate}hz:/data/my_clips"
 
 
 def test_paper_semantic_stage_has_the_paper_sizes():
