@@ -228,11 +228,10 @@ class PositionalConv(nn.Module):
         kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2))))[:, None, None]
         left = width // 2
         padded = layers.pad_time(x.astype(dtype), left, width - 1 - left)  # torch: pad w // 2, drop 1 if w even
-        if groups > 1:
-            y = layers.grouped_conv1d(padded, kernel.astype(dtype), 1, 1, groups)
-        else:
-            y = jax.lax.conv_general_dilated(padded, kernel.astype(dtype), (1,), "VALID",
-                                             dimension_numbers=("NWC", "WIO", "NWC"))
+        # XLA's own grouped convolution: with 48 channels per group it runs ~4x faster on CPU than the polyphase
+        # matmuls of layers.grouped_conv1d (which win for the MelGAN discriminator's narrow groups).
+        y = jax.lax.conv_general_dilated(padded, kernel.astype(dtype), (1,), "VALID",
+                                         dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
         return ACTIVATIONS[cfg.feat_extract_activation](y + bias.astype(dtype))
 
 
