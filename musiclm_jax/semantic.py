@@ -169,8 +169,7 @@ def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_
     length = int(round(clip_seconds * sample_rate))
     paths = None
     if audio_dir is not None:
-        from musiclm_jax.tasks.audio import scan_audio_folder
-        paths = scan_audio_folder(audio_dir, sample_rate).get("train", [])
+        paths = audio_io.scan_audio_folder(audio_dir, sample_rate).get("train", [])
         if not paths:
             raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable train files")
     step = start_step

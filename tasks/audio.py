@@ -11,7 +11,6 @@ clips are zero-padded) and loudness normalisation (RMS to -20 dBFS, peak at most
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ import seqio
 import tensorflow as tf
 
 from musiclm_jax.data import audio_io, synthetic_music
+from musiclm_jax.data.audio_io import scan_audio_folder
 
 SYNTHETIC_CLIP_SECONDS = 4.0
 SYNTHETIC_CLIPS = {"train": 100_000, "validation": 1_000, "test": 1_000}
@@ -72,41 +72,6 @@ def _synthetic_source(sample_rate: int) -> seqio.DataSource:
             num_parallel_calls=2, deterministic=True)
     return seqio.FunctionDataSource(dataset_fn, splits=list(SYNTHETIC_CLIPS),
                                     num_input_examples=SYNTHETIC_CLIPS)
-
-
-def scan_audio_folder(audio_dir: str, sample_rate: int) -> dict[str, list[str]]:
-    """{split: [absolute paths]} of the decodable audio files in audio_dir; undecodable files are skipped and
-    counted (printed with their reasons). Files without a split in captions.jsonl go to 'train'."""
-    if not os.path.isdir(audio_dir):
-        raise FileNotFoundError(f"AUDIO_DIR {audio_dir!r} is not a directory")
-    splits = {}
-    captions = os.path.join(audio_dir, "captions.jsonl")
-    if os.path.exists(captions):
-        with open(captions) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                        splits[os.path.normpath(record["audio_path"])] = record.get("split", "train")
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{captions}:{number}: bad line ({e})") from None
-    found: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
-    skipped: dict[str, int] = {}
-    for rel in audio_io.list_audio_files(audio_dir):
-        path = os.path.join(audio_dir, rel)
-        try:
-            audio_io.load_audio(path, sample_rate, max_seconds=0.1)
-        except audio_io.AudioDecodeError as e:
-            reason = str(e).split(": ", 1)[1].split(" (")[0]
-            skipped[reason] = skipped.get(reason, 0) + 1
-            print(f"audio_folder: skipping {e}", file=sys.stderr)
-            continue
-        found.setdefault(splits.get(os.path.normpath(rel), "train"), []).append(path)
-    if skipped:
-        print(f"audio_folder: {audio_dir}: skipped {sum(skipped.values())} files: {skipped}", file=sys.stderr)
-    if not any(found.values()):
-        raise ValueError(f"AUDIO_DIR {audio_dir!r} holds no decodable audio files")
-    return found
 
 
 def _folder_source(audio_dir: str, sample_rate: int) -> seqio.DataSource:

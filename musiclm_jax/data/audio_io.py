@@ -1,11 +1,15 @@
 """Reading and writing audio files (numpy; used by the data pipeline and the command-line tools).
 
 `load_audio` decodes wav/flac/ogg with soundfile and anything else librosa/audioread can decode (mp3 where a
-decoder is installed), mixes down to mono and resamples (soxr) to the requested rate.
+decoder is installed), mixes down to mono and resamples (soxr) to the requested rate. `scan_audio_folder` lists
+a folder's decodable files by split (captions.jsonl) for the raw-audio tasks, the codec evaluation and the
+semantic tokenizer's fit job, without importing TensorFlow.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -60,3 +64,38 @@ def list_audio_files(directory: str) -> list[str]:
             if name.lower().endswith(AUDIO_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(root, name), directory))
     return sorted(found)
+
+
+def scan_audio_folder(audio_dir: str, sample_rate: int) -> dict[str, list[str]]:
+    """{split: [absolute paths]} of the decodable audio files in audio_dir; undecodable files are skipped and
+    counted (printed with their reasons). Files without a split in captions.jsonl go to 'train'."""
+    if not os.path.isdir(audio_dir):
+        raise FileNotFoundError(f"AUDIO_DIR {audio_dir!r} is not a directory")
+    splits = {}
+    captions = os.path.join(audio_dir, "captions.jsonl")
+    if os.path.exists(captions):
+        with open(captions) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                        splits[os.path.normpath(record["audio_path"])] = record.get("split", "train")
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{captions}:{number}: bad line ({e})") from None
+    found: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    skipped: dict[str, int] = {}
+    for rel in list_audio_files(audio_dir):
+        path = os.path.join(audio_dir, rel)
+        try:
+            load_audio(path, sample_rate, max_seconds=0.1)
+        except AudioDecodeError as e:
+            reason = str(e).split(": ", 1)[1].split(" (")[0]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            print(f"audio_folder: skipping {e}", file=sys.stderr)
+            continue
+        found.setdefault(splits.get(os.path.normpath(rel), "train"), []).append(path)
+    if skipped:
+        print(f"audio_folder: {audio_dir}: skipped {sum(skipped.values())} files: {skipped}", file=sys.stderr)
+    if not any(found.values()):
+        raise ValueError(f"AUDIO_DIR {audio_dir!r} holds no decodable audio files")
+    return found

@@ -36,8 +36,7 @@ def _clips(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds:
                                                  sample_rate=sample_rate)
             yield f"synthetic_music/test/{i}", clip["audio"]
         return
-    from musiclm_jax.tasks.audio import scan_audio_folder
-    paths = scan_audio_folder(audio_dir, sample_rate).get(split, [])
+    paths = audio_io.scan_audio_folder(audio_dir, sample_rate).get(split, [])
     if not paths:
         raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable files in split {split!r}")
     for path in paths[:max_examples]:
