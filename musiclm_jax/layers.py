@@ -166,6 +166,29 @@ def grouped_conv1d(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, 
     return y.reshape(batch, frames, out)
 
 
+def conv_kernel(module: nn.Module, shape: Sequence[int], names: Sequence[str], weight_norm: bool, gain_axis: int,
+                param_dtype: DType = jnp.float32, init=None) -> jax.Array:
+    """A convolution kernel of `shape` created on `module` (call from its compact __call__).
+
+    Plain: the param 'kernel'. Weight-normalised (torch's weight_norm): params 'kernel_v' of `shape` and 'kernel_g'
+    [shape[gain_axis]] (logical name names[gain_axis]), kernel = g * v / ||v|| with the norm over every axis but
+    gain_axis; g starts at ||v||. Default init: fan-in truncated normal over all axes but the last.
+    """
+    if init is None:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+    if not weight_norm:
+        return module.param("kernel", nn.with_logical_partitioning(init, tuple(names)), tuple(shape), param_dtype)
+    norm_axes = tuple(a for a in range(len(shape)) if a != gain_axis)
+
+    def norm(v):
+        return jnp.sqrt(jnp.sum(jnp.square(v), axis=norm_axes, keepdims=True))
+
+    v = module.param("kernel_v", nn.with_logical_partitioning(init, tuple(names)), tuple(shape), param_dtype)
+    g = module.param("kernel_g", nn.with_logical_partitioning(
+        lambda key, s, d: norm(v).reshape(s).astype(d), (names[gain_axis],)), (shape[gain_axis],), param_dtype)
+    return v * (g.reshape(norm(v).shape) / norm(v))
+
+
 class Conv1D(nn.Module):
     """1-D convolution over x [batch, time, channels] with SEANet padding and optional weight normalisation.
 
@@ -198,16 +221,8 @@ class Conv1D(nn.Module):
         if in_features % self.groups:
             raise ValueError(f"{self.name}: {in_features} input channels do not split into {self.groups} groups")
         shape = (self.kernel_size, in_features // self.groups, self.features)
-        names = ("conv_width", "conv_in", "conv_out")
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        if self.weight_norm:
-            v = self.param("kernel_v", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
-            g = self.param("kernel_g", nn.with_logical_partitioning(
-                lambda key, s, d: jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1))).astype(d), ("conv_out",)),
-                (self.features,), self.param_dtype)
-            kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1))))
-        else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        kernel = conv_kernel(self, shape, ("conv_width", "conv_in", "conv_out"), self.weight_norm, gain_axis=2,
+                             param_dtype=self.param_dtype)
         if self.padding == "seanet":
             left, right = conv_padding(x.shape[1], self.kernel_size, self.stride, self.dilation, self.causal)
             x = pad_time(x, left, right, self.pad_mode)
@@ -267,16 +282,9 @@ class ConvTranspose1D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (self.kernel_size, x.shape[-1], self.features)
-        names = ("conv_width", "conv_in", "conv_out")
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        if self.weight_norm:
-            v = self.param("kernel_v", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
-            g = self.param("kernel_g", nn.with_logical_partitioning(
-                lambda key, s, d: jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2))).astype(d), ("conv_in",)),
-                (x.shape[-1],), self.param_dtype)
-            kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 2))))[None, :, None]
-        else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
+        # torch's ConvTranspose1d weight is [in, out, width] and weight_norm's dim=0 keeps one gain per input channel.
+        kernel = conv_kernel(self, shape, ("conv_width", "conv_in", "conv_out"), self.weight_norm, gain_axis=1,
+                             param_dtype=self.param_dtype)
         k = self.kernel_size
         y = transposed_conv1d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
         if self.use_bias:

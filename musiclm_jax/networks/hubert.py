@@ -219,13 +219,9 @@ class PositionalConv(nn.Module):
         width, groups, hidden = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, cfg.hidden_size
         shape = (width, hidden // groups, hidden)
         init = nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
-        v = self.param("kernel_v", nn.with_logical_partitioning(init, ("conv_width", "conv_in", "conv_out")),
-                       shape)
-        g = self.param("kernel_g", nn.with_logical_partitioning(
-            lambda key, s, d=jnp.float32: jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2))).astype(d),
-            ("conv_width",)), (width,))
+        kernel = layers.conv_kernel(self, shape, ("conv_width", "conv_in", "conv_out"), weight_norm=True,
+                                    gain_axis=0, init=init)  # one gain per tap: torch's dim=2 on [out, in, width]
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (hidden,))
-        kernel = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2))))[:, None, None]
         left = width // 2
         padded = layers.pad_time(x.astype(dtype), left, width - 1 - left)  # torch: pad w // 2, drop 1 if w even
         # XLA's own grouped convolution: with 48 channels per group it runs ~4x faster on CPU than the polyphase
