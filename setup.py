@@ -26,6 +26,7 @@ CORE = [
     "pydub==0.25.1",
     "numpy==2.4.6",
     "protobuf==7.36.2",
+    "importlib_resources==6.5.2",  # tensorflow-datasets imports it for builders defined in packages
 ]
 
 EXTRAS = {

@@ -42,14 +42,7 @@ def measure(bindings: list[str], repeats: int) -> dict:
     audio = (np.random.RandomState(0).randn(1, 10 * model.sample_rate) * 0.1).astype(np.float32)
     codec_s, _ = common.median_seconds(lambda: codec.decode(codec.encode(audio)), repeats, warmup=1)
     batch = {"audio": jnp.asarray(np.random.RandomState(1).randn(2, model.sample_rate) * 0.1, jnp.float32)}
-    holder = {"state": state}
-
-    def step():
-        with partitioner.activate():
-            holder["state"], metrics = setup.train_step(holder["state"], batch, jax.random.key(1))
-        jax.block_until_ready(metrics)
-
-    step_s, _ = common.median_seconds(step, repeats, warmup=1)
+    step_s, _ = common.train_step_seconds(setup, state, batch, partitioner, repeats)
     gen = sum(x.size for x in jax.tree.leaves(state.params["generator"]))
     disc = sum(x.size for x in jax.tree.leaves(state.params["discriminator"]))
     return {"generator_params": gen, "discriminator_params": disc, "frame_rate": codec.frame_rate,

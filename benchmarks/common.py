@@ -55,6 +55,18 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> t
     return statistics.median(times), times
 
 
+def train_step_seconds(setup, state, batch, partitioner, repeats: int) -> tuple[float, list[float]]:
+    """Median wall seconds of setup.train_step on `batch`, the state carried from step to step (after one
+    warm-up step, which compiles)."""
+    holder = {"state": state}
+
+    def step():
+        with partitioner.activate():
+            holder["state"], metrics = setup.train_step(holder["state"], batch, jax.random.key(1))
+        jax.block_until_ready(metrics)
+    return median_seconds(step, repeats, warmup=1)
+
+
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     """fp32 GFLOP/s of a jitted [size, size] @ [size, size] matmul on the default device (median)."""
     a = jnp.ones((size, size), jnp.float32)

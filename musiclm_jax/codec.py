@@ -76,8 +76,11 @@ class Codec:
         return n
 
     def encode(self, audio, num_quantizers: Optional[int] = None) -> np.ndarray:
-        """audio [batch, samples] (or [samples]) at sample_rate -> codes [batch, ceil(samples / hop), n] int32."""
-        audio = np.asarray(audio, np.float32)
+        """audio [batch, samples] (or [samples]) at sample_rate -> codes [batch, ceil(samples / hop), n] int32.
+
+        A jax.Array input keeps its sharding, so a batch laid out over several devices is encoded on all of them.
+        """
+        audio = audio.astype(jnp.float32) if isinstance(audio, jax.Array) else np.asarray(audio, np.float32)
         squeeze = audio.ndim == 1
         audio = audio[None] if squeeze else audio
         n = self.num_quantizers if num_quantizers is None else int(num_quantizers)

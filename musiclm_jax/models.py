@@ -42,6 +42,11 @@ class BaseModel(abc.ABC):
     feature_converter_name: str = ""
 
     @property
+    def feature_converter_kwargs(self) -> dict:
+        """Arguments of the feature converter (e.g. a vocabulary path); none by default."""
+        return {}
+
+    @property
     def vocab_size(self) -> Optional[int]:
         """Token ids the model accepts (checked against the task's vocabularies), None if not a token model."""
         return None

@@ -43,7 +43,7 @@ def standard_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
 
     Weights (sharded by `fsdp` on their model dimension and by `model` on heads / mlp / vocab):
       vocab, embed, mlp, heads, kv, kv_heads (grouped-query K/V: replicated), layers (scan axis),
-      relpos_buckets, norm.
+      relpos_buckets, table_rows (lookup tables of any row count: replicated rows), norm.
     Activations (batch split over data+fsdp, heads/mlp/vocab over model):
       activation_batch, activation_length, activation_embed, activation_heads, activation_kv,
       activation_kv_heads, activation_mlp, activation_vocab; audio: activation_time, activation_freq,
@@ -81,6 +81,8 @@ def standard_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
         ("kv_heads", None),
         ("layers", None),
         ("relpos_buckets", None),
+        # Rows of lookup tables whose count need not divide the mesh (text towers' words, positions, types).
+        ("table_rows", None),
         ("norm", None),
         # Convolutions (codec, discriminators, front ends): small, replicated; the batch carries the parallelism.
         ("conv_width", None),

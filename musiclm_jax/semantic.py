@@ -89,8 +89,9 @@ class FeatureExtractor:
         return self.model.frame_rate / self.frame_pooling
 
     def __call__(self, audio) -> np.ndarray:
-        audio = np.asarray(audio, np.float32)
-        return np.asarray(self._embed(self.params, jnp.asarray(audio)))
+        """A jax.Array input keeps its sharding (a batch laid out over several devices runs on all of them)."""
+        audio = audio.astype(jnp.float32) if isinstance(audio, jax.Array) else jnp.asarray(audio, jnp.float32)
+        return np.asarray(self._embed(self.params, audio))
 
 
 class SemanticTokenizer:
@@ -118,7 +119,7 @@ class SemanticTokenizer:
     def tokenize(self, audio, dedupe: bool = False):
         """audio [batch, samples] (or [samples]) -> tokens [batch, frames] int32; dedupe=True returns a list of
         [tokens_i] arrays with consecutive duplicates removed (or one array for 1-D input)."""
-        audio = np.asarray(audio, np.float32)
+        audio = audio if isinstance(audio, jax.Array) else np.asarray(audio, np.float32)
         squeeze = audio.ndim == 1
         audio = audio[None] if squeeze else audio
         normalized = (self.features(audio) - self.mean) / self.std
@@ -165,11 +166,11 @@ def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_
                   seed: int = 0, start_step: int = 0) -> Iterator[np.ndarray]:
     """Batches [batch_size, clip samples] of training audio, batch s fixed by (seed, s): the embedded synthetic
     music's train split, or random crops of AUDIO_DIR's train files (cycled). Starts at batch `start_step`."""
-    from musiclm_jax.data import audio_io, synthetic_music
+    from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
     length = int(round(clip_seconds * sample_rate))
     paths = None
     if audio_dir is not None:
-        paths = audio_io.scan_audio_folder(audio_dir, sample_rate).get("train", [])
+        paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get("train", [])
         if not paths:
             raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable train files")
     step = start_step

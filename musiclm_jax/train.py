@@ -127,12 +127,14 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
                              partitioner=partitioner, num_microbatches=num_microbatches)
 
     # Input.
-    train_input = SeqioInputPipeline(train_dataset_cfg, model.feature_converter_name)
+    train_input = SeqioInputPipeline(train_dataset_cfg, model.feature_converter_name,
+                                     feature_converter_kwargs=model.feature_converter_kwargs)
     train_input.check_vocab_size(model.vocab_size)
     eval_input = None
     if eval_dataset_cfg is not None and eval_period > 0:
         partitioner.check_global_batch(eval_dataset_cfg.batch_size, "eval batch_size")
-        eval_input = SeqioInputPipeline(eval_dataset_cfg, model.feature_converter_name)
+        eval_input = SeqioInputPipeline(eval_dataset_cfg, model.feature_converter_name,
+                                        feature_converter_kwargs=model.feature_converter_kwargs)
 
     # State: restored from the latest checkpoint (with the input position), or created sharded.
     checkpointer = Checkpointer(model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpointing)

@@ -1,11 +1,18 @@
 """Raw-audio seqio tasks (the codec's, w2v-BERT's and MuLan's input), registered on first use by name:
 
   synthetic_music_<rate>hz          the embedded procedural music (musiclm_jax.data.synthetic_music), split
-                                    into train / validation / test by clip index
-  audio_folder_<rate>hz:<dir>       the audio files of <dir> (wav, flac, ogg, mp3 where decodable); with
-                                    <dir>/captions.jsonl, each file's `split` field is honoured
+                                    into train / validation / test by clip index, with its captions
+  audio_folder_<rate>hz:<DIR>       the `audio_folder` TFDS dataset of DIR (audio files + optional captions.jsonl)
+  musiccaps_<rate>hz:<DIR>          the `musiccaps` TFDS dataset: DIR/musiccaps-public.csv and clips {ytid}.<ext>
+                                    in DIR (or in the folder given by the `clips_dir` option)
 
-Examples: {'audio': float32 [samples]} mono at <rate>, then random crops of the requested length (seeded; shorter
+Folder and MusicCaps names may end with options, `?bad_input=error&require_captions=true` (see
+captioned_audio.AudioChecks: bad_input, require_captions, min_sample_rate, silence_dbfs, min_seconds,
+max_seconds; and clips_dir for MusicCaps); `raw_audio_task_name` (gin) builds such names. Their TFDS datasets
+are prepared at registration (once; tfds_builders).
+
+Examples: {'audio': float32 [samples] mono at <rate>, 'text': caption ('' if none), 'id': str}; then, after
+seqio's cache point (so each epoch draws new crops), a random crop of the requested length (seeded; shorter
 clips are zero-padded) and loudness normalisation (RMS to -20 dBFS, peak at most 1).
 """
 from __future__ import annotations
@@ -13,19 +20,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
+import urllib.parse
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
-from musiclm_jax.data import audio_io, synthetic_music
-from musiclm_jax.data.audio_io import scan_audio_folder
+from musiclm_jax.data import synthetic_music
+from musiclm_jax.data.captioned_audio import AudioChecks
 
 SYNTHETIC_CLIP_SECONDS = 4.0
 SYNTHETIC_CLIPS = {"train": 100_000, "validation": 1_000, "test": 1_000}
 TARGET_RMS_DB = -20.0
-_NAME = re.compile(r"^(synthetic_music|audio_folder)_(\d+)hz(?::(.+))?$")
+MUSICCAPS_CSV = "musiccaps-public.csv"
+_NAME = re.compile(r"^(synthetic_music|audio_folder|musiccaps)_(\d+)hz(?::(.+))?$")
+_CHECK_OPTIONS = {"bad_input": str, "require_captions": lambda v: v.lower() in ("1", "true", "yes"),
+                  "min_sample_rate": int, "silence_dbfs": float, "min_seconds": float, "max_seconds": float}
 
 
 def random_crop(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
@@ -52,67 +61,123 @@ def normalize_loudness(ex):
     return dict(ex, audio=audio / tf.maximum(peak, 1.0))
 
 
+@seqio.map_over_dataset
+def pcm_to_float(ex):
+    """TFDS records {'audio': int16, 'caption', 'id', ...} -> {'audio': float32 in [-1, 1), 'text', 'id'}."""
+    return {"audio": tf.cast(ex["audio"], tf.float32) / 32768.0, "text": ex["caption"], "id": ex["id"]}
+
+
 def _audio_features():
     return {"audio": seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.float32)}
 
 
 def _synthetic_source(sample_rate: int) -> seqio.DataSource:
+    splits = list(SYNTHETIC_CLIPS)
+
     def render(index, split_index):
-        split = list(SYNTHETIC_CLIPS)[int(split_index)]
-        clip = synthetic_music.generate_clip(int(index), seed=list(SYNTHETIC_CLIPS).index(split),
-                                             seconds=SYNTHETIC_CLIP_SECONDS, sample_rate=sample_rate)
-        return clip["audio"]
+        clip = synthetic_music.generate_clip(int(index), seed=int(split_index), seconds=SYNTHETIC_CLIP_SECONDS,
+                                             sample_rate=sample_rate)
+        return clip["audio"], clip["caption"], clip["id"]
 
     def dataset_fn(split, shuffle_files=False, seed=None):
         del shuffle_files, seed
-        split_index = list(SYNTHETIC_CLIPS).index(split)
-        indices = tf.data.Dataset.range(SYNTHETIC_CLIPS[split])
-        return indices.map(lambda i: {"audio": tf.ensure_shape(
-            tf.numpy_function(render, [i, split_index], tf.float32, stateful=False), [None])},
-            num_parallel_calls=2, deterministic=True)
-    return seqio.FunctionDataSource(dataset_fn, splits=list(SYNTHETIC_CLIPS),
-                                    num_input_examples=SYNTHETIC_CLIPS)
+        split_index = splits.index(split)
+
+        def example(i):
+            audio, text, clip_id = tf.numpy_function(render, [i, split_index], (tf.float32, tf.string, tf.string),
+                                                     stateful=False)
+            return {"audio": tf.ensure_shape(audio, [None]), "text": tf.ensure_shape(text, []),
+                    "id": tf.ensure_shape(clip_id, [])}
+        return tf.data.Dataset.range(SYNTHETIC_CLIPS[split]).map(example, num_parallel_calls=2, deterministic=True)
+    return seqio.FunctionDataSource(dataset_fn, splits=splits, num_input_examples=SYNTHETIC_CLIPS)
 
 
-def _folder_source(audio_dir: str, sample_rate: int) -> seqio.DataSource:
-    files = scan_audio_folder(audio_dir, sample_rate)
+def parse_raw_audio_task_name(name: str) -> tuple[str, int, str | None, dict]:
+    """(kind, rate, source path or None, options) of a raw-audio task name (see the module docstring)."""
+    match = _NAME.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a raw-audio task name (synthetic_music_<rate>hz, "
+                         f"audio_folder_<rate>hz:<DIR> or musiccaps_<rate>hz:<DIR>)")
+    kind, rate, rest = match.group(1), int(match.group(2)), match.group(3)
+    if kind == "synthetic_music" and rest:
+        raise ValueError(f"{name!r}: synthetic_music takes no source")
+    if kind != "synthetic_music" and not rest:
+        raise ValueError(f"{name!r}: {kind} needs a source directory ({kind}_<rate>hz:<DIR>)")
+    options = {}
+    if rest and "?" in rest:
+        rest, query = rest.split("?", 1)
+        for key, value in urllib.parse.parse_qsl(query, strict_parsing=True):
+            if key not in _CHECK_OPTIONS and not (kind == "musiccaps" and key == "clips_dir"):
+                raise ValueError(f"{name!r}: unknown option {key!r}; known: {sorted(_CHECK_OPTIONS)}"
+                                 + (" and clips_dir" if kind == "musiccaps" else ""))
+            options[key] = _CHECK_OPTIONS.get(key, str)(value)
+    return kind, rate, rest, options
 
-    def decode(path):
-        try:
-            return audio_io.load_audio(path.decode(), sample_rate)
-        except audio_io.AudioDecodeError as e:  # changed since the scan: counted as an empty example
-            print(f"audio_folder: skipping {e}", file=sys.stderr)
-            return np.zeros([0], np.float32)
 
-    def dataset_fn(split, shuffle_files=False, seed=None):
-        paths = tf.data.Dataset.from_tensor_slices(tf.constant(files.get(split, []), tf.string))
-        if shuffle_files:
-            paths = paths.shuffle(len(files.get(split, [])) or 1, seed=seed)
-        audio = paths.map(lambda p: {"audio": tf.ensure_shape(
-            tf.numpy_function(decode, [p], tf.float32, stateful=False), [None])}, num_parallel_calls=2,
-            deterministic=True)
-        return audio.filter(lambda ex: tf.size(ex["audio"]) > 0)
-    return seqio.FunctionDataSource(dataset_fn, splits=[s for s, v in files.items() if v],
-                                    num_input_examples={s: len(v) for s, v in files.items() if v})
+def _tfds_source(kind: str, rate: int, path: str, options: dict) -> seqio.DataSource:
+    from musiclm_jax.data import tfds_builders
+    clips_dir = options.pop("clips_dir", None)
+    checks = AudioChecks(sample_rate=rate, **options)
+    if kind == "audio_folder":
+        builder = tfds_builders.audio_folder_builder(path, checks)
+    else:
+        builder = tfds_builders.musiccaps_builder(os.path.join(path, MUSICCAPS_CSV), clips_dir or path, checks)
+    return tfds_builders.PreparedTfdsSource(builder)
 
 
 def register_raw_audio_task(name: str) -> seqio.Task:
     """Registers (once) and returns the raw-audio task `name` (see the module docstring for the names).
 
-    A folder task is registered in seqio as audio_folder_<rate>hz_<hash of the absolute path> (seqio names
+    Folder and MusicCaps tasks are registered in seqio as <kind>_<rate>hz_<hash of the name> (seqio names
     cannot hold paths).
     """
-    match = _NAME.match(name)
-    if not match:
-        raise ValueError(f"{name!r} is not a raw-audio task name (synthetic_music_<rate>hz or "
-                         f"audio_folder_<rate>hz:<dir>)")
-    kind, rate, audio_dir = match.group(1), int(match.group(2)), match.group(3)
+    kind, rate, path, options = parse_raw_audio_task_name(name)
     registered = name
-    if kind == "audio_folder":
-        audio_dir = os.path.abspath(audio_dir)
-        registered = f"audio_folder_{rate}hz_{hashlib.sha1(audio_dir.encode()).hexdigest()[:12]}"
+    if kind != "synthetic_music":
+        path = os.path.abspath(path)
+        registered = f"{kind}_{rate}hz_{hashlib.sha1(f'{path}?{sorted(options.items())}'.encode()).hexdigest()[:12]}"
     if registered in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(registered)
-    source = _synthetic_source(rate) if kind == "synthetic_music" else _folder_source(audio_dir, rate)
+    if kind == "synthetic_music":
+        source, preprocessors = _synthetic_source(rate), []
+    else:
+        source, preprocessors = _tfds_source(kind, rate, path, dict(options)), [pcm_to_float]
+    preprocessors += [seqio.CacheDatasetPlaceholder(), random_crop, normalize_loudness]
     return seqio.TaskRegistry.add(registered, source=source, output_features=_audio_features(),
-                                  preprocessors=[random_crop, normalize_loudness], shuffle_buffer_size=64)
+                                  preprocessors=preprocessors, shuffle_buffer_size=64)
+
+
+def full_clips(name: str, split: str, shard_info: seqio.ShardInfo | None = None) -> tf.data.Dataset:
+    """The whole clips of raw-audio task `name`, in a fixed order, before cropping and normalisation:
+    {'audio': float32 [samples], 'text', 'id'} (for jobs that process every clip, such as tokenization); with
+    `shard_info`, only that shard's clips. The synthetic music's clips are SYNTHETIC_CLIP_SECONDS long."""
+    source = register_raw_audio_task(name).source
+    if isinstance(source, seqio.FunctionDataSource):  # the synthetic music
+        ds = source.get_dataset(split=split, shuffle=False)
+        return ds.shard(shard_info.num_shards, shard_info.index) if shard_info else ds
+    return pcm_to_float(source.get_dataset(split=split, shuffle=False, shard_info=shard_info))
+
+
+def num_clips(name: str, split: str) -> int:
+    """Clips in `split` of raw-audio task `name` (the synthetic music: its nominal count)."""
+    source = register_raw_audio_task(name).source
+    if split not in source.splits:
+        raise ValueError(f"raw-audio task {name!r} has no split {split!r}; splits: {list(source.splits)}")
+    return int(source.num_input_examples(split))
+
+
+def clip_range(name: str, split: str, start: int, stop: int, synthetic_seconds: float = SYNTHETIC_CLIP_SECONDS):
+    """Yields clips start..stop-1 of `split` as numpy dicts {'audio': float32 [samples], 'text': str, 'id': str},
+    in a fixed order (for jobs that process every clip once, such as tokenization). Synthetic clips are rendered
+    `synthetic_seconds` long."""
+    kind, rate, _, _ = parse_raw_audio_task_name(name)
+    if kind == "synthetic_music":
+        for index in range(start, stop):
+            clip = synthetic_music.generate_clip(index, seed=list(SYNTHETIC_CLIPS).index(split),
+                                                 seconds=synthetic_seconds, sample_rate=rate)
+            yield {"audio": clip["audio"], "text": clip["caption"], "id": clip["id"]}
+        return
+    builder = register_raw_audio_task(name).source.builder
+    for ex in builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False).as_numpy_iterator():
+        yield {"audio": ex["audio"].astype("float32") / 32768.0, "text": ex["caption"].decode(),
+               "id": ex["id"].decode()}

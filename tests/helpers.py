@@ -44,3 +44,22 @@ def random_batch(model: TokenLMModel, batch_size: int, seed: int = 0) -> dict[st
 
 def mesh(data: int, model: int, fsdp: int = 1, devices=None):
     return partitioning.mesh_from_shape({"data": data, "fsdp": fsdp, "model": model}, devices)
+
+
+def write_frozen_tiny_tokenizers(root: str) -> dict[str, str]:
+    """Random-init tiny codec (gin/codec/tiny.gin: 24 kHz, 50 Hz, 4 x 64) and w2v-BERT run directories, a
+    16-cluster semantic tokenizer fitted on the latter (2 k-means steps), and a random-init tiny MuLan with a
+    12 x 16 conditioning RVQ: {'codec', 'w2v_bert', 'semantic', 'mulan'}."""
+    import os
+
+    from musiclm_jax import checkpoint_loading, mulan, semantic
+    paths = {name: os.path.join(root, name) for name in ("codec", "w2v_bert", "semantic", "mulan")}
+    checkpoint_loading.write_run_directory(paths["codec"], "gin/codec/tiny.gin", [], seed=1)
+    checkpoint_loading.write_run_directory(paths["w2v_bert"], "gin/w2v_bert/tiny.gin", [], seed=2)
+    semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{paths['w2v_bert']}'",
+                   f"--gin.OUTPUT_DIR='{paths['semantic']}'", "--gin.NUM_CLUSTERS=16",
+                   "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
+                   "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
+    checkpoint_loading.write_run_directory(paths["mulan"], "gin/mulan/tiny.gin", [], seed=3)
+    mulan.fit_rvq(paths["mulan"], num_clips=48, levels=12, codebook_size=16, steps=3)
+    return paths

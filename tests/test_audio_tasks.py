@@ -1,19 +1,31 @@
-"""Raw-audio tasks: the embedded synthetic music and a user's audio folder (bad files counted and skipped)."""
+"""Raw-audio tasks and the TFDS builders behind them: the synthetic music, audio folders and MusicCaps, built
+from small folders made here (bad files included); shapes, rates, crops, splits, counts and disjoint shards."""
 import json
+import os
 
 import numpy as np
 import pytest
+import seqio
 import soundfile
 
+from musiclm_jax.data import tfds_builders
+from musiclm_jax.data.bad_input import BadInputError
+from musiclm_jax.data.captioned_audio import AudioChecks
 from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.tasks import audio as audio_tasks
+from test_captioned_audio import _bad_folder, _musiccaps
 
 RATE = 16000
 
 
-def _pipeline(name, split="train", batch_size=4, length=8000, seed=0):
-    cfg = DatasetConfig(name, {"audio": length}, split, batch_size, seed=seed)
+@pytest.fixture(autouse=True)
+def _tfds_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICLM_TFDS_DIR", str(tmp_path / "tfds"))
+
+
+def _pipeline(name, split="train", batch_size=4, length=8000, seed=0, shuffle=True):
+    cfg = DatasetConfig(name, {"audio": length}, split, batch_size, seed=seed, shuffle=shuffle)
     return SeqioInputPipeline(cfg, "audio")
 
 
@@ -32,39 +44,100 @@ def test_synthetic_music_crops_normalises_and_resumes(tmp_path):
         c.restore_state(str(tmp_path))
         for want in expected:
             np.testing.assert_array_equal(next(c)["audio"], want)
+    example = next(iter(audio_tasks.register_raw_audio_task(name).get_dataset(
+        {"audio": 8000}, "validation", shuffle=False, seed=0)))
+    assert example["text"].numpy().decode().strip() and example["id"].numpy().decode().startswith("synthetic-")
 
 
-def test_audio_folder_reads_splits_and_skips_bad_files(tmp_path, capfd):
-    rng = np.random.RandomState(0)
-    soundfile.write(tmp_path / "a.wav", 0.3 * rng.randn(RATE), RATE)
-    soundfile.write(tmp_path / "b.flac", 0.3 * rng.randn(2 * 44100, 2), 44100)  # stereo, another rate
-    (tmp_path / "sub").mkdir()
-    soundfile.write(tmp_path / "sub" / "c.ogg", 0.3 * rng.randn(RATE // 2), RATE)
-    soundfile.write(tmp_path / "held_out.wav", 0.3 * rng.randn(RATE), RATE)
-    (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wave file")
-    (tmp_path / "notes.txt").write_text("not audio")
-    with open(tmp_path / "captions.jsonl", "w") as f:
-        f.write(json.dumps({"audio_path": "held_out.wav", "caption": "noise", "split": "validation",
-                            "extra": "ignored"}) + "\n")
-    found = audio_tasks.scan_audio_folder(str(tmp_path), RATE)
-    assert sorted(p.rsplit("/", 1)[-1] for p in found["train"]) == ["a.wav", "b.flac", "c.ogg"]
-    assert [p.rsplit("/", 1)[-1] for p in found["validation"]] == ["held_out.wav"]
-    assert "skipped 1 files" in capfd.readouterr().err
-    name = raw_audio_task_name(RATE, str(tmp_path))
-    with _pipeline(name, batch_size=3) as train:
-        batch = next(train)["audio"]
-    assert batch.shape == (3, 8000) and np.all(np.isfinite(batch))
-    with _pipeline(name, split="validation", batch_size=1) as validation:
-        assert next(validation)["audio"].shape == (1, 8000)
+def _find_crop(crop, clip):
+    """The offset at which `crop` is a scaled copy of clip[offset:offset + len(crop)] (None if nowhere)."""
+    for start in range(len(clip) - len(crop) + 1):
+        window = clip[start:start + len(crop)]
+        gain = np.dot(crop, window) / max(np.dot(window, window), 1e-12)
+        if np.max(np.abs(crop - gain * window)) < 1e-4:
+            return start
+    return None
 
 
-def test_bad_audio_dirs_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
-        audio_tasks.scan_audio_folder(str(tmp_path / "missing"), RATE)
-    (tmp_path / "empty.wav").write_bytes(b"")
-    with pytest.raises(ValueError, match="no decodable audio files"):
-        audio_tasks.scan_audio_folder(str(tmp_path), RATE)
-    (tmp_path / "captions.jsonl").write_text("{broken json\n")
-    soundfile.write(tmp_path / "ok.wav", np.zeros(100), RATE)
-    with pytest.raises(ValueError, match="captions.jsonl:1: bad line"):
-        audio_tasks.scan_audio_folder(str(tmp_path), RATE)
+def test_audio_folder_builder_counts_bad_files_and_its_task_crops(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    expected = _bad_folder(folder)
+    builder = tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE))
+    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+    assert splits == {"train": 2, "validation": 1, "test": 1}
+    report = builder.info.metadata["bad_input"]
+    assert report["skipped"] == {reason: 1 for reason in expected}
+    assert report["notes"]["downmixed"] == 1 and report["notes"]["resampled"] == 1
+    test = next(iter(builder.as_dataset(split="test").as_numpy_iterator()))
+    assert (test["id"], test["caption"]) == (b"good.wav", b"white noise")
+    np.testing.assert_allclose(test["audio"] / 32768.0, soundfile.read(folder / "good.wav")[0], atol=1e-4)
+
+    name = raw_audio_task_name(RATE, str(folder))
+    with _pipeline(name, batch_size=2) as train:
+        assert next(train)["audio"].shape == (2, 8000)
+    stored = test["audio"].astype(np.float32) / 32768.0
+    with _pipeline(name, split="test", batch_size=1, length=4000, shuffle=False) as crops:
+        starts = [_find_crop(next(crops)["audio"][0], stored) for _ in range(4)]
+    assert None not in starts and len(set(starts)) > 1  # contiguous crops, new ones each epoch
+
+
+def test_prepared_folders_are_reused_and_rebuilt_when_they_change(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    soundfile.write(folder / "a.wav", np.random.RandomState(0).randn(RATE) * 0.1, RATE)
+    first = tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE))
+    info = os.path.join(first.data_dir, "dataset_info.json")
+    stamp = os.stat(info).st_mtime_ns
+    again = tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE))
+    assert again.data_dir == first.data_dir and os.stat(info).st_mtime_ns == stamp
+    soundfile.write(folder / "b.wav", np.random.RandomState(1).randn(RATE) * 0.1, RATE)
+    changed = tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE))
+    assert changed.data_dir != first.data_dir and changed.info.splits["train"].num_examples == 2
+    strict = tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE, bad_input="error"))
+    assert strict.data_dir != changed.data_dir  # the checks are part of the config
+
+
+def test_error_policy_from_the_task_name(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    soundfile.write(folder / "ok.wav", np.random.RandomState(0).randn(RATE) * 0.1, RATE)
+    (folder / "broken.flac").write_bytes(b"fLaC but not really")
+    name = raw_audio_task_name(RATE, str(folder), bad_input="error")
+    assert name.endswith("?bad_input=error")
+    with pytest.raises(BadInputError, match=r"broken.flac: cannot decode audio.*\[undecodable\]"):
+        audio_tasks.register_raw_audio_task(name)
+    with pytest.raises(ValueError, match="unknown option 'bad_inptu'"):
+        audio_tasks.register_raw_audio_task(f"audio_folder_{RATE}hz:{folder}?bad_inptu=error")
+    with pytest.raises(ValueError, match="not both"):
+        raw_audio_task_name(RATE, str(folder), musiccaps_dir=str(folder))
+
+
+def test_musiccaps_task_splits_and_missing_clips(tmp_path):
+    csv_path, clips = _musiccaps(tmp_path)
+    name = f"musiccaps_{RATE}hz:{tmp_path}?clips_dir={clips}"
+    task = audio_tasks.register_raw_audio_task(name)
+    builder = task.source.builder
+    assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 1, "test": 1}
+    assert builder.info.metadata["bad_input"]["skipped"] == {"bad_csv_row": 2, "missing_clip": 1}
+    record = next(iter(builder.as_dataset(split="train").as_numpy_iterator()))
+    assert record["id"] == b"aaa" and list(record["aspects"]) == [b"piano", b"calm"]
+    assert len(record["audio"]) == 10 * RATE
+    example = next(iter(task.get_dataset({"audio": 16000}, "test", shuffle=False, seed=0)))
+    assert example["audio"].shape == (16000,) and example["text"].numpy() == b"Loud drums."
+
+
+def test_processes_read_disjoint_parts_of_a_prepared_split(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in range(7):
+        soundfile.write(folder / f"c{i}.wav", np.random.RandomState(i).randn(800) * 0.1, RATE)
+    (folder / "captions.jsonl").write_text("".join(json.dumps({"audio_path": f"c{i}.wav", "caption": f"clip {i}"})
+                                                   + "\n" for i in range(7)))
+    source = tfds_builders.PreparedTfdsSource(tfds_builders.audio_folder_builder(str(folder), AudioChecks(RATE)))
+    parts = [[ex["id"].numpy() for ex in source.get_dataset("train", shuffle=False,
+                                                             shard_info=seqio.ShardInfo(i, 3))] for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(f"c{i}.wav".encode() for i in range(7))
+    assert all(parts) and len(set(sum(parts, []))) == 7
+    with pytest.raises(ValueError, match="fewer than the 8 processes"):
+        source.get_dataset("train", shard_info=seqio.ShardInfo(0, 8))

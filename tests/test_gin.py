@@ -8,11 +8,12 @@ import pytest
 
 from conftest import REPO_DIR
 from musiclm_jax import gin_utils
+from musiclm_jax.tokenize import tokenize_dataset  # noqa: F401  (gin/tokenize binds it)
 from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib.train)
 
 GIN_DIR = os.path.join(REPO_DIR, "gin")
 ALL_GIN = gin_utils.gin_files_in(GIN_DIR)
-EXPERIMENT_DIRS = tuple(os.path.join(GIN_DIR, d) for d in ("stages", "codec", "w2v_bert"))
+EXPERIMENT_DIRS = tuple(os.path.join(GIN_DIR, d) for d in ("stages", "codec", "w2v_bert", "mulan"))
 EXPERIMENTS = [f for f in ALL_GIN
                if f.startswith(EXPERIMENT_DIRS) or f.endswith(os.path.join("semantic", "hubert.gin"))]
 TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_steps", "model_dir"]
@@ -25,7 +26,9 @@ def test_the_expected_gin_files_exist():
             "gin/codec/paper.gin", "gin/codec/encodec_24khz.gin", "gin/runs/codec_gan.gin", "gin/eval/codec.gin",
             "gin/w2v_bert/tiny.gin", "gin/w2v_bert/paper.gin", "gin/semantic/hubert.gin",
             "gin/semantic/kmeans_tiny.gin",
-            "gin/semantic/kmeans_w2v_bert.gin", "gin/semantic/kmeans_hubert.gin"} <= names
+            "gin/semantic/kmeans_w2v_bert.gin", "gin/semantic/kmeans_hubert.gin", "gin/tokenize/tiny.gin",
+            "gin/tokenize/paper.gin", "gin/mulan/tiny.gin", "gin/mulan/paper.gin", "gin/mulan/clap.gin",
+            "gin/eval/mulan.gin"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))
@@ -41,6 +44,10 @@ def test_every_experiment_builds_its_objects(path):
     if hasattr(model, "sequence_length"):  # token stages
         assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
         assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
+    elif hasattr(model, "text_length"):  # MuLan: audio of its window and rate, captions of its text length
+        assert data.task_feature_lengths == {"audio": model.segment_samples, "text": model.text_length}
+        assert data.mixture_or_task_name == f"synthetic_music_{model.sample_rate}hz"
+        assert model.feature_converter_name == "audio_text"
     else:  # raw-audio models (codec, w2v-BERT, HuBERT): audio of the model's segment length and rate
         assert data.task_feature_lengths == {"audio": model.segment_samples}
         assert data.mixture_or_task_name == f"synthetic_music_{model.sample_rate}hz"
@@ -51,6 +58,32 @@ def test_audio_dir_selects_a_folder_task(path, rate):
     gin_utils.parse_gin([path], ["MODEL_DIR = '/tmp/unused'", "AUDIO_DIR = '/data/my_clips'"])
     data = gin_utils.bound_arguments("train", ["train_dataset_cfg"], {})["train_dataset_cfg"]
     assert data.mixture_or_task_name == f"audio_folder_{rate}hz:/data/my_clips"
+
+
+@pytest.mark.parametrize("bindings,expected", [
+    ([], "synthetic_music_24000hz"),
+    (["AUDIO_DIR = '/data/clips'", "BAD_INPUT = 'error'"], "audio_folder_24000hz:/data/clips?bad_input=error"),
+    (["MUSICCAPS_DIR = '/data/mc'", "REQUIRE_CAPTIONS = True"], "musiccaps_24000hz:/data/mc?require_captions=true"),
+])
+def test_tokenize_and_audio_runs_name_their_source(bindings, expected):
+    gin_utils.parse_gin(["gin/tokenize/tiny.gin"], ["OUTPUT_DIR = '/tmp/o'", "CODEC_CHECKPOINT = '/c'",
+                                                    "SEMANTIC_CHECKPOINT = '/s'", "MULAN_CHECKPOINT = None"] + bindings)
+    args = gin_utils.bound_arguments("tokenize_dataset", ["source_task", "chunk_seconds"], {})
+    assert args["source_task"] == expected and args["chunk_seconds"] == 4.0
+    gin.clear_config()
+    gin_utils.parse_gin(["gin/codec/tiny.gin"], ["MODEL_DIR = '/tmp/unused'"] + bindings)
+    data = gin_utils.bound_arguments("train", ["train_dataset_cfg"], {})["train_dataset_cfg"]
+    assert data.mixture_or_task_name == expected
+
+
+def test_paper_mulan_has_the_paper_sizes():
+    gin_utils.parse_gin(["gin/mulan/paper.gin"], ["MODEL_DIR = '/tmp/unused'"])
+    model = gin_utils.bound_arguments("train", ["model"], {})["model"]
+    audio, text = model.network.audio, model.network.text
+    assert (audio.stage_sizes, audio.width, audio.output_dim, audio.n_mels, audio.sample_rate) == (
+        (3, 4, 6, 3), 64, 2048, 64, 16000)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (768, 12, 12)
+    assert model.network.embed_dim == 128 and model.segment_samples == 160000
 
 
 def test_paper_semantic_stage_has_the_paper_sizes():

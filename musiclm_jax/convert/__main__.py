@@ -7,6 +7,9 @@ Kinds:
   hubert    a transformers HubertModel folder (HuBERT, or MERT: config.json + weights, optionally
             preprocessor_config.json giving the sampling rate) -> a run directory of gin/semantic/hubert.gin: the
             frozen feature model (hubert_model.HubertFeatureModel) with config.gin describing the converted sizes.
+  clap      a transformers ClapModel folder (config.json + weights, optionally preprocessor_config.json and the
+            tokenizer files) -> a MuLan run directory of gin/mulan/clap.gin (HTSAT audio tower, RoBERTa text
+            tower, projections) with the checkpoint's tokenizer.json copied in for `MuLan.embed_text`.
 """
 from __future__ import annotations
 
@@ -18,53 +21,11 @@ from typing import Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conversion never downloads
 
+from musiclm_jax import checkpoint_loading  # noqa: E402
+
 
 def _bindings(prefix: str, config) -> list[str]:
     return [f"{prefix}.{f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
-
-
-def _write_converted_run(model_dir: str, gin_file: str, bindings: list[str], params: dict, what: str,
-                         subtree: Optional[str] = None, flax_mutables: Optional[dict] = None) -> str:
-    """Writes run directory `model_dir`: `gin_file`'s model built with `bindings` (the converted sizes), its freshly
-    initialised train state with `params` put in (at params[subtree] if given; shapes checked) and, if given, the
-    converted `flax_mutables`; then config.gin and a step-0 checkpoint."""
-    import gin
-    import jax
-    import numpy as np
-
-    from musiclm_jax import gin_utils, partitioning
-    from musiclm_jax import train as train_lib
-    from musiclm_jax.checkpoints import Checkpointer
-
-    gin_utils.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}"] + bindings)
-    try:
-        args = gin_utils.bound_arguments("train", ["model", "optimizer"], {})
-        partitioner = partitioning.Partitioner(partitioning.create_mesh())
-        setup = train_lib.make_train_setup(model=args["model"], optimizer=args["optimizer"],
-                                           batch_size=partitioner.data_parallel_size, partitioner=partitioner)
-        fresh = setup.init_state(jax.random.key(0))
-        target = fresh.params if subtree is None else fresh.params[subtree]
-        expected, got = jax.tree.map(np.shape, target), jax.tree.map(np.shape, params)
-        if expected != got:
-            raise ValueError(f"converted {what} parameters do not match the model built from its config:\n"
-                             f"expected {expected}\ngot {got}")
-        shardings = setup.state_shardings.params
-        with partitioner.activate():
-            if subtree is None:
-                new_params = jax.device_put(params, shardings)
-            else:
-                new_params = dict(fresh.params, **{subtree: jax.device_put(params, shardings[subtree])})
-            state = fresh.replace(params=new_params)
-            if flax_mutables is not None:
-                state = state.replace(flax_mutables=jax.device_put(flax_mutables,
-                                                                   setup.state_shardings.flax_mutables))
-        gin_utils.save_config(model_dir)
-    finally:
-        gin.clear_config()
-    checkpointer = Checkpointer(model_dir, async_save=False)
-    checkpointer.save(state, 0)
-    checkpointer.close()
-    return model_dir
 
 
 def convert_encodec_dir(source: str, model_dir: str) -> str:
@@ -79,7 +40,7 @@ def convert_encodec_dir(source: str, model_dir: str) -> str:
     params, state, seanet, rvq, sample_rate = convert_encodec(model)
     bindings = [f"SAMPLE_RATE = {sample_rate}"]
     bindings += _bindings("seanet.SEANetConfig", seanet) + _bindings("quantizers.RVQConfig", rvq)
-    return _write_converted_run(model_dir, "gin/codec/encodec_24khz.gin", bindings, params, "EnCodec",
+    return checkpoint_loading.write_run_directory(model_dir, "gin/codec/encodec_24khz.gin", bindings, params, "EnCodec",
                                 subtree="generator", flax_mutables=state)
 
 
@@ -110,12 +71,45 @@ def convert_hubert_dir(source: str, model_dir: str) -> str:
     params, config = convert_hubert(model, config.sample_rate)
     bindings = [f"SAMPLE_RATE = {config.sample_rate}", f"SEGMENT_SAMPLES = {10 * config.sample_rate}"]
     bindings += _bindings("hubert.HubertConfig", config)
-    return _write_converted_run(model_dir, "gin/semantic/hubert.gin", bindings, params, "HuBERT")
+    return checkpoint_loading.write_run_directory(model_dir, "gin/semantic/hubert.gin", bindings, params, "HuBERT")
+
+
+_CLAP_FEATURES = {"sampling_rate": "sample_rate", "hop_length": "hop_length", "fft_window_size": "fft_window_size",
+                  "max_length_s": "max_length_s", "frequency_min": "frequency_min", "frequency_max": "frequency_max"}
+
+
+def convert_clap_dir(source: str, model_dir: str, text_length: int = 77) -> str:
+    """Converts the transformers CLAP checkpoint folder `source` into MuLan run directory `model_dir`."""
+    import json
+    import shutil
+
+    from transformers import ClapModel
+
+    from musiclm_jax.convert.clap import convert_clap, gin_bindings
+
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--from {source!r} is not a directory with a ClapModel (config.json + weights)")
+    feature_settings = {}
+    preprocessor = os.path.join(source, "preprocessor_config.json")
+    if os.path.exists(preprocessor):
+        with open(preprocessor) as f:
+            extractor = json.load(f)
+        feature_settings = {ours: extractor[theirs] for theirs, ours in _CLAP_FEATURES.items() if theirs in extractor}
+    model = ClapModel.from_pretrained(source).eval()
+    params, config = convert_clap(model, text_length, **feature_settings)
+    checkpoint_loading.write_run_directory(model_dir, "gin/mulan/clap.gin", gin_bindings(config, text_length),
+                                           params, "CLAP")
+    tokenizer = os.path.join(source, "tokenizer.json")
+    if os.path.exists(tokenizer):
+        shutil.copy(tokenizer, os.path.join(model_dir, "tokenizer.json"))
+    else:
+        print(f"convert: {source} has no tokenizer.json; MuLan.embed_text needs one in {model_dir}", file=sys.stderr)
+    return model_dir
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["encodec", "hubert"])
+    parser.add_argument("kind", choices=["encodec", "hubert", "clap"])
     parser.add_argument("--from", dest="source", required=True, help="checkpoint folder to import")
     parser.add_argument("--to", dest="model_dir", required=True, help="run directory to write")
     args = parser.parse_args(argv)
@@ -123,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         convert_encodec_dir(args.source, args.model_dir)
     elif args.kind == "hubert":
         convert_hubert_dir(args.source, args.model_dir)
+    elif args.kind == "clap":
+        convert_clap_dir(args.source, args.model_dir)
     print(f"convert: {args.kind} {args.source} -> {args.model_dir}", file=sys.stderr)
 
 

@@ -5,15 +5,29 @@ import dataclasses
 from typing import Mapping, Optional
 
 
-def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None) -> str:
-    """The raw-audio task for a rate: the embedded synthetic music, or the audio files of `audio_dir`.
+def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, musiccaps_dir: Optional[str] = None,
+                        bad_input: str = "skip", require_captions: bool = False) -> str:
+    """The raw-audio task for a rate: the embedded synthetic music, the `audio_folder` dataset of `audio_dir`,
+    or the `musiccaps` dataset of `musiccaps_dir` (see tasks/audio.py).
 
-    Such tasks are registered on first use (tasks/audio.py), so a gin file can name a user's folder:
+    Such tasks are registered on first use, so a gin file can name a user's folder:
     `MIXTURE_OR_TASK_NAME = @dataset_config.raw_audio_task_name()` with `raw_audio_task_name.audio_dir =
-    %AUDIO_DIR`.
+    %AUDIO_DIR`. bad_input ('skip' or 'error') and require_captions set how the folder's bad inputs are handled.
     """
+    if audio_dir and musiccaps_dir:
+        raise ValueError(f"set AUDIO_DIR ({audio_dir!r}) or MUSICCAPS_DIR ({musiccaps_dir!r}), not both")
+    if bad_input not in ("skip", "error"):
+        raise ValueError(f"raw_audio_task_name.bad_input={bad_input!r}: must be 'skip' or 'error'")
+    options = []
+    if bad_input != "skip":
+        options.append(f"bad_input={bad_input}")
+    if require_captions:
+        options.append("require_captions=true")
+    query = ("?" + "&".join(options)) if options else ""
     if audio_dir:
-        return f"audio_folder_{int(sample_rate)}hz:{audio_dir}"
+        return f"audio_folder_{int(sample_rate)}hz:{audio_dir}{query}"
+    if musiccaps_dir:
+        return f"musiccaps_{int(sample_rate)}hz:{musiccaps_dir}{query}"
     return f"synthetic_music_{int(sample_rate)}hz"
 
 

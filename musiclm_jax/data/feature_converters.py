@@ -89,11 +89,44 @@ class AudioFeatureConverter(seqio.FeatureConverter):
         return {"audio": task_feature_lengths["audio"]}
 
 
-FEATURE_CONVERTERS = {"prefix_lm": PrefixLMFeatureConverter, "audio": AudioFeatureConverter}
+class AudioTextFeatureConverter(seqio.FeatureConverter):
+    """{'audio': float32 [samples], 'text': string} -> {'audio': float32 [audio length] (zero-padded),
+    'text_tokens': int32 [text length]}: the caption tokenized with the SentencePiece model at
+    `vocabulary_path`, truncated, padded with 0 (MuLan's contrastive batches)."""
+
+    TASK_FEATURES = {"audio": Spec(dtype=tf.float32), "text": Spec(dtype=tf.string, rank=0)}
+    MODEL_FEATURES = {"audio": Spec(dtype=tf.float32), "text_tokens": Spec(dtype=tf.int32)}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, vocabulary_path: str = "", pack: bool = False, **kwargs):
+        if pack:
+            raise ValueError("AudioTextFeatureConverter does not pack")
+        if not vocabulary_path or not tf.io.gfile.exists(vocabulary_path):
+            raise FileNotFoundError(f"AudioTextFeatureConverter: vocabulary_path={vocabulary_path!r} does not exist")
+        self.vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
+        super().__init__(pack=False, **kwargs)
+
+    def _convert_features(self, ds, task_feature_lengths):
+        audio_length, text_length = task_feature_lengths["audio"], task_feature_lengths["text"]
+
+        def convert(ex):
+            ids = tf.cast(self.vocabulary.encode_tf(ex["text"]), tf.int32)[:text_length]
+            audio = ex["audio"]
+            return {"audio": tf.ensure_shape(tf.pad(audio, [[0, audio_length - tf.shape(audio)[0]]]), [audio_length]),
+                    "text_tokens": tf.ensure_shape(tf.pad(ids, [[0, text_length - tf.size(ids)]]), [text_length])}
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        return {"audio": task_feature_lengths["audio"], "text_tokens": task_feature_lengths["text"]}
 
 
-def get(name: str) -> seqio.FeatureConverter:
-    """A feature converter by the name a model declares (BaseModel.feature_converter_name)."""
+FEATURE_CONVERTERS = {"prefix_lm": PrefixLMFeatureConverter, "audio": AudioFeatureConverter,
+                      "audio_text": AudioTextFeatureConverter}
+
+
+def get(name: str, **kwargs) -> seqio.FeatureConverter:
+    """A feature converter by the name a model declares (BaseModel.feature_converter_name), built with the
+    model's feature_converter_kwargs (e.g. MuLan's vocabulary_path)."""
     if name not in FEATURE_CONVERTERS:
         raise KeyError(f"unknown feature converter {name!r}; known: {sorted(FEATURE_CONVERTERS)}")
-    return FEATURE_CONVERTERS[name]()
+    return FEATURE_CONVERTERS[name](**kwargs)

@@ -42,12 +42,12 @@ class SeqioInputPipeline:
 
     Args:
       cfg: the dataset (its batch_size is global).
-      feature_converter_name: the model's feature converter ('prefix_lm').
+      feature_converter_name: the model's feature converter ('prefix_lm'); feature_converter_kwargs: its arguments.
       process_index, process_count: default to this JAX process.
     """
 
     def __init__(self, cfg: DatasetConfig, feature_converter_name: str, *, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, feature_converter_kwargs: dict | None = None):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         if cfg.batch_size % process_count:
@@ -59,7 +59,8 @@ class SeqioInputPipeline:
         self.vocab_sizes = {name: f.vocabulary.vocab_size for name, f in task.output_features.items()}
         ds = seqio.get_dataset(
             task, task_feature_lengths=dict(cfg.task_feature_lengths),
-            feature_converter=feature_converters.get(feature_converter_name), dataset_split=cfg.split,
+            feature_converter=feature_converters.get(feature_converter_name, **(feature_converter_kwargs or {})),
+            dataset_split=cfg.split,
             shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
             shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count), seed=cfg.seed,
             verbose=False)

@@ -787,6 +787,11 @@ def generate_clip(index: int, seed: int = 0, seconds: float = 10.0, sample_rate:
             "id": f"synthetic-{seed}-{index}"}
 
 
+def clip_caption(index: int, seed: int = 0) -> str:
+    """The caption of generate_clip(index, seed) without rendering the audio (same parameters)."""
+    return caption(sample_params(np.random.default_rng([seed, index, 0])))
+
+
 def split_of(index: int, seed: int = 0) -> str:
     """'train', 'validation' or 'test' for clip `index` of stream `seed`: exactly 8 / 1 / 1 of every block of
     10 consecutive indices, assigned by a permutation seeded with (seed, block)."""

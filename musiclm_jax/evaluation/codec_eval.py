@@ -19,7 +19,7 @@ import numpy as np
 
 from musiclm_jax.codec import Codec
 from musiclm_jax.codec_losses import MultiScaleMelLoss
-from musiclm_jax.data import audio_io, synthetic_music
+from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
 from musiclm_jax.evaluation.audio_metrics import si_snr_db
 
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
@@ -36,7 +36,7 @@ def _clips(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds:
                                                  sample_rate=sample_rate)
             yield f"synthetic_music/test/{i}", clip["audio"]
         return
-    paths = audio_io.scan_audio_folder(audio_dir, sample_rate).get(split, [])
+    paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get(split, [])
     if not paths:
         raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable files in split {split!r}")
     for path in paths[:max_examples]:

@@ -1,0 +1,155 @@
+"""Input pipeline throughput on this CPU: raw-audio examples/s and tokenized (stage) examples/s.
+
+    python benchmarks/input.py [--clips 48] [--batches 30] [--repeats 3]
+
+Raw audio: a folder of `--clips` 10 s stereo 44.1 kHz FLAC files (made here) is prepared once as the
+`audio_folder` TFDS dataset at 24 kHz (preparation time reported), then the raw-audio task streams random 2 s
+crops, loudness normalised, in batches of 8 (SeqioInputPipeline, as training reads it); the embedded synthetic
+music task is measured the same way (rendered on the fly). seqio keeps a split of under 1,000 examples in memory
+after the first pass, as it does in training, so the folder figure for a small folder is that of the cached
+pipeline. Baseline in the same run: a per-example Python loader doing what a PyTorch `Dataset.__getitem__` does
+(decode the file, downmix, resample to 24 kHz, crop, normalise).
+Tokenized: a paper-size token cache (30 s chunks: codec 1500 x 12, semantic 750, MuLan 12) of 512 chunks, read
+through each stage task with the prefix-LM feature converter (batches of 8); baseline: parsing the same
+TFRecords with no stage preprocessing. Medians over repeats; prints one JSON line last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import soundfile
+
+from musiclm_jax.data import audio_io, synthetic_music, token_cache
+from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
+from musiclm_jax.data.input_pipeline import SeqioInputPipeline
+from musiclm_jax.tasks import tokenized
+from musiclm_jax.tokenize import _example
+
+RATE, CROP, BATCH = 24000, 48000, 8
+PAPER_TOKENIZERS = {
+    "mulan": {"frames": 1, "levels": 12, "codebook_size": 1024, "frame_rate": 1 / 30, "sample_rate": 24000},
+    "semantic": {"frames": 750, "levels": 1, "codebook_size": 1024, "frame_rate": 25.0, "sample_rate": 16000},
+    "codec": {"frames": 1500, "levels": 12, "codebook_size": 1024, "frame_rate": 50.0, "sample_rate": 24000}}
+
+
+def examples_per_second(make_pipeline, batches: int, repeats: int) -> float:
+    """Median examples/s of `batches` batches (after one warm-up batch) over `repeats` fresh pipelines."""
+    rates = []
+    for _ in range(repeats):
+        with make_pipeline() as pipeline:
+            next(pipeline)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(pipeline)
+            rates.append(batches * BATCH / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def baseline_loader_rate(paths: list[str], examples: int, repeats: int) -> float:
+    """Examples/s of a per-example Python loader: decode, downmix, resample, crop, normalise."""
+    rng = np.random.RandomState(0)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(examples):
+            audio = audio_io.load_audio(paths[rng.randint(len(paths))], RATE)
+            offset = rng.randint(len(audio) - CROP + 1)
+            crop = audio[offset:offset + CROP]
+            crop = crop * (0.1 / max(float(np.sqrt(np.mean(crop ** 2))), 1e-6))
+        rates.append(examples / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def write_paper_cache(root: str, examples: int) -> None:
+    import tensorflow as tf
+    rng = np.random.RandomState(0)
+    os.makedirs(os.path.join(root, "train"), exist_ok=True)
+    base = os.path.join(root, token_cache.shard_name("train", 0, 1))
+    with tf.io.TFRecordWriter(base + ".tfrecord") as writer:
+        for i in range(examples):
+            tokens = {n: rng.randint(0, t["codebook_size"], (t["frames"], t["levels"]))
+                      for n, t in PAPER_TOKENIZERS.items()}
+            writer.write(_example(f"c{i}#0", "a caption", 30 * RATE, tokens))
+    with open(base + ".json", "w") as f:
+        json.dump({"examples": examples}, f)
+    token_cache.write_manifest(root, {"source": "benchmark", "sample_rate": RATE, "chunk_seconds": 30.0,
+                                      "tokenizers": PAPER_TOKENIZERS,
+                                      "splits": {"train": {"num_shards": 1, "num_examples": examples}}})
+
+
+def raw_record_rate(root: str, batches: int, repeats: int) -> float:
+    import tensorflow as tf
+    files = token_cache.completed_shards(root, "train", 1)
+    description = tokenized._feature_description(token_cache.read_manifest(root))
+    rates = []
+    for _ in range(repeats):
+        ds = tf.data.TFRecordDataset(files).repeat().map(lambda r: tf.io.parse_single_example(r, description),
+                                                           num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
+        it = iter(ds.prefetch(2))
+        next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            {k: v.numpy() for k, v in next(it).items()}
+        rates.append(batches * BATCH / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="input_bench_")
+    os.environ["MUSICLM_TFDS_DIR"] = os.path.join(work, "tfds")
+    folder = os.path.join(work, "clips")
+    os.makedirs(folder)
+    paths = []
+    for i in range(args.clips):
+        clip = synthetic_music.generate_clip(i, seed=5, seconds=10.0, sample_rate=44100)["audio"]
+        paths.append(os.path.join(folder, f"clip{i:03d}.flac"))
+        soundfile.write(paths[-1], np.stack([clip, 0.9 * clip], axis=1), 44100)
+
+    results = {"clips": args.clips, "batch_size": BATCH, "crop_seconds": CROP / RATE}
+    name = raw_audio_task_name(RATE, folder)
+    start = time.perf_counter()
+    from musiclm_jax.tasks import audio as audio_tasks
+    audio_tasks.register_raw_audio_task(name)
+    results["folder_prepare_clips_per_s"] = args.clips / (time.perf_counter() - start)
+
+    def audio_pipeline(task):
+        return lambda: SeqioInputPipeline(DatasetConfig(task, {"audio": CROP}, "train", BATCH, seed=0), "audio")
+    results["folder_examples_per_s"] = examples_per_second(audio_pipeline(name), args.batches, args.repeats)
+    results["synthetic_examples_per_s"] = examples_per_second(audio_pipeline(raw_audio_task_name(RATE)),
+                                                              args.batches // 3, args.repeats)
+    results["baseline_loader_examples_per_s"] = baseline_loader_rate(paths, args.batches * BATCH // 3, args.repeats)
+    results["folder_vs_baseline"] = results["folder_examples_per_s"] / results["baseline_loader_examples_per_s"]
+    print(f"raw audio: folder {results['folder_examples_per_s']:.1f} examples/s, synthetic "
+          f"{results['synthetic_examples_per_s']:.1f}/s, per-example loader "
+          f"{results['baseline_loader_examples_per_s']:.1f}/s (x{results['folder_vs_baseline']:.1f}); preparing "
+          f"{results['folder_prepare_clips_per_s']:.1f} clips/s", file=sys.stderr)
+
+    cache = os.path.join(work, "tokens")
+    write_paper_cache(cache, 512)
+    results["records_examples_per_s"] = raw_record_rate(cache, args.batches, args.repeats)
+    for stage in tokenized.STAGES:
+        task = f"{stage}_stage:{cache}"
+        spec = tokenized.stage_spec_from_name(task)
+        rate = examples_per_second(lambda: SeqioInputPipeline(DatasetConfig(
+            task, spec.task_feature_lengths, "train", BATCH, seed=0), "prefix_lm"), args.batches, args.repeats)
+        results[f"{stage}_stage_examples_per_s"] = rate
+        results[f"{stage}_stage_vs_records"] = rate / results["records_examples_per_s"]
+        print(f"{stage} stage: {rate:.1f} examples/s ({spec.input_length} + {spec.target_length} tokens; "
+              f"x{rate / results['records_examples_per_s']:.2f} of bare record parsing)", file=sys.stderr)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""MuLan as the stages use it: joint music-text embeddings and their conditioning tokens.
+
+    mulan = MuLan.from_checkpoint("/ckpt/mulan")             # a MuLan run directory (or a converted CLAP one)
+    e = mulan.embed_audio(audio)         # audio [batch, samples] at mulan.sample_rate -> [batch, 128], unit norm
+    e = mulan.embed_text(["calm piano"])  # -> [batch, 128], unit norm
+    tokens = mulan.tokens_from_audio(audio)    # -> [batch, 12] int32 in [0, 1024) (training conditioning)
+    tokens = mulan.tokens_from_text(texts)     # -> [batch, 12]                   (inference conditioning)
+
+Clip embeddings: audio longer than the model's window (`window_samples`, 10 s in the paper) is cut into windows
+at `stride_seconds` (1 s) with a last window ending at the clip's end, their embeddings are averaged and the mean
+is re-normalised (the paper's recipe); shorter audio is zero-padded to one window.
+
+Conditioning tokens: a residual VQ of `levels` x `codebook_size` (paper 12 x 1024) fitted on audio embeddings of
+training clips (level l: k-means of the residuals left by levels < l), saved as CHECKPOINT/mulan_rvq.npz.
+
+Command line:
+    python -m musiclm_jax.mulan embed-audio --checkpoint DIR --input a.wav --output e.npy
+    python -m musiclm_jax.mulan embed-text --checkpoint DIR --text "..." [--text "..."] --output e.npy
+    python -m musiclm_jax.mulan tokens --checkpoint DIR (--input a.wav | --text "...") --output t.npy
+    python -m musiclm_jax.mulan fit-rvq --checkpoint DIR [--audio_dir D] [--clips 2048] [--levels 12] [--codes 1024]
+    python -m musiclm_jax.mulan train-vocab --output DIR/text_vocab/spm.model [--audio_dir D] [--vocab_size N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RVQ_FILE = "mulan_rvq.npz"
+
+
+def window_starts(num_samples: int, window: int, stride: int) -> list[int]:
+    """Start samples of the windows that cover a clip: every `stride`, plus one ending at the clip's end."""
+    if num_samples <= window:
+        return [0]
+    starts = list(range(0, num_samples - window + 1, stride))
+    if starts[-1] != num_samples - window:
+        starts.append(num_samples - window)
+    return starts
+
+
+class ResidualVQ:
+    """Greedy residual quantizer of embeddings: codebooks [levels, codebook_size, dim]."""
+
+    def __init__(self, codebooks: np.ndarray):
+        self.codebooks = np.asarray(codebooks, np.float32)
+        self._quantize = jax.jit(partial(_rvq_quantize, codebooks=jnp.asarray(self.codebooks)))
+
+    @property
+    def levels(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebooks.shape[1]
+
+    def quantize(self, embeddings) -> np.ndarray:
+        """[batch, dim] -> codes [batch, levels] int32."""
+        return np.asarray(self._quantize(jnp.asarray(embeddings, jnp.float32)))
+
+    def reconstruct(self, codes) -> np.ndarray:
+        """codes [batch, n <= levels] -> the sum of their code vectors [batch, dim]."""
+        codes = np.asarray(codes)
+        return sum(self.codebooks[level][codes[:, level]] for level in range(codes.shape[1]))
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, levels: int, codebook_size: int, steps: int = 50, batch_size: int = 4096,
+            seed: int = 0) -> "ResidualVQ":
+        """Fits each level by mini-batch k-means (kmeans.MiniBatchKMeans, on all devices) on the residuals of the
+        previous levels; needs at least codebook_size embeddings."""
+        from musiclm_jax.kmeans import MiniBatchKMeans
+        residual = np.asarray(embeddings, np.float32)
+        if residual.shape[0] < codebook_size:
+            raise ValueError(f"fitting a {codebook_size}-code RVQ needs >= {codebook_size} embeddings, got "
+                             f"{residual.shape[0]}")
+        rng = np.random.RandomState(seed)
+        codebooks = []
+        for level in range(levels):
+            kmeans = MiniBatchKMeans(codebook_size, residual.shape[1], seed=seed + level)
+            devices = kmeans.partitioner.data_parallel_size
+            batch = max(codebook_size, min(batch_size, residual.shape[0]))
+            batch = -(-batch // devices) * devices
+            for step in range(steps):
+                kmeans.step(residual[rng.randint(0, residual.shape[0], batch)])
+            centroids = kmeans.centroids
+            residual = residual - centroids[kmeans.predict(residual)]
+            codebooks.append(centroids)
+        return cls(np.stack(codebooks))
+
+    def save(self, path: str) -> None:
+        np.savez(path, codebooks=self.codebooks)
+
+    @classmethod
+    def load(cls, path: str) -> "ResidualVQ":
+        with np.load(path) as f:
+            return cls(f["codebooks"])
+
+
+def _rvq_quantize(embeddings, codebooks):
+    codes = []
+    residual = embeddings
+    for level in range(codebooks.shape[0]):
+        book = codebooks[level]
+        distances = (jnp.sum(residual ** 2, -1, keepdims=True) - 2 * residual @ book.T + jnp.sum(book ** 2, -1))
+        code = jnp.argmin(distances, axis=-1)
+        residual = residual - book[code]
+        codes.append(code)
+    return jnp.stack(codes, axis=-1).astype(jnp.int32)
+
+
+class MuLan:
+    """A trained (or imported) MuLan with its text tokenizer and, once fitted, its conditioning RVQ.
+
+    Args:
+      model: mulan_model.MuLanModel; params: its parameters; tokenizer: text_vocab.TextTokenizer.
+      rvq: the conditioning quantizer (None until `fit-rvq` has run).
+      stride_seconds: the hop of the clip-embedding windows.
+    """
+
+    def __init__(self, model, params, tokenizer, rvq: Optional[ResidualVQ] = None, stride_seconds: float = 1.0,
+                 batch_size: int = 8):
+        self.model, self.params, self.tokenizer, self.rvq = model, params, tokenizer, rvq
+        self.stride = int(round(stride_seconds * model.sample_rate))
+        self.batch_size = int(batch_size)
+        self._embed_audio = jax.jit(model.embed_audio)
+        self._embed_text = jax.jit(model.embed_text)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def window_samples(self) -> int:
+        return self.model.segment_samples
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.network.embed_dim
+
+    def _windows(self, windows: np.ndarray) -> np.ndarray:
+        """[n, window] -> [n, dim], in fixed-size batches (one compiled shape)."""
+        out = []
+        for start in range(0, len(windows), self.batch_size):
+            chunk = windows[start:start + self.batch_size]
+            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), chunk.shape[1]), np.float32)])
+            out.append(np.asarray(self._embed_audio(self.params, jnp.asarray(padded)))[:len(chunk)])
+        return np.concatenate(out)
+
+    def embed_audio(self, audio) -> np.ndarray:
+        """audio [batch, samples] (or [samples]) at sample_rate -> clip embeddings [batch, dim] (or [dim])."""
+        audio = np.asarray(audio, np.float32)
+        squeeze = audio.ndim == 1
+        audio = audio[None] if squeeze else audio
+        window = self.window_samples
+        if audio.shape[1] < window:
+            audio = np.pad(audio, ((0, 0), (0, window - audio.shape[1])))
+        starts = window_starts(audio.shape[1], window, self.stride)
+        windows = np.stack([clip[s:s + window] for clip in audio for s in starts])
+        embeddings = self._windows(windows).reshape(audio.shape[0], len(starts), -1).mean(axis=1)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        return embeddings[0] if squeeze else embeddings
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """captions -> [len(texts), dim] unit-norm embeddings."""
+        if isinstance(texts, str):
+            raise TypeError("embed_text takes a list of captions")
+        if self.tokenizer is None:
+            raise ValueError("this MuLan checkpoint has no text tokenizer (text_vocab/spm.model or tokenizer.json)")
+        tokens, mask = self.tokenizer.encode(list(texts), self.model.text_length)
+        return np.asarray(self._embed_text(self.params, jnp.asarray(tokens), jnp.asarray(mask)))
+
+    def similarity(self, texts: Sequence[str], audio) -> np.ndarray:
+        """[len(texts), batch] cosines between each caption and each clip."""
+        return self.embed_text(texts) @ self.embed_audio(audio).T
+
+    def _require_rvq(self) -> ResidualVQ:
+        if self.rvq is None:
+            raise ValueError(f"this MuLan has no conditioning RVQ ({RVQ_FILE}); fit one with "
+                             f"`python -m musiclm_jax.mulan fit-rvq --checkpoint DIR`")
+        return self.rvq
+
+    def tokens_from_audio(self, audio) -> np.ndarray:
+        """audio [batch, samples] at sample_rate -> conditioning tokens [batch, levels] int32."""
+        rvq = self._require_rvq()
+        return rvq.quantize(np.atleast_2d(self.embed_audio(audio)))
+
+    def tokens_from_text(self, texts: Sequence[str]) -> np.ndarray:
+        """captions -> conditioning tokens [len(texts), levels] int32."""
+        return self._require_rvq().quantize(self.embed_text(texts))
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str, step: Optional[int] = None) -> "MuLan":
+        """The MuLan of a training (or converted) MODEL_DIR, its text tokenizer and RVQ (if fitted)."""
+        from musiclm_jax import checkpoint_loading, mulan_model, text_vocab
+        model, state = checkpoint_loading.load_model_and_state(model_dir, step)
+        if not isinstance(model, mulan_model.MuLanModel):
+            raise ValueError(f"{model_dir} holds a {type(model).__name__}, not MuLan")
+        try:
+            tokenizer = text_vocab.TextTokenizer(model_dir)
+        except FileNotFoundError:
+            tokenizer = None  # embed_text will say so
+        rvq_path = os.path.join(model_dir, RVQ_FILE)
+        rvq = ResidualVQ.load(rvq_path) if os.path.exists(rvq_path) else None
+        return cls(model, jax.device_get(state.params), tokenizer, rvq)
+
+
+def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: Optional[str] = None):
+    """Yields up to num_clips mono clips [samples] of the train split: the synthetic music, or AUDIO_DIR's files
+    (first `seconds` of each; bad files counted and skipped)."""
+    from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
+    if audio_dir is None:
+        for i in range(num_clips):
+            yield synthetic_music.generate_clip(i, seed=0, seconds=seconds, sample_rate=sample_rate)["audio"]
+        return
+    paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get("train", [])
+    for path in paths[:num_clips]:
+        yield audio_io.load_audio(path, sample_rate, max_seconds=seconds)
+
+
+def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 2048, levels: int = 12,
+            codebook_size: int = 1024, steps: int = 50, seed: int = 0) -> ResidualVQ:
+    """Fits the conditioning RVQ on audio embeddings of `num_clips` training clips; writes MODEL_DIR/mulan_rvq.npz."""
+    mulan = MuLan.from_checkpoint(model_dir)
+    seconds = mulan.window_samples / mulan.sample_rate
+    clips = list(training_clips(mulan.sample_rate, seconds, num_clips, audio_dir))
+    embeddings = np.concatenate([mulan.embed_audio(np.stack(
+        [np.pad(c, (0, max(0, mulan.window_samples - len(c))))[:mulan.window_samples] for c in clips[i:i + 64]]))
+        for i in range(0, len(clips), 64)])
+    rvq = ResidualVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed)
+    rvq.save(os.path.join(model_dir, RVQ_FILE))
+    error = np.mean(np.sum((embeddings - rvq.reconstruct(rvq.quantize(embeddings))) ** 2, axis=-1))
+    print(f"mulan fit-rvq: {levels} x {codebook_size} on {len(clips)} clips; mean squared error {error:.4f} "
+          f"-> {os.path.join(model_dir, RVQ_FILE)}", file=sys.stderr)
+    return rvq
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m musiclm_jax.mulan", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("embed-audio", "embed-text", "tokens"):
+        p = sub.add_parser(name)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--output", required=True)
+        if name != "embed-text":
+            p.add_argument("--input", help="audio file")
+        if name != "embed-audio":
+            p.add_argument("--text", action="append", help="a caption (repeatable)")
+    fit = sub.add_parser("fit-rvq", help="fit the conditioning RVQ")
+    fit.add_argument("--checkpoint", required=True)
+    fit.add_argument("--audio_dir", default=None)
+    fit.add_argument("--clips", type=int, default=2048)
+    fit.add_argument("--levels", type=int, default=12)
+    fit.add_argument("--codes", type=int, default=1024)
+    fit.add_argument("--steps", type=int, default=50)
+    vocab = sub.add_parser("train-vocab", help="train the caption SentencePiece model")
+    vocab.add_argument("--output", required=True)
+    vocab.add_argument("--audio_dir", default=None)
+    vocab.add_argument("--musiccaps_dir", default=None)
+    vocab.add_argument("--vocab_size", type=int, default=8000)
+    vocab.add_argument("--max_captions", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "train-vocab":
+        from musiclm_jax import text_vocab
+        from musiclm_jax.data.dataset_config import raw_audio_task_name
+        task = raw_audio_task_name(16000, args.audio_dir, args.musiccaps_dir)
+        text_vocab._main_train_vocab(args.output, task, args.vocab_size, args.max_captions)
+        return
+    if args.command == "fit-rvq":
+        fit_rvq(args.checkpoint, args.audio_dir, args.clips, args.levels, args.codes, args.steps)
+        return
+    mulan = MuLan.from_checkpoint(args.checkpoint)
+    if args.command == "tokens" and bool(args.input) == bool(args.text):
+        parser.error("tokens: give --input (audio) or --text, not both")
+    if args.command in ("embed-audio", "tokens") and args.input:
+        from musiclm_jax.data import audio_io
+        audio = audio_io.load_audio(args.input, mulan.sample_rate)
+        result = mulan.embed_audio(audio) if args.command == "embed-audio" else mulan.tokens_from_audio(audio)[0]
+        what = f"{args.input} ({len(audio) / mulan.sample_rate:.2f} s)"
+    else:
+        if not args.text:
+            parser.error(f"{args.command}: give --text")
+        result = mulan.embed_text(args.text) if args.command == "embed-text" else mulan.tokens_from_text(args.text)
+        what = f"{len(args.text)} caption(s)"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    np.save(args.output, result)
+    print(f"mulan {args.command}: {what} -> {args.output} {result.shape}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from musiclm_jax import mulan as _mulan_module
+    _mulan_module.main()

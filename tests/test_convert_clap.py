@@ -1,0 +1,88 @@
+"""CLAP import: a random-initialised small transformers ClapModel converted by `python -m musiclm_jax.convert clap`
+gives the same unit-norm audio and text embeddings within 1e-4 (fp32), through MuLan.from_checkpoint with the
+checkpoint's tokenizer.json (needs the `convert` extra)."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
+from musiclm_jax.convert.clap import UnsupportedClapConfig, text_config_from_hf  # noqa: E402
+from musiclm_jax.mulan import MuLan  # noqa: E402
+
+FEATURES = {"sampling_rate": 16000, "hop_length": 160, "fft_window_size": 512, "max_length_s": 1,
+            "frequency_min": 50, "frequency_max": 8000, "feature_size": 64}
+WORDS = ["<s>", "<pad>", "</s>", "<unk>", "calm", "piano", "loud", "drums", "a", "with", "slow", "fast", "guitar"]
+
+
+def _clap():
+    torch.manual_seed(0)
+    audio = dict(patch_embeds_hidden_size=16, hidden_size=64, spec_size=128, num_mel_bins=64, patch_size=4,
+                 patch_stride=(4, 4), window_size=8, depths=(2, 1, 2), num_attention_heads=(2, 2, 4))
+    text = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
+    config = transformers.ClapConfig(text_config=text, audio_config=audio, projection_dim=24)
+    model = transformers.ClapModel(config).eval()
+    with torch.no_grad():  # move every weight off its init so that each one matters
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0.0, 1.0)
+            elif p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    return model
+
+
+def _tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.save(str(path))
+    return tok
+
+
+def test_clap_import_matches_transformers(tmp_path):
+    model = _clap()
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(FEATURES))
+    hf_tokenizer = _tokenizer(tmp_path / "hf" / "tokenizer.json")
+    convert_main(["clap", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "mulan")])
+    mulan = MuLan.from_checkpoint(str(tmp_path / "mulan"))
+    assert mulan.sample_rate == 16000 and mulan.window_samples == 16000 and mulan.embed_dim == 24
+
+    rng = np.random.RandomState(0)
+    audio = (0.3 * rng.randn(2, 16000)).astype(np.float32)
+    extractor = transformers.ClapFeatureExtractor(**{k: v for k, v in FEATURES.items()})
+    features = extractor(list(audio), sampling_rate=16000, return_tensors="pt", truncation="rand_trunc",
+                         padding="repeatpad")
+    with torch.no_grad():
+        want = model.get_audio_features(input_features=features["input_features"],
+                                        is_longer=features["is_longer"]).pooler_output.numpy()
+    got = mulan.embed_audio(audio)
+    assert np.max(np.abs(got - want)) < 1e-4, f"audio embeddings differ by {np.max(np.abs(got - want)):.2e}"
+
+    captions = ["calm piano", "loud fast drums with a guitar"]
+    got = mulan.embed_text(captions)
+    encoded = [hf_tokenizer.encode(c).ids for c in captions]
+    length = max(map(len, encoded))
+    ids = torch.tensor([e + [1] * (length - len(e)) for e in encoded])
+    with torch.no_grad():
+        want = model.get_text_features(input_ids=ids, attention_mask=(ids != 1).long()).pooler_output.numpy()
+    assert np.max(np.abs(got - want)) < 1e-4, f"text embeddings differ by {np.max(np.abs(got - want)):.2e}"
+    similarity = mulan.similarity(captions, audio)
+    np.testing.assert_allclose(similarity, want @ mulan.embed_audio(audio).T, atol=1e-4)
+
+
+def test_unsupported_clap_settings_are_named():
+    config = transformers.ClapTextConfig(hidden_act="relu", projection_hidden_act="tanh")
+    with pytest.raises(UnsupportedClapConfig, match="projection_hidden_act"):
+        text_config_from_hf(config)

@@ -1,0 +1,170 @@
+"""The tokenization job on tiny random-init frozen models: its cache read back through the stage tasks equals the
+tokenizers applied directly, counts of skipped inputs, and a killed job resumed without redoing finished shards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+from conftest import REPO_DIR, subprocess_env
+from helpers import write_frozen_tiny_tokenizers
+from musiclm_jax import tokenize
+from musiclm_jax.codec import Codec
+from musiclm_jax.data import synthetic_music, token_cache
+from musiclm_jax.data.dataset_config import DatasetConfig
+from musiclm_jax.data.input_pipeline import SeqioInputPipeline
+from musiclm_jax.mulan import MuLan
+from musiclm_jax.semantic import SemanticTokenizer
+from musiclm_jax.tasks import tokenized
+
+RATE = 24000
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    return write_frozen_tiny_tokenizers(str(tmp_path_factory.mktemp("frozen_tokenizers")))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Eight captioned 5 s clips (6 train, 2 validation), a 0.5 s clip and a corrupt file."""
+    root = tmp_path_factory.mktemp("tokenize_clips")
+    lines = []
+    for i in range(8):
+        clip = synthetic_music.generate_clip(i, seed=11, seconds=5.0, sample_rate=RATE)
+        soundfile.write(root / f"clip{i}.wav", clip["audio"], RATE, subtype="FLOAT")
+        lines.append({"audio_path": f"clip{i}.wav", "caption": clip["caption"],
+                      "split": "validation" if i >= 6 else "train"})
+    soundfile.write(root / "short.wav", 0.3 * np.sin(np.arange(RATE // 2) / 10.0), RATE)
+    (root / "broken.wav").write_bytes(b"RIFF....WAVE nonsense")
+    (root / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(root)
+
+
+def _args(frozen, clips, output, *extra):
+    return ["--gin_file=gin/tokenize/tiny.gin", f"--gin.CODEC_CHECKPOINT='{frozen['codec']}'",
+            f"--gin.SEMANTIC_CHECKPOINT='{frozen['semantic']}'", f"--gin.MULAN_CHECKPOINT='{frozen['mulan']}'",
+            f"--gin.OUTPUT_DIR='{output}'",
+            f"--gin.AUDIO_DIR='{clips}'", "--gin.tokenize.tokenize_dataset.chunk_seconds=2.0",
+            "--gin.tokenize.tokenize_dataset.clips_per_shard=2", "--gin.tokenize.tokenize_dataset.batch_size=3",
+            "--gin.tokenize.tokenize_dataset.splits=('train', 'validation')", *extra]
+
+
+def _read(path):
+    import tensorflow as tf
+    return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+
+
+def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICLM_TFDS_DIR", str(tmp_path / "tfds"))
+    out = tmp_path / "tokens"
+    tokenize.main(_args(frozen, clips, out))
+    manifest = token_cache.read_manifest(str(out))
+    train = manifest["splits"]["train"]
+    # 7 train clips (6 x 5 s, 1 x 0.5 s): 2 chunks of 2 s from each long one, a 1 s tail dropped from each.
+    assert (train["num_clips"], train["num_shards"], train["num_examples"]) == (7, 4, 12)
+    assert train["skipped"] == {"too_short": 1} and train["dropped_tail_seconds"] == pytest.approx(6.0)
+    assert manifest["splits"]["validation"]["num_examples"] == 4 and manifest["complete"]
+    assert manifest["source_bad_input"]["skipped"] == {"undecodable": 1}
+    assert manifest["tokenizers"]["codec"]["frames"] == 100 and manifest["tokenizers"]["semantic"]["frames"] == 50
+    assert (manifest["tokenizers"]["mulan"]["frames"], manifest["tokenizers"]["mulan"]["levels"]) == (1, 12)
+
+    codec, tokenizer = Codec.from_checkpoint(frozen["codec"]), SemanticTokenizer.load(frozen["semantic"])
+    examples = [e for p in token_cache.completed_shards(str(out), "validation", 1) for e in _read(p)]
+    by_id = {e.features.feature["id"].bytes_list.value[0].decode(): e for e in examples}
+    assert sorted(by_id) == ["clip6.wav#0", "clip6.wav#1", "clip7.wav#0", "clip7.wav#1"]
+    audio, _ = soundfile.read(os.path.join(clips, "clip7.wav"), dtype="float32")
+    chunk = np.round(audio[2 * RATE:4 * RATE] * 32767) / 32768.0  # the second chunk, as the dataset stores it
+    example = by_id["clip7.wav#1"].features.feature
+    codes = np.array(example["codec"].int64_list.value).reshape(100, 4)
+    np.testing.assert_array_equal(codes, codec.encode(chunk.astype(np.float32)))
+    semantic = np.array(example["semantic"].int64_list.value)
+    np.testing.assert_array_equal(semantic, tokenizer.tokenize(tokenize._resample(chunk[None].astype(np.float32),
+                                                                                  RATE, 16000))[0])
+    assert example["text"].bytes_list.value[0].decode() == synthetic_music.generate_clip(7, seed=11)["caption"]
+    mulan = MuLan.from_checkpoint(frozen["mulan"])
+    mulan_tokens = np.array(example["mulan"].int64_list.value)
+    np.testing.assert_array_equal(mulan_tokens, mulan.tokens_from_audio(
+        tokenize._resample(chunk[None].astype(np.float32), RATE, 16000))[0])
+
+    # Read back through the semantic and coarse stages: MuLan, semantic and codec tokens of the cache, laid out.
+    def feature(e, name):
+        return np.array(e.features.feature[name].int64_list.value)
+
+    for stage in ("semantic", "coarse"):
+        name = f"{stage}_stage:{out}?seconds=1"
+        spec = tokenized.stage_spec_from_name(name)
+        cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
+        with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
+            batch = next(pipeline)["decoder_target_tokens"]
+        assert spec.task_feature_lengths == ({"inputs": 12, "targets": 25} if stage == "semantic" else
+                                             {"inputs": 37, "targets": 100})
+        for row in batch:
+            codes = row[:12] - spec.layout.level_ranges("mulan")[:, 0]
+            crop = (row[12:37] if stage == "coarse" else row[12:]) - spec.layout.offset("semantic")
+            matches = []  # (example, start) whose MuLan tokens and semantic crop this row holds
+            for e in examples:
+                if np.array_equal(feature(e, "mulan"), codes):
+                    matches += [(e, s) for s in range(26) if np.array_equal(crop, feature(e, "semantic")[s:s + 25])]
+            assert matches, f"{stage}: the row is not an example's MuLan tokens and a crop of its semantic tokens"
+            if stage == "coarse":  # codec levels 1-2 of the same 1 s (codec frames 2s .. 2s + 49), frame-major
+                offsets = spec.layout.level_ranges("coarse")[:, 0]
+                assert any(np.array_equal(row[37:], (feature(e, "codec").reshape(100, 4)[2 * s:2 * s + 50, :2]
+                                                     + offsets).reshape(-1)) for e, s in matches)
+
+    # Read back through the fine stage (levels 1-2 -> 3-4 of the 4-level codec): the codes of the cache.
+    name = f"fine_stage:{out}?seconds=1"
+    spec = tokenized.stage_spec_from_name(name)
+    cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
+    with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
+        batch = next(pipeline)
+    assert batch["decoder_target_tokens"].shape == (4, 200)
+    targets = batch["decoder_target_tokens"][:, 100:].reshape(4, 50, 2) - spec.layout.level_ranges("fine")[:, 0]
+    assert targets.min() >= 0 and targets.max() < 64
+    all_codes = [np.array(e.features.feature["codec"].int64_list.value).reshape(100, 4) for e in examples]
+    for row in targets:
+        assert any(np.array_equal(row, c[f:f + 50, 2:]) for c in all_codes for f in range(51))
+
+    with pytest.raises(ValueError, match="other settings.*chunk_seconds"):
+        tokenize.main(_args(frozen, clips, out, "--gin.tokenize.tokenize_dataset.chunk_seconds=1.0"))
+
+
+_KILL_AT_THIRD_SHARD = """
+import os, signal, sys
+real_replace, renamed = os.replace, []
+def replace(src, dst):
+    real_replace(src, dst)
+    if dst.endswith(".tfrecord"):
+        renamed.append(dst)
+        if len(renamed) == 3:  # the third shard is written but not yet marked done
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from musiclm_jax import tokenize
+tokenize.main(sys.argv[1:])
+"""
+
+
+def test_killed_job_resumes_without_redoing_finished_shards(frozen, clips, tmp_path):
+    env = subprocess_env()
+    env["MUSICLM_TFDS_DIR"] = str(tmp_path / "tfds")
+    out = tmp_path / "tokens"
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_THIRD_SHARD, *_args(frozen, clips, out)], cwd=REPO_DIR,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    done = sorted(p for p in os.listdir(out / "train") if p.endswith(".json"))
+    assert done == ["shard-00000-of-00004.json", "shard-00001-of-00004.json"]
+    stamps = {p: os.stat(out / "train" / p).st_mtime_ns for p in os.listdir(out / "train")}
+    proc = subprocess.run([sys.executable, "-m", "musiclm_jax.tokenize", *_args(frozen, clips, out)], cwd=REPO_DIR,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("already done, skipping") == 2
+    for name in ("shard-00000-of-00004.tfrecord", "shard-00001-of-00004.tfrecord", "shard-00000-of-00004.json"):
+        assert os.stat(out / "train" / name).st_mtime_ns == stamps[name]  # not rewritten
+    assert os.stat(out / "train" / "shard-00002-of-00004.tfrecord").st_mtime_ns != stamps[
+        "shard-00002-of-00004.tfrecord"]  # the unmarked shard was redone
+    manifest = token_cache.read_manifest(str(out))
+    assert manifest["complete"] and manifest["splits"]["train"]["num_examples"] == 12
