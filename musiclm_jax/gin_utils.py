@@ -53,7 +53,8 @@ def parse_flags(argv: Sequence[str], extra_flags: Optional[Mapping[str, Any]] = 
 
     Args:
       argv: arguments without the program name.
-      extra_flags: {name: default} of the entry point's own flags (e.g. {'topology': None}).
+      extra_flags: {name: default} of the entry point's own flags (e.g. {'topology': None}); a list default
+        makes the flag repeatable (each occurrence appends).
     Returns:
       {'gin_files': [...], 'gin_bindings': [...], 'gin_search_paths': [...], <extra flags>}.
     """
@@ -81,6 +82,8 @@ def parse_flags(argv: Sequence[str], extra_flags: Optional[Mapping[str, Any]] = 
             out["gin_bindings"].append(value)
         elif name == "gin_search_paths":
             out["gin_search_paths"].extend(p for p in value.split(",") if p)
+        elif name in extra and isinstance(extra[name], list):  # a repeatable flag
+            out[name] = out[name] + [value]
         elif name in extra:
             out[name] = value
         else:

@@ -165,13 +165,17 @@ class TokenLMModel(BaseModel):
       target_group: the group the stage predicts, e.g. 'semantic' or 'coarse'.
       prefix_length, target_length: tokens of prefix and targets in a training sequence.
       z_loss, label_smoothing: regularisers of the loss.
+      guidance_groups: the prefix groups that classifier-free guidance drops (MuLan's tokens), e.g. ('mulan',).
+      conditioning_dropout: probability that a training example's guidance-group tokens are replaced by PAD
+        (the "unconditional" input that guidance contrasts with), drawn per example from the dropout key.
     """
 
     feature_converter_name = "prefix_lm"
 
     def __init__(self, network: TransformerConfig, layout: TokenLayout, prefix_groups: Sequence[str],
                  target_group: str, prefix_length: int, target_length: int, z_loss: float = 0.0,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, guidance_groups: Sequence[str] = (),
+                 conditioning_dropout: float = 0.0):
         if network.vocab_size is None:
             network = dataclasses.replace(network, vocab_size=layout.vocab_size)
         if network.vocab_size != layout.vocab_size:
@@ -181,6 +185,12 @@ class TokenLMModel(BaseModel):
             raise ValueError(f"prefix_length={prefix_length} but no prefix_groups")
         for name in list(prefix_groups) + [target_group]:
             layout.group(name)  # raises KeyError naming the group
+        if not set(guidance_groups) <= set(prefix_groups):
+            raise ValueError(f"guidance_groups {tuple(guidance_groups)} must be prefix groups {tuple(prefix_groups)}")
+        if not 0.0 <= conditioning_dropout < 1.0:
+            raise ValueError(f"conditioning_dropout={conditioning_dropout} must be in [0, 1)")
+        if conditioning_dropout and not guidance_groups:
+            raise ValueError("conditioning_dropout needs guidance_groups (the prefix groups it drops)")
         self.network = network
         self.layout = layout
         self.prefix_groups = tuple(prefix_groups)
@@ -189,6 +199,8 @@ class TokenLMModel(BaseModel):
         self.target_length = int(target_length)
         self.z_loss = z_loss
         self.label_smoothing = label_smoothing
+        self.guidance_groups = tuple(guidance_groups)
+        self.conditioning_dropout = float(conditioning_dropout)
         self.module = DecoderOnlyTransformer(network)
 
     @property
@@ -218,8 +230,31 @@ class TokenLMModel(BaseModel):
                                  batch.get("decoder_causal_attention"), deterministic=dropout_rng is None,
                                  rngs=rngs)
 
+    def is_guidance_token(self, tokens: jax.Array) -> jax.Array:
+        """bool, same shape as tokens (global ids): the token belongs to a guidance group."""
+        hit = jnp.zeros(tokens.shape, bool)
+        for name in self.guidance_groups:
+            low = self.layout.offset(name)
+            group = self.layout.group(name)
+            hit |= (tokens >= low) & (tokens < low + group.levels * group.codebook_size)
+        return hit
+
+    def drop_conditioning(self, batch: Batch, drop: jax.Array) -> Batch:
+        """The batch with the guidance-group prefix tokens of the examples where drop [B] is True set to PAD."""
+        targets, inputs = batch["decoder_target_tokens"], batch["decoder_input_tokens"]
+        is_prefix = batch["decoder_loss_weights"] == 0
+        dropped = self.is_guidance_token(targets) & is_prefix & drop[:, None]
+        shifted = jnp.pad(dropped[:, :-1], ((0, 0), (1, 0)))  # input position i holds target i - 1
+        return dict(batch, decoder_target_tokens=jnp.where(dropped, PAD_ID, targets),
+                    decoder_input_tokens=jnp.where(shifted, PAD_ID, inputs))
+
     def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
         del flax_mutables  # the LM has no state besides its parameters
+        if self.conditioning_dropout and dropout_rng is not None:
+            dropout_rng, drop_rng = jax.random.split(dropout_rng)
+            drop = jax.random.bernoulli(drop_rng, self.conditioning_dropout,
+                                        (batch["decoder_target_tokens"].shape[0],))
+            batch = self.drop_conditioning(batch, drop)
         logits = self.logits(params, batch, dropout_rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
@@ -262,7 +297,7 @@ class TokenLMModel(BaseModel):
 
     def predict_batch_with_aux(self, params, batch, rng=None, *, numdecode_steps: Optional[int] = None,
                                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                               prompt_target_length: int = 0):
+                               prompt_target_length: int = 0, guidance_scale: float = 1.0):
         """Samples target tokens after `batch['prefix_tokens']`.
 
         Args:
@@ -271,8 +306,12 @@ class TokenLMModel(BaseModel):
           rng: one key (split per example) or [B] keys (one per example).
           numdecode_steps: new tokens to draw (default: target_length - prompt_target_length).
           temperature, top_k, top_p: sampling settings; temperature 0 is greedy.
+          guidance_scale: classifier-free guidance. 1 is plain conditional sampling (no extra compute); otherwise
+            the batch runs twice, with and without the guidance-group tokens (PAD instead), and tokens are drawn
+            from logits_uncond + guidance_scale * (logits_cond - logits_uncond).
         Returns:
-          (tokens [B, numdecode_steps] global ids, {'logprobs': [B, numdecode_steps]}).
+          (tokens [B, numdecode_steps] global ids, {'logprobs': [B, numdecode_steps]} under the distribution
+          sampled from, before temperature and top-k/top-p).
         """
         prefix = jnp.asarray(batch["prefix_tokens"], jnp.int32)
         batch_size = prefix.shape[0]
@@ -281,17 +320,32 @@ class TokenLMModel(BaseModel):
             raise ValueError(f"numdecode_steps must be >= 1, got {steps}")
         prompt = jnp.concatenate([jnp.full((batch_size, 1), PAD_ID, jnp.int32), prefix], axis=1)
         conditioning = prompt.shape[1] - prompt_target_length
+        guided = guidance_scale != 1.0
+        if guided:
+            if not self.guidance_groups:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a model with guidance_groups")
+            in_conditioning = jnp.arange(prompt.shape[1]) < conditioning
+            unconditional = jnp.where(self.is_guidance_token(prompt) & in_conditioning, PAD_ID, prompt)
+            prompt = jnp.concatenate([prompt, unconditional], axis=0)
+
+        def combine(logits):
+            if not guided:
+                return logits
+            cond, uncond = logits[:batch_size], logits[batch_size:]
+            return uncond + guidance_scale * (cond - uncond)
+
         prefix_mask = jnp.broadcast_to(jnp.arange(prompt.shape[1]) < conditioning, prompt.shape)
-        cache = self.init_cache(batch_size, prompt.shape[1] + steps - 1)
+        cache = self.init_cache(prompt.shape[0], prompt.shape[1] + steps - 1)
         logits, cache = self.decode_step(params, prompt, cache, prefix_mask)
 
         def step(tokens, cache):
+            tokens = jnp.concatenate([tokens, tokens], axis=0) if guided else tokens
             step_logits, cache = self.decode_step(params, tokens, cache)
-            return step_logits[:, -1], cache
+            return combine(step_logits[:, -1]), cache
 
         keys = decoding.per_example_keys(rng, batch_size)
         tokens, logprobs, _ = decoding.sample(
-            step, cache, logits[:, -1], steps, keys,
+            step, cache, combine(logits[:, -1]), steps, keys,
             level_ranges=self.layout.level_ranges(self.target_group), first_level=prompt_target_length,
             temperature=temperature, top_k=top_k, top_p=top_p)
         return tokens, {"logprobs": logprobs}

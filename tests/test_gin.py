@@ -28,7 +28,8 @@ def test_the_expected_gin_files_exist():
             "gin/semantic/kmeans_tiny.gin",
             "gin/semantic/kmeans_w2v_bert.gin", "gin/semantic/kmeans_hubert.gin", "gin/tokenize/tiny.gin",
             "gin/tokenize/paper.gin", "gin/mulan/tiny.gin", "gin/mulan/paper.gin", "gin/mulan/clap.gin",
-            "gin/eval/mulan.gin"} <= names
+            "gin/eval/mulan.gin", "gin/stages/coarse_tiny.gin", "gin/stages/coarse_paper.gin",
+            "gin/stages/fine_tiny.gin", "gin/stages/fine_paper.gin", "gin/sample/musiclm.gin"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))
@@ -38,9 +39,13 @@ def test_every_gin_file_parses(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, GIN_DIR))
 def test_every_experiment_builds_its_objects(path):
-    gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'"], finalize=True)
+    gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'", "TOKEN_DIR = '/tokens'"],
+                        finalize=True)
     args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
     model, data = args["model"], args["train_dataset_cfg"]
+    if "_stage:" in data.mixture_or_task_name:  # stages on a token cache: the task names the cache and the crop
+        stage = os.path.basename(path).split("_")[0]
+        assert data.mixture_or_task_name.startswith(f"{stage}_stage:/tokens?seconds=")
     if hasattr(model, "sequence_length"):  # token stages
         assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
         assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0

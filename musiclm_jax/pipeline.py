@@ -1,0 +1,275 @@
+"""Text -> music: MuLan, the three stages and the codec chained into `generate(texts)` (as audiocraft's API).
+
+    musiclm = MusicLM.from_checkpoints(mulan=..., codec=..., semantic=..., coarse=..., fine=...)
+    musiclm.set_generation_params(duration_s=10.0, temperature=(1.0, 0.95, 0.4), guidance_scale=3.0, seed=0)
+    audio = musiclm.generate(["calm piano", "loud rock drums"])     # [2, 10 s * codec rate] float32
+
+Chain, per batch of captions:
+  1. MuLan: captions -> conditioning tokens [B, 12] (its RVQ of the text embedding).
+  2. Semantic stage: MuLan tokens -> duration * semantic_rate semantic tokens.
+  3. Coarse stage: MuLan + semantic tokens of a window -> codec levels 1..Lc of the same window.
+  4. Fine stage: coarse levels of a window -> levels Lc+1..Lc+Lf.
+  5. Codec: all levels -> audio.
+
+Every stage samples with the jitted KV-cached decoder (TokenLMModel.predict_batch_with_aux, one compiled
+program per window shape). A stage whose window (its training length) is shorter than the request runs over
+sliding windows: each window after the first keeps the last half window of frames already generated as its
+prompt and generates the rest, so each window continues the music (the paper's semantic recipe: 30 s windows,
+15 s stride, 15 s prompt). Continuation puts a clip's own semantic tokens and codes first; story mode changes
+the MuLan tokens at segment boundaries, which no window's new frames cross. Classifier-free guidance
+(guidance_scale != 1) applies to the stages trained with conditioning dropout (their `guidance_groups`: the MuLan
+tokens). Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per example, so a seed
+gives the same audio.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+STAGES = ("semantic", "coarse", "fine")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """duration_s (seconds of audio); temperature per stage (semantic, coarse, fine; paper 1.0 / 0.95 / 0.4);
+    top_k, top_p (0 / 1: off); guidance_scale (1: none); seed."""
+
+    duration_s: float = 10.0
+    temperature: tuple[float, float, float] = (1.0, 0.95, 0.4)
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+
+class Stage:
+    """A trained stage: its TokenLMModel and parameters, and one jitted sampler per window shape."""
+
+    def __init__(self, model, params, name: str):
+        self.model, self.params, self.name = model, params, name
+        self._samplers: dict = {}
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str, name: str) -> "Stage":
+        from musiclm_jax import checkpoint_loading
+        from musiclm_jax.models import TokenLMModel
+        model, state = checkpoint_loading.load_model_and_state(model_dir)
+        if not isinstance(model, TokenLMModel):
+            raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a stage (TokenLMModel)")
+        return cls(model, jax.device_get(state.params), name)
+
+    def sample(self, prefix: np.ndarray, steps: int, prompt_length: int, keys: jax.Array, params: GenerationParams,
+               temperature: float) -> np.ndarray:
+        """prefix [B, P] global ids (conditioning, then `prompt_length` known targets) -> [B, steps] global ids."""
+        guidance = params.guidance_scale if self.model.guidance_groups else 1.0
+        signature = (prefix.shape, steps, prompt_length, temperature, params.top_k, params.top_p, guidance)
+        if signature not in self._samplers:
+            fn = partial(self.model.predict_batch_with_aux, numdecode_steps=steps, temperature=temperature,
+                         top_k=params.top_k, top_p=params.top_p, prompt_target_length=prompt_length,
+                         guidance_scale=guidance)
+            self._samplers[signature] = jax.jit(lambda p, x, k: fn(p, {"prefix_tokens": x}, k)[0])
+        return np.asarray(self._samplers[signature](self.params, prefix, keys))
+
+
+class MusicLM:
+    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages, and
+    semantic_rate (Hz of the semantic tokens; 25 for w2v-BERT/HuBERT pooled)."""
+
+    def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_rate: float = 25.0,
+                 semantic_tokenizer=None, log=sys.stderr):
+        self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
+        self.last_tokens: dict = {}
+        self.stages = {"semantic": semantic, "coarse": coarse, "fine": fine}
+        self.semantic_rate = float(semantic_rate)
+        self.log = log
+        self.params = GenerationParams()
+        ratio = codec.frame_rate / self.semantic_rate
+        if abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(f"the codec rate {codec.frame_rate} Hz is not a whole multiple of the semantic rate "
+                             f"{self.semantic_rate} Hz")
+        self.ratio = int(round(ratio))
+        self.coarse_levels = coarse.model.layout.group("coarse").levels
+        self.fine_levels = fine.model.layout.group("fine").levels
+        if self.coarse_levels + self.fine_levels != codec.num_quantizers:
+            raise ValueError(f"coarse ({self.coarse_levels}) + fine ({self.fine_levels}) levels do not make the "
+                             f"codec's {codec.num_quantizers}")
+
+    @classmethod
+    def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
+                         semantic_tokenizer: Optional[str] = None, semantic_rate: float = 25.0) -> "MusicLM":
+        """Loads the run directories (MuLan with its RVQ, codec, the three stages, and optionally the semantic
+        tokenizer, which continuation needs)."""
+        from musiclm_jax.codec import Codec
+        from musiclm_jax.mulan import MuLan
+        from musiclm_jax.semantic import SemanticTokenizer
+        stages = [Stage.from_checkpoint(path, name) for path, name in zip((semantic, coarse, fine), STAGES)]
+        tokenizer = SemanticTokenizer.load(semantic_tokenizer) if semantic_tokenizer else None
+        return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages, semantic_rate=semantic_rate,
+                   semantic_tokenizer=tokenizer)
+
+    def set_generation_params(self, **kwargs) -> None:
+        """Sets fields of GenerationParams (duration_s, temperature, top_k, top_p, guidance_scale, seed)."""
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(GenerationParams)}
+        if unknown:
+            raise TypeError(f"unknown generation parameters {sorted(unknown)}")
+        if "temperature" in kwargs:
+            t = kwargs["temperature"]
+            kwargs["temperature"] = tuple(float(x) for x in (t if isinstance(t, (tuple, list)) else (t, t, t)))
+        self.params = dataclasses.replace(self.params, **kwargs)
+        if self.params.duration_s <= 0:
+            raise ValueError(f"duration_s={self.params.duration_s} must be positive")
+
+    # ------------------------------------------------------------------------------------------- stages
+    def _keys(self, stage_index: int, window: int, batch: int) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(self.params.seed), 1000 * stage_index + window)
+        return jax.random.split(key, batch)
+
+    def _run_stage(self, name: str, total: int, window: int, levels: int, conditioning, known: Optional[np.ndarray],
+                   batch: int, boundaries: Sequence[int] = ()) -> np.ndarray:
+        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames.
+
+        Each window after the first keeps `window - window // 2` frames of context and generates the frames after
+        them; the last one ends at `total` with at least half that context (so no window is left with a handful of
+        frames); a window's new frames never cross a conditioning
+        boundary (story mode). conditioning(begin, end, first_new) -> [B, P] global ids for the window's frames
+        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames.
+        """
+        stage = self.stages[name]
+        group = stage.model.target_group
+        temperature = self.params.temperature[STAGES.index(name)]
+        out = np.zeros((batch, total, levels), np.int32)
+        filled = 0
+        if known is not None:
+            filled = min(known.shape[1], total)
+            out[:, :filled] = known[:, :filled]
+        context = window - max(1, window // 2)
+        start_time, w = time.time(), 0
+        while filled < total:
+            if filled == 0:
+                begin = 0
+            elif total - filled <= window - context // 2:  # the last window: all the rest, at least half the context
+                begin = max(0, total - window)
+            else:
+                begin = filled - context
+            end = min(begin + window, total, min([b for b in boundaries if b > filled], default=total))
+            if end <= filled:  # a window cannot reach past the context: give it fewer context frames
+                begin, end = filled - (window - 1), filled + 1
+            prompt = stage.model.layout.to_global(out[:, begin:filled].reshape(batch, -1), group)
+            prefix = np.concatenate([conditioning(begin, end, filled), prompt], axis=1).astype(np.int32)
+            new = stage.sample(prefix, (end - filled) * levels, (filled - begin) * levels,
+                               self._keys(STAGES.index(name), w, batch), self.params, temperature)
+            out[:, filled:end] = stage.model.layout.to_local(new, group).reshape(batch, end - filled, levels)
+            if self.log is not None:
+                print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
+                      f"{filled - begin} of context ({time.time() - start_time:.1f} s)", file=self.log)
+            filled, w = end, w + 1
+        return out
+
+    def generate_tokens(self, texts: Sequence[str] = (), mulan_tokens: Optional[np.ndarray] = None,
+                        semantic_prompt: Optional[np.ndarray] = None, codes_prompt: Optional[np.ndarray] = None,
+                        segments: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+        """{'mulan', 'semantic' [B, frames], 'codes' [B, codec frames, levels]} for the captions.
+
+        mulan_tokens: [B, 12], or [B, S, 12] for S story segments whose semantic frames start at `segments`
+          (S offsets, the first 0); default: the captions' tokens.
+        semantic_prompt [B, k], codes_prompt [B, k * ratio, levels]: known first frames (continuation).
+        """
+        p = self.params
+        if mulan_tokens is None:
+            mulan_tokens = self.mulan.tokens_from_text(list(texts))
+        schedule = mulan_tokens if mulan_tokens.ndim == 3 else mulan_tokens[:, None]
+        segments = list(segments) if segments is not None else [0]
+        if len(segments) != schedule.shape[1] or segments[0] != 0 or sorted(segments) != segments:
+            raise ValueError(f"segments {segments} must start at 0, increase and give one offset per MuLan segment "
+                             f"({schedule.shape[1]})")
+        batch = schedule.shape[0]
+        semantic_frames = max(1, int(round(p.duration_s * self.semantic_rate)))
+        codec_frames = semantic_frames * self.ratio
+        sem, coarse, fine = (self.stages[s].model for s in STAGES)
+
+        def mulan_ids(layout, semantic_frame):
+            segment = max(i for i, first in enumerate(segments) if first <= semantic_frame)
+            return layout.to_global(schedule[:, segment], "mulan")
+
+        semantic = self._run_stage(
+            "semantic", semantic_frames, sem.target_length, 1, lambda b, e, f: mulan_ids(sem.layout, f),
+            None if semantic_prompt is None else semantic_prompt[..., None], batch, segments[1:])[..., 0]
+        coarse_window = (coarse.prefix_length - coarse.layout.group("mulan").levels) * self.ratio
+
+        def coarse_conditioning(begin, end, first_new):  # MuLan + the semantic tokens of codec frames [begin, end)
+            sem_ids = coarse.layout.to_global(semantic[:, begin // self.ratio:-(-end // self.ratio)], "semantic")
+            return np.concatenate([mulan_ids(coarse.layout, first_new // self.ratio), sem_ids], axis=1)
+        prompt = None if codes_prompt is None else codes_prompt[..., :self.coarse_levels]
+        coarse_codes = self._run_stage("coarse", codec_frames, coarse_window, self.coarse_levels,
+                                       coarse_conditioning, prompt, batch, [b * self.ratio for b in segments[1:]])
+        fine_window = fine.target_length // self.fine_levels
+
+        def fine_conditioning(begin, end, first_new):
+            return fine.layout.to_global(coarse_codes[:, begin:end].reshape(batch, -1), "coarse")
+        prompt = None if codes_prompt is None else codes_prompt[..., self.coarse_levels:]
+        fine_codes = self._run_stage("fine", codec_frames, fine_window, self.fine_levels, fine_conditioning, prompt,
+                                     batch)
+        return {"mulan": mulan_tokens, "semantic": semantic,
+                "codes": np.concatenate([coarse_codes, fine_codes], axis=-1)}
+
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        audio = self.codec.decode(codes)
+        return audio[:, :int(round(self.params.duration_s * self.codec.sample_rate))]
+
+    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """Continues prompt_audio [B, samples] (or [samples]) at the codec's rate under the captions: its semantic
+        tokens (needs `semantic_tokenizer`) and codec codes are the first frames of every stage. Returns
+        [B, duration_s * codec rate], the prompt's whole frames included."""
+        if self.semantic_tokenizer is None:
+            raise ValueError("continuation needs the semantic tokenizer (MusicLM(..., semantic_tokenizer=...))")
+        from musiclm_jax.tokenize import _resample
+        audio = np.atleast_2d(np.asarray(prompt_audio, np.float32))
+        if audio.shape[0] == 1 and len(texts) > 1:
+            audio = np.repeat(audio, len(texts), axis=0)
+        frames = int(audio.shape[1] / self.codec.sample_rate * self.semantic_rate)
+        if frames < 1:
+            raise ValueError(f"the prompt ({audio.shape[1]} samples) is shorter than one semantic frame")
+        if frames >= int(round(self.params.duration_s * self.semantic_rate)):
+            raise ValueError(f"the prompt ({audio.shape[1] / self.codec.sample_rate:.2f} s) is not shorter than "
+                             f"duration_s={self.params.duration_s}")
+        audio = audio[:, :int(round(frames / self.semantic_rate * self.codec.sample_rate))]
+        resampled = _resample(audio, self.codec.sample_rate, self.semantic_tokenizer.sample_rate)
+        semantic = np.asarray(self.semantic_tokenizer.tokenize(resampled))[:, :frames]
+        codes = np.asarray(self.codec.encode(audio))[:, :frames * self.ratio]
+        tokens = self.generate_tokens(texts, semantic_prompt=semantic, codes_prompt=codes)
+        self.last_tokens = tokens
+        return self._decode(tokens["codes"])
+
+    def generate_story(self, story: Sequence[tuple[str, float]]) -> np.ndarray:
+        """One continuous piece whose caption changes at each segment boundary: story [(caption, seconds), ...]
+        -> audio [1, total seconds * codec rate]. Every window after a boundary is conditioned on the new caption
+        and continues the music before it (its context)."""
+        if not story:
+            raise ValueError("generate_story needs at least one (caption, seconds) segment")
+        texts, seconds = zip(*story)
+        if min(seconds) <= 0:
+            raise ValueError(f"story segment lengths {seconds} must be positive")
+        starts = np.cumsum([0.0] + list(seconds[:-1]))
+        segments = [int(round(s * self.semantic_rate)) for s in starts]
+        tokens = self.mulan.tokens_from_text(list(texts))[None]  # [1, S, 12]
+        previous = self.params
+        self.params = dataclasses.replace(previous, duration_s=float(sum(seconds)))
+        try:
+            out = self.generate_tokens(mulan_tokens=tokens, segments=segments)
+            self.last_tokens = out
+            return self._decode(out["codes"])
+        finally:
+            self.params = previous
+
+    def generate(self, texts: Sequence[str]) -> np.ndarray:
+        """Captions -> audio [len(texts), duration_s * codec.sample_rate] float32 at the codec's rate."""
+        if isinstance(texts, str):
+            raise TypeError("generate takes a list of captions")
+        self.last_tokens = self.generate_tokens(texts)
+        return self._decode(self.last_tokens["codes"])

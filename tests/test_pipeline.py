@@ -1,0 +1,141 @@
+"""The generation chain on tiny random-init models: audio of the requested duration at the codec rate,
+deterministic for a seed, guidance 1 equal to plain sampling, sliding windows past every stage's window,
+continuation keeping the prompt's tokens, and story mode switching the conditioning at its boundaries."""
+import numpy as np
+import pytest
+
+from musiclm_jax import checkpoint_loading, mulan, semantic
+from musiclm_jax.data import synthetic_music
+from musiclm_jax.pipeline import MusicLM, Stage
+from musiclm_jax.tokenize import _resample
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Run directories of tiny random-init models: codec, MuLan (with RVQ and vocabulary), semantic tokenizer and
+    the three stages."""
+    root = tmp_path_factory.mktemp("pipeline_models")
+    checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
+    checkpoint_loading.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
+    mulan.fit_rvq(str(root / "mulan"), num_clips=40, levels=12, codebook_size=32, steps=2)
+    # The tiny MuLan has no caption vocabulary (it was never trained): give it one from the synthetic captions.
+    from musiclm_jax import text_vocab
+    text_vocab.ensure_vocabulary(str(root / "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
+    checkpoint_loading.write_run_directory(str(root / "w2v_bert"), "gin/w2v_bert/tiny.gin", [], seed=6)
+    semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{root / 'w2v_bert'}'",
+                   f"--gin.OUTPUT_DIR='{root / 'tokenizer'}'", "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
+                   "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
+    for i, stage in enumerate(("semantic", "coarse", "fine")):
+        checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
+                                               ["TOKEN_DIR = '/unused'"], seed=3 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def musiclm(model_dirs):
+    model = MusicLM.from_checkpoints(*(str(model_dirs / n) for n in ("mulan", "codec", "semantic", "coarse", "fine")),
+                                     semantic_tokenizer=str(model_dirs / "tokenizer"))
+    model.log = None
+    return model
+
+
+def test_generate_gives_the_duration_and_is_deterministic(musiclm):
+    musiclm.set_generation_params(duration_s=2.0, seed=3)
+    audio = musiclm.generate(["a calm piano melody", "loud rock drums"])
+    assert audio.shape == (2, 48000) and audio.dtype == np.float32 and np.all(np.isfinite(audio))
+    np.testing.assert_array_equal(musiclm.generate(["a calm piano melody", "loud rock drums"]), audio)
+    musiclm.set_generation_params(seed=4)
+    assert not np.array_equal(musiclm.generate(["a calm piano melody", "loud rock drums"]), audio)
+
+
+def test_tokens_fill_every_frame_past_each_stage_window(musiclm):
+    # 3 s: 75 semantic frames (window 32), 150 codec frames (coarse window 100, fine window 50).
+    musiclm.set_generation_params(duration_s=3.0, seed=0, guidance_scale=1.0)
+    tokens = musiclm.generate_tokens(["slow waltz on strings"])
+    assert tokens["mulan"].shape == (1, 12) and tokens["semantic"].shape == (1, 75)
+    assert tokens["codes"].shape == (1, 150, 4) and 0 <= tokens["codes"].min() and tokens["codes"].max() < 64
+    assert tokens["semantic"].max() < 64
+    # Sliding windows keep the frames of earlier windows: the first window's semantic tokens are unchanged when
+    # the same seed asks for a shorter clip.
+    musiclm.set_generation_params(duration_s=1.28)
+    short = musiclm.generate_tokens(["slow waltz on strings"])
+    np.testing.assert_array_equal(short["semantic"], tokens["semantic"][:, :32])
+
+
+def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_it(musiclm):
+    musiclm.set_generation_params(duration_s=1.0, seed=5, guidance_scale=1.0)
+    plain = musiclm.generate_tokens(["bright synth"])
+    musiclm.set_generation_params(guidance_scale=3.0)
+    guided = musiclm.generate_tokens(["bright synth"])
+    np.testing.assert_array_equal(guided["semantic"], plain["semantic"])  # the tiny semantic stage has no dropout
+    assert not np.array_equal(guided["codes"][..., :2], plain["codes"][..., :2])  # the coarse stage is guided
+    with pytest.raises(TypeError, match="unknown generation parameters"):
+        musiclm.set_generation_params(durations=3)
+
+
+def test_continuation_keeps_the_prompt_tokens_as_prefix(musiclm):
+    musiclm.set_generation_params(duration_s=2.0, seed=1, guidance_scale=1.0)
+    prompt = synthetic_music.generate_clip(3, seed=7, seconds=1.0, sample_rate=24000)["audio"]
+    audio = musiclm.generate_continuation(prompt, ["the same, louder"])
+    tokens = musiclm.last_tokens
+    assert audio.shape == (1, 48000) and tokens["semantic"].shape == (1, 50)
+    resampled = musiclm.semantic_tokenizer.tokenize(_resample(prompt[None], 24000, 16000))
+    np.testing.assert_array_equal(tokens["semantic"][:, :25], resampled[:, :25])
+    np.testing.assert_array_equal(tokens["codes"][:, :50], musiclm.codec.encode(prompt[None])[:, :50])
+    with pytest.raises(ValueError, match="not shorter than duration_s"):
+        musiclm.generate_continuation(np.zeros(72000, np.float32), ["x"])
+
+
+def test_story_mode_switches_conditioning_at_the_boundaries(musiclm, monkeypatch):
+    calls = []
+    original = Stage.sample
+
+    def spy(self, prefix, steps, prompt_length, keys, params, temperature):
+        calls.append((self.name, np.array(prefix), steps, prompt_length))
+        return original(self, prefix, steps, prompt_length, keys, params, temperature)
+    monkeypatch.setattr(Stage, "sample", spy)
+    musiclm.set_generation_params(seed=2, guidance_scale=1.0)
+    audio = musiclm.generate_story([("calm piano", 1.0), ("loud rock drums", 1.2)])
+    assert audio.shape == (1, int(2.2 * 24000)) and musiclm.params.duration_s == 2.0  # settings restored
+    first, second = musiclm.mulan.tokens_from_text(["calm piano", "loud rock drums"])
+    for stage, levels, boundary in (("semantic", 1, 25), ("coarse", 2, 50)):
+        layout = musiclm.stages[stage].model.layout
+        filled = 0
+        windows = [c for c in calls if c[0] == stage]
+        assert len(windows) >= 2
+        for _, prefix, steps, prompt_length in windows:
+            new_frames = steps // levels
+            crosses = filled < boundary < filled + new_frames
+            assert not crosses, f"{stage}: a window's new frames {filled}-{filled + new_frames} cross {boundary}"
+            want = first if filled < boundary else second
+            np.testing.assert_array_equal(prefix[:, :12], layout.to_global(want[None], "mulan"))
+            filled += new_frames
+        assert filled == (55 if stage == "semantic" else 110)
+
+
+def test_cli_writes_wavs_samples_and_a_report_that_references_them(model_dirs, tmp_path):
+    import json
+    import re
+
+    import soundfile
+
+    from musiclm_jax import generate
+    out = tmp_path / "samples"
+    bindings = [f"--gin.{name.upper()}_CHECKPOINT='{model_dirs / name}'"
+                for name in ("mulan", "codec", "semantic", "coarse", "fine")]
+    generate.main(["--gin_file=gin/sample/musiclm.gin", *bindings, "--prompt", "calm piano",
+                   "--prompt", "loud rock drums", "--duration", "1.5", "--seed", "7", "--guidance", "2.0",
+                   f"--output_dir={out}"])
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["prompt"] for s in samples] == ["calm piano", "loud rock drums"]
+    for s in samples:
+        audio, rate = soundfile.read(out / s["wav"])
+        assert rate == 24000 and len(audio) == 36000 and s["seed"] == 7
+        assert s["settings"]["guidance_scale"] == 2.0 and -1.0 <= s["mulan_score"] <= 1.0
+        assert (out / s["spectrogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    referenced = re.findall(r'(?:src)="([^"]+)"', page)
+    assert sorted(referenced) == sorted([s["wav"] for s in samples] + [s["spectrogram"] for s in samples])
+    assert all((out / r).exists() for r in referenced) and "calm piano" in page
+    with pytest.raises(Exception, match="unknown flag --promt"):
+        generate.main(["--gin_file=gin/sample/musiclm.gin", "--promt", "x"])
