@@ -1,14 +1,16 @@
 """`python -m musiclm_jax.generate`: captions -> wav files, samples.jsonl and an HTML report.
 
     python -m musiclm_jax.generate --gin_file=gin/sample/musiclm.gin --prompt "calm piano" [--prompt "..."] \
-        --duration 10 --output_dir DIR [--seed S] [--guidance 3.0] [--continue_from a.wav]
+        --duration 10 --output_dir DIR [--seed S] [--guidance 3.0] [--continue_from a.wav] [--rerank N] \
+        [--melody m.wav]
 
 gin/sample/musiclm.gin names the run directories (MULAN_CHECKPOINT, CODEC_CHECKPOINT, SEMANTIC_CHECKPOINT,
 COARSE_CHECKPOINT, FINE_CHECKPOINT, SEMANTIC_TOKENIZER) and the default sampling settings. Writes, in DIR:
   <index>_<slug>.wav      each prompt's audio at the codec's rate
   <index>_<slug>.png      its log-mel spectrogram
   samples.jsonl           one line per sample: prompt, wav, seed, settings, duration_s, seconds (wall time),
-                          mulan_score (cosine between the prompt's and the audio's MuLan embeddings)
+                          mulan_score (cosine between the prompt's and the audio's MuLan embeddings), and with
+                          --rerank N the N candidates' scores (the kept one is the highest)
   report.html             the prompts, settings, spectrograms and audio players
 """
 from __future__ import annotations
@@ -22,8 +24,10 @@ import time
 from typing import Optional, Sequence
 
 from musiclm_jax import gin_utils
+from musiclm_jax.melody import describe as describe_melody
 
-FLAGS = {"prompt": [], "duration": None, "output_dir": None, "seed": None, "guidance": None, "continue_from": None}
+FLAGS = {"prompt": [], "duration": None, "output_dir": None, "seed": None, "guidance": None, "continue_from": None,
+         "rerank": None, "melody": None}
 
 
 def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoint: str, coarse_checkpoint: str,
@@ -44,8 +48,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "sample"
 
 
-def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optional[str] = None) -> list[dict]:
-    """Generates each prompt (one at a time, so every sample gets the run's seed) and writes the outputs."""
+def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optional[str] = None,
+        rerank: int = 1, melody: Optional[str] = None) -> list[dict]:
+    """Generates each prompt (one at a time, so every sample gets the run's seed) and writes the outputs;
+    rerank > 1 keeps the best of that many candidates by MuLan score; melody: an audio file whose melody every
+    sample follows (MusicLM.generate)."""
     import numpy as np
 
     from musiclm_jax import report
@@ -54,11 +61,14 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
         raise ValueError("give at least one --prompt")
     os.makedirs(output_dir, exist_ok=True)
     prompt_audio = None if continue_from is None else audio_io.load_audio(continue_from, musiclm.codec.sample_rate)
+    melody_audio = None if melody is None else audio_io.load_audio(melody, musiclm.codec.sample_rate)
+    if melody_audio is not None and prompt_audio is not None:
+        raise ValueError("--melody and --continue_from cannot be combined")
     samples = []
     for index, prompt in enumerate(prompts):
         start = time.time()
         if prompt_audio is None:
-            audio = musiclm.generate([prompt])[0]
+            audio = musiclm.generate([prompt], rerank=rerank, melody=melody_audio)[0]
         else:
             audio = musiclm.generate_continuation(prompt_audio, [prompt])[0]
         seconds = time.time() - start
@@ -70,6 +80,12 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
         settings = {k: v for k, v in dataclasses.asdict(musiclm.params).items() if k != "duration_s"}
         if continue_from:
             settings["continue_from"] = continue_from
+        if melody:
+            settings["melody"] = melody
+            settings["melody_tokens"] = describe_melody(musiclm.last_tokens["melody"][0])
+        if rerank > 1 and prompt_audio is None:
+            settings["rerank"] = rerank
+            settings["candidate_mulan_scores"] = [round(float(x), 6) for x in musiclm.last_scores[0]]
         samples.append({"prompt": prompt, "wav": name + ".wav", "spectrogram": name + ".png",
                         "seed": musiclm.params.seed, "settings": settings, "duration_s": len(audio) /
                         musiclm.codec.sample_rate, "seconds": seconds, "mulan_score": score})
@@ -98,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         if flags["guidance"] is not None:
             overrides["guidance_scale"] = float(flags["guidance"])
         musiclm.set_generation_params(**overrides)
-        return run(musiclm, flags["prompt"], flags["output_dir"], flags["continue_from"])
+        return run(musiclm, flags["prompt"], flags["output_dir"], flags["continue_from"],
+                   rerank=int(flags["rerank"] or 1), melody=flags["melody"])
     return gin_utils.run(go, extra_flags=FLAGS, argv=argv)
 
 

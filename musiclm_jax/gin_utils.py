@@ -2,7 +2,7 @@
 
 Command line (t5x style):
   --gin_file=PATH            a gin file (repeatable); relative paths are looked up in the current directory,
-                             then in the installed package (so `gin/stages/semantic_tiny.gin` works anywhere)
+                             then in the installed package (so `gin/codec/tiny.gin` works anywhere)
   --gin.NAME=VALUE           a binding, e.g. --gin.MODEL_DIR="'/tmp/run'" or --gin.train.total_steps=10
   --gin_bindings=BINDING     a binding in gin syntax (repeatable)
   --gin_search_paths=A,B     extra directories to resolve gin files and their includes
@@ -104,7 +104,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_path
     for path in list(search_paths) + default_search_paths():
         gin.add_config_file_search_path(path)
     if not gin_files:
-        raise FlagError("no --gin_file given (e.g. --gin_file=gin/stages/semantic_tiny.gin)")
+        raise FlagError("no --gin_file given (e.g. --gin_file=gin/codec/tiny.gin)")
     for f in gin_files:
         if not os.path.isabs(f) and not any(os.path.exists(os.path.join(p, f))
                                             for p in list(search_paths) + default_search_paths()):
@@ -143,5 +143,9 @@ def run(main: Callable[[dict], Any], extra_flags: Optional[Mapping[str, Any]] = 
         argv: Optional[Sequence[str]] = None, finalize: bool = True) -> Any:
     """Parses flags and gin, then calls main(flags)."""
     flags = parse_flags(sys.argv[1:] if argv is None else argv, extra_flags)
+    # Multi-process start-up (tpu_run.sh sets MUSICLM_* variables) must precede any JAX use, gin parsing
+    # included (gin files import modules); after flag parsing so a bad flag fails without waiting for peers.
+    from musiclm_jax import distributed
+    distributed.maybe_initialize()
     parse_gin(flags["gin_files"], flags["gin_bindings"], flags["gin_search_paths"], finalize=finalize)
     return main(flags)

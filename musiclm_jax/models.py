@@ -168,6 +168,9 @@ class TokenLMModel(BaseModel):
       guidance_groups: the prefix groups that classifier-free guidance drops (MuLan's tokens), e.g. ('mulan',).
       conditioning_dropout: probability that a training example's guidance-group tokens are replaced by PAD
         (the "unconditional" input that guidance contrasts with), drawn per example from the dropout key.
+      optional_groups: {prefix group: probability}: conditioning that may be absent at inference (the melody
+        tokens), replaced by PAD in a training example with its own probability, drawn independently of the
+        guidance drop; generation without it gives PAD tokens in its place.
     """
 
     feature_converter_name = "prefix_lm"
@@ -175,7 +178,7 @@ class TokenLMModel(BaseModel):
     def __init__(self, network: TransformerConfig, layout: TokenLayout, prefix_groups: Sequence[str],
                  target_group: str, prefix_length: int, target_length: int, z_loss: float = 0.0,
                  label_smoothing: float = 0.0, guidance_groups: Sequence[str] = (),
-                 conditioning_dropout: float = 0.0):
+                 conditioning_dropout: float = 0.0, optional_groups: Optional[Mapping[str, float]] = None):
         if network.vocab_size is None:
             network = dataclasses.replace(network, vocab_size=layout.vocab_size)
         if network.vocab_size != layout.vocab_size:
@@ -191,6 +194,13 @@ class TokenLMModel(BaseModel):
             raise ValueError(f"conditioning_dropout={conditioning_dropout} must be in [0, 1)")
         if conditioning_dropout and not guidance_groups:
             raise ValueError("conditioning_dropout needs guidance_groups (the prefix groups it drops)")
+        optional_groups = dict(optional_groups or {})
+        for name, p in optional_groups.items():
+            if name not in prefix_groups or name in guidance_groups:
+                raise ValueError(f"optional_groups: {name!r} must be a prefix group {tuple(prefix_groups)} and not a "
+                                 f"guidance group")
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"optional_groups[{name!r}]={p} must be in [0, 1)")
         self.network = network
         self.layout = layout
         self.prefix_groups = tuple(prefix_groups)
@@ -201,6 +211,7 @@ class TokenLMModel(BaseModel):
         self.label_smoothing = label_smoothing
         self.guidance_groups = tuple(guidance_groups)
         self.conditioning_dropout = float(conditioning_dropout)
+        self.optional_groups = {k: float(v) for k, v in optional_groups.items()}
         self.module = DecoderOnlyTransformer(network)
 
     @property
@@ -230,20 +241,21 @@ class TokenLMModel(BaseModel):
                                  batch.get("decoder_causal_attention"), deterministic=dropout_rng is None,
                                  rngs=rngs)
 
-    def is_guidance_token(self, tokens: jax.Array) -> jax.Array:
-        """bool, same shape as tokens (global ids): the token belongs to a guidance group."""
+    def is_guidance_token(self, tokens: jax.Array, groups: Optional[Sequence[str]] = None) -> jax.Array:
+        """bool, same shape as tokens (global ids): the token belongs to a guidance group (or to `groups`)."""
         hit = jnp.zeros(tokens.shape, bool)
-        for name in self.guidance_groups:
+        for name in self.guidance_groups if groups is None else groups:
             low = self.layout.offset(name)
             group = self.layout.group(name)
             hit |= (tokens >= low) & (tokens < low + group.levels * group.codebook_size)
         return hit
 
-    def drop_conditioning(self, batch: Batch, drop: jax.Array) -> Batch:
-        """The batch with the guidance-group prefix tokens of the examples where drop [B] is True set to PAD."""
+    def drop_conditioning(self, batch: Batch, drop: jax.Array, groups: Optional[Sequence[str]] = None) -> Batch:
+        """The batch with the guidance-group (or `groups`) prefix tokens of the examples where drop [B] is True
+        set to PAD."""
         targets, inputs = batch["decoder_target_tokens"], batch["decoder_input_tokens"]
         is_prefix = batch["decoder_loss_weights"] == 0
-        dropped = self.is_guidance_token(targets) & is_prefix & drop[:, None]
+        dropped = self.is_guidance_token(targets, groups) & is_prefix & drop[:, None]
         shifted = jnp.pad(dropped[:, :-1], ((0, 0), (1, 0)))  # input position i holds target i - 1
         return dict(batch, decoder_target_tokens=jnp.where(dropped, PAD_ID, targets),
                     decoder_input_tokens=jnp.where(shifted, PAD_ID, inputs))
@@ -255,6 +267,11 @@ class TokenLMModel(BaseModel):
             drop = jax.random.bernoulli(drop_rng, self.conditioning_dropout,
                                         (batch["decoder_target_tokens"].shape[0],))
             batch = self.drop_conditioning(batch, drop)
+        for name, p in self.optional_groups.items():
+            if p and dropout_rng is not None:
+                dropout_rng, drop_rng = jax.random.split(dropout_rng)
+                drop = jax.random.bernoulli(drop_rng, p, (batch["decoder_target_tokens"].shape[0],))
+                batch = self.drop_conditioning(batch, drop, (name,))
         logits = self.logits(params, batch, dropout_rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)

@@ -18,8 +18,11 @@ prompt and generates the rest, so each window continues the music (the paper's s
 15 s stride, 15 s prompt). Continuation puts a clip's own semantic tokens and codes first; story mode changes
 the MuLan tokens at segment boundaries, which no window's new frames cross. Classifier-free guidance
 (guidance_scale != 1) applies to the stages trained with conditioning dropout (their `guidance_groups`: the MuLan
-tokens). Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per example, so a seed
-gives the same audio.
+tokens). Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody tokens in its prefix
+(gin/stages/semantic_tiny.gin) gets, per window, the melody tokens (musiclm_jax.melody) of the given audio over
+the window's frames, PAD where the melody has ended or none was given. Reranking (`rerank=N`) samples N
+candidates per caption and keeps the one MuLan scores closest to the caption. Randomness: stage s, window w
+draws from fold_in(key(seed), 1000 s + w), split per example, so a seed gives the same audio.
 """
 from __future__ import annotations
 
@@ -85,6 +88,8 @@ class MusicLM:
                  semantic_tokenizer=None, log=sys.stderr):
         self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
         self.last_tokens: dict = {}
+        self.last_scores: Optional[np.ndarray] = None
+        self.last_choice: Optional[np.ndarray] = None
         self.stages = {"semantic": semantic, "coarse": coarse, "fine": fine}
         self.semantic_rate = float(semantic_rate)
         self.log = log
@@ -99,6 +104,15 @@ class MusicLM:
         if self.coarse_levels + self.fine_levels != codec.num_quantizers:
             raise ValueError(f"coarse ({self.coarse_levels}) + fine ({self.fine_levels}) levels do not make the "
                              f"codec's {codec.num_quantizers}")
+        sem = semantic.model
+        self.melody_length = 0  # melody tokens in a semantic window (0: the stage takes no melody)
+        if "melody" in sem.prefix_groups:
+            self.melody_length = sem.prefix_length - sum(sem.layout.group(g).levels for g in sem.prefix_groups
+                                                         if g != "melody")
+            if self.melody_length <= 0 or sem.target_length % self.melody_length:
+                raise ValueError(f"the semantic stage's {self.melody_length} melody tokens do not divide its window "
+                                 f"of {sem.target_length} frames")
+            self.melody_rate = self.semantic_rate * self.melody_length / sem.target_length
 
     @classmethod
     def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
@@ -171,14 +185,33 @@ class MusicLM:
             filled, w = end, w + 1
         return out
 
+    def melody_tokens(self, melody_audio: np.ndarray, batch: int) -> np.ndarray:
+        """Melody audio [B or 1, samples] (or [samples]) at the codec's rate -> melody tokens [batch, frames] at the
+        semantic stage's melody rate (musiclm_jax.melody)."""
+        from musiclm_jax import melody
+        if not self.melody_length:
+            raise ValueError("this semantic stage was not trained with melody tokens (its prefix groups are "
+                             f"{self.stages['semantic'].model.prefix_groups}); train one with "
+                             "gin/stages/semantic_tiny.gin or semantic_melody_paper.gin")
+        audio = np.atleast_2d(np.asarray(melody_audio, np.float32))
+        if audio.shape[0] not in (1, batch):
+            raise ValueError(f"{audio.shape[0]} melodies for {batch} captions (give one, or one per caption)")
+        tokens = melody.melody_tokens(audio, self.codec.sample_rate, self.melody_rate)
+        if tokens.shape[1] == 0:
+            raise ValueError(f"the melody ({audio.shape[1]} samples) is shorter than one melody frame "
+                             f"({1 / self.melody_rate:.2f} s)")
+        return np.repeat(tokens, batch, axis=0) if tokens.shape[0] == 1 else tokens
+
     def generate_tokens(self, texts: Sequence[str] = (), mulan_tokens: Optional[np.ndarray] = None,
                         semantic_prompt: Optional[np.ndarray] = None, codes_prompt: Optional[np.ndarray] = None,
-                        segments: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+                        segments: Optional[Sequence[int]] = None,
+                        melody_tokens: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """{'mulan', 'semantic' [B, frames], 'codes' [B, codec frames, levels]} for the captions.
 
         mulan_tokens: [B, 12], or [B, S, 12] for S story segments whose semantic frames start at `segments`
           (S offsets, the first 0); default: the captions' tokens.
         semantic_prompt [B, k], codes_prompt [B, k * ratio, levels]: known first frames (continuation).
+        melody_tokens [B, frames] at `melody_rate` (melody_tokens()): the melody the semantic stage follows.
         """
         p = self.params
         if mulan_tokens is None:
@@ -197,8 +230,21 @@ class MusicLM:
             segment = max(i for i, first in enumerate(segments) if first <= semantic_frame)
             return layout.to_global(schedule[:, segment], "mulan")
 
+        if melody_tokens is not None and not self.melody_length:
+            self.melody_tokens(np.zeros(1), batch)  # raises: the stage takes no melody
+
+        def semantic_conditioning(begin, end, first_new):  # MuLan (+ the melody of frames from `begin`, or PAD)
+            ids = mulan_ids(sem.layout, first_new)
+            if not self.melody_length:
+                return ids
+            tune = np.zeros((batch, self.melody_length), np.int32)  # PAD: no melody
+            if melody_tokens is not None:
+                first = begin * self.melody_length // sem.target_length
+                known = melody_tokens[:, first:first + self.melody_length]
+                tune[:, :known.shape[1]] = sem.layout.to_global(known, "melody")
+            return np.concatenate([ids, tune], axis=1)
         semantic = self._run_stage(
-            "semantic", semantic_frames, sem.target_length, 1, lambda b, e, f: mulan_ids(sem.layout, f),
+            "semantic", semantic_frames, sem.target_length, 1, semantic_conditioning,
             None if semantic_prompt is None else semantic_prompt[..., None], batch, segments[1:])[..., 0]
         coarse_window = (coarse.prefix_length - coarse.layout.group("mulan").levels) * self.ratio
 
@@ -215,7 +261,7 @@ class MusicLM:
         prompt = None if codes_prompt is None else codes_prompt[..., self.coarse_levels:]
         fine_codes = self._run_stage("fine", codec_frames, fine_window, self.fine_levels, fine_conditioning, prompt,
                                      batch)
-        return {"mulan": mulan_tokens, "semantic": semantic,
+        return {"mulan": mulan_tokens, "melody": melody_tokens, "semantic": semantic,
                 "codes": np.concatenate([coarse_codes, fine_codes], axis=-1)}
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
@@ -267,9 +313,37 @@ class MusicLM:
         finally:
             self.params = previous
 
-    def generate(self, texts: Sequence[str]) -> np.ndarray:
-        """Captions -> audio [len(texts), duration_s * codec.sample_rate] float32 at the codec's rate."""
+    def mulan_scores(self, texts: Sequence[str], audio: np.ndarray) -> np.ndarray:
+        """[B] cosine between each caption's MuLan text embedding and its clip audio [B, samples] (codec rate)."""
+        from musiclm_jax.data import audio_io
+        clips = np.stack([audio_io.to_mono_at_rate(a, self.codec.sample_rate, self.mulan.sample_rate) for a in audio])
+        return np.sum(self.mulan.embed_text(list(texts)) * self.mulan.embed_audio(clips), axis=-1)
+
+    def generate(self, texts: Sequence[str], rerank: int = 1, melody: Optional[np.ndarray] = None) -> np.ndarray:
+        """Captions -> audio [len(texts), duration_s * codec.sample_rate] float32 at the codec's rate.
+
+        melody: audio [B or 1, samples] (or [samples]) at the codec's rate whose melody (the dominant pitch class
+        per 200 ms, musiclm_jax.melody) the semantic stage follows; past its end the stage runs without one.
+
+        rerank: N > 1 samples N candidates per caption (one batch of B * N, each with its own random stream) and
+        keeps, per caption, the one whose MuLan audio embedding is closest to the caption's text embedding
+        (`last_scores` [B, N] holds the cosines, `last_choice` [B] the kept candidate)."""
         if isinstance(texts, str):
             raise TypeError("generate takes a list of captions")
-        self.last_tokens = self.generate_tokens(texts)
-        return self._decode(self.last_tokens["codes"])
+        if rerank < 1:
+            raise ValueError(f"rerank={rerank} must be a positive number of candidates")
+        texts = list(texts)
+        tune = None if melody is None else self.melody_tokens(melody, len(texts))
+        if rerank == 1:
+            self.last_tokens = self.generate_tokens(texts, melody_tokens=tune)
+            self.last_scores, self.last_choice = None, None
+            return self._decode(self.last_tokens["codes"])
+        expanded = [t for t in texts for _ in range(rerank)]  # candidates of a caption are adjacent
+        tokens = self.generate_tokens(expanded, melody_tokens=None if tune is None else np.repeat(tune, rerank, 0))
+        audio = self._decode(tokens["codes"])
+        scores = self.mulan_scores(expanded, audio).reshape(len(texts), rerank)
+        choice = np.argmax(scores, axis=1)
+        keep = np.arange(len(texts)) * rerank + choice
+        self.last_tokens = {name: None if value is None else value[keep] for name, value in tokens.items()}
+        self.last_scores, self.last_choice = scores, choice
+        return audio[keep]

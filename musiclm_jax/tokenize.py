@@ -9,7 +9,8 @@ MUSICCAPS_DIR is set), cuts it into chunks of `chunk_seconds` (a shorter clip is
 shorter than `min_clip_seconds` is skipped and counted; the tail after the last whole chunk is dropped and its
 seconds counted), runs each tokenizer on batches of chunks laid out over all of this process's devices, and writes
 the token cache described in musiclm_jax.data.token_cache. Tokenizers: the codec (all levels), the semantic
-tokenizer and MuLan's conditioning RVQ (of each chunk's clip embedding), each optional but the codec.
+tokenizer, MuLan's conditioning RVQ (of each chunk's clip embedding) and the melody tokens (quantized chroma,
+musiclm_jax.melody, at `melody_rate` Hz), each optional but the codec.
 
 Work is divided into shards of `clips_per_shard` clips; process p of P does the shards whose index is p mod P. A
 shard is written to a temporary file and renamed, then marked done by its .json, so a restarted job skips the
@@ -46,7 +47,8 @@ class TokenSource:
 
     def spec(self, frames: int) -> dict:
         return {"sample_rate": self.sample_rate, "frame_rate": self.frame_rate, "levels": self.levels,
-                "codebook_size": self.codebook_size, "frames": frames, "checkpoint": os.path.abspath(self.checkpoint)}
+                "codebook_size": self.codebook_size, "frames": frames,
+                "checkpoint": os.path.abspath(self.checkpoint) if self.checkpoint else None}
 
 
 def codec_source(checkpoint: str) -> TokenSource:
@@ -72,6 +74,14 @@ def mulan_source(checkpoint: str, chunk_seconds: float) -> TokenSource:
     rvq = mulan._require_rvq()
     return TokenSource("mulan", mulan.sample_rate, 1.0 / chunk_seconds, rvq.levels, rvq.codebook_size, checkpoint,
                        lambda audio: mulan.tokens_from_audio(np.asarray(audio))[:, None, :])
+
+
+def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
+    """Melody tokens (musiclm_jax.melody: the dominant pitch class per frame, or none) at frame_rate Hz, computed
+    on the host from the chunk at the codec's rate (no checkpoint)."""
+    from musiclm_jax import melody
+    return TokenSource("melody", sample_rate, frame_rate, 1, melody.VOCAB_SIZE, "",
+                       lambda audio: melody.melody_tokens(np.asarray(audio), sample_rate, frame_rate)[..., None])
 
 
 def _resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -179,11 +189,12 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
                      semantic_checkpoint: Optional[str] = None, mulan_checkpoint: Optional[str] = None,
                      splits: Sequence[str] = ("train", "validation", "test"), chunk_seconds: float = 30.0,
                      min_clip_seconds: float = 1.0, clips_per_shard: int = 256, batch_size: int = 8,
-                     max_clips: Optional[dict] = None) -> dict:
+                     max_clips: Optional[dict] = None, melody_rate: Optional[float] = None) -> dict:
     """Writes the token cache of `source_task` (a raw-audio task name at the codec's rate) to output_dir and
     returns its manifest. See the module docstring. The semantic tokenizer and MuLan (with its fitted RVQ) are
     optional: the fine stage needs only the codec. `max_clips` {split: n} caps a split (the synthetic music has
-    100,000 train clips)."""
+    100,000 train clips). `melody_rate` (Hz, e.g. 5.0) adds the melody tokens that melody-conditioned semantic
+    stages read."""
     from musiclm_jax.tasks import audio as audio_tasks
 
     sources = [codec_source(codec_checkpoint)]
@@ -192,6 +203,8 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
     if mulan_checkpoint:
         sources.append(mulan_source(mulan_checkpoint, chunk_seconds))
     sample_rate = sources[0].sample_rate
+    if melody_rate:
+        sources.append(melody_source(sample_rate, float(melody_rate)))
     _, task_rate, _, _ = audio_tasks.parse_raw_audio_task_name(source_task)
     if task_rate != sample_rate:
         raise ValueError(f"source_task {source_task!r} is at {task_rate} Hz but the codec runs at {sample_rate} Hz")

@@ -130,6 +130,9 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
     train_input = SeqioInputPipeline(train_dataset_cfg, model.feature_converter_name,
                                      feature_converter_kwargs=model.feature_converter_kwargs)
     train_input.check_vocab_size(model.vocab_size)
+    if getattr(model, "layout", None) is not None:
+        from musiclm_jax.tasks import tokenized
+        tokenized.check_layout(train_dataset_cfg.mixture_or_task_name, model.layout)
     eval_input = None
     if eval_dataset_cfg is not None and eval_period > 0:
         partitioner.check_global_batch(eval_dataset_cfg.batch_size, "eval batch_size")
@@ -195,8 +198,9 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
     return last
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Entry point: parses --gin_file / --gin.X flags, saves MODEL_DIR/config.gin, runs train()."""
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Entry point: parses --gin_file / --gin.X flags, saves MODEL_DIR/config.gin, runs train() and returns its
+    last logged metrics."""
     import gin
 
     def run(flags):
@@ -204,9 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model_dir = gin_utils.bound_arguments("train", ["model_dir"], {})["model_dir"]
         if jax.process_index() == 0:
             gin_utils.save_config(model_dir)
-        gin.get_configurable(train)()
+        return gin.get_configurable(train)()
 
-    gin_utils.run(run, argv=argv)
+    return gin_utils.run(run, argv=argv)
 
 
 if __name__ == "__main__":

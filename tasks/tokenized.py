@@ -4,8 +4,11 @@
   coarse_stage:<TOKEN_DIR>     inputs: MuLan tokens + semantic crop  targets: codec levels 1..Lc of the crop
   fine_stage:<TOKEN_DIR>       inputs: codec levels 1..Lc of a crop  targets: codec levels Lc+1..Lc+Lf
 
-optionally followed by `?seconds=S&coarse_levels=Lc&fine_levels=Lf` (defaults: semantic the whole chunk, coarse
-10 s, fine 3 s, each at most the chunk; Lc = min(4, levels // 2), Lf = the remaining levels).
+optionally followed by `?seconds=S&coarse_levels=Lc&fine_levels=Lf&melody=1` (defaults: semantic the whole chunk,
+coarse 10 s, fine 3 s, each at most the chunk; Lc = min(4, levels // 2), Lf = the remaining levels; melody 0).
+`melody=1` (semantic stage, a cache with melody tokens): the inputs are the MuLan tokens followed by the melody
+tokens of the crop (musiclm_jax.melody, 13 codes at the cache's melody rate, e.g. 5 Hz: 150 for 30 s), in the
+layout mulan, melody, semantic; the crop then starts on a melody frame.
 
 Token layout (exact; global ids of the stage's TokenLayout, see musiclm_jax.token_layout): every (group, level)
 has its own id range after PAD = 0, `id = offset(group) + level * codebook_size + code`, and multi-level groups
@@ -57,6 +60,7 @@ class StageSpec:
     seconds: float
     coarse_levels: int
     fine_levels: int
+    melody: bool
     input_length: int
     target_length: int
 
@@ -73,10 +77,12 @@ def _frames(spec: dict, seconds: float, token_dir: str, what: str) -> int:
 
 
 def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_levels: int | None = None,
-               fine_levels: int | None = None) -> StageSpec:
+               fine_levels: int | None = None, melody: bool | int = False) -> StageSpec:
     """The StageSpec of `stage` over the token cache `token_dir` (see the module docstring for defaults)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: must be one of {STAGES}")
+    if melody and stage != "semantic":
+        raise ValueError(f"melody=1 is an option of the semantic stage, not the {stage} stage")
     manifest = token_cache.read_manifest(token_dir)
     chunk = float(manifest["chunk_seconds"])
     seconds = float(seconds if seconds is not None else (DEFAULT_SECONDS[stage] or chunk))
@@ -94,10 +100,18 @@ def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_
     if stage in ("semantic", "coarse"):
         mulan = token_cache.tokenizer_spec(manifest, "mulan", token_dir, need)
         semantic = token_cache.tokenizer_spec(manifest, "semantic", token_dir, need)
-        groups += [("mulan", mulan["levels"] * mulan["frames"], mulan["codebook_size"]),
-                   ("semantic", 1, semantic["codebook_size"])]
+        groups.append(("mulan", mulan["levels"] * mulan["frames"], mulan["codebook_size"]))
         input_length = mulan["levels"] * mulan["frames"]
         semantic_frames = _frames(semantic, seconds, token_dir, "semantic")
+        if melody:
+            tune = token_cache.tokenizer_spec(manifest, "melody", token_dir, "a melody-conditioned semantic stage")
+            ratio = semantic["frame_rate"] / tune["frame_rate"]
+            if abs(ratio - round(ratio)) > 1e-6:
+                raise ValueError(f"{token_dir}: the semantic rate {semantic['frame_rate']} Hz is not a whole multiple "
+                                 f"of the melody rate {tune['frame_rate']} Hz")
+            groups.append(("melody", 1, tune["codebook_size"]))
+            input_length += _frames(tune, seconds, token_dir, "melody")
+        groups.append(("semantic", 1, semantic["codebook_size"]))
         if stage == "semantic":
             target_length = semantic_frames
         else:
@@ -113,7 +127,7 @@ def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_
         frames = _frames(codec, seconds, token_dir, "codec")
         input_length, target_length = frames * coarse_levels, frames * fine_levels
     return StageSpec(stage, token_dir, TokenLayout.from_tuples(groups), seconds, coarse_levels, fine_levels,
-                     input_length, target_length)
+                     bool(melody), input_length, target_length)
 
 
 def _feature_description(manifest: dict) -> dict:
@@ -132,11 +146,12 @@ def _make_preprocessor(spec: StageSpec, manifest: dict):
     tokenizers, chunk_rate = manifest["tokenizers"], float(manifest["sample_rate"])
     layout = spec.layout
 
-    def crop_start(seed, num_samples, frame_rate, window, total):
-        """A random first frame such that the window lies in the real audio (or starts at 0 if it cannot)."""
+    def crop_start(seed, num_samples, frame_rate, window, total, align=1):
+        """A random first frame (a multiple of `align`) such that the window lies in the real audio (or starts at
+        0 if it cannot)."""
         real = tf.cast(tf.math.ceil(tf.cast(num_samples, tf.float64) / chunk_rate * frame_rate), tf.int32)
-        last = tf.maximum(0, tf.minimum(real, total) - window)
-        return tf.random.stateless_uniform([], seed, 0, last + 1, tf.int32)
+        last = tf.maximum(0, tf.minimum(real, total) - window) // align
+        return tf.random.stateless_uniform([], seed, 0, last + 1, tf.int32) * align
 
     def codec_window(ex, first, frames, lo, hi, group):
         codec = tokenizers["codec"]
@@ -150,10 +165,15 @@ def _make_preprocessor(spec: StageSpec, manifest: dict):
             mulan = tf.cast(ex["mulan"], tf.int32) + _level_offsets(layout, "mulan")
             semantic = tokenizers["semantic"]
             frames = int(round(spec.seconds * semantic["frame_rate"]))
-            first = crop_start(seed, ex["num_samples"], semantic["frame_rate"], frames, semantic["frames"])
+            per_melody = int(round(semantic["frame_rate"] / tokenizers["melody"]["frame_rate"])) if spec.melody else 1
+            first = crop_start(seed, ex["num_samples"], semantic["frame_rate"], frames, semantic["frames"], per_melody)
             sem = tf.cast(ex["semantic"][first:first + frames], tf.int32) + layout.offset("semantic")
             if spec.stage == "semantic":
-                return {"inputs": mulan, "targets": sem, "id": ex["id"], "text": ex["text"]}
+                inputs = mulan
+                if spec.melody:
+                    tune = tf.cast(ex["melody"][first // per_melody:(first + frames) // per_melody], tf.int32)
+                    inputs = tf.concat([mulan, tune + layout.offset("melody")], 0)
+                return {"inputs": inputs, "targets": sem, "id": ex["id"], "text": ex["text"]}
             ratio = int(round(tokenizers["codec"]["frame_rate"] / semantic["frame_rate"]))
             targets = codec_window(ex, first * ratio, frames * ratio, 0, spec.coarse_levels, "coarse")
             return {"inputs": tf.concat([mulan, sem], 0), "targets": targets, "id": ex["id"], "text": ex["text"]}
@@ -173,8 +193,8 @@ def parse_stage_task_name(name: str) -> tuple[str, str, dict]:
         raise ValueError(f"{name!r} is not a stage task name (<semantic|coarse|fine>_stage:<TOKEN_DIR>[?options])")
     options = {}
     for key, value in urllib.parse.parse_qsl(match.group(3) or "", strict_parsing=bool(match.group(3))):
-        if key not in ("seconds", "coarse_levels", "fine_levels"):
-            raise ValueError(f"{name!r}: unknown option {key!r}; known: seconds, coarse_levels, fine_levels")
+        if key not in ("seconds", "coarse_levels", "fine_levels", "melody"):
+            raise ValueError(f"{name!r}: unknown option {key!r}; known: seconds, coarse_levels, fine_levels, melody")
         options[key] = float(value) if key == "seconds" else int(value)
     return match.group(1), os.path.abspath(match.group(2)), options
 
@@ -182,6 +202,20 @@ def parse_stage_task_name(name: str) -> tuple[str, str, dict]:
 def stage_spec_from_name(name: str) -> StageSpec:
     stage, token_dir, options = parse_stage_task_name(name)
     return stage_spec(stage, token_dir, **options)
+
+
+def check_layout(name: str, layout: TokenLayout) -> None:
+    """Raises if `name` is a stage task whose token cache gives another layout than the model's `layout` (the
+    model's gin file and the tokenizers that made the cache disagree on groups, levels or codebook sizes)."""
+    if not _NAME.match(name):
+        return
+    spec = stage_spec_from_name(name)
+    if tuple(spec.layout.groups) != tuple(layout.groups):
+        want = tuple((g.name, g.levels, g.codebook_size) for g in spec.layout.groups)
+        have = tuple((g.name, g.levels, g.codebook_size) for g in layout.groups)
+        raise ValueError(f"the model's token layout {have} does not match the token cache {spec.token_dir} "
+                         f"({want} from its manifest.json): set token_layout.TokenLayout.from_tuples.groups = "
+                         f"{want} in the model's gin file, or tokenize with matching tokenizers")
 
 
 def register_stage_task(name: str) -> seqio.Task:

@@ -46,10 +46,11 @@ def mesh(data: int, model: int, fsdp: int = 1, devices=None):
     return partitioning.mesh_from_shape({"data": data, "fsdp": fsdp, "model": model}, devices)
 
 
-def write_frozen_tiny_tokenizers(root: str) -> dict[str, str]:
+def write_frozen_tiny_tokenizers(root: str, semantic_clusters: int = 16, mulan_codes: int = 16) -> dict[str, str]:
     """Random-init tiny codec (gin/codec/tiny.gin: 24 kHz, 50 Hz, 4 x 64) and w2v-BERT run directories, a
-    16-cluster semantic tokenizer fitted on the latter (2 k-means steps), and a random-init tiny MuLan with a
-    12 x 16 conditioning RVQ: {'codec', 'w2v_bert', 'semantic', 'mulan'}."""
+    `semantic_clusters`-cluster semantic tokenizer fitted on the latter (2 k-means steps), and a random-init tiny
+    MuLan with a 12 x `mulan_codes` conditioning RVQ: {'codec', 'w2v_bert', 'semantic', 'mulan'}. With 64 and 32
+    the sizes are those of the tiny stages' gin files."""
     import os
 
     from musiclm_jax import checkpoint_loading, mulan, semantic
@@ -57,9 +58,9 @@ def write_frozen_tiny_tokenizers(root: str) -> dict[str, str]:
     checkpoint_loading.write_run_directory(paths["codec"], "gin/codec/tiny.gin", [], seed=1)
     checkpoint_loading.write_run_directory(paths["w2v_bert"], "gin/w2v_bert/tiny.gin", [], seed=2)
     semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{paths['w2v_bert']}'",
-                   f"--gin.OUTPUT_DIR='{paths['semantic']}'", "--gin.NUM_CLUSTERS=16",
+                   f"--gin.OUTPUT_DIR='{paths['semantic']}'", f"--gin.NUM_CLUSTERS={semantic_clusters}",
                    "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
                    "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
     checkpoint_loading.write_run_directory(paths["mulan"], "gin/mulan/tiny.gin", [], seed=3)
-    mulan.fit_rvq(paths["mulan"], num_clips=48, levels=12, codebook_size=16, steps=3)
+    mulan.fit_rvq(paths["mulan"], num_clips=max(48, 2 * mulan_codes), levels=12, codebook_size=mulan_codes, steps=3)
     return paths

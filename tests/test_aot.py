@@ -15,7 +15,7 @@ def _clear_gin():
 
 
 def test_tiny_semantic_stage_on_v5e_2x2():
-    report = aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v5e:2x2"])
+    report = aot.main(["--gin_file=gin/stages/semantic_synthetic.gin", "--topology=v5e:2x2"])
     assert KEYS <= set(report)
     assert report["num_chips"] == 4 and report["mesh"] == {"data": 4, "fsdp": 1, "model": 1}
     assert report["fits"] and report["per_chip_bytes"] > 0
@@ -28,7 +28,7 @@ def test_tiny_semantic_stage_on_v5e_2x2():
 
 
 def test_v4_counts_chips_not_cores_and_model_parallel_mesh():
-    report = aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v4:2x2x1",
+    report = aot.main(["--gin_file=gin/stages/semantic_synthetic.gin", "--topology=v4:2x2x1",
                        "--gin.ICI_PARALLELISM={'data': 4, 'fsdp': 1, 'model': 2}"])
     assert report["num_chips"] == 4 and report["num_devices"] == 8
     assert report["mesh"] == {"data": 4, "fsdp": 1, "model": 2}
@@ -37,14 +37,14 @@ def test_v4_counts_chips_not_cores_and_model_parallel_mesh():
 
 def test_mesh_that_does_not_fit_the_topology_is_an_error():
     with pytest.raises(partitioning.MeshShapeError, match="describes 3 devices but there are 4"):
-        aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v5e:2x2",
+        aot.main(["--gin_file=gin/stages/semantic_synthetic.gin", "--topology=v5e:2x2",
                   "--gin.ICI_PARALLELISM={'data': 3}"])
     with pytest.raises(ValueError, match="--topology='v9z:1x1'"):
-        aot.main(["--gin_file=gin/stages/semantic_tiny.gin", "--topology=v9z:1x1"])
+        aot.main(["--gin_file=gin/stages/semantic_synthetic.gin", "--topology=v9z:1x1"])
 
 
 def test_paper_semantic_stage_fits_16_v5e_chips_with_headroom():
-    report = aot.main(["--gin_file=gin/stages/semantic_paper.gin", "--topology=v5e:4x4"])
+    report = aot.main(["--gin_file=gin/stages/semantic_paper.gin", "--topology=v5e:4x4", "--gin.TOKEN_DIR='/unused'"])
     assert report["num_chips"] == 16 and report["batch_size"] == 256
     assert 420e6 < report["params"] < 440e6
     assert report["fits"] and report["per_chip_bytes"] <= 0.8 * 16 * 2**30, report

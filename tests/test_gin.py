@@ -21,7 +21,8 @@ TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_s
 
 def test_the_expected_gin_files_exist():
     names = {os.path.relpath(f, REPO_DIR) for f in ALL_GIN}
-    assert {"gin/stages/semantic_tiny.gin", "gin/stages/semantic_paper.gin", "gin/runs/pretrain.gin",
+    assert {"gin/stages/semantic_tiny.gin", "gin/stages/semantic_paper.gin", "gin/stages/semantic_synthetic.gin",
+            "gin/runs/pretrain.gin",
             "gin/models/semantic_tiny.gin", "gin/models/semantic_paper.gin", "gin/codec/tiny.gin",
             "gin/codec/paper.gin", "gin/codec/encodec_24khz.gin", "gin/runs/codec_gan.gin", "gin/eval/codec.gin",
             "gin/w2v_bert/tiny.gin", "gin/w2v_bert/paper.gin", "gin/semantic/hubert.gin",
@@ -92,23 +93,28 @@ def test_paper_mulan_has_the_paper_sizes():
 
 
 def test_paper_semantic_stage_has_the_paper_sizes():
-    gin_utils.parse_gin(["gin/stages/semantic_paper.gin"], ["MODEL_DIR = '/tmp/unused'"])
+    gin_utils.parse_gin(["gin/stages/semantic_paper.gin"], ["MODEL_DIR = '/tmp/unused'", "TOKEN_DIR = '/tokens'"])
     args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
     net = args["model"].network
     assert (net.num_layers, net.num_heads, net.embed_dim, net.mlp_dim) == (24, 16, 1024, 4096)
     assert 420e6 < net.num_params() < 440e6
     assert args["model"].prefix_length == 12 and args["model"].target_length == 750  # 30 s at 25 Hz
     assert args["train_dataset_cfg"].batch_size == 256
+    assert args["train_dataset_cfg"].mixture_or_task_name == "semantic_stage:/tokens?seconds=30.0"
+    assert args["model"].guidance_groups == ("mulan",) and args["model"].conditioning_dropout == 0.1
 
 
 def test_required_macro_left_unset_is_an_error():
     with pytest.raises(ValueError, match="MODEL_DIR"):
-        gin_utils.parse_gin(["gin/stages/semantic_tiny.gin"], [], finalize=True)
+        gin_utils.parse_gin(["gin/stages/semantic_synthetic.gin"], [], finalize=True)
+    gin.clear_config()
+    with pytest.raises(ValueError, match="TOKEN_DIR"):
+        gin_utils.parse_gin(["gin/stages/semantic_tiny.gin"], ["MODEL_DIR = '/x'"], finalize=True)
 
 
 def test_gin_typos_are_errors():
     with pytest.raises(ValueError, match="embed_dimm"):
-        gin_utils.parse_gin(["gin/stages/semantic_tiny.gin"],
+        gin_utils.parse_gin(["gin/stages/semantic_synthetic.gin"],
                             ["MODEL_DIR='/x'", "transformer.TransformerConfig.embed_dimm = 3"])
     with pytest.raises(FileNotFoundError, match="no_such.gin"):
         gin_utils.parse_gin(["gin/stages/no_such.gin"], [])
@@ -141,7 +147,7 @@ def test_readme_test_command_is_what_ci_runs():
     quick_start = blocks[0].strip().splitlines()
     assert len(quick_start) == 2, quick_start
     assert ci == [quick_start[1]]
-    assert "python -m musiclm_jax.train" in quick_start[0]
+    assert "python -m musiclm_jax.demo" in quick_start[0]  # the main job: text -> music end to end
 
 
 @pytest.fixture(autouse=True)

@@ -62,6 +62,29 @@ def test_conditioning_dropout_replaces_only_the_mulan_tokens_by_pad():
         float(_model().loss_fn(params, batch, None)[0]), rel=1e-6)  # evaluation: nothing dropped
 
 
+def test_optional_group_dropout_is_drawn_apart_from_the_guidance_drop():
+    # 'semantic' plays the optional conditioning (as the melody tokens do): dropped with its own probability.
+    model = TokenLMModel(NET, LAYOUT, prefix_groups=("mulan", "semantic"), target_group="coarse", prefix_length=7,
+                         target_length=8, guidance_groups=("mulan",), conditioning_dropout=0.5,
+                         optional_groups={"semantic": 0.5})
+    targets = (np.random.RandomState(2).randint(0, 8, (3, 8)) + np.tile(LAYOUT.level_ranges("coarse")[:, 0], 4))
+    batch = {k: jnp.asarray(v) for k, v in _batch(_prefix(), targets.astype(np.int32)).items()}
+    params = _params(model)
+    key = jax.random.key(11)
+    loss = float(model.loss_fn(params, batch, key)[0])
+    rest, guidance_key = jax.random.split(key)
+    _, optional_key = jax.random.split(rest)
+    want_batch = model.drop_conditioning(batch, jax.random.bernoulli(guidance_key, 0.5, (3,)))
+    drop = jax.random.bernoulli(optional_key, 0.5, (3,))
+    want_batch = model.drop_conditioning(want_batch, drop, ("semantic",))
+    dropped = np.array(want_batch["decoder_target_tokens"][:, 3:7])
+    assert np.all(dropped[np.array(drop)] == 0) and np.all(dropped[~np.array(drop)] > 0)
+    assert loss == pytest.approx(float(_model().loss_fn(params, want_batch, None)[0]), rel=1e-6)
+    with pytest.raises(ValueError, match="optional_groups"):
+        TokenLMModel(NET, LAYOUT, ("mulan", "semantic"), "coarse", 7, 8, guidance_groups=("mulan",),
+                     optional_groups={"mulan": 0.5})
+
+
 def test_guidance_scale_one_is_plain_conditional_sampling():
     model = _model()
     params, prefix = _params(model), _prefix()

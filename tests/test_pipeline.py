@@ -49,7 +49,7 @@ def test_generate_gives_the_duration_and_is_deterministic(musiclm):
 
 
 def test_tokens_fill_every_frame_past_each_stage_window(musiclm):
-    # 3 s: 75 semantic frames (window 32), 150 codec frames (coarse window 100, fine window 50).
+    # 3 s: 75 semantic frames (window 50), 150 codec frames (coarse window 100, fine window 50).
     musiclm.set_generation_params(duration_s=3.0, seed=0, guidance_scale=1.0)
     tokens = musiclm.generate_tokens(["slow waltz on strings"])
     assert tokens["mulan"].shape == (1, 12) and tokens["semantic"].shape == (1, 75)
@@ -57,9 +57,9 @@ def test_tokens_fill_every_frame_past_each_stage_window(musiclm):
     assert tokens["semantic"].max() < 64
     # Sliding windows keep the frames of earlier windows: the first window's semantic tokens are unchanged when
     # the same seed asks for a shorter clip.
-    musiclm.set_generation_params(duration_s=1.28)
+    musiclm.set_generation_params(duration_s=2.0)
     short = musiclm.generate_tokens(["slow waltz on strings"])
-    np.testing.assert_array_equal(short["semantic"], tokens["semantic"][:, :32])
+    np.testing.assert_array_equal(short["semantic"], tokens["semantic"][:, :50])
 
 
 def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_it(musiclm):
@@ -67,10 +67,72 @@ def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_it(musiclm
     plain = musiclm.generate_tokens(["bright synth"])
     musiclm.set_generation_params(guidance_scale=3.0)
     guided = musiclm.generate_tokens(["bright synth"])
-    np.testing.assert_array_equal(guided["semantic"], plain["semantic"])  # the tiny semantic stage has no dropout
-    assert not np.array_equal(guided["codes"][..., :2], plain["codes"][..., :2])  # the coarse stage is guided
+    assert not np.array_equal(guided["semantic"], plain["semantic"])  # the semantic stage is guided
+    # The coarse stage is guided too: on the same semantic tokens its codes change with the scale.
+    for scale in (1.0, 3.0):
+        musiclm.set_generation_params(guidance_scale=scale)
+        codes = musiclm._run_stage("coarse", 50, 100, 2, lambda b, e, f: np.concatenate(
+            [musiclm.stages["coarse"].model.layout.to_global(plain["mulan"], "mulan"),
+             musiclm.stages["coarse"].model.layout.to_global(plain["semantic"][:, :25], "semantic")], axis=1),
+            None, 1)
+        if scale == 1.0:
+            unguided = codes
+    assert not np.array_equal(codes, unguided)
     with pytest.raises(TypeError, match="unknown generation parameters"):
         musiclm.set_generation_params(durations=3)
+
+
+def test_rerank_keeps_the_candidate_closest_to_the_caption(musiclm):
+    musiclm.set_generation_params(duration_s=1.0, seed=11, guidance_scale=1.0)
+    texts = ["a calm piano melody", "loud rock drums"]
+    audio = musiclm.generate(texts, rerank=3)
+    scores, choice = musiclm.last_scores, musiclm.last_choice
+    assert audio.shape == (2, 24000) and scores.shape == (2, 3)
+    np.testing.assert_array_equal(choice, np.argmax(scores, axis=1))
+    # The candidates are the plain batch of the captions each repeated 3 times (same seed): check the kept one.
+    candidates = musiclm.generate([t for t in texts for _ in range(3)])
+    for b in range(2):
+        kept = candidates[3 * b + choice[b]]
+        np.testing.assert_array_equal(audio[b], kept)
+        np.testing.assert_allclose(musiclm.mulan_scores(texts[b:b + 1], kept[None]), scores[b, choice[b]], atol=1e-5)
+    assert len({round(float(x), 6) for x in scores.ravel()}) > 1  # the candidates differ
+    with pytest.raises(ValueError, match="rerank=0"):
+        musiclm.generate(texts, rerank=0)
+
+
+def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkeypatch):
+    calls = []
+    original = Stage.sample
+
+    def spy(self, prefix, steps, prompt_length, keys, params, temperature):
+        if self.name == "semantic":
+            calls.append(np.array(prefix))
+        return original(self, prefix, steps, prompt_length, keys, params, temperature)
+    monkeypatch.setattr(Stage, "sample", spy)
+    musiclm.set_generation_params(duration_s=3.0, seed=4, guidance_scale=1.0)
+    # 2.4 s of melody: C D E F G A, 0.4 s each (12 frames at 5 Hz); the 3 s request has 15 melody frames.
+    t = np.arange(9600) / 24000
+    tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
+    assert musiclm.melody_rate == 5.0 and musiclm.melody_length == 10
+    audio = musiclm.generate(["a flute melody"], melody=tune)
+    assert audio.shape == (1, 72000)
+    want = np.repeat([0, 2, 4, 5, 7, 9], 2)
+    np.testing.assert_array_equal(musiclm.last_tokens["melody"], want[None])
+    layout = musiclm.stages["semantic"].model.layout
+    starts = [0, 25, 50 - 25]  # semantic windows (50 frames): 0-50, then frames 50-75 after 25 of context
+    assert len(calls) == 2
+    for prefix, begin in zip(calls, (0, 25)):
+        first = begin // 5
+        expected = np.zeros(10, np.int32)  # PAD past the melody's end
+        known = want[first:first + 10]
+        expected[:len(known)] = layout.to_global(known[None], "melody")[0]
+        np.testing.assert_array_equal(prefix[0, 12:22], expected)
+    del starts
+    calls.clear()
+    musiclm.generate(["a flute melody"])  # no melody: PAD, as in the training examples whose melody was dropped
+    assert all(np.all(prefix[:, 12:22] == 0) for prefix in calls)
+    with pytest.raises(ValueError, match="2 melodies for 1 captions"):
+        musiclm.generate(["x"], melody=np.stack([tune, tune]))
 
 
 def test_continuation_keeps_the_prompt_tokens_as_prefix(musiclm):
@@ -121,17 +183,24 @@ def test_cli_writes_wavs_samples_and_a_report_that_references_them(model_dirs, t
 
     from musiclm_jax import generate
     out = tmp_path / "samples"
+    melody_file = tmp_path / "melody.wav"
+    t = np.arange(12000) / 24000
+    soundfile.write(melody_file, np.concatenate([0.3 * np.sin(2 * np.pi * f * t) for f in (261.63, 329.63, 392.0)]),
+                    24000)
     bindings = [f"--gin.{name.upper()}_CHECKPOINT='{model_dirs / name}'"
                 for name in ("mulan", "codec", "semantic", "coarse", "fine")]
     generate.main(["--gin_file=gin/sample/musiclm.gin", *bindings, "--prompt", "calm piano",
                    "--prompt", "loud rock drums", "--duration", "1.5", "--seed", "7", "--guidance", "2.0",
-                   f"--output_dir={out}"])
+                   "--rerank", "2", f"--melody={melody_file}", f"--output_dir={out}"])
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [s["prompt"] for s in samples] == ["calm piano", "loud rock drums"]
     for s in samples:
         audio, rate = soundfile.read(out / s["wav"])
         assert rate == 24000 and len(audio) == 36000 and s["seed"] == 7
         assert s["settings"]["guidance_scale"] == 2.0 and -1.0 <= s["mulan_score"] <= 1.0
+        assert s["settings"]["melody_tokens"] == "C C E E E G G"  # 1.5 s of C, E, G: 7 whole 200 ms frames
+        assert s["settings"]["rerank"] == 2
+        assert abs(max(s["settings"]["candidate_mulan_scores"]) - s["mulan_score"]) < 1e-4
         assert (out / s["spectrogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     referenced = re.findall(r'(?:src)="([^"]+)"', page)

@@ -12,7 +12,7 @@ import soundfile
 
 from conftest import REPO_DIR, subprocess_env
 from helpers import write_frozen_tiny_tokenizers
-from musiclm_jax import tokenize
+from musiclm_jax import melody, tokenize
 from musiclm_jax.codec import Codec
 from musiclm_jax.data import synthetic_music, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig
@@ -72,6 +72,7 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
     assert manifest["source_bad_input"]["skipped"] == {"undecodable": 1}
     assert manifest["tokenizers"]["codec"]["frames"] == 100 and manifest["tokenizers"]["semantic"]["frames"] == 50
     assert (manifest["tokenizers"]["mulan"]["frames"], manifest["tokenizers"]["mulan"]["levels"]) == (1, 12)
+    assert (manifest["tokenizers"]["melody"]["frames"], manifest["tokenizers"]["melody"]["codebook_size"]) == (10, 13)
 
     codec, tokenizer = Codec.from_checkpoint(frozen["codec"]), SemanticTokenizer.load(frozen["semantic"])
     examples = [e for p in token_cache.completed_shards(str(out), "validation", 1) for e in _read(p)]
@@ -86,6 +87,8 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
     np.testing.assert_array_equal(semantic, tokenizer.tokenize(tokenize._resample(chunk[None].astype(np.float32),
                                                                                   RATE, 16000))[0])
     assert example["text"].bytes_list.value[0].decode() == synthetic_music.generate_clip(7, seed=11)["caption"]
+    np.testing.assert_array_equal(np.array(example["melody"].int64_list.value),
+                                  melody.melody_tokens(chunk.astype(np.float32), RATE)[0])
     mulan = MuLan.from_checkpoint(frozen["mulan"])
     mulan_tokens = np.array(example["mulan"].int64_list.value)
     np.testing.assert_array_equal(mulan_tokens, mulan.tokens_from_audio(
@@ -94,6 +97,19 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
     # Read back through the semantic and coarse stages: MuLan, semantic and codec tokens of the cache, laid out.
     def feature(e, name):
         return np.array(e.features.feature[name].int64_list.value)
+
+    name = f"semantic_stage:{out}?seconds=1&melody=1"  # MuLan, then the crop's 5 melody tokens
+    spec = tokenized.stage_spec_from_name(name)
+    cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
+    with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
+        batch = next(pipeline)["decoder_target_tokens"]
+    assert spec.task_feature_lengths == {"inputs": 17, "targets": 25}
+    for row in batch:
+        crop = row[17:] - spec.layout.offset("semantic")
+        tune = row[12:17] - spec.layout.offset("melody")
+        assert any(np.array_equal(crop, feature(e, "semantic")[s:s + 25])
+                   and np.array_equal(tune, feature(e, "melody")[s // 5:s // 5 + 5])
+                   for e in examples for s in range(0, 26, 5))
 
     for stage in ("semantic", "coarse"):
         name = f"{stage}_stage:{out}?seconds=1"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_DIR, subprocess_env
 
-GIN = "gin/stages/semantic_tiny.gin"
+GIN = "gin/stages/semantic_synthetic.gin"
 # A schedule that does not depend on TRAIN_STEPS, so runs of different lengths share it.
 COMMON = ["--gin.DECAY_STEPS=200", "--gin.BATCH_SIZE=16", "--gin.train_lib.train.checkpoint_period=10",
           "--gin.train_lib.train.eval_period=0", "--gin.train_lib.train.keep_checkpoints=None"]

@@ -57,7 +57,8 @@ class DatasetConfig:
 
 
 def stage_task_name(stage: str, token_dir: Optional[str], seconds: Optional[float] = None,
-                    coarse_levels: Optional[int] = None, fine_levels: Optional[int] = None) -> str:
+                    coarse_levels: Optional[int] = None, fine_levels: Optional[int] = None,
+                    melody: bool = False) -> str:
     """The stage task over the token cache `token_dir` (tasks/tokenized.py), e.g. 'coarse_stage:/tokens?seconds=10'
     (registered on first use, so gin can name it: `MIXTURE_OR_TASK_NAME = @dataset_config.stage_task_name()`)."""
     if stage not in ("semantic", "coarse", "fine"):
@@ -66,4 +67,6 @@ def stage_task_name(stage: str, token_dir: Optional[str], seconds: Optional[floa
         raise ValueError(f"the {stage} stage reads a token cache: set TOKEN_DIR (python -m musiclm_jax.tokenize)")
     options = [f"{k}={v}" for k, v in (("seconds", seconds), ("coarse_levels", coarse_levels),
                                        ("fine_levels", fine_levels)) if v is not None]
+    if melody:
+        options.append("melody=1")
     return f"{stage}_stage:{token_dir}" + ("?" + "&".join(options) if options else "")

@@ -1,0 +1,236 @@
+"""`python -m musiclm_jax.demo`: text -> music end to end on the embedded synthetic music, on a CPU.
+
+    python -m musiclm_jax.demo [--output_dir /tmp/musiclm_jax/demo] [--prompt "..."]... [--duration 4]
+
+Trains the tiny version of every model on the embedded procedural music (data/synthetic_music.py), tokenizes it,
+trains the three stages on the token cache, generates from the prompts and writes the report. Each step is the
+project's own command line, run as a child process with its output shown as it comes:
+
+   1. codec           python -m musiclm_jax.train --gin_file=gin/codec/tiny.gin              -> DIR/codec
+   2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny.gin           -> DIR/w2v_bert
+   3. semantic_tokens python -m musiclm_jax.semantic fit --gin_file=gin/semantic/kmeans_tiny.gin
+                                                                                          -> DIR/semantic_tokenizer
+   4. mulan           python -m musiclm_jax.train --gin_file=gin/mulan/tiny.gin              -> DIR/mulan
+   5. mulan_rvq       python -m musiclm_jax.mulan fit-rvq (12 x 32 conditioning tokens)      -> DIR/mulan/mulan_rvq.npz
+   6. tokenize        python -m musiclm_jax.tokenize --gin_file=gin/tokenize/tiny.gin (2048 clips) -> DIR/tokens
+   7-9. semantic_stage, coarse_stage, fine_stage
+                      python -m musiclm_jax.train --gin_file=gin/stages/<stage>_tiny.gin     -> DIR/<stage>
+                      (1000, 800 and 600 steps)
+  10. generate        python -m musiclm_jax.generate --gin_file=gin/sample/musiclm.gin       -> DIR/samples
+  11. evaluate        MuLan similarity of each prompt to its own audio against shuffled pairs, and how often
+                      the pitch classes of audio generated with a melody agree with it       -> DIR/quality.json
+
+A finished step leaves DIR/.done/<step>; running the demo again skips those (and an interrupted training step
+resumes from its last checkpoint), so delete DIR (or pass --redo STEP) to start over. The total time and each
+step's time are printed at the end and written to DIR/timings.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+DEFAULT_PROMPTS = (
+    "a fast-tempo piece in A major where a plucked string instrument plays a melody; a rock drum beat; dry mix",
+    "a slow, quiet chord accompaniment on bowed strings in D minor, no drums at all, with hall reverb",
+    "a medium-tempo synth lead melody in E major with an electronic drum-machine beat and a small room reverb",
+    "a soft melody on a breathy blown wind instrument in 3/4 waltz time, no drums, large concert-hall reverb",
+    "a loud, fast struck mallet instrument playing chords in G major with a shuffle drum groove",
+    "a slow, soft plucked string melody in C minor with no drums at all and a dry, reverb-free sound",
+    "an analog-style synthesizer playing a quiet chord accompaniment at 80 bpm, no drums, hall reverb",
+    "a bowed string melody in F major at a fast tempo with a rock drum beat and a small room reverb",
+)
+TOKENIZED_CLIPS = "{'train': 2048, 'validation': 64, 'test': 64}"  # 4 s each: enough for the stages not to overfit
+STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}
+RVQ_CODES = 32  # the tiny stages' MuLan vocabulary (gin/models/*_tiny.gin: ('mulan', 12, 32))
+
+
+def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[tuple[str, list[str]]]:
+    """The demo's steps: (name, argv of `python -m ...`)."""
+    d = {name: os.path.join(out, name) for name in ("codec", "w2v_bert", "semantic_tokenizer", "mulan", "tokens",
+                                                     "semantic", "coarse", "fine", "samples")}
+
+    def train(gin_file: str, model_dir: str, *bindings: str) -> list[str]:
+        return ["musiclm_jax.train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
+                *[f"--gin.{b}" for b in bindings]]
+
+    sample = ["musiclm_jax.generate", "--gin_file=gin/sample/musiclm.gin", f"--gin.MULAN_CHECKPOINT='{d['mulan']}'",
+              f"--gin.CODEC_CHECKPOINT='{d['codec']}'", f"--gin.SEMANTIC_CHECKPOINT='{d['semantic']}'",
+              f"--gin.COARSE_CHECKPOINT='{d['coarse']}'", f"--gin.FINE_CHECKPOINT='{d['fine']}'",
+              f"--gin.SEMANTIC_TOKENIZER='{d['semantic_tokenizer']}'", f"--output_dir={d['samples']}",
+              f"--duration={duration}", f"--seed={seed}"] + [f"--prompt={p}" for p in prompts]
+    return [
+        ("codec", train("gin/codec/tiny.gin", d["codec"])),
+        ("w2v_bert", train("gin/w2v_bert/tiny.gin", d["w2v_bert"])),
+        ("semantic_tokens", ["musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
+                             f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",
+                             f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'"]),
+        ("mulan", train("gin/mulan/tiny.gin", d["mulan"])),
+        ("mulan_rvq", ["musiclm_jax.mulan", "fit-rvq", "--checkpoint", d["mulan"], "--clips", "1024",
+                       "--codes", str(RVQ_CODES)]),
+        ("tokenize", ["musiclm_jax.tokenize", "--gin_file=gin/tokenize/tiny.gin", f"--gin.OUTPUT_DIR='{d['tokens']}'",
+                      f"--gin.tokenize.tokenize_dataset.max_clips={TOKENIZED_CLIPS}",
+                      f"--gin.CODEC_CHECKPOINT='{d['codec']}'",
+                      f"--gin.SEMANTIC_CHECKPOINT='{d['semantic_tokenizer']}'",
+                      f"--gin.MULAN_CHECKPOINT='{d['mulan']}'"]),
+        *[(f"{stage}_stage", train(f"gin/stages/{stage}_tiny.gin", d[stage], f"TOKEN_DIR='{d['tokens']}'",
+                                   f"TRAIN_STEPS={STAGE_STEPS[stage]}")) for stage in ("semantic", "coarse", "fine")],
+        ("generate", sample),
+    ]
+
+
+def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str) -> None:
+    """Runs `python -m argv...` from the repository root, echoing its output (and saving it to log_path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-u", "-m", *argv]
+    print(f"demo: [{index}/{total}] {name}: python {' '.join(cmd[2:])}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if _worth_showing(line):
+                print(f"  [{name}] {line.rstrip()}", flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"demo: step {name} failed (exit {code}); its whole output is in {log_path}")
+
+
+def _worth_showing(line: str) -> bool:
+    """Drops TensorFlow/absl start-up noise from the echoed output (it stays in the step's log file)."""
+    noise = ("cuda", "cuInit", "oneDNN", "TF-TRT", "absl::InitializeLog", "computation placer", "AVX",
+             "rebuild TensorFlow", "uncached FunctionDataset", "Unable to register", "E0000", "I0000", "W0000",
+             "TPU", "InitGoogle", "Source Location Trace", "learning/", ".cc:", "libtpu")
+    return bool(line.strip()) and not any(n in line for n in noise)
+
+
+def evaluate(out: str, seed: int = 0) -> dict:
+    """MuLan similarity of each prompt to its generated audio (diagonal) against the shuffled pairs (every other
+    prompt with that audio): {'matched_mean', 'shuffled_mean', 'matched_minus_shuffled', 'prompts_above_shuffled',
+    'shuffled_permutation_mean' (a seeded derangement), 'num_prompts', 'similarity' [prompt][audio]}."""
+    from musiclm_jax.data import audio_io
+    from musiclm_jax.mulan import MuLan
+    samples_dir = os.path.join(out, "samples")
+    with open(os.path.join(samples_dir, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    mulan = MuLan.from_checkpoint(os.path.join(out, "mulan"))
+    audio = [audio_io.load_audio(os.path.join(samples_dir, s["wav"]), mulan.sample_rate) for s in samples]
+    length = min(len(a) for a in audio)
+    sim = np.asarray(mulan.similarity([s["prompt"] for s in samples], np.stack([a[:length] for a in audio])))
+    n = len(samples)
+    off = ~np.eye(n, dtype=bool)
+    matched, shuffled = np.diag(sim), np.where(off, sim, np.nan)
+    rng = np.random.RandomState(seed)
+    perm = np.arange(n)
+    while n > 1 and np.any(perm == np.arange(n)):
+        perm = rng.permutation(n)
+    result = {
+        "num_prompts": n,
+        "matched_mean": float(matched.mean()),
+        "shuffled_mean": float(sim[off].mean()) if n > 1 else float("nan"),
+        "shuffled_permutation_mean": float(sim[perm, np.arange(n)].mean()),
+        "prompts_above_shuffled": int(np.sum(matched > np.nanmean(shuffled, axis=1))) if n > 1 else 0,
+        "similarity": sim.round(4).tolist(),
+        "prompts": [s["prompt"] for s in samples],
+    }
+    result["matched_minus_shuffled"] = result["matched_mean"] - result["shuffled_mean"]
+    return result
+
+
+def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 4) -> dict:
+    """How closely generation follows a given melody: the melody tokens (musiclm_jax.melody) of held-out
+    synthetic test clips condition generation under their own captions; the generated audio's melody tokens are
+    compared, on the frames where the melody has a pitch, with that melody ('agreement_with_melody'), and with
+    the same captions generated without a melody ('agreement_without_melody') and with another clip's melody
+    ('agreement_with_other_melody', a derangement) as the baselines."""
+    from musiclm_jax import melody
+    from musiclm_jax.data import synthetic_music
+    from musiclm_jax.pipeline import MusicLM
+    musiclm = MusicLM.from_checkpoints(*(os.path.join(out, n) for n in ("mulan", "codec", "semantic", "coarse",
+                                                                         "fine")))
+    musiclm.log = None
+    musiclm.set_generation_params(duration_s=duration, seed=seed, guidance_scale=3.0)
+    rate = musiclm.codec.sample_rate
+    indices = [i for i in range(1000) if synthetic_music.split_of(i) == "test"][:num_clips]
+    clips = [synthetic_music.generate_clip(i, seconds=duration, sample_rate=rate) for i in indices]
+    captions, tunes = [c["caption"] for c in clips], np.stack([c["audio"] for c in clips])
+    reference = melody.melody_tokens(tunes, rate, musiclm.melody_rate)
+    with_melody = melody.melody_tokens(musiclm.generate(captions, melody=tunes), rate, musiclm.melody_rate)
+    other = np.roll(np.arange(num_clips), 1)
+    with_other = melody.melody_tokens(musiclm.generate(captions, melody=tunes[other]), rate, musiclm.melody_rate)
+    without = melody.melody_tokens(musiclm.generate(captions), rate, musiclm.melody_rate)
+    pitched = reference != melody.NO_MELODY
+
+    def agreement(tokens):
+        return float(np.mean(tokens[pitched] == reference[pitched]))
+    return {"num_clips": num_clips, "pitched_frames": int(pitched.sum()),
+            "agreement_with_melody": agreement(with_melody), "agreement_without_melody": agreement(without),
+            "agreement_with_other_melody": agreement(with_other), "chance": 1 / 12,
+            "reference": [melody.describe(r) for r in reference],
+            "generated": [melody.describe(g) for g in with_melody]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output_dir", default="/tmp/musiclm_jax/demo")
+    parser.add_argument("--prompt", action="append", default=None, help="a caption to generate (repeatable)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds of audio per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--redo", action="append", default=[], help="run this step again even if done (repeatable)")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.output_dir)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    plan = steps(out, prompts, args.duration, args.seed) + [("evaluate", [])]
+    names = [name for name, _ in plan]
+    unknown = set(args.redo) - set(names)
+    if unknown:
+        raise SystemExit(f"demo: --redo {sorted(unknown)}: no such step (steps: {', '.join(names)})")
+    done_dir, log_dir = os.path.join(out, ".done"), os.path.join(out, "logs")
+    os.makedirs(done_dir, exist_ok=True)
+    os.makedirs(log_dir, exist_ok=True)
+    start, timings = time.time(), {}
+    for index, (name, argv_step) in enumerate(plan, 1):
+        marker = os.path.join(done_dir, name)
+        if os.path.exists(marker) and name not in args.redo:
+            print(f"demo: [{index}/{len(plan)}] {name}: done earlier, skipped ({marker})", flush=True)
+            continue
+        step_start = time.time()
+        if name == "evaluate":
+            quality = evaluate(out, args.seed)
+            quality["melody"] = melody_following(out, args.duration, args.seed)
+            with open(os.path.join(out, "quality.json"), "w") as f:
+                json.dump(quality, f, indent=1)
+        else:
+            run_step(name, argv_step, index, len(plan), os.path.join(log_dir, name + ".log"))
+        timings[name] = round(time.time() - step_start, 1)
+        open(marker, "w").write(json.dumps({"seconds": timings[name]}))
+        print(f"demo: [{index}/{len(plan)}] {name}: {timings[name]:.0f} s (total {time.time() - start:.0f} s)",
+              flush=True)
+    timings["total"] = round(time.time() - start, 1)
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
+    with open(os.path.join(out, "quality.json")) as f:
+        quality = json.load(f)
+    print(f"demo: MuLan similarity of each prompt to its own audio {quality['matched_mean']:.3f}, to the other "
+          f"prompts' audio {quality['shuffled_mean']:.3f} ({quality['prompts_above_shuffled']} of "
+          f"{quality['num_prompts']} prompts closer to their own audio)")
+    if "melody" in quality:
+        m = quality["melody"]
+        print(f"demo: generated pitch classes agree with a given melody on {m['agreement_with_melody']:.0%} of its "
+              f"pitched frames (without a melody {m['agreement_without_melody']:.0%}, with another clip's melody "
+              f"{m['agreement_with_other_melody']:.0%}, chance {m['chance']:.0%})")
+    print(f"demo: report {os.path.join(out, 'samples', 'report.html')}")
+    print(f"demo: finished in {timings['total'] / 60:.1f} min (steps run now: "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total') or 'none'})")
+    return {"timings": timings, "quality": quality}
+
+
+if __name__ == "__main__":
+    main()

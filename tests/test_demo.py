@@ -1,0 +1,80 @@
+"""The demo (`python -m musiclm_jax.demo`, the README's main job): its steps are the project's own commands with
+valid gin, a re-run skips finished steps, and its quality figure is the MuLan similarity it says it is. (The
+whole demo takes ~15 minutes here, so CI runs its parts; its figures are in the README.)"""
+import json
+
+import gin
+import numpy as np
+import pytest
+
+from musiclm_jax import checkpoint_loading, demo, generate, gin_utils, mulan, text_vocab
+from musiclm_jax.data import audio_io
+
+
+def test_every_step_is_a_command_of_the_project_with_valid_gin(tmp_path):
+    plan = demo.steps(str(tmp_path), ["calm piano"], 4.0, 0)
+    assert [name for name, _ in plan] == ["codec", "w2v_bert", "semantic_tokens", "mulan", "mulan_rvq", "tokenize",
+                                          "semantic_stage", "coarse_stage", "fine_stage", "generate"]
+    extra = {"semantic_tokens": ("fit",), "mulan_rvq": ("fit-rvq",)}
+    for name, argv in plan:
+        module, args = argv[0], argv[1:]
+        __import__(module)
+        if name in extra:
+            assert args[0] == extra[name][0]
+            args = args[1:]
+        if name == "mulan_rvq":
+            assert args[args.index("--codes") + 1] == str(demo.RVQ_CODES)
+            continue
+        own = generate.FLAGS if name == "generate" else None
+        flags = gin_utils.parse_flags(args, own)
+        gin_utils.parse_gin(flags["gin_files"], flags["gin_bindings"], finalize=True)  # every REQUIRED macro set
+        gin.clear_config()
+    # The stages read the tokenize step's cache, and sampling names the trained run directories.
+    assert all(f"--gin.TOKEN_DIR='{tmp_path / 'tokens'}'" in argv for name, argv in plan if name.endswith("_stage"))
+    sample = dict(plan)["generate"]
+    for stage in ("semantic", "coarse", "fine", "mulan", "codec"):
+        assert f"--gin.{stage.upper()}_CHECKPOINT='{tmp_path / stage}'" in sample
+
+
+def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(demo, "run_step", lambda name, argv, i, n, log: ran.append(name))
+    monkeypatch.setattr(demo, "evaluate", lambda out, seed: ran.append("evaluate") or {
+        "matched_mean": 0.5, "shuffled_mean": 0.1, "prompts_above_shuffled": 4, "num_prompts": 4})
+    monkeypatch.setattr(demo, "melody_following", lambda out, duration, seed: {
+        "agreement_with_melody": 0.5, "agreement_without_melody": 0.2, "agreement_with_other_melody": 0.2,
+        "chance": 1 / 12})
+    result = demo.main(["--output_dir", str(tmp_path)])
+    assert ran == [name for name, _ in demo.steps(str(tmp_path), ["x"], 4.0, 0)] + ["evaluate"]
+    assert set(result["timings"]) == set(ran) | {"total"}
+    ran.clear()
+    demo.main(["--output_dir", str(tmp_path)])
+    assert ran == []
+    demo.main(["--output_dir", str(tmp_path), "--redo", "fine_stage"])
+    assert ran == ["fine_stage"]
+    assert json.loads((tmp_path / "quality.json").read_text())["matched_mean"] == 0.5
+    with pytest.raises(SystemExit, match="no such step"):
+        demo.main(["--output_dir", str(tmp_path), "--redo", "fine"])
+
+
+def test_quality_is_the_mulan_similarity_of_own_against_shuffled_pairs(tmp_path):
+    mulan_dir = tmp_path / "mulan"
+    checkpoint_loading.write_run_directory(str(mulan_dir), "gin/mulan/tiny.gin", [], seed=2)
+    text_vocab.ensure_vocabulary(str(mulan_dir), "synthetic_music_16000hz", 512, max_captions=500)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    prompts = ["calm piano", "loud rock drums", "a synth lead"]
+    rng = np.random.RandomState(0)
+    with open(samples / "samples.jsonl", "w") as f:
+        for i, prompt in enumerate(prompts):
+            audio_io.save_audio(str(samples / f"{i}.wav"), 0.1 * rng.randn(24000).astype(np.float32), 24000)
+            f.write(json.dumps({"prompt": prompt, "wav": f"{i}.wav"}) + "\n")
+    quality = demo.evaluate(str(tmp_path))
+    model = mulan.MuLan.from_checkpoint(str(mulan_dir))
+    clips = np.stack([audio_io.load_audio(str(samples / f"{i}.wav"), 16000) for i in range(3)])
+    sim = model.similarity(prompts, clips)
+    assert quality["num_prompts"] == 3 and quality["prompts"] == prompts
+    assert quality["matched_mean"] == pytest.approx(np.mean(np.diag(sim)), abs=1e-5)
+    assert quality["shuffled_mean"] == pytest.approx((sim.sum() - np.trace(sim)) / 6, abs=1e-5)
+    assert quality["prompts_above_shuffled"] == sum(
+        sim[i, i] > np.mean([sim[i, j] for j in range(3) if j != i]) for i in range(3))
