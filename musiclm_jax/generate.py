@@ -53,7 +53,6 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
     """Generates each prompt (one at a time, so every sample gets the run's seed) and writes the outputs;
     rerank > 1 keeps the best of that many candidates by MuLan score; melody: an audio file whose melody every
     sample follows (MusicLM.generate)."""
-    import numpy as np
 
     from musiclm_jax import report
     from musiclm_jax.data import audio_io
@@ -75,8 +74,7 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
         name = f"{index:02d}_{_slug(prompt)}"
         audio_io.save_audio(os.path.join(output_dir, name + ".wav"), audio, musiclm.codec.sample_rate)
         report.spectrogram_png(audio, musiclm.codec.sample_rate, os.path.join(output_dir, name + ".png"))
-        mulan_audio = audio_io.to_mono_at_rate(audio[:, None], musiclm.codec.sample_rate, musiclm.mulan.sample_rate)
-        score = float(np.asarray(musiclm.mulan.similarity([prompt], mulan_audio[None]))[0, 0])
+        score = float(musiclm.mulan_scores([prompt], audio[None])[0])
         settings = {k: v for k, v in dataclasses.asdict(musiclm.params).items() if k != "duration_s"}
         if continue_from:
             settings["continue_from"] = continue_from

@@ -185,14 +185,17 @@ class MusicLM:
             filled, w = end, w + 1
         return out
 
-    def melody_tokens(self, melody_audio: np.ndarray, batch: int) -> np.ndarray:
-        """Melody audio [B or 1, samples] (or [samples]) at the codec's rate -> melody tokens [batch, frames] at the
-        semantic stage's melody rate (musiclm_jax.melody)."""
-        from musiclm_jax import melody
+    def _require_melody_stage(self) -> None:
         if not self.melody_length:
             raise ValueError("this semantic stage was not trained with melody tokens (its prefix groups are "
                              f"{self.stages['semantic'].model.prefix_groups}); train one with "
                              "gin/stages/semantic_tiny.gin or semantic_melody_paper.gin")
+
+    def melody_tokens(self, melody_audio: np.ndarray, batch: int) -> np.ndarray:
+        """Melody audio [B or 1, samples] (or [samples]) at the codec's rate -> melody tokens [batch, frames] at the
+        semantic stage's melody rate (musiclm_jax.melody)."""
+        from musiclm_jax import melody
+        self._require_melody_stage()
         audio = np.atleast_2d(np.asarray(melody_audio, np.float32))
         if audio.shape[0] not in (1, batch):
             raise ValueError(f"{audio.shape[0]} melodies for {batch} captions (give one, or one per caption)")
@@ -230,8 +233,8 @@ class MusicLM:
             segment = max(i for i, first in enumerate(segments) if first <= semantic_frame)
             return layout.to_global(schedule[:, segment], "mulan")
 
-        if melody_tokens is not None and not self.melody_length:
-            self.melody_tokens(np.zeros(1), batch)  # raises: the stage takes no melody
+        if melody_tokens is not None:
+            self._require_melody_stage()
 
         def semantic_conditioning(begin, end, first_new):  # MuLan (+ the melody of frames from `begin`, or PAD)
             ids = mulan_ids(sem.layout, first_new)
