@@ -113,3 +113,59 @@ def sample(step_fn: StepFn, cache: Any, first_logits: jax.Array, num_steps: int,
     token, logprob, _ = draw(logits, keys, num_steps - 1)
     return (jnp.concatenate([tokens, token[:, None]], axis=1),
             jnp.concatenate([logprobs, logprob[:, None]], axis=1), cache)
+
+
+PrefillFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+ParamStepFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def sample_after_prefix(prefill: PrefillFn, step: ParamStepFn, params: Any, prefix: jax.Array, keys: jax.Array, *,
+                        num_steps: int, level_ranges: jax.Array, prompt_length: int = 0,
+                        guidance_ranges: tuple[tuple[int, int], ...] = (), guidance_scale: float = 1.0,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Samples `num_steps` tokens after prefix [B, P] with a prefix LM's KV-cached decoder, optionally with
+    classifier-free guidance. TokenLMModel.predict_batch_with_aux and the generation pipeline (including a stage
+    served from exported functions, musiclm_jax.serving) all sample through this one function.
+
+    prefill(params, tokens [N, P + 1], prefix_mask [N, P + 1] bool, slots int8 [C]) -> (logits of the last
+      position [N, V], a KV cache of capacity C); step(params, tokens [N, 1], cache) -> (logits [N, V], cache).
+    prefix: global ids, the conditioning then `prompt_length` already-known target tokens (continuation); a PAD
+      (0) goes first, as in training. keys: one key or [B] keys. level_ranges: as `sample`.
+    guidance_scale != 1: the batch runs twice, the second time with the conditioning tokens whose ids fall in
+      `guidance_ranges` ([low, high) id ranges) set to PAD, and tokens are drawn from
+      uncond + scale * (cond - uncond).
+    Returns (tokens [B, num_steps], log-probabilities [B, num_steps] under the distribution sampled from).
+    """
+    if num_steps < 1:
+        raise ValueError(f"numdecode_steps must be >= 1, got {num_steps}")
+    batch = prefix.shape[0]
+    prompt = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.asarray(prefix, jnp.int32)], axis=1)
+    conditioning = prompt.shape[1] - prompt_length
+    in_conditioning = jnp.arange(prompt.shape[1]) < conditioning
+    guided = guidance_scale != 1.0
+    if guided:
+        if not guidance_ranges:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a stage with guidance_groups")
+        hit = jnp.zeros(prompt.shape, bool)
+        for low, high in guidance_ranges:
+            hit |= (prompt >= low) & (prompt < high)
+        prompt = jnp.concatenate([prompt, jnp.where(hit & in_conditioning, 0, prompt)], axis=0)
+
+    def combine(logits):
+        if not guided:
+            return logits
+        cond, uncond = logits[:batch], logits[batch:]
+        return uncond + guidance_scale * (cond - uncond)
+
+    prefix_mask = jnp.broadcast_to(in_conditioning, prompt.shape)
+    logits, cache = prefill(params, prompt, prefix_mask, jnp.zeros((prompt.shape[1] + num_steps - 1,), jnp.int8))
+
+    def step_fn(tokens, cache):
+        tokens = jnp.concatenate([tokens, tokens], axis=0) if guided else tokens
+        logits, cache = step(params, tokens, cache)
+        return combine(logits), cache
+
+    tokens, logprobs, _ = sample(step_fn, cache, combine(logits), num_steps, per_example_keys(keys, batch),
+                                 level_ranges=level_ranges, first_level=prompt_length, temperature=temperature,
+                                 top_k=top_k, top_p=top_p)
+    return tokens, logprobs

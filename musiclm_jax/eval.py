@@ -3,10 +3,13 @@
 
 An eval gin file binds `evaluate.evaluator` to a function of the run directory that returns {metric: number}
 (e.g. evaluation.codec_eval.evaluate_codec) and `evaluate.name`. The metrics are printed as one JSON line and
-written to OUTPUT_DIR/metrics.json (default CHECKPOINT_DIR/eval/<name>/metrics.json).
+written to OUTPUT_DIR/metrics.json (default CHECKPOINT_DIR/eval/<name>/metrics.json). An evaluator with an
+`output_dir` parameter also gets that directory, for files beside metrics.json (the generation evaluation's
+audio and report). Eval gin files: gin/eval/codec.gin, gin/eval/mulan.gin, gin/eval/generation.gin.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -19,12 +22,14 @@ from musiclm_jax import gin_utils
 
 def evaluate(*, evaluator: Callable[[str], Mapping[str, float]], checkpoint_dir: str, name: str,
              output_dir: Optional[str] = None) -> dict:
-    """Runs evaluator(checkpoint_dir); writes and returns {'name', 'checkpoint_dir', metrics...}."""
+    """Runs evaluator(checkpoint_dir) (with output_dir=... if it takes one); writes and returns
+    {'name', 'checkpoint_dir', metrics...}."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"CHECKPOINT_DIR {checkpoint_dir!r} is not a directory")
-    metrics = dict(evaluator(checkpoint_dir))
-    result = {"name": name, "checkpoint_dir": checkpoint_dir, **metrics}
     output_dir = output_dir or os.path.join(checkpoint_dir, "eval", name)
+    extra = {"output_dir": output_dir} if "output_dir" in inspect.signature(evaluator).parameters else {}
+    metrics = dict(evaluator(checkpoint_dir, **extra))
+    result = {"name": name, "checkpoint_dir": checkpoint_dir, **metrics}
     if jax.process_index() == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "metrics.json"), "w") as f:

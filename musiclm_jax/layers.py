@@ -122,11 +122,11 @@ def conv_padding(length: int, kernel_size: int, stride: int, dilation: int, caus
 
     As EnCodec/SEANet: the total padding is effective_kernel - stride, all on the left if causal (no output
     depends on a later input), split with the extra sample on the left otherwise; extra right padding
-    completes the last frame.
+    completes the last frame. Integer arithmetic only, so `length` may be a symbolic dimension (jax.export).
     """
     effective = (kernel_size - 1) * dilation + 1
     total = effective - stride
-    frames = math.ceil((length - effective + total) / stride + 1) - 1
+    frames = -((effective - total - length) // stride)  # ceil((length - effective + total) / stride)
     extra = frames * stride + effective - total - length
     if causal:
         return total, extra

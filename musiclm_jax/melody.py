@@ -16,7 +16,8 @@ octave and contour direction (C4 and C5 are one token), and in a polyphonic mix 
 class rather than a separated lead line.
 
 The tokens condition the semantic stage (gin/stages/semantic_tiny.gin): they follow the MuLan tokens in its
-prefix, one per 200 ms of the window, and are dropped to PAD in training with a probability (the model's
+prefix, one per semantic frame (each 200 ms token repeated for its frames, so every target frame's melody sits at
+the same distance before it), and are dropped to PAD in training with a probability (the model's
 `optional_groups`) so that generation without a melody (all PAD) works too.
 """
 from __future__ import annotations

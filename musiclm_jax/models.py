@@ -312,6 +312,22 @@ class TokenLMModel(BaseModel):
                                             decode=True, mutable=["cache"])
         return logits, mutated["cache"]
 
+    def decoder_functions(self):
+        """(prefill, step) of the KV-cached decoder, as decoding.sample_after_prefix takes them (and as
+        `python -m musiclm_jax.export` exports them): prefill(params, tokens [N, P], prefix_mask [N, P],
+        slots int8 [C]) -> (last-position logits [N, V], cache of capacity C); step(params, tokens [N, 1],
+        cache) -> (logits [N, V], cache)."""
+
+        def prefill(params, tokens, prefix_mask, slots):
+            cache = self.init_cache(tokens.shape[0], slots.shape[0])
+            logits, cache = self.decode_step(params, tokens, cache, prefix_mask)
+            return logits[:, -1], cache
+
+        def step(params, tokens, cache):
+            logits, cache = self.decode_step(params, tokens, cache)
+            return logits[:, -1], cache
+        return prefill, step
+
     def predict_batch_with_aux(self, params, batch, rng=None, *, numdecode_steps: Optional[int] = None,
                                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                                prompt_target_length: int = 0, guidance_scale: float = 1.0):
@@ -330,39 +346,13 @@ class TokenLMModel(BaseModel):
           (tokens [B, numdecode_steps] global ids, {'logprobs': [B, numdecode_steps]} under the distribution
           sampled from, before temperature and top-k/top-p).
         """
-        prefix = jnp.asarray(batch["prefix_tokens"], jnp.int32)
-        batch_size = prefix.shape[0]
         steps = numdecode_steps if numdecode_steps is not None else self.target_length - prompt_target_length
-        if steps < 1:
-            raise ValueError(f"numdecode_steps must be >= 1, got {steps}")
-        prompt = jnp.concatenate([jnp.full((batch_size, 1), PAD_ID, jnp.int32), prefix], axis=1)
-        conditioning = prompt.shape[1] - prompt_target_length
-        guided = guidance_scale != 1.0
-        if guided:
-            if not self.guidance_groups:
-                raise ValueError(f"guidance_scale={guidance_scale} needs a model with guidance_groups")
-            in_conditioning = jnp.arange(prompt.shape[1]) < conditioning
-            unconditional = jnp.where(self.is_guidance_token(prompt) & in_conditioning, PAD_ID, prompt)
-            prompt = jnp.concatenate([prompt, unconditional], axis=0)
-
-        def combine(logits):
-            if not guided:
-                return logits
-            cond, uncond = logits[:batch_size], logits[batch_size:]
-            return uncond + guidance_scale * (cond - uncond)
-
-        prefix_mask = jnp.broadcast_to(jnp.arange(prompt.shape[1]) < conditioning, prompt.shape)
-        cache = self.init_cache(prompt.shape[0], prompt.shape[1] + steps - 1)
-        logits, cache = self.decode_step(params, prompt, cache, prefix_mask)
-
-        def step(tokens, cache):
-            tokens = jnp.concatenate([tokens, tokens], axis=0) if guided else tokens
-            step_logits, cache = self.decode_step(params, tokens, cache)
-            return combine(step_logits[:, -1]), cache
-
-        keys = decoding.per_example_keys(rng, batch_size)
-        tokens, logprobs, _ = decoding.sample(
-            step, cache, combine(logits[:, -1]), steps, keys,
-            level_ranges=self.layout.level_ranges(self.target_group), first_level=prompt_target_length,
-            temperature=temperature, top_k=top_k, top_p=top_p)
+        if guidance_scale != 1.0 and not self.guidance_groups:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a model with guidance_groups")
+        prefill, step = self.decoder_functions()
+        tokens, logprobs = decoding.sample_after_prefix(
+            prefill, step, params, jnp.asarray(batch["prefix_tokens"], jnp.int32), rng, num_steps=steps,
+            level_ranges=self.layout.level_ranges(self.target_group), prompt_length=prompt_target_length,
+            guidance_ranges=tuple(self.layout.id_range(g) for g in self.guidance_groups),
+            guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         return tokens, {"logprobs": logprobs}

@@ -11,18 +11,20 @@ Chain, per batch of captions:
   4. Fine stage: coarse levels of a window -> levels Lc+1..Lc+Lf.
   5. Codec: all levels -> audio.
 
-Every stage samples with the jitted KV-cached decoder (TokenLMModel.predict_batch_with_aux, one compiled
-program per window shape). A stage whose window (its training length) is shorter than the request runs over
-sliding windows: each window after the first keeps the last half window of frames already generated as its
-prompt and generates the rest, so each window continues the music (the paper's semantic recipe: 30 s windows,
-15 s stride, 15 s prompt). Continuation puts a clip's own semantic tokens and codes first; story mode changes
-the MuLan tokens at segment boundaries, which no window's new frames cross. Classifier-free guidance
-(guidance_scale != 1) applies to the stages trained with conditioning dropout (their `guidance_groups`: the MuLan
-tokens). Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody tokens in its prefix
-(gin/stages/semantic_tiny.gin) gets, per window, the melody tokens (musiclm_jax.melody) of the given audio over
-the window's frames, PAD where the melody has ended or none was given. Reranking (`rerank=N`) samples N
-candidates per caption and keeps the one MuLan scores closest to the caption. Randomness: stage s, window w
-draws from fold_in(key(seed), 1000 s + w), split per example, so a seed gives the same audio.
+Every stage samples with the jitted KV-cached decoder (`sample_window`: what TokenLMModel.predict_batch_with_aux
+does, from the model's prefill and step functions; one compiled program per window shape). A served stage
+(musiclm_jax.serving) runs the same driver on those functions exported with jax.export. A stage whose window (its
+training length) is shorter than the request runs over sliding windows: each window after the first keeps the last
+half window of frames already generated as its prompt and generates the rest, so each window continues the music
+(the paper's semantic recipe: 30 s windows, 15 s stride, 15 s prompt). Continuation puts a clip's own semantic
+tokens and codes first; story mode changes the MuLan tokens at segment boundaries, which no window's new frames
+cross. Classifier-free guidance (guidance_scale != 1) applies to the stages trained with conditioning dropout (their
+`guidance_groups`: the MuLan tokens). Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody
+tokens in its prefix (gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the
+dominant pitch class per 200 ms) of each of the window's frames, PAD where the melody has ended or none was
+given. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan scores closest to the
+caption. Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per example, so a seed
+gives the same audio.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+
+from musiclm_jax import decoding
+from musiclm_jax.token_layout import TokenLayout
 
 STAGES = ("semantic", "coarse", "fine")
 
@@ -51,8 +56,55 @@ class GenerationParams:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What generation reads of a stage's model: its token layout and sequence shape. TokenLMModel has these
+    attributes; a stage served from an export bundle (musiclm_jax.serving) has only this."""
+
+    layout: TokenLayout
+    prefix_groups: tuple[str, ...]
+    target_group: str
+    prefix_length: int
+    target_length: int
+    guidance_groups: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model) -> "StageSpec":
+        return cls(model.layout, tuple(model.prefix_groups), model.target_group, int(model.prefix_length),
+                   int(model.target_length), tuple(model.guidance_groups))
+
+    def to_json(self) -> dict:
+        return {"layout": [[g.name, g.levels, g.codebook_size] for g in self.layout.groups],
+                "prefix_groups": list(self.prefix_groups), "target_group": self.target_group,
+                "prefix_length": self.prefix_length, "target_length": self.target_length,
+                "guidance_groups": list(self.guidance_groups)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StageSpec":
+        return cls(TokenLayout.from_tuples(d["layout"]), tuple(d["prefix_groups"]), d["target_group"],
+                   int(d["prefix_length"]), int(d["target_length"]), tuple(d["guidance_groups"]))
+
+
+def sample_window(prefill, step, params, prefix: jax.Array, keys: jax.Array, *, spec: StageSpec, steps: int,
+                  prompt_length: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  guidance_scale: float = 1.0) -> jax.Array:
+    """Samples one window of a stage: prefix [B, P] global ids (conditioning, then `prompt_length` known targets),
+    keys [B] -> [B, steps] global ids, through decoding.sample_after_prefix (what
+    TokenLMModel.predict_batch_with_aux runs too). prefill and step are the model's (`decoder_functions`); a
+    served stage (musiclm_jax.serving) gives the same functions exported with jax.export, so both run this one
+    driver."""
+    tokens, _ = decoding.sample_after_prefix(
+        prefill, step, params, prefix, keys, num_steps=steps, level_ranges=spec.layout.level_ranges(spec.target_group),
+        prompt_length=prompt_length, guidance_ranges=tuple(spec.layout.id_range(g) for g in spec.guidance_groups),
+        guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    return tokens
+
+
 class Stage:
-    """A trained stage: its TokenLMModel and parameters, and one jitted sampler per window shape."""
+    """A trained stage: its TokenLMModel and parameters, and one jitted sampler per window shape.
+
+    A window is sampled by `sample_window` from the model's prefill and step functions (`decoder_functions`),
+    the functions `python -m musiclm_jax.export` exports; a served stage swaps in the exported ones."""
 
     def __init__(self, model, params, name: str):
         self.model, self.params, self.name = model, params, name
@@ -67,25 +119,31 @@ class Stage:
             raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a stage (TokenLMModel)")
         return cls(model, jax.device_get(state.params), name)
 
+    def decoder_functions(self):
+        """(prefill, step) of the KV-cached decoder, as sample_window takes them (TokenLMModel.decoder_functions)."""
+        return self.model.decoder_functions()
+
     def sample(self, prefix: np.ndarray, steps: int, prompt_length: int, keys: jax.Array, params: GenerationParams,
                temperature: float) -> np.ndarray:
         """prefix [B, P] global ids (conditioning, then `prompt_length` known targets) -> [B, steps] global ids."""
         guidance = params.guidance_scale if self.model.guidance_groups else 1.0
         signature = (prefix.shape, steps, prompt_length, temperature, params.top_k, params.top_p, guidance)
         if signature not in self._samplers:
-            fn = partial(self.model.predict_batch_with_aux, numdecode_steps=steps, temperature=temperature,
-                         top_k=params.top_k, top_p=params.top_p, prompt_target_length=prompt_length,
-                         guidance_scale=guidance)
-            self._samplers[signature] = jax.jit(lambda p, x, k: fn(p, {"prefix_tokens": x}, k)[0])
+            prefill, step = self.decoder_functions()
+            self._samplers[signature] = jax.jit(partial(
+                sample_window, prefill, step, spec=StageSpec.of(self.model), steps=steps,
+                prompt_length=prompt_length, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
+                guidance_scale=guidance))
         return np.asarray(self._samplers[signature](self.params, prefix, keys))
 
 
 class MusicLM:
-    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages, and
-    semantic_rate (Hz of the semantic tokens; 25 for w2v-BERT/HuBERT pooled)."""
+    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages,
+    semantic_rate (Hz of the semantic tokens; 25 for w2v-BERT/HuBERT pooled) and melody_rate (Hz of the melody
+    analysis, musiclm_jax.melody; as the tokenization job's `melody_rate`, gin/tokenize/base.gin)."""
 
     def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_rate: float = 25.0,
-                 semantic_tokenizer=None, log=sys.stderr):
+                 semantic_tokenizer=None, log=sys.stderr, melody_rate: float = 5.0):
         self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
         self.last_tokens: dict = {}
         self.last_scores: Optional[np.ndarray] = None
@@ -107,12 +165,23 @@ class MusicLM:
         sem = semantic.model
         self.melody_length = 0  # melody tokens in a semantic window (0: the stage takes no melody)
         if "melody" in sem.prefix_groups:
+            # One melody token per semantic frame (tasks/tokenized.py): the analysis frames, repeated.
             self.melody_length = sem.prefix_length - sum(sem.layout.group(g).levels for g in sem.prefix_groups
                                                          if g != "melody")
-            if self.melody_length <= 0 or sem.target_length % self.melody_length:
-                raise ValueError(f"the semantic stage's {self.melody_length} melody tokens do not divide its window "
-                                 f"of {sem.target_length} frames")
-            self.melody_rate = self.semantic_rate * self.melody_length / sem.target_length
+            if self.melody_length != sem.target_length:
+                raise ValueError(f"the semantic stage has {self.melody_length} melody tokens for its window of "
+                                 f"{sem.target_length} frames: it takes one per semantic frame")
+            self.melody_rate = float(melody_rate)
+            repeat = self.semantic_rate / self.melody_rate
+            if abs(repeat - round(repeat)) > 1e-6:
+                raise ValueError(f"the semantic rate {self.semantic_rate} Hz is not a whole multiple of melody_rate="
+                                 f"{self.melody_rate} Hz")
+            self.melody_repeat = int(round(repeat))
+
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the audio that generate() returns (the codec's rate)."""
+        return int(self.codec.sample_rate)
 
     @classmethod
     def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
@@ -242,8 +311,7 @@ class MusicLM:
                 return ids
             tune = np.zeros((batch, self.melody_length), np.int32)  # PAD: no melody
             if melody_tokens is not None:
-                first = begin * self.melody_length // sem.target_length
-                known = melody_tokens[:, first:first + self.melody_length]
+                known = np.repeat(melody_tokens, self.melody_repeat, axis=1)[:, begin:begin + self.melody_length]
                 tune[:, :known.shape[1]] = sem.layout.to_global(known, "melody")
             return np.concatenate([ids, tune], axis=1)
         semantic = self._run_stage(

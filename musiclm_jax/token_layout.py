@@ -67,6 +67,11 @@ class TokenLayout:
         """Rows of the embedding table: specials plus every (group, level) range."""
         return NUM_SPECIAL_IDS + sum(g.levels * g.codebook_size for g in self.groups)
 
+    def id_range(self, name: str) -> tuple[int, int]:
+        """[low, high): the global ids of group `name`, all levels."""
+        g, offset = self.group(name), self.offset(name)
+        return offset, offset + g.levels * g.codebook_size
+
     def level_ranges(self, name: str) -> np.ndarray:
         """[levels, 2] int32: the [low, high) global id range of each level of group `name`."""
         g, offset = self.group(name), self.offset(name)

@@ -64,3 +64,27 @@ def write_frozen_tiny_tokenizers(root: str, semantic_clusters: int = 16, mulan_c
     checkpoint_loading.write_run_directory(paths["mulan"], "gin/mulan/tiny.gin", [], seed=3)
     mulan.fit_rvq(paths["mulan"], num_clips=max(48, 2 * mulan_codes), levels=12, codebook_size=mulan_codes, steps=3)
     return paths
+
+
+def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
+    """Run directories of tiny random-init models under `root` (a pathlib.Path), as training writes them: codec,
+    MuLan with a caption vocabulary and a random 12 x 32 conditioning RVQ (fitting one tests nothing here), the
+    three stages of gin/stages/*_tiny.gin, and with semantic_tokenizer a tiny w2v-BERT ('w2v_bert') and its
+    k-means tokenizer ('tokenizer', which continuation needs). Returns root."""
+    from musiclm_jax import checkpoint_loading, mulan, semantic, text_vocab
+    checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
+    checkpoint_loading.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
+    codebooks = np.random.RandomState(0).randn(12, 32, 128) * (0.5 ** np.arange(12))[:, None, None] / np.sqrt(128)
+    mulan.ResidualVQ(codebooks).save(str(root / "mulan" / mulan.RVQ_FILE))
+    # The tiny MuLan was never trained, so it has no caption vocabulary: give it one from the synthetic captions.
+    text_vocab.ensure_vocabulary(str(root / "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
+    if semantic_tokenizer:
+        checkpoint_loading.write_run_directory(str(root / "w2v_bert"), "gin/w2v_bert/tiny.gin", [], seed=6)
+        semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
+                       f"--gin.FEATURE_CHECKPOINT='{root / 'w2v_bert'}'", f"--gin.OUTPUT_DIR='{root / 'tokenizer'}'",
+                       "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
+                       "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
+    for i, stage in enumerate(("semantic", "coarse", "fine")):
+        checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
+                                               ["TOKEN_DIR = '/unused'"], seed=3 + i)
+    return root

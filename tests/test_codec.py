@@ -184,3 +184,22 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     assert result["bitrate_kbps"] == pytest.approx(0.3) and result["num_examples"] == 3
     assert os.path.exists(os.path.join(trained_tiny_codec, "eval", "codec", "metrics.json"))
     assert np.isfinite(result["si_snr_db"]) and result["mel_distance"] > 0
+
+
+def test_conv_padding_gives_ceil_length_over_stride_frames_in_integer_arithmetic():
+    """layers.conv_padding (integer arithmetic, so a symbolic length exports) equals the float formula
+    frames = ceil((length - effective + total) / stride), over lengths 1..199 and the SEANet kernels, and the
+    padded length always gives ceil(length / stride) outputs."""
+    import math
+
+    from musiclm_jax import layers
+    for length in range(1, 200):
+        for kernel, stride, dilation in ((1, 1, 1), (3, 1, 3), (7, 1, 9), (4, 2, 1), (8, 4, 1), (12, 6, 1),
+                                         (20, 10, 1)):
+            effective = (kernel - 1) * dilation + 1
+            total = effective - stride
+            frames = math.ceil((length - effective + total) / stride)
+            for causal in (True, False):
+                left, right = layers.conv_padding(length, kernel, stride, dilation, causal)
+                assert left + right == total + frames * stride + effective - total - length
+                assert (length + left + right - effective) // stride + 1 == math.ceil(length / stride)

@@ -1,5 +1,6 @@
 """Token layout, the prefix-LM feature converter's exact layout, the synthetic task and the input pipeline."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -42,9 +43,9 @@ def test_prefix_lm_feature_converter_exact_layout():
         PrefixLMFeatureConverter(pack=True)
 
 
-def _pipeline(split="train", batch_size=8, seed=0, shuffle=True, **kwargs):
+def _pipeline(split="train", batch_size=8, seed=0, shuffle=True, input_sharding="global", **kwargs):
     cfg = DatasetConfig("synthetic_semantic_tiny", {"inputs": 12, "targets": 64}, split, batch_size, seed=seed,
-                        shuffle=shuffle)
+                        shuffle=shuffle, input_sharding=input_sharding)
     return SeqioInputPipeline(cfg, "prefix_lm", **kwargs)
 
 
@@ -69,14 +70,72 @@ def test_synthetic_task_follows_its_rule_and_is_deterministic():
     assert not np.array_equal(validation, batches[0]["decoder_target_tokens"])
 
 
-def test_processes_read_disjoint_shards():
+def _rows(batch):
+    return [tuple(row) for row in batch["decoder_target_tokens"]]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_sharding_splits_the_one_process_batches_into_disjoint_rows(shuffle):
+    """input_sharding='global' (default): process i of 2 gets rows [4i, 4i + 4) of each 8-example global batch,
+    so process 0's rows then process 1's are exactly the one-process batch, shuffled or not."""
+    single = _pipeline(batch_size=8, shuffle=shuffle, process_index=0, process_count=1)
+    parts = [_pipeline(batch_size=8, shuffle=shuffle, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(3):
+        want = _rows(next(single))
+        got = [_rows(next(p)) for p in parts]
+        assert len(got[0]) == len(got[1]) == 4 and not set(got[0]) & set(got[1])
+        assert got[0] + got[1] == want
+
+
+def test_per_process_sharding_reads_disjoint_shards():
     seen = []
     for index in range(2):
-        pipe = _pipeline(batch_size=8, shuffle=False, process_index=index, process_count=2)
+        pipe = _pipeline(batch_size=8, shuffle=False, process_index=index, process_count=2,
+                         input_sharding="per_process")
         batch = next(pipe)
         assert batch["decoder_target_tokens"].shape == (4, 76)
         seen.append({tuple(row) for row in batch["decoder_target_tokens"]})
     assert not seen[0] & seen[1]
+    with pytest.raises(ValueError, match="input_sharding='sideways'"):
+        DatasetConfig("synthetic_semantic_tiny", {"inputs": 12, "targets": 64}, "train", 8,
+                      input_sharding="sideways")
+
+
+def test_global_input_position_moves_between_process_counts(tmp_path):
+    """A position saved by one process restores in both processes of two (each takes process 0's file) and one
+    saved by two processes restores in one: the batches after it are those of the uninterrupted stream."""
+    one = _pipeline(process_index=0, process_count=1)
+    next(one)
+    one.save_state(str(tmp_path / "one"))
+    want = [_rows(next(one)) for _ in range(2)]
+    two = [_pipeline(process_index=i, process_count=2) for i in range(2)]
+    for pipe in two:
+        pipe.restore_state(str(tmp_path / "one"))
+    for batch in want:
+        assert _rows(next(two[0])) + _rows(next(two[1])) == batch
+    for pipe in two:
+        pipe.save_state(str(tmp_path / "two"))
+    assert sorted(n for n in os.listdir(tmp_path / "two") if n.endswith(".json")) == ["process_0.json",
+                                                                                        "process_1.json"]
+    back = _pipeline(process_index=0, process_count=1)
+    back.restore_state(str(tmp_path / "two"))
+    assert _rows(next(back)) == _rows(next(two[0])) + _rows(next(two[1]))
+
+
+def test_per_process_position_is_refused_under_another_count_or_sharding(tmp_path):
+    pipe = _pipeline(process_index=0, process_count=1, input_sharding="per_process")
+    next(pipe)
+    pipe.save_state(str(tmp_path))
+    with pytest.raises(ValueError, match=r"process_count 1 \(now 2; per-process shards restore only under the "
+                       "same count"):
+        _pipeline(process_index=0, process_count=2, input_sharding="per_process").restore_state(str(tmp_path))
+    with pytest.raises(ValueError, match=r"input_sharding 'per_process' \(now 'global'\)"):
+        _pipeline(process_index=0, process_count=1).restore_state(str(tmp_path))
+    with pytest.raises(ValueError, match=r"batch_size 8 \(now 16\)"):
+        _pipeline(batch_size=16, process_index=0, process_count=1,
+                  input_sharding="per_process").restore_state(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no input position for process 1"):
+        _pipeline(process_index=1, process_count=2, input_sharding="per_process").restore_state(str(tmp_path))
 
 
 def test_input_position_save_and_restore(tmp_path):

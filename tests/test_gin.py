@@ -30,7 +30,8 @@ def test_the_expected_gin_files_exist():
             "gin/semantic/kmeans_w2v_bert.gin", "gin/semantic/kmeans_hubert.gin", "gin/tokenize/tiny.gin",
             "gin/tokenize/paper.gin", "gin/mulan/tiny.gin", "gin/mulan/paper.gin", "gin/mulan/clap.gin",
             "gin/eval/mulan.gin", "gin/stages/coarse_tiny.gin", "gin/stages/coarse_paper.gin",
-            "gin/stages/fine_tiny.gin", "gin/stages/fine_paper.gin", "gin/sample/musiclm.gin"} <= names
+            "gin/stages/fine_tiny.gin", "gin/stages/fine_paper.gin", "gin/sample/musiclm.gin",
+            "gin/eval/generation.gin", "gin/stages/semantic_melody_paper.gin"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_DIR))

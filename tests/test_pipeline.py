@@ -4,7 +4,7 @@ continuation keeping the prompt's tokens, and story mode switching the condition
 import numpy as np
 import pytest
 
-from musiclm_jax import checkpoint_loading, mulan, semantic
+from helpers import write_tiny_run_directories
 from musiclm_jax.data import synthetic_music
 from musiclm_jax.pipeline import MusicLM, Stage
 from musiclm_jax.tokenize import _resample
@@ -14,21 +14,7 @@ from musiclm_jax.tokenize import _resample
 def model_dirs(tmp_path_factory):
     """Run directories of tiny random-init models: codec, MuLan (with RVQ and vocabulary), semantic tokenizer and
     the three stages."""
-    root = tmp_path_factory.mktemp("pipeline_models")
-    checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
-    checkpoint_loading.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
-    mulan.fit_rvq(str(root / "mulan"), num_clips=40, levels=12, codebook_size=32, steps=2)
-    # The tiny MuLan has no caption vocabulary (it was never trained): give it one from the synthetic captions.
-    from musiclm_jax import text_vocab
-    text_vocab.ensure_vocabulary(str(root / "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
-    checkpoint_loading.write_run_directory(str(root / "w2v_bert"), "gin/w2v_bert/tiny.gin", [], seed=6)
-    semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{root / 'w2v_bert'}'",
-                   f"--gin.OUTPUT_DIR='{root / 'tokenizer'}'", "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
-                   "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
-    for i, stage in enumerate(("semantic", "coarse", "fine")):
-        checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
-                                               ["TOKEN_DIR = '/unused'"], seed=3 + i)
-    return root
+    return write_tiny_run_directories(tmp_path_factory.mktemp("pipeline_models"), semantic_tokenizer=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,24 +99,23 @@ def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkey
     # 2.4 s of melody: C D E F G A, 0.4 s each (12 frames at 5 Hz); the 3 s request has 15 melody frames.
     t = np.arange(9600) / 24000
     tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
-    assert musiclm.melody_rate == 5.0 and musiclm.melody_length == 10
+    assert musiclm.melody_rate == 5.0 and musiclm.melody_length == 50 and musiclm.melody_repeat == 5
     audio = musiclm.generate(["a flute melody"], melody=tune)
     assert audio.shape == (1, 72000)
     want = np.repeat([0, 2, 4, 5, 7, 9], 2)
     np.testing.assert_array_equal(musiclm.last_tokens["melody"], want[None])
+    per_frame = np.repeat(want, 5)  # one melody token per semantic frame: 60 frames of melody
     layout = musiclm.stages["semantic"].model.layout
-    starts = [0, 25, 50 - 25]  # semantic windows (50 frames): 0-50, then frames 50-75 after 25 of context
+    # Semantic windows (50 frames): 0-50, then frames 50-75 after 25 of context (window 25-75).
     assert len(calls) == 2
     for prefix, begin in zip(calls, (0, 25)):
-        first = begin // 5
-        expected = np.zeros(10, np.int32)  # PAD past the melody's end
-        known = want[first:first + 10]
+        expected = np.zeros(50, np.int32)  # PAD past the melody's end
+        known = per_frame[begin:begin + 50]
         expected[:len(known)] = layout.to_global(known[None], "melody")[0]
-        np.testing.assert_array_equal(prefix[0, 12:22], expected)
-    del starts
+        np.testing.assert_array_equal(prefix[0, 12:62], expected)
     calls.clear()
     musiclm.generate(["a flute melody"])  # no melody: PAD, as in the training examples whose melody was dropped
-    assert all(np.all(prefix[:, 12:22] == 0) for prefix in calls)
+    assert all(np.all(prefix[:, 12:62] == 0) for prefix in calls)
     with pytest.raises(ValueError, match="2 melodies for 1 captions"):
         musiclm.generate(["x"], melody=np.stack([tune, tune]))
 

@@ -80,17 +80,19 @@ MELODY = {"frames": 4, "levels": 1, "codebook_size": 13, "frame_rate": 1.0, "sam
 def test_semantic_stage_with_melody_layout(tmp_path):
     rows = _write_cache(tmp_path, dict(TOKENIZERS, melody=MELODY))
     spec, batches = _batches(f"semantic_stage:{tmp_path}?seconds=2&melody=1", 8)
-    # inputs: 3 MuLan + 2 s of melody at 1 Hz; layout mulan (1..15), melody (16..28), semantic (29..35).
-    assert spec.task_feature_lengths == {"inputs": 5, "targets": 4} and spec.melody
+    # inputs: 3 MuLan + the melody (1 Hz) of each of the 4 semantic frames (2 Hz), i.e. each melody token twice;
+    # layout mulan (1..15), melody (16..28), semantic (29..35).
+    assert spec.task_feature_lengths == {"inputs": 7, "targets": 4} and spec.melody
     assert [spec.layout.offset(g) for g in ("mulan", "melody", "semantic")] == [1, 16, 29]
     starts = set()
     for batch in batches:
-        inputs, targets = _split_prefix(batch, 5)
+        inputs, targets = _split_prefix(batch, 7)
         row = _row(rows, inputs[:3] - np.array([1, 6, 11]))
         semantic = row["semantic"][:, 0]
         start = [s for s in range(0, 5, 2) if np.array_equal(targets - 29, semantic[s:s + 4])]
         assert start, "targets are not a melody-aligned window of the semantic tokens + 29"
-        np.testing.assert_array_equal(inputs[3:] - 16, row["melody"][start[0] // 2:start[0] // 2 + 2, 0])
+        np.testing.assert_array_equal(inputs[3:] - 16,
+                                      np.repeat(row["melody"][start[0] // 2:start[0] // 2 + 2, 0], 2))
         starts.add(start[0])
     assert len(starts) > 1
     _write_cache(tmp_path / "plain")

@@ -98,17 +98,17 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
     def feature(e, name):
         return np.array(e.features.feature[name].int64_list.value)
 
-    name = f"semantic_stage:{out}?seconds=1&melody=1"  # MuLan, then the crop's 5 melody tokens
+    name = f"semantic_stage:{out}?seconds=1&melody=1"  # MuLan, then the melody token of each of the 25 frames
     spec = tokenized.stage_spec_from_name(name)
     cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
     with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
         batch = next(pipeline)["decoder_target_tokens"]
-    assert spec.task_feature_lengths == {"inputs": 17, "targets": 25}
+    assert spec.task_feature_lengths == {"inputs": 37, "targets": 25}
     for row in batch:
-        crop = row[17:] - spec.layout.offset("semantic")
-        tune = row[12:17] - spec.layout.offset("melody")
+        crop = row[37:] - spec.layout.offset("semantic")
+        tune = row[12:37] - spec.layout.offset("melody")
         assert any(np.array_equal(crop, feature(e, "semantic")[s:s + 25])
-                   and np.array_equal(tune, feature(e, "melody")[s // 5:s // 5 + 5])
+                   and np.array_equal(tune, np.repeat(feature(e, "melody")[s // 5:s // 5 + 5], 5))
                    for e in examples for s in range(0, 26, 5))
 
     for stage in ("semantic", "coarse"):

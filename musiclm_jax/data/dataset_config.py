@@ -31,6 +31,9 @@ def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, music
     return f"synthetic_music_{int(sample_rate)}hz"
 
 
+INPUT_SHARDINGS = ("global", "per_process")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     """A seqio task or mixture as one input stream.
@@ -44,6 +47,14 @@ class DatasetConfig:
       seed: input seed; the same seed gives the same batches.
       num_epochs: None repeats forever (training); an int stops after that many passes (evaluation).
       module: Python module imported first, to register the tasks.
+      input_sharding: how the processes of a multi-host run split the stream (data.input_pipeline):
+        'global' (default): every process reads the one global stream, batches it at the global batch size and
+          keeps its own rows [i * local, (i + 1) * local): the batches, the loss curve and the saved input
+          position do not depend on the process count, and a checkpoint resumes under another count. Each
+          process runs the task's preprocessing for the whole global batch: right for token caches (cheap to
+          read); for raw-audio tasks at pod scale that multiplies the decoding work by the process count.
+        'per_process': process i reads shard i of the stream (seqio.ShardInfo) and decodes only its examples;
+          the batches depend on the process count and an input position restores only under the same count.
     """
 
     mixture_or_task_name: str
@@ -54,6 +65,12 @@ class DatasetConfig:
     seed: Optional[int] = 0
     num_epochs: Optional[int] = None
     module: Optional[str] = "musiclm_jax.tasks"
+    input_sharding: str = "global"
+
+    def __post_init__(self):
+        if self.input_sharding not in INPUT_SHARDINGS:
+            raise ValueError(f"DatasetConfig.input_sharding={self.input_sharding!r}: must be one of "
+                             f"{INPUT_SHARDINGS}")
 
 
 def stage_task_name(stage: str, token_dir: Optional[str], seconds: Optional[float] = None,

@@ -1,14 +1,22 @@
 """A seqio task as a deterministic, checkpointable stream of this process's batches (data side: TensorFlow).
 
-Each process reads a disjoint shard (seqio.ShardInfo(process_index, process_count)) and yields batches of
-global_batch / process_count examples as numpy arrays. The tf.data iterator's position is saved with each
-checkpoint (tf.train.Checkpoint of the iterator), so a resumed run continues with exactly the batches the
-uninterrupted run would have seen.
+Each process yields batches of global_batch / process_count examples as numpy arrays, disjoint from the other
+processes' rows. How the processes split the stream is DatasetConfig.input_sharding:
+  'global': every process reads the one global stream, batches it at the global batch size and keeps its rows
+    [i * local, (i + 1) * local) of each global batch. Process 0's rows come first, as
+    jax.make_array_from_process_local_data places them, so a run on P processes sees exactly the global batches
+    of a run on one, and the position is the same in every process: it restores under any process count.
+  'per_process': process i reads shard i of the stream (seqio.ShardInfo) and batches it locally; cheaper for
+    expensive preprocessing (audio decoding) on many hosts, but the batches depend on the process count.
+The tf.data iterator's position is saved with each checkpoint (tf.train.Checkpoint of the iterator), with a
+small JSON record of the sharding, so a resumed run continues with exactly the batches the uninterrupted run
+would have seen, and a position that cannot be restored is refused with the reason.
 """
 from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 from typing import Iterator
 
@@ -53,7 +61,7 @@ class SeqioInputPipeline:
         if cfg.batch_size % process_count:
             raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
         self.cfg = cfg
-        self.process_index = process_index
+        self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = cfg.batch_size // process_count
         task = get_task_or_mixture(cfg)
         self.vocab_sizes = {name: f.vocabulary.vocab_size for name, f in task.output_features.items()}
@@ -62,9 +70,16 @@ class SeqioInputPipeline:
             feature_converter=feature_converters.get(feature_converter_name, **(feature_converter_kwargs or {})),
             dataset_split=cfg.split,
             shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
-            shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count), seed=cfg.seed,
-            verbose=False)
-        ds = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)
+            shard_info=self._shard_info(), seed=cfg.seed, verbose=False)
+        # 'global': the dataset (and so the saved position, prefetch buffer included) is the same under every
+        # process count; __next__ keeps this process's rows.
+        self._rows = slice(None)
+        if cfg.input_sharding == "global":
+            begin = process_index * self.local_batch_size
+            self._rows = slice(begin, begin + self.local_batch_size)
+            ds = ds.batch(cfg.batch_size, drop_remainder=True).prefetch(2)
+        else:
+            ds = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
         options.deterministic = True
         # Sources that call numpy (audio decoding, synthetic music) are pure functions of their inputs, so the
@@ -72,6 +87,11 @@ class SeqioInputPipeline:
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         self._dataset = ds.with_options(options)
         self._iterator = iter(self._dataset)
+
+    def _shard_info(self) -> seqio.ShardInfo:
+        if self.cfg.input_sharding == "global":
+            return seqio.ShardInfo(index=0, num_shards=1)
+        return seqio.ShardInfo(index=self.process_index, num_shards=self.process_count)
 
     def check_vocab_size(self, model_vocab_size: int | None) -> None:
         """Raises if the task's token ids do not fit the model's vocabulary (None: nothing to check)."""
@@ -87,7 +107,7 @@ class SeqioInputPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        return {k: v.numpy()[self._rows] for k, v in next(self._iterator).items()}
 
     def close(self) -> None:
         """Stops the background input threads. Pipelines whose sources call Python (audio decoding, synthetic
@@ -106,17 +126,48 @@ class SeqioInputPipeline:
         """Starts again from the first batch (used by evaluation)."""
         self._iterator = iter(self._dataset)
 
-    def _prefix(self, directory: str) -> str:
-        return os.path.join(directory, f"process_{self.process_index}")
+    def _prefix(self, directory: str, process_index: int | None = None) -> str:
+        index = self.process_index if process_index is None else process_index
+        return os.path.join(directory, f"process_{index}")
+
+    def _record(self) -> dict:
+        return {"input_sharding": self.cfg.input_sharding, "process_count": self.process_count,
+                "batch_size": self.cfg.batch_size, "task": self.cfg.mixture_or_task_name}
 
     def save_state(self, directory: str) -> None:
-        """Writes this process's iterator position under `directory`."""
+        """Writes this process's iterator position under `directory` (process_<i>*, and process_<i>.json: the
+        sharding, process count, global batch size and task it belongs to)."""
         tf.io.gfile.makedirs(directory)
         tf.train.Checkpoint(iterator=self._iterator).write(self._prefix(directory))
+        with tf.io.gfile.GFile(self._prefix(directory) + ".json", "w") as f:
+            json.dump(self._record(), f)
 
     def restore_state(self, directory: str) -> None:
-        """Moves the iterator to the position saved under `directory`."""
+        """Moves the iterator to the position saved under `directory`.
+
+        A 'global' position is the same in every process, so a process without its own file (the run was saved
+        by fewer processes) takes process 0's. A 'per_process' position restores only under the same process
+        count and sharding; anything else is refused, naming what differs.
+        """
         prefix = self._prefix(directory)
+        record_path = prefix + ".json"
+        if not tf.io.gfile.exists(prefix + ".index") and self.cfg.input_sharding == "global":
+            prefix, record_path = self._prefix(directory, 0), self._prefix(directory, 0) + ".json"
         if not tf.io.gfile.exists(prefix + ".index"):
             raise FileNotFoundError(f"no input position for process {self.process_index} at {prefix}")
+        if tf.io.gfile.exists(record_path):
+            with tf.io.gfile.GFile(record_path) as f:
+                saved = json.load(f)
+        else:  # written before the record existed: per-process shards
+            saved = {"input_sharding": "per_process", "process_count": None}
+        mine = self._record()
+        problems = [f"{k} {saved[k]!r} (now {mine[k]!r})" for k in ("input_sharding", "batch_size")
+                    if k in saved and saved[k] != mine[k]]
+        if mine["input_sharding"] == "per_process" and saved.get("process_count") != self.process_count:
+            problems.append(f"process_count {saved.get('process_count')} (now {self.process_count}; per-process "
+                            f"shards restore only under the same count; input_sharding='global' does not depend "
+                            f"on it)")
+        if problems:
+            raise ValueError(f"the input position in {directory} was saved with " + ", ".join(problems) +
+                             ": it cannot be restored into this input pipeline")
         tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()

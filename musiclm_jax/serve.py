@@ -1,0 +1,368 @@
+"""`python -m musiclm_jax.serve`: an HTTP server for a serving bundle (standard library http.server).
+
+    python -m musiclm_jax.serve --bundle DIR [--host 127.0.0.1] [--port 8000] [--max_concurrent 1] [--max_queue 4]
+        [--max_duration 30] [--max_prompt_bytes 1000] [--max_body_bytes 16384] [--queue_timeout 600] [--grace 60]
+
+    curl -s localhost:8000/generate -d '{"prompt": "calm piano", "duration": 4, "seed": 0, "guidance": 3.0}' > a.wav
+
+API:
+  GET  /health    200 {"status": "ok" | "shutting_down", "sample_rate", "running", "waiting", "max_concurrent",
+                  "max_queue", "max_duration_s", "defaults": the bundle's generation settings}
+  POST /generate  a JSON object: "prompt" (string, required), "duration" (seconds), "seed" (int), "guidance",
+                  "temperature" (one number or [semantic, coarse, fine]), "top_k", "top_p"; fields left out take
+                  the bundle's defaults (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample
+                  rate, exactly duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
+Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a
+missing, non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or
+setting; 404 another path; 405 another method (with Allow); 411 no Content-Length; 413 a body over
+max_body_bytes or a prompt over max_prompt_bytes (UTF-8); 503 busy (max_concurrent generations running and
+max_queue waiting: refused at once, with Retry-After), a queue wait over queue_timeout, or shutting down; 500 a
+failed generation.
+
+Concurrency: the bundle is loaded once; max_concurrent generations run at a time (each on its own
+serving.ServingModel.fork(), sharing the loaded functions and parameters; 1 by default: one model under a lock),
+at most max_queue more wait for one, and any request beyond that gets 503 immediately. Shutdown (SIGTERM,
+SIGINT): stop accepting, refuse new generations, let the admitted ones finish (up to --grace seconds), exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import queue
+import signal
+import sys
+import threading
+import time
+import wave
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+FIELDS = ("prompt", "duration", "seed", "guidance", "temperature", "top_k", "top_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_duration_s: float = 30.0
+    max_prompt_bytes: int = 1000
+    max_body_bytes: int = 16384
+    max_concurrent: int = 1
+    max_queue: int = 4
+    queue_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.max_concurrent < 1 or self.max_queue < 0:
+            raise ValueError(f"max_concurrent={self.max_concurrent} must be >= 1 and max_queue={self.max_queue} "
+                             f">= 0")
+        if not self.max_duration_s > 0:
+            raise ValueError(f"max_duration={self.max_duration_s} must be positive")
+
+
+class RequestError(Exception):
+    """A request answered with `status` and a JSON message."""
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, dict(headers or {})
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False, low_open: bool = False):
+    value = body[name]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RequestError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got "
+                                f"{type(value).__name__} {json.dumps(value)[:40]}")
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        raise RequestError(400, f"'{name}'={value} is out of range: it must be in {'(' if low_open else '['}{low}, "
+                                f"{high}]")
+    return value
+
+
+def parse_request(body: bytes, limits: Limits) -> tuple[str, dict[str, Any]]:
+    """A /generate body -> (prompt, generation settings given: pipeline.GenerationParams fields)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {unknown}; known fields: {list(FIELDS)}")
+    if "prompt" not in data:
+        raise RequestError(400, "missing field 'prompt' (a string)")
+    prompt = data["prompt"]
+    if not isinstance(prompt, str):
+        raise RequestError(400, f"'prompt' must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise RequestError(400, "'prompt' is empty")
+    size = len(prompt.encode("utf-8"))
+    if size > limits.max_prompt_bytes:
+        raise RequestError(413, f"'prompt' is {size} bytes (UTF-8); the limit is {limits.max_prompt_bytes}")
+    settings: dict[str, Any] = {}
+    if "duration" in data:
+        settings["duration_s"] = float(_number(data, "duration", 0.0, limits.max_duration_s, low_open=True))
+    if "seed" in data:
+        settings["seed"] = int(_number(data, "seed", 0, 2 ** 31 - 1, integer=True))
+    if "guidance" in data:
+        settings["guidance_scale"] = float(_number(data, "guidance", 0.0, 100.0))
+    if "temperature" in data:
+        t = data["temperature"]
+        values = t if isinstance(t, list) else [t]
+        if len(values) not in (1, 3):
+            raise RequestError(400, "'temperature' must be a number or a list of 3 (semantic, coarse, fine)")
+        settings["temperature"] = tuple(float(_number({"temperature": v}, "temperature", 0.0, 10.0))
+                                        for v in (values * 3 if len(values) == 1 else values))
+    if "top_k" in data:
+        settings["top_k"] = int(_number(data, "top_k", 0, 1_000_000, integer=True))
+    if "top_p" in data:
+        settings["top_p"] = float(_number(data, "top_p", 0.0, 1.0, low_open=True))
+    return prompt, settings
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio in [-1, 1] -> a 16-bit PCM WAV file."""
+    pcm = np.round(np.clip(np.nan_to_num(np.asarray(audio, np.float32)), -1.0, 1.0) * 32767).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
+    return out.getvalue()
+
+
+class Generator:
+    """Admission control over the model instances: max_concurrent run, max_queue wait, the rest get 503."""
+
+    def __init__(self, model, limits: Limits):
+        self.limits = limits
+        self.defaults = dict(getattr(model, "defaults", {}))
+        self.sample_rate = int(model.sample_rate)
+        self._models: queue.Queue = queue.Queue()
+        self._models.put(model)
+        for _ in range(limits.max_concurrent - 1):
+            self._models.put(model.fork())
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.running = self.waiting = 0
+        self.closing = False
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"status": "shutting_down" if self.closing else "ok", "sample_rate": self.sample_rate,
+                    "running": self.running, "waiting": self.waiting, "max_concurrent": self.limits.max_concurrent,
+                    "max_queue": self.limits.max_queue, "max_duration_s": self.limits.max_duration_s,
+                    "defaults": self.defaults}
+
+    def generate(self, prompt: str, settings: dict) -> np.ndarray:
+        with self._lock:
+            if self.closing:
+                raise RequestError(503, "the server is shutting down")
+            if self.running + self.waiting >= self.limits.max_concurrent + self.limits.max_queue:
+                raise RequestError(503, f"busy: {self.running} generation(s) running and {self.waiting} waiting "
+                                        f"(max_concurrent={self.limits.max_concurrent}, max_queue="
+                                        f"{self.limits.max_queue}); retry later", {"Retry-After": "5"})
+            self.waiting += 1
+        try:
+            model = self._models.get(timeout=self.limits.queue_timeout_s)
+        except queue.Empty:
+            with self._lock:
+                self.waiting -= 1
+                self._idle.notify_all()
+            raise RequestError(503, f"waited {self.limits.queue_timeout_s} s for a free model; retry later",
+                               {"Retry-After": "5"}) from None
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+        try:
+            model.set_generation_params(**{**self.defaults, **settings})
+            return np.asarray(model.generate([prompt])[0], np.float32)
+        finally:
+            self._models.put(model)
+            with self._lock:
+                self.running -= 1
+                self._idle.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuses new generations and waits (up to timeout seconds) for the admitted ones: True if none is left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.closing = True
+            while self.running or self.waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "musiclm_jax.serve"
+    timeout = 60  # seconds a client may take to send its request
+
+    # ------------------------------------------------------------------------------------------ responses
+    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
+        self._send(status, (json.dumps(payload) + "\n").encode(), "application/json", headers)
+
+    def _error(self, e: RequestError) -> None:
+        self._json(e.status, {"error": e.message, "status": e.status}, e.headers)
+
+    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's signature)
+        if self.server.log is not None:
+            print(f"serve: {self.address_string()} {format % args}", file=self.server.log, flush=True)
+
+    # ------------------------------------------------------------------------------------------ routing
+    ROUTES = {"/health": "GET", "/generate": "POST"}
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path not in self.ROUTES:
+                raise RequestError(404, f"no such path {path!r}; paths: GET /health, POST /generate")
+            if method != self.ROUTES[path]:
+                raise RequestError(405, f"{method} {path}: use {self.ROUTES[path]}", {"Allow": self.ROUTES[path]})
+            if path == "/health":
+                self._json(200, self.server.generator.status())
+            else:
+                self._generate()
+        except RequestError as e:
+            self.close_connection = True
+            self._error(e)
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def do_PUT(self):
+        self._route("PUT")
+
+    def do_DELETE(self):
+        self._route("DELETE")
+
+    def do_PATCH(self):
+        self._route("PATCH")
+
+    def do_HEAD(self):
+        self._route("HEAD")
+
+    def _read_body(self) -> bytes:
+        limits = self.server.generator.limits
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if chunked or self.headers.get("Content-Length") is None:
+            raise RequestError(411, "a Content-Length header is required")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise RequestError(400, f"bad Content-Length {self.headers['Content-Length']!r}") from None
+        if length < 0:
+            raise RequestError(400, f"bad Content-Length {length}")
+        if length > limits.max_body_bytes:
+            raise RequestError(413, f"the body is {length} bytes; the limit is {limits.max_body_bytes}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _generate(self) -> None:
+        generator = self.server.generator
+        prompt, settings = parse_request(self._read_body(), generator.limits)
+        start = time.time()
+        try:
+            audio = generator.generate(prompt, settings)
+        except RequestError:
+            raise
+        except Exception as e:  # a failed generation: the server keeps serving
+            raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
+        seconds = time.time() - start
+        self._send(200, wav_bytes(audio, generator.sample_rate), "audio/wav",
+                   {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}"})
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server of one model (serving.ServingModel or anything with generate, set_generation_params and
+    sample_rate). serve_forever() in one thread; shutdown_gracefully() from another."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(), log=sys.stderr):
+        self.generator = Generator(model, limits)
+        self.log = log
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def shutdown_gracefully(self, grace_s: float = 60.0) -> bool:
+        """Stops serve_forever, refuses new generations, waits for the admitted ones (up to grace_s), closes the
+        socket. True if every admitted generation finished."""
+        self.shutdown()
+        finished = self.generator.close(grace_s)
+        self.server_close()
+        return finished
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m musiclm_jax.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", required=True, help="a bundle written by python -m musiclm_jax.export")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    parser.add_argument("--max_concurrent", type=int, default=1, help="generations running at once")
+    parser.add_argument("--max_queue", type=int, default=4, help="requests that may wait; more get 503 at once")
+    parser.add_argument("--max_duration", type=float, default=30.0, help="longest duration a request may ask (s)")
+    parser.add_argument("--max_prompt_bytes", type=int, default=1000)
+    parser.add_argument("--max_body_bytes", type=int, default=16384)
+    parser.add_argument("--queue_timeout", type=float, default=600.0, help="longest wait for a free model (s)")
+    parser.add_argument("--grace", type=float, default=60.0, help="seconds running generations get at shutdown")
+    parser.add_argument("--no_verify", action="store_true", help="skip the bundle's SHA-256 checks at load")
+    args = parser.parse_args(argv)
+    limits = Limits(max_duration_s=args.max_duration, max_prompt_bytes=args.max_prompt_bytes,
+                    max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+                    max_queue=args.max_queue, queue_timeout_s=args.queue_timeout)
+
+    from musiclm_jax import serving
+    start = time.time()
+    model = serving.load(args.bundle, verify=not args.no_verify)
+    server = Server(model, args.host, args.port, limits)
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            print(f"serve: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+            threading.Thread(target=server.shutdown, daemon=True).start()  # serve_forever runs in this thread
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serve: {args.bundle} loaded in {time.time() - start:.1f} s; listening on {server.url} "
+          f"(max_concurrent={limits.max_concurrent}, max_queue={limits.max_queue})", file=sys.stderr, flush=True)
+    print(server.url, flush=True)  # the first stdout line: where to connect (useful with --port 0)
+    server.serve_forever()
+    finished = server.generator.close(args.grace)
+    server.server_close()
+    print(f"serve: stopped ({'all' if finished else 'not all'} running generations finished)", file=sys.stderr,
+          flush=True)
+    return 0 if finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The HTTP server (musiclm_jax.serve): a WAV of the bundle's audio at its rate and the requested length, every
+class of bad request answered 4xx with a JSON message, the concurrency bound (a request past it refused with 503
+at once), graceful shutdown, and the command line (health, SIGTERM)."""
+import http.client
+import io
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from conftest import REPO_DIR, subprocess_env
+from musiclm_jax import export, serve, serving
+from test_export import tiny_musiclm
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    """A bundle of tiny random-init models (in memory; CPU lowering only, to export faster)."""
+    musiclm = tiny_musiclm(tmp_path_factory.mktemp("serve_models"))
+    out = tmp_path_factory.mktemp("serve_bundle") / "bundle"
+    musiclm.set_generation_params(duration_s=1.0, guidance_scale=3.0)
+    export.write_bundle(musiclm, str(out), platforms=("cpu",), log=None)
+    return out
+
+
+class SlowModel:
+    """A stand-in model: generate() waits for `release` (or returns at once) and gives silence."""
+
+    sample_rate = 16000
+    defaults = {"duration_s": 1.0, "seed": 0}
+
+    def __init__(self, wait: bool = False, release: threading.Event = None):
+        self.release = release or threading.Event()
+        if not wait:
+            self.release.set()
+        self.settings: dict = {}
+        self.calls = 0
+
+    def fork(self):
+        return SlowModel(wait=True, release=self.release)
+
+    def set_generation_params(self, **kwargs):
+        self.settings = kwargs
+
+    def generate(self, texts):
+        self.calls += 1
+        assert self.release.wait(60)
+        return np.zeros((len(texts), int(self.settings["duration_s"] * self.sample_rate)), np.float32)
+
+
+class Running:
+    """A serve.Server on a free port, in a thread."""
+
+    def __init__(self, model, **limits):
+        self.server = serve.Server(model, port=0, limits=serve.Limits(**limits), log=None)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.host, self.port = self.server.server_address[:2]
+
+    def request(self, method, path, body=None, headers=None, timeout=120):
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def close(self):
+        self.server.shutdown_gracefully(grace_s=10)
+
+
+@pytest.fixture
+def running():
+    servers = []
+
+    def start(model, **limits):
+        servers.append(Running(model, **limits))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def read_wav(data: bytes):
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2
+        return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
+
+
+def test_generate_returns_the_bundles_audio_as_wav(bundle_dir, running):
+    model = serving.load(str(bundle_dir))
+    server = running(model)
+    status, headers, body = server.request("GET", "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok" and health["sample_rate"] == 24000
+    assert health["defaults"]["guidance_scale"] == 3.0
+    request = {"prompt": "a calm piano melody", "duration": 1.2, "seed": 3, "guidance": 3.0}
+    status, headers, body = server.request("POST", "/generate", request)
+    assert status == 200, body
+    assert headers["Content-Type"] == "audio/wav" and headers["X-Sample-Rate"] == "24000"
+    rate, pcm = read_wav(body)
+    assert rate == 24000 and len(pcm) == int(1.2 * 24000) and np.any(pcm != 0)
+    assert json.loads(server.request("GET", "/health")[2])["running"] == 0
+    # The audio the model itself gives (as 16-bit PCM).
+    model.reset_generation_params()
+    model.set_generation_params(duration_s=1.2, seed=3)
+    want = np.round(np.clip(model.generate(["a calm piano melody"])[0], -1, 1) * 32767).astype(np.int16)
+    np.testing.assert_array_equal(pcm, want)
+
+
+BAD_BODIES = [
+    (b"{\"duration\": 1}", 400, "missing field 'prompt'"),
+    (b"{\"prompt\": 3}", 400, "'prompt' must be a string"),
+    (b"{\"prompt\": [\"a\"]}", 400, "'prompt' must be a string"),
+    (b"{\"prompt\": \"  \"}", 400, "'prompt' is empty"),
+    (b"{\"prompt\": \"x\", \"duration\": 0}", 400, "'duration'=0 is out of range"),
+    (b"{\"prompt\": \"x\", \"duration\": -2}", 400, "'duration'=-2 is out of range"),
+    (b"{\"prompt\": \"x\", \"duration\": NaN}", 400, "'duration'=nan is out of range"),
+    (b"{\"prompt\": \"x\", \"duration\": Infinity}", 400, "'duration'=inf is out of range"),
+    (b"{\"prompt\": \"x\", \"duration\": 31}", 400, r"'duration'=31 is out of range: it must be in \(0.0, 30.0\]"),
+    (b"{\"prompt\": \"x\", \"duration\": \"4\"}", 400, "'duration' must be a number"),
+    (b"{\"prompt\": \"x\", \"seed\": 1.5}", 400, "'seed' must be an integer"),
+    (b"{\"prompt\": \"x\", \"seed\": true}", 400, "'seed' must be an integer"),
+    (b"{\"prompt\": \"x\", \"temperature\": [1, 2]}", 400, "'temperature' must be a number or a list of 3"),
+    (b"{\"prompt\": \"x\", \"top_p\": 0}", 400, "'top_p'=0 is out of range"),
+    (b"{\"prompt\": \"x\", \"steps\": 10}", 400, r"unknown field\(s\) \['steps'\]"),
+    (b"{\"prompt\": \"x\",", 400, "malformed JSON body"),
+    (b"\xff\xfe", 400, "malformed JSON body"),
+    (b"[\"x\"]", 400, "the body must be a JSON object, got list"),
+    (json.dumps({"prompt": "\u00e9" * 501}).encode(), 413, "'prompt' is 1002 bytes"),
+    (json.dumps({"prompt": "x" * 20000}).encode(), 413, "the body is 20014 bytes; the limit is 16384"),
+]
+
+
+def test_bad_requests_get_4xx_with_a_json_message(running):
+    model = SlowModel()
+    server = running(model)
+    for body, want_status, message in BAD_BODIES:
+        status, headers, data = server.request("POST", "/generate", body)
+        reply = json.loads(data)
+        assert (status, reply["status"]) == (want_status, want_status), (body[:60], reply)
+        assert headers["Content-Type"] == "application/json"
+        assert re.search(message, reply["error"]), (message, reply["error"])
+    for method, path, want_status, allow in (("GET", "/nope", 404, None), ("POST", "/", 404, None),
+                                             ("GET", "/generate", 405, "POST"), ("POST", "/health", 405, "GET"),
+                                             ("PUT", "/generate", 405, "POST"), ("DELETE", "/health", 405, "GET")):
+        status, headers, data = server.request(method, path, b"{}" if method != "GET" else None)
+        assert status == want_status and json.loads(data)["status"] == want_status, (method, path)
+        assert headers.get("Allow") == allow
+    # No Content-Length (a chunked body).
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    connection.request("POST", "/generate", body=iter([b'{"prompt": "x"}']), encode_chunked=True,
+                       headers={"Transfer-Encoding": "chunked"})
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    connection.close()
+    assert model.calls == 0  # nothing reached the model
+    status, _, data = server.request("POST", "/generate", {"prompt": "x", "duration": 0.5, "temperature": 0.9})
+    assert status == 200 and len(read_wav(data)[1]) == 8000
+    assert model.settings == {"duration_s": 0.5, "seed": 0, "temperature": (0.9, 0.9, 0.9)}
+
+
+def test_requests_past_the_bound_get_503_at_once(running):
+    model = SlowModel(wait=True)
+    server = running(model, max_concurrent=1, max_queue=1)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(server.request("POST", "/generate", {"prompt": "x"})))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = json.loads(server.request("GET", "/health")[2])  # health answers while generation runs
+        if (health["running"], health["waiting"]) == (1, 1):
+            break
+        time.sleep(0.05)
+    assert (health["running"], health["waiting"]) == (1, 1)
+    start = time.time()
+    status, headers, data = server.request("POST", "/generate", {"prompt": "one too many"})
+    assert status == 503 and time.time() - start < 2.0
+    assert "busy: 1 generation(s) running and 1 waiting" in json.loads(data)["error"]
+    assert headers["Retry-After"] == "5"
+    model.release.set()
+    for t in threads:
+        t.join(60)
+    assert [r[0] for r in results] == [200, 200] and model.calls == 2
+
+
+def test_max_concurrent_generations_run_at_once(running):
+    model = SlowModel(wait=True)
+    server = running(model, max_concurrent=2, max_queue=0)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(server.request("POST", "/generate", {"prompt": "x"})))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while json.loads(server.request("GET", "/health")[2])["running"] != 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.request("POST", "/generate", {"prompt": "x"})[0] == 503
+    model.release.set()
+    for t in threads:
+        t.join(60)
+    assert [r[0] for r in results] == [200, 200]
+
+
+def test_shutdown_lets_the_running_generation_finish(running):
+    model = SlowModel(wait=True)
+    server = running(model)
+    result = []
+    client = threading.Thread(target=lambda: result.append(server.request("POST", "/generate", {"prompt": "x"})))
+    client.start()
+    while json.loads(server.request("GET", "/health")[2])["running"] != 1:
+        time.sleep(0.05)
+    finished = []
+    stopper = threading.Thread(target=lambda: finished.append(server.server.shutdown_gracefully(grace_s=30)))
+    stopper.start()
+    time.sleep(0.5)
+    assert stopper.is_alive()  # waiting for the running generation
+    model.release.set()
+    stopper.join(30)
+    client.join(30)
+    assert finished == [True] and result[0][0] == 200
+    with pytest.raises(OSError):
+        server.request("GET", "/health", timeout=5)
+
+
+def test_cli_serves_health_and_stops_on_sigterm(bundle_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "musiclm_jax.serve", "--bundle", str(bundle_dir), "--port", "0",
+                             "--max_queue", "2"], cwd=REPO_DIR, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()  # the first stdout line, once the bundle is loaded
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()[-3000:] if not url else url
+        host, port = url[len("http://"):].split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        health = json.loads(response.read())
+        assert response.status == 200 and health["max_queue"] == 2 and health["sample_rate"] == 24000
+        connection.close()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert "SIGTERM: shutting down" in proc.stderr.read()
+    finally:
+        proc.kill()
+    with pytest.raises(SystemExit):
+        serve.main(["--port", "1"])  # --bundle is required
