@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from musiclm_jax import gin_utils, pipeline, serving
 
@@ -65,31 +66,12 @@ def _plain(tree):
     return np.asarray(jax.device_get(tree))
 
 
-def _flatten(tree, prefix=()) -> dict[tuple, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, prefix + (key,)))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
 def used_params(fn, params: dict, *example_args) -> tuple[dict, Any]:
     """(the leaves of `params` that fn(params, *example_args) reads, fn taking only those). The other leaves are
     zeros inside the function (XLA drops them). Found by exporting fn once at the examples' fixed shapes, where
     jax.export keeps only the arguments the module uses."""
     from jax import export
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     exported = export.export(jax.jit(fn))(_spec(params), *example_args)
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     kept_leaves = {i for i in exported.module_kept_var_idx if i < len(leaves_with_paths)}
@@ -97,10 +79,10 @@ def used_params(fn, params: dict, *example_args) -> tuple[dict, Any]:
     shapes = {path: (np.shape(x), x.dtype) for path, x in flat.items()}
 
     def pruned_fn(kept, *args):
-        kept_flat = _flatten(kept)
+        kept_flat = traverse_util.flatten_dict(kept)
         full = {path: kept_flat[path] if path in kept_flat else jnp.zeros(*shapes[path]) for path in flat}
-        return fn(_unflatten(full), *args)
-    return _unflatten({path: flat[path] for path in flat if path in kept_paths}), pruned_fn
+        return fn(traverse_util.unflatten_dict(full), *args)
+    return traverse_util.unflatten_dict({path: flat[path] for path in flat if path in kept_paths}), pruned_fn
 
 
 # ------------------------------------------------------------------------------------------------ exporting

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -44,10 +43,6 @@ def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoi
     return musiclm
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "sample"
-
-
 def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optional[str] = None,
         rerank: int = 1, melody: Optional[str] = None) -> list[dict]:
     """Generates each prompt (one at a time, so every sample gets the run's seed) and writes the outputs;
@@ -71,7 +66,7 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
         else:
             audio = musiclm.generate_continuation(prompt_audio, [prompt])[0]
         seconds = time.time() - start
-        name = f"{index:02d}_{_slug(prompt)}"
+        name = f"{index:02d}_{report.slug(prompt)}"
         audio_io.save_audio(os.path.join(output_dir, name + ".wav"), audio, musiclm.codec.sample_rate)
         report.spectrogram_png(audio, musiclm.codec.sample_rate, os.path.join(output_dir, name + ".png"))
         score = float(musiclm.mulan_scores([prompt], audio[None])[0])

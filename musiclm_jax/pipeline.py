@@ -302,16 +302,18 @@ class MusicLM:
             segment = max(i for i, first in enumerate(segments) if first <= semantic_frame)
             return layout.to_global(schedule[:, segment], "mulan")
 
+        frame_melody = None  # the melody token of each semantic frame
         if melody_tokens is not None:
             self._require_melody_stage()
+            frame_melody = np.repeat(melody_tokens, self.melody_repeat, axis=1)
 
         def semantic_conditioning(begin, end, first_new):  # MuLan (+ the melody of frames from `begin`, or PAD)
             ids = mulan_ids(sem.layout, first_new)
             if not self.melody_length:
                 return ids
             tune = np.zeros((batch, self.melody_length), np.int32)  # PAD: no melody
-            if melody_tokens is not None:
-                known = np.repeat(melody_tokens, self.melody_repeat, axis=1)[:, begin:begin + self.melody_length]
+            if frame_melody is not None:
+                known = frame_melody[:, begin:begin + self.melody_length]
                 tune[:, :known.shape[1]] = sem.layout.to_global(known, "melody")
             return np.concatenate([ids, tune], axis=1)
         semantic = self._run_stage(

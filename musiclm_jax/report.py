@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import struct
 import zlib
 from typing import Sequence
@@ -27,6 +28,11 @@ def _png(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
+
+
+def slug(text: str) -> str:
+    """A file-name stem for a caption: lower-case words joined by '_', at most 40 characters ('sample' if empty)."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "sample"
 
 
 def spectrogram_png(audio: np.ndarray, sample_rate: int, path: str, n_mels: int = 80, hop_seconds: float = 0.01,

@@ -59,13 +59,13 @@ import dataclasses
 import html
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
+from musiclm_jax import report as report_lib
 from musiclm_jax.data import audio_io, captioned_audio, synthetic_music, token_cache
 from musiclm_jax.data.bad_input import BadInputReport
 from musiclm_jax.evaluation import generation_metrics
@@ -422,10 +422,6 @@ def memorization_from_cache(musiclm, token_dir: str, prompt_seconds: float = 10.
 # Generation, outputs and the report
 # ----------------------------------------------------------------------------------------------------------------
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "sample"
-
-
 def generate_all(musiclm, captions: Sequence[str], batch_size: int, seed: int, log=sys.stderr) -> np.ndarray:
     """[N, duration samples] for the captions, batch b generated with seed + b (the last batch padded)."""
     out = []
@@ -557,7 +553,7 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
     generated_audio = generate_all(musiclm, captions, batch_size, seed, log=musiclm.log)
     samples = []
     for i, (example, clip) in enumerate(zip(examples, generated_audio)):
-        name = f"{i:04d}_{_slug(example.caption)}"
+        name = f"{i:04d}_{report_lib.slug(example.caption)}"
         wav = os.path.join("generated", name + ".wav")
         audio_io.save_audio(os.path.join(output_dir, wav), clip, rate)
         samples.append({"caption": example.caption, "reference_id": example.id, "wav": wav})
@@ -587,7 +583,6 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
                                                approximate_threshold, seed, batch_size))
 
     # Per-sample details, the report's files and the report.
-    from musiclm_jax import report as report_lib
     labels = getattr(clf, "labels", None)
     for i, s in enumerate(samples):
         s.update(mulan_cosine=float(cosines[i]), generated_top_labels=_top_labels(gen_probs[i], labels),
