@@ -5,6 +5,7 @@ import http.client
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -156,13 +157,15 @@ def test_bad_requests_get_4xx_with_a_json_message(running):
         status, headers, data = server.request(method, path, b"{}" if method != "GET" else None)
         assert status == want_status and json.loads(data)["status"] == want_status, (method, path)
         assert headers.get("Allow") == allow
-    # No Content-Length (a chunked body).
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    connection.request("POST", "/generate", body=iter([b'{"prompt": "x"}']), encode_chunked=True,
-                       headers={"Transfer-Encoding": "chunked"})
-    response = connection.getresponse()
-    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
-    connection.close()
+    # No Content-Length (a chunked body). The whole request goes out in one write: the server answers 411 after
+    # the headers and closes, and a body sent after that answer would meet a closed socket (BrokenPipeError).
+    chunked = (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"f\r\n{\"prompt\": \"x\"}\r\n0\r\n\r\n")
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(chunked)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
     assert model.calls == 0  # nothing reached the model
     status, _, data = server.request("POST", "/generate", {"prompt": "x", "duration": 0.5, "temperature": 0.9})
     assert status == 200 and len(read_wav(data)[1]) == 8000
