@@ -44,20 +44,24 @@ class SoundStreamModel(RawAudioModel):
       sample_rate: Hz; segment_samples: samples per training example.
       loss_weights: see CodecLossWeights.
       mel_scales: window lengths (samples) of the multi-scale mel reconstruction loss.
+      mel_bands: mel bands per scale (fewer for short windows, see spectral.mel_filterbank). 64 is SoundStream's;
+        more bands resolve pitch better at low frequencies (at 24 kHz a 64-band filter near 300 Hz is about 80 Hz
+        wide, four semitones).
     """
 
     def __init__(self, seanet: SEANetConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
                  wave_discriminator: Optional[WaveDiscriminatorConfig] = WaveDiscriminatorConfig(),
                  stft_discriminator: Optional[STFTDiscriminatorConfig] = STFTDiscriminatorConfig(),
                  loss_weights: CodecLossWeights = CodecLossWeights(),
-                 mel_scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048)):
+                 mel_scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), mel_bands: int = 64):
         self.seanet, self.rvq = seanet, rvq
         self.sample_rate = int(sample_rate)
         self.segment_samples = int(segment_samples)
         self.loss_weights = loss_weights
         self.generator = SoundStream(seanet, rvq)
         self.discriminators = Discriminators(wave=wave_discriminator, stft=stft_discriminator)
-        self.mel_loss = codec_losses.MultiScaleMelLoss(sample_rate=self.sample_rate, scales=tuple(mel_scales))
+        self.mel_loss = codec_losses.MultiScaleMelLoss(sample_rate=self.sample_rate, scales=tuple(mel_scales),
+                                                       n_mels=mel_bands)
 
     @property
     def frame_rate(self) -> float:
@@ -74,7 +78,7 @@ class SoundStreamModel(RawAudioModel):
         g_rng, d_rng = jax.random.split(rng)
         generator = self.generator.init({"params": g_rng}, audio)
         discriminator = self.discriminators.init({"params": d_rng}, audio)
-        return {"params": {"generator": generator["params"], "discriminator": discriminator["params"]},
+        return {"params": {"generator": generator["params"], "discriminator": discriminator.get("params", {})},
                 STATE: generator[STATE]}
 
     # ------------------------------------------------------------------------------------------ training
@@ -84,21 +88,12 @@ class SoundStreamModel(RawAudioModel):
             (recon, _, aux), updated = self.generator.apply(g_vars, audio, train=True, rng=rng, mutable=[STATE])
         else:
             (recon, _, aux), updated = self.generator.apply(g_vars, audio), {STATE: flax_mutables[STATE]}
-        d_params = params["discriminator"]
-        batch = audio.shape[0]
-        # Pass 1 (discriminator's gradient): real and generated audio in one batch, the generator frozen.
-        both = self.discriminators.apply({"params": d_params},
-                                         jnp.concatenate([audio, jax.lax.stop_gradient(recon)], axis=0))
-        real = jax.tree.map(lambda x: x[:batch], both)
-        fake_for_d = jax.tree.map(lambda x: x[batch:], both)
-        # Pass 2 (generator's gradient): generated audio through the frozen discriminator.
-        fake_for_g = self.discriminators.apply({"params": jax.lax.stop_gradient(d_params)}, recon)
-        real_for_g = jax.lax.stop_gradient(real)
-
         w = self.loss_weights
-        discriminator_loss = codec_losses.hinge_discriminator_loss(real, fake_for_d)
-        adversarial = codec_losses.hinge_generator_loss(fake_for_g)
-        feature_matching = codec_losses.feature_matching_loss(real_for_g, fake_for_g)
+        if self.has_discriminators:
+            discriminator_loss, adversarial, feature_matching = self._adversarial_losses(
+                params["discriminator"], audio, recon)
+        else:  # reconstruction-only training: no discriminator is run
+            discriminator_loss = adversarial = feature_matching = jnp.zeros((), jnp.float32)
         reconstruction = self.mel_loss(audio, recon)
         commitment = aux["commitment_loss"]
         generator_loss = (w.adversarial * adversarial + w.feature_matching * feature_matching
@@ -116,6 +111,25 @@ class SoundStreamModel(RawAudioModel):
             "loss_weight": jnp.float32(audio.shape[0]),
         }
         return generator_loss + discriminator_loss, metrics, updated
+
+    @property
+    def has_discriminators(self) -> bool:
+        """False when both discriminators are None: the codec then trains on reconstruction alone."""
+        return self.discriminators.wave is not None or self.discriminators.stft is not None
+
+    def _adversarial_losses(self, d_params, audio, recon):
+        """(discriminator hinge loss, generator hinge loss, feature-matching loss), float32 scalars."""
+        batch = audio.shape[0]
+        # Pass 1 (discriminator's gradient): real and generated audio in one batch, the generator frozen.
+        both = self.discriminators.apply({"params": d_params},
+                                         jnp.concatenate([audio, jax.lax.stop_gradient(recon)], axis=0))
+        real = jax.tree.map(lambda x: x[:batch], both)
+        fake_for_d = jax.tree.map(lambda x: x[batch:], both)
+        # Pass 2 (generator's gradient): generated audio through the frozen discriminator.
+        fake_for_g = self.discriminators.apply({"params": jax.lax.stop_gradient(d_params)}, recon)
+        real_for_g = jax.lax.stop_gradient(real)
+        return (codec_losses.hinge_discriminator_loss(real, fake_for_d), codec_losses.hinge_generator_loss(fake_for_g),
+                codec_losses.feature_matching_loss(real_for_g, fake_for_g))
 
     def train_loss_fn(self, params, flax_mutables, batch, dropout_rng):
         loss, metrics, updated = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=True)

@@ -12,12 +12,12 @@ API:
                   "temperature" (one number or [semantic, coarse, fine]), "top_k", "top_p"; fields left out take
                   the bundle's defaults (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample
                   rate, exactly duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
-Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a
-missing, non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or
-setting; 404 another path; 405 another method (with Allow); 411 no Content-Length; 413 a body over
-max_body_bytes or a prompt over max_prompt_bytes (UTF-8); 503 busy (max_concurrent generations running and
-max_queue waiting: refused at once, with Retry-After), a queue wait over queue_timeout, or shutting down; 500 a
-failed generation.
+Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a missing,
+non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or setting or a
+malformed chunked body; 404 another path; 405 another method (with Allow); 411 neither a Content-Length nor a
+chunked body; 413 a body over max_body_bytes or a prompt over max_prompt_bytes (UTF-8); 503 busy (max_concurrent
+generations running and max_queue waiting: refused at once, with Retry-After), a queue wait over queue_timeout, or
+shutting down; 500 a failed generation.
 
 Concurrency: the bundle is loaded once; max_concurrent generations run at a time (each on its own
 serving.ServingModel.fork(), sharing the loaded functions and parameters; 1 by default: one model under a lock),
@@ -41,6 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from musiclm_jax.data import audio_io
 
 FIELDS = ("prompt", "duration", "seed", "guidance", "temperature", "top_k", "top_p")
 
@@ -125,8 +127,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[str, dict[str, Any]]:
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """Mono float audio in [-1, 1] -> a 16-bit PCM WAV file."""
-    pcm = np.round(np.clip(np.nan_to_num(np.asarray(audio, np.float32)), -1.0, 1.0) * 32767).astype("<i2")
+    """Mono float audio in [-1, 1] -> a 16-bit PCM WAV file, sample for sample what audio_io.save_audio writes."""
+    pcm = audio_io.pcm16(audio).astype("<i2")
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
@@ -264,10 +266,13 @@ class Handler(BaseHTTPRequestHandler):
         self._route("HEAD")
 
     def _read_body(self) -> bytes:
+        """The request body: Content-Length bytes, or a chunked body (HTTP/1.1 chunked transfer coding) decoded;
+        either over max_body_bytes is refused with 413, a request with neither framing with 411."""
         limits = self.server.generator.limits
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if chunked or self.headers.get("Content-Length") is None:
-            raise RequestError(411, "a Content-Length header is required")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limits.max_body_bytes)
+        if self.headers.get("Content-Length") is None:
+            raise RequestError(411, "a Content-Length header (or a chunked body) is required")
         try:
             length = int(self.headers["Content-Length"])
         except ValueError:
@@ -280,6 +285,32 @@ class Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
         return body
+
+    def _read_chunked(self, max_bytes: int) -> bytes:
+        """Decodes a chunked body (chunk extensions and trailers are read and ignored)."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1026)
+            if not line.endswith(b"\n"):
+                raise RequestError(400, "the chunked body ended early or has a chunk-size line over 1024 bytes")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise RequestError(400, f"bad chunk size {line.strip()[:40]!r}") from None
+            if size < 0:
+                raise RequestError(400, f"bad chunk size {size}")
+            if size == 0:
+                break
+            if len(body) + size > max_bytes:
+                raise RequestError(413, f"the chunked body passes {max_bytes} bytes, the limit")
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self.rfile.readline(3).strip():
+                raise RequestError(400, "a chunk of the body is shorter than its size or not followed by CRLF")
+            body += chunk
+        for _ in range(100):  # trailer fields up to the empty line
+            if self.rfile.readline(8192).strip() == b"":
+                return bytes(body)
+        raise RequestError(400, "more than 100 trailer lines after the chunked body")
 
     def _generate(self) -> None:
         generator = self.server.generator

@@ -135,6 +135,19 @@ def test_discriminator_outputs(discriminators):
             assert all(f.ndim == 4 for f in features)
 
 
+def test_either_discriminator_can_be_left_out():
+    audio = jnp.zeros((2, 4800), jnp.float32)
+    for wave_cfg, stft_cfg, expected in [(None, STFTDiscriminatorConfig.tiny(), 1),
+                                 (WaveDiscriminatorConfig.tiny(), None, WaveDiscriminatorConfig.tiny().num_scales),
+                                 (None, None, 0)]:
+        model = Discriminators(wave=wave_cfg, stft=stft_cfg)
+        variables = model.init(jax.random.key(0), audio)
+        outputs = model.apply(partitioning.unbox(variables), audio)
+        assert len(outputs) == expected
+        assert ("wave" in variables.get("params", {})) == (wave_cfg is not None)
+        assert ("stft" in variables.get("params", {})) == (stft_cfg is not None)
+
+
 @pytest.mark.parametrize("samples", [3001, 4097])
 def test_wave_logit_length(samples):
     cfg = WaveDiscriminatorConfig.tiny()

@@ -1,6 +1,7 @@
 """The demo (`python -m musiclm_jax.demo`, the README's main job): its steps are the project's own commands with
 valid gin, a re-run skips finished steps, and its quality figure is the MuLan similarity it says it is. (The
 whole demo takes ~15 minutes here, so CI runs its parts; its figures are in the README.)"""
+import itertools
 import json
 
 import gin
@@ -76,5 +77,19 @@ def test_quality_is_the_mulan_similarity_of_own_against_shuffled_pairs(tmp_path)
     assert quality["num_prompts"] == 3 and quality["prompts"] == prompts
     assert quality["matched_mean"] == pytest.approx(np.mean(np.diag(sim)), abs=1e-5)
     assert quality["shuffled_mean"] == pytest.approx((sim.sum() - np.trace(sim)) / 6, abs=1e-5)
+    perms = list(itertools.permutations(range(3)))
+    assert quality["permutation_p_value"] == pytest.approx(
+        np.mean([np.mean(sim[range(3), p]) >= np.trace(sim) / 3 - 1e-9 for p in perms]), abs=1e-9)
     assert quality["prompts_above_shuffled"] == sum(
         sim[i, i] > np.mean([sim[i, j] for j in range(3) if j != i]) for i in range(3))
+
+
+def test_permutation_p_value_counts_pairings_at_least_as_close_as_the_matched_one():
+    assert demo.permutation_p_value(np.eye(3)) == pytest.approx(1 / 6)  # only the identity reaches mean 1
+    assert demo.permutation_p_value(np.eye(8)) == pytest.approx(1 / 40320)
+    assert demo.permutation_p_value(np.ones((4, 4))) == 1.0  # every pairing ties
+    assert demo.permutation_p_value(1 - np.eye(4)) == 1.0  # the matched pairs are the farthest
+    sampled = demo.permutation_p_value(np.eye(10), samples=20_000)  # past max_exact: seeded random pairings
+    assert sampled == pytest.approx(1 / 20_000) and demo.permutation_p_value(np.ones((10, 10)), samples=500) == 1.0
+    with pytest.raises(ValueError, match="square matrix"):
+        demo.permutation_p_value(np.ones((2, 3)))

@@ -14,9 +14,11 @@ import wave
 
 import numpy as np
 import pytest
+import soundfile
 
 from conftest import REPO_DIR, subprocess_env
 from musiclm_jax import export, serve, serving
+from musiclm_jax.data import audio_io
 from test_export import tiny_musiclm
 
 
@@ -118,6 +120,17 @@ def test_generate_returns_the_bundles_audio_as_wav(bundle_dir, running):
     np.testing.assert_array_equal(pcm, want)
 
 
+def test_served_wav_has_the_samples_save_audio_writes(tmp_path):
+    """One 16-bit conversion for the project's files and the server's responses (audio_io.pcm16)."""
+    audio = np.concatenate([np.linspace(-1.2, 1.2, 4001), [np.nan, 1.0, -1.0, 0.5 / 32767, 1.5 / 32767]])
+    audio_io.save_audio(str(tmp_path / "a.wav"), audio, 16000)
+    written, rate = soundfile.read(str(tmp_path / "a.wav"), dtype="int16")
+    served_rate, served = read_wav(serve.wav_bytes(audio, 16000))
+    assert rate == served_rate == 16000
+    np.testing.assert_array_equal(served, written)
+    assert list(served[-5:]) == [0, 32767, -32767, 0, 2] and served.min() == -32767 and served.max() == 32767
+
+
 BAD_BODIES = [
     (b"{\"duration\": 1}", 400, "missing field 'prompt'"),
     (b"{\"prompt\": 3}", 400, "'prompt' must be a string"),
@@ -157,16 +170,29 @@ def test_bad_requests_get_4xx_with_a_json_message(running):
         status, headers, data = server.request(method, path, b"{}" if method != "GET" else None)
         assert status == want_status and json.loads(data)["status"] == want_status, (method, path)
         assert headers.get("Allow") == allow
-    # No Content-Length (a chunked body). The whole request goes out in one write: the server answers 411 after
-    # the headers and closes, and a body sent after that answer would meet a closed socket (BrokenPipeError).
-    chunked = (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"f\r\n{\"prompt\": \"x\"}\r\n0\r\n\r\n")
-    with socket.create_connection((server.host, server.port), timeout=30) as sock:
-        sock.sendall(chunked)
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    # Raw requests, each sent in one write (the server answers an error after the headers and closes).
+    def raw(request: bytes):
+        with socket.create_connection((server.host, server.port), timeout=30) as sock:
+            sock.sendall(request)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            return response.status, response.read()
+
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+    status, data = raw(head + b"\r\n")  # neither Content-Length nor a chunked body
+    assert status == 411 and "Content-Length" in json.loads(data)["error"]
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    for body, want_status, message in [(b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad chunk size"),
+                                       (b"2\r\n{}xx0\r\n\r\n", 400, "not followed by CRLF"),
+                                       (b"5000\r\n" + b" " * 0x5000 + b"\r\n0\r\n\r\n", 413, "passes 16384 bytes")]:
+        status, data = raw(chunked + body)
+        assert status == want_status and message in json.loads(data)["error"], (body[:20], data)
     assert model.calls == 0  # nothing reached the model
+    # A chunked body (two chunks, an extension, a trailer) is decoded like a Content-Length one.
+    first, second = b'{"prom', b'pt": "x", "duration": 1}'
+    status, data = raw(chunked + b"%x;x=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-T: 1\r\n\r\n"
+                       % (len(first), first, len(second), second))
+    assert status == 200 and len(read_wav(data)[1]) == 16000
     status, _, data = server.request("POST", "/generate", {"prompt": "x", "duration": 0.5, "temperature": 0.9})
     assert status == 200 and len(read_wav(data)[1]) == 8000
     assert model.settings == {"duration_s": 0.5, "seed": 0, "temperature": (0.9, 0.9, 0.9)}

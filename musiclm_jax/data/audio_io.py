@@ -71,10 +71,16 @@ def load_audio(path: str, sample_rate: int, max_seconds: Optional[float] = None)
     return to_mono_at_rate(audio, native_rate, sample_rate)
 
 
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float samples -> int16 PCM: NaN to 0, clipped to [-1, 1], times 32767, rounded to the nearest integer.
+    The one conversion of every 16-bit file the project writes (save_audio, the server's WAV responses)."""
+    return np.round(np.clip(np.nan_to_num(np.asarray(audio, np.float32)), -1.0, 1.0) * 32767).astype(np.int16)
+
+
 def save_audio(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    """Writes mono samples [samples] (float, clipped to [-1, 1]) as 16-bit PCM; the format follows the suffix."""
+    """Writes mono samples [samples] (float in [-1, 1]) as 16-bit PCM (`pcm16`); the format follows the suffix."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    soundfile.write(path, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    soundfile.write(path, pcm16(audio), sample_rate, subtype="PCM_16")
 
 
 def list_audio_files(directory: str) -> list[str]:

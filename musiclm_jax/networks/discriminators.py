@@ -324,20 +324,22 @@ class STFTDiscriminator(nn.Module):
 
 
 class Discriminators(nn.Module):
-    """All of the codec's discriminators: the multi-scale waveform one and (unless `stft` is None) the STFT one.
+    """All of the codec's discriminators: the multi-scale waveform one and the STFT one (either left out when None).
 
     __call__(audio [batch, samples]) -> list of (logits [batch, frames_k, 1], features list), the wave scales
-    first (num_scales entries) and then the STFT discriminator.
+    first (num_scales entries) and then the STFT discriminator; an empty list when both are None.
     """
 
-    wave: WaveDiscriminatorConfig = WaveDiscriminatorConfig()
+    wave: Optional[WaveDiscriminatorConfig] = WaveDiscriminatorConfig()
     stft: Optional[STFTDiscriminatorConfig] = STFTDiscriminatorConfig()
 
     @nn.compact
     def __call__(self, audio: jax.Array) -> list[DiscriminatorOutput]:
         if audio.ndim != 2:
             raise ValueError(f"Discriminators expect audio [batch, samples], got shape {audio.shape}")
-        outputs = list(MultiScaleWaveDiscriminator(self.wave, name="wave")(audio))
+        outputs = []
+        if self.wave is not None:
+            outputs.extend(MultiScaleWaveDiscriminator(self.wave, name="wave")(audio))
         if self.stft is not None:
             outputs.append(STFTDiscriminator(self.stft, name="stft")(audio))
         return outputs
