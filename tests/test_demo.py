@@ -1,6 +1,6 @@
 """The demo (`python -m musiclm_jax.demo`, the README's main job): its steps are the project's own commands with
 valid gin, a re-run skips finished steps, and its quality figure is the MuLan similarity it says it is. (The
-whole demo takes ~15 minutes here, so CI runs its parts; its figures are in the README.)"""
+whole demo takes ~19 minutes here, so CI runs its parts; its figures are in the README.)"""
 import itertools
 import json
 
