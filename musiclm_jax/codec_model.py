@@ -7,7 +7,13 @@ collection, updated by EMA). One loss serves both players: gradients are kept ap
 
 gives each part exactly its own gradient in one backward pass, and `optimizers.create_gan_optimizer` applies
 each part's optimizer. Generator loss (SoundStream): adversarial hinge + feature matching + multi-scale mel
-reconstruction + commitment, weighted by `CodecLossWeights` (paper: 1, 100, 1; commitment 1).
+reconstruction + commitment, weighted by `CodecLossWeights` (paper: 1, 100, 1; commitment 1), plus DAC's
+multi-scale STFT loss and the waveform L1 distance where their weights are set.
+
+`adversarial_start_step` > 0 trains the generator on its reconstruction losses alone until that step (the
+discriminators train from step 0, so they are warmed up when the generator starts to follow them); the step is
+counted in the 'codec_progress' collection, which is checkpointed with the rest, so a resumed run switches at
+the same step.
 """
 from __future__ import annotations
 
@@ -27,12 +33,18 @@ from musiclm_jax.quantizers import STATE, RVQConfig
 
 @dataclasses.dataclass(frozen=True)
 class CodecLossWeights:
-    """Weights of the generator's loss terms (SoundStream: adversarial 1, feature matching 100, mel 1)."""
+    """Weights of the generator's loss terms (SoundStream: adversarial 1, feature matching 100, mel 1; the
+    multi-scale STFT and waveform L1 terms are off unless set)."""
 
     adversarial: float = 1.0
     feature_matching: float = 100.0
     reconstruction: float = 1.0
     commitment: float = 1.0
+    stft: float = 0.0
+    waveform: float = 0.0
+
+
+PROGRESS = "codec_progress"
 
 
 class SoundStreamModel(RawAudioModel):
@@ -44,16 +56,21 @@ class SoundStreamModel(RawAudioModel):
       sample_rate: Hz; segment_samples: samples per training example.
       loss_weights: see CodecLossWeights.
       mel_scales: window lengths (samples) of the multi-scale mel reconstruction loss.
-      mel_bands: mel bands per scale (fewer for short windows, see spectral.mel_filterbank). 64 is SoundStream's;
-        at 24 kHz its filters near 300 Hz are 51 Hz apart (about three semitones), 128 bands' 26 Hz. (For the
-        tiny codec, 128 bands did not change how much pitch a 600-step codec keeps.)
+      mel_bands: mel bands, one number for every scale or one per scale (fewer for short windows, see
+        spectral.mel_filterbank). 64 is SoundStream's; at 24 kHz its filters near 300 Hz are 51 Hz apart (about
+        three semitones), 128 bands' 26 Hz. DAC uses 5, 10, 20, 40, 80, 160, 320 for windows 32 .. 2048.
+      mel_form: 'soundstream' or 'log_l1' (DAC), see codec_losses.MultiScaleMelLoss.
+      stft_scales: windows of the multi-scale STFT loss (weight `loss_weights.stft`).
+      adversarial_start_step: see the module docstring (0: adversarial from the start).
     """
 
     def __init__(self, seanet: SEANetConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
                  wave_discriminator: Optional[WaveDiscriminatorConfig] = WaveDiscriminatorConfig(),
                  stft_discriminator: Optional[STFTDiscriminatorConfig] = STFTDiscriminatorConfig(),
                  loss_weights: CodecLossWeights = CodecLossWeights(),
-                 mel_scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), mel_bands: int = 64):
+                 mel_scales: Sequence[int] = (64, 128, 256, 512, 1024, 2048), mel_bands: int | Sequence[int] = 64,
+                 mel_form: str = "soundstream", stft_scales: Sequence[int] = (2048, 512),
+                 adversarial_start_step: int = 0):
         self.seanet, self.rvq = seanet, rvq
         self.sample_rate = int(sample_rate)
         self.segment_samples = int(segment_samples)
@@ -61,7 +78,16 @@ class SoundStreamModel(RawAudioModel):
         self.generator = SoundStream(seanet, rvq)
         self.discriminators = Discriminators(wave=wave_discriminator, stft=stft_discriminator)
         self.mel_loss = codec_losses.MultiScaleMelLoss(sample_rate=self.sample_rate, scales=tuple(mel_scales),
-                                                       n_mels=mel_bands)
+                                                       n_mels=mel_bands if isinstance(mel_bands, int)
+                                                       else tuple(mel_bands), form=mel_form)
+        self.stft_loss = codec_losses.MultiScaleSTFTLoss(scales=tuple(stft_scales))
+        self.adversarial_start_step = int(adversarial_start_step)
+        if self.adversarial_start_step < 0:
+            raise ValueError(f"SoundStreamModel.adversarial_start_step {adversarial_start_step} must be >= 0")
+        longest = max(max(self.mel_loss.scales), max(self.stft_loss.scales) if loss_weights.stft else 0)
+        if self.segment_samples < longest:
+            raise ValueError(f"SoundStreamModel: segment_samples {segment_samples} is shorter than the longest loss "
+                             f"window ({longest} samples)")
 
     @property
     def frame_rate(self) -> float:
@@ -78,8 +104,11 @@ class SoundStreamModel(RawAudioModel):
         g_rng, d_rng = jax.random.split(rng)
         generator = self.generator.init({"params": g_rng}, audio)
         discriminator = self.discriminators.init({"params": d_rng}, audio)
-        return {"params": {"generator": generator["params"], "discriminator": discriminator.get("params", {})},
-                STATE: generator[STATE]}
+        variables = {"params": {"generator": generator["params"], "discriminator": discriminator.get("params", {})},
+                     STATE: generator[STATE]}
+        if self.adversarial_start_step:
+            variables[PROGRESS] = {"step": jnp.zeros((), jnp.int32)}
+        return variables
 
     # ------------------------------------------------------------------------------------------ training
     def _losses(self, params, flax_mutables, audio, rng, train: bool):
@@ -89,15 +118,26 @@ class SoundStreamModel(RawAudioModel):
         else:
             (recon, _, aux), updated = self.generator.apply(g_vars, audio), {STATE: flax_mutables[STATE]}
         w = self.loss_weights
+        zero = jnp.zeros((), jnp.float32)
         if self.has_discriminators:
             discriminator_loss, adversarial, feature_matching = self._adversarial_losses(
                 params["discriminator"], audio, recon)
         else:  # reconstruction-only training: no discriminator is run
-            discriminator_loss = adversarial = feature_matching = jnp.zeros((), jnp.float32)
+            discriminator_loss = adversarial = feature_matching = zero
+        adversarial_on = jnp.float32(1.0)
+        if train and self.adversarial_start_step:
+            step = flax_mutables[PROGRESS]["step"]
+            adversarial_on = (step >= self.adversarial_start_step).astype(jnp.float32)
+            updated = dict(updated, **{PROGRESS: {"step": step + 1}})
         reconstruction = self.mel_loss(audio, recon)
+        stft = self.stft_loss(audio, recon) if w.stft else zero
+        waveform = codec_losses.waveform_l1(audio, recon) if w.waveform else zero
         commitment = aux["commitment_loss"]
-        generator_loss = (w.adversarial * adversarial + w.feature_matching * feature_matching
-                          + w.reconstruction * reconstruction + w.commitment * commitment)
+        generator_loss = (adversarial_on * (w.adversarial * adversarial + w.feature_matching * feature_matching)
+                          + w.reconstruction * reconstruction + w.commitment * commitment + w.stft * stft
+                          + w.waveform * waveform)
+        perplexity = {f"codebook_perplexity_{level}": aux["perplexity"][level]
+                      for level in range(self.rvq.num_quantizers)}
         metrics = {
             "loss": generator_loss + discriminator_loss,
             "generator_loss": generator_loss,
@@ -105,6 +145,10 @@ class SoundStreamModel(RawAudioModel):
             "adversarial_loss": adversarial,
             "feature_matching_loss": feature_matching,
             "reconstruction_loss": reconstruction,
+            "stft_loss": stft,
+            "waveform_loss": waveform,
+            "adversarial_weight": adversarial_on,
+            **perplexity,
             "mel_distance": self.mel_loss.mel_distance(audio, recon),
             "commitment_loss": commitment,
             "mean_levels": jnp.mean(aux["num_levels"].astype(jnp.float32)),

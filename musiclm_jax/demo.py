@@ -17,8 +17,9 @@ project's own command line, run as a child process with its output shown as it c
                       python -m musiclm_jax.train --gin_file=gin/stages/<stage>_tiny.gin     -> DIR/<stage>
                       (1000, 800 and 600 steps)
   10. generate        python -m musiclm_jax.generate --gin_file=gin/sample/musiclm.gin       -> DIR/samples
-  11. evaluate        MuLan similarity of each prompt to its own audio against shuffled pairs, and how often
-                      the pitch classes of audio generated with a melody agree with it       -> DIR/quality.json
+  11. evaluate        MuLan similarity of each prompt to its own audio against shuffled pairs, how often the
+                      pitch classes of audio generated with a melody agree with it, and how often the key
+                      estimated from the generated audio is the key the prompt names     -> DIR/quality.json
 
 A finished step leaves DIR/.done/<step>; running the demo again skips those (and an interrupted training step
 resumes from its last checkpoint), so delete DIR (or pass --redo STEP) to start over. The total time and each
@@ -172,6 +173,39 @@ def evaluate(out: str, seed: int = 0) -> dict:
     return result
 
 
+def key_accuracy(out: str, reference_clips: int = 24) -> dict:
+    """The key of each generated clip whose prompt names one ('in A major'), estimated from its chroma
+    (Krumhansl-Schmuckler, evaluation/pitch_metrics.estimate_key), against the named key: {'num_prompts' (with a
+    key), 'key_accuracy' (tonic and mode), 'tonic_accuracy', 'chance' (1/24), 'named', 'estimated'} and, as the
+    measure's own ceiling, 'estimator_accuracy_on_references': the same estimator on `reference_clips` synthetic
+    test clips (4 s) against the keys they were rendered in."""
+    from musiclm_jax.data import audio_io, synthetic_music
+    from musiclm_jax.evaluation import pitch_metrics as pm
+    samples_dir = os.path.join(out, "samples")
+    with open(os.path.join(samples_dir, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    named, estimated = [], []
+    for s in samples:
+        key = pm.parse_key(s["prompt"])
+        if key is None:
+            continue
+        audio, rate = audio_io.load_audio(os.path.join(samples_dir, s["wav"]), 24000), 24000
+        named.append(key)
+        estimated.append(pm.estimate_key(audio, rate))
+    indices = [i for i in range(10 * reference_clips) if synthetic_music.split_of(i) == "test"][:reference_clips]
+    hits = 0
+    for i in indices:
+        clip = synthetic_music.generate_clip(i, seconds=4.0, sample_rate=24000)
+        hits += pm.estimate_key(clip["audio"], 24000) == (clip["params"].key, clip["params"].mode)
+    n = len(named)
+    return {"num_prompts": n,
+            "key_accuracy": float(np.mean([a == b for a, b in zip(named, estimated)])) if n else float("nan"),
+            "tonic_accuracy": float(np.mean([a[0] == b[0] for a, b in zip(named, estimated)])) if n else float("nan"),
+            "chance": 1 / 24, "named": [pm.key_name(*k) for k in named],
+            "estimated": [pm.key_name(*k) for k in estimated],
+            "estimator_accuracy_on_references": hits / max(len(indices), 1)}
+
+
 def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 4) -> dict:
     """How closely generation follows a given melody: the melody tokens (musiclm_jax.melody) of held-out
     synthetic test clips condition generation under their own captions; the generated audio's melody tokens are
@@ -234,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if name == "evaluate":
             quality = evaluate(out, args.seed)
             quality["melody"] = melody_following(out, args.duration, args.seed)
+            quality["key"] = key_accuracy(out)
             with open(os.path.join(out, "quality.json"), "w") as f:
                 json.dump(quality, f, indent=1)
         else:
@@ -256,6 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"demo: generated pitch classes agree with a given melody on {m['agreement_with_melody']:.0%} of its "
               f"pitched frames (without a melody {m['agreement_without_melody']:.0%}, with another clip's melody "
               f"{m['agreement_with_other_melody']:.0%}, chance {m['chance']:.0%})")
+    if "key" in quality:
+        k = quality["key"]
+        print(f"demo: the key estimated from the generated audio is the prompt's key for {k['key_accuracy']:.0%} of "
+              f"the {k['num_prompts']} prompts that name one (chance {k['chance']:.0%}; the estimator finds the key "
+              f"of {k['estimator_accuracy_on_references']:.0%} of reference clips)")
     print(f"demo: report {os.path.join(out, 'samples', 'report.html')}")
     print(f"demo: finished in {timings['total'] / 60:.1f} min (steps run now: "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total') or 'none'})")

@@ -81,6 +81,14 @@ def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[j
     return centroids, counts
 
 
+def code_perplexity(idx: jax.Array, weights: jax.Array, codebook_size: int) -> jax.Array:
+    """exp(entropy) of the code histogram of idx [M] (rows weighted by weights [M]) -> float32 scalar: 1 when one
+    code takes every row, codebook_size when all are used equally (0 rows: 1)."""
+    counts = jnp.sum(jax.nn.one_hot(idx, codebook_size, dtype=jnp.float32) * weights[:, None], axis=0)
+    p = counts / jnp.maximum(jnp.sum(counts), 1e-9)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+
+
 class ResidualVQ(nn.Module):
     """Residual vector quantizer; state in the 'quantizer' collection (codebook, cluster_size, embed_sum,
     initialized), all with a leading [num_quantizers] axis."""
@@ -129,7 +137,8 @@ class ResidualVQ(nn.Module):
         Returns:
           (quantized [batch, frames, dim] with straight-through gradients to x,
            codes [batch, frames, N] int32 (levels beyond an example's n_q are still computed),
-           {'commitment_loss': scalar, 'num_levels': [batch] int32 levels used per example}).
+           {'commitment_loss': scalar, 'num_levels': [batch] int32 levels used per example,
+            'perplexity': [N] float32 codebook perplexity per level over the rows that use it (code_perplexity)}).
         """
         cfg = self.config
         codebook_var, size_var, sum_var, init_var = self.codebook, self.cluster_size, self.embed_sum, self.initialized
@@ -146,7 +155,7 @@ class ResidualVQ(nn.Module):
         residual = flat
         quantized = jnp.zeros_like(flat)
         commitment = jnp.zeros((), jnp.float32)
-        codes = []
+        codes, perplexity = [], []
         new_codebooks, new_sizes, new_sums = [], [], []
         for level in range(cfg.num_quantizers):
             active = (rows_n_q > level).astype(jnp.float32)
@@ -166,6 +175,7 @@ class ResidualVQ(nn.Module):
                                               * active) / (weight * dim)
             quantized = quantized + q * active[:, None]
             codes.append(idx)
+            perplexity.append(code_perplexity(idx, active, cfg.codebook_size))
             if train:
                 codebook, size, total = self._ema_update(residual, idx, active, codebook, size, total, k_dead)
                 new_codebooks.append(codebook)
@@ -180,7 +190,7 @@ class ResidualVQ(nn.Module):
         quantized = flat + jax.lax.stop_gradient(quantized - flat)  # straight-through
         codes = jnp.stack(codes, axis=-1).reshape(batch, frames, cfg.num_quantizers)
         return (quantized.reshape(x.shape).astype(x.dtype), codes,
-                {"commitment_loss": commitment, "num_levels": n_q})
+                {"commitment_loss": commitment, "num_levels": n_q, "perplexity": jnp.stack(perplexity)})
 
     def _ema_update(self, residual, idx, active, codebook, size, total, rng):
         """One EMA step of a level's statistics from the rows assigned to its codes (inactive rows ignored).

@@ -105,6 +105,8 @@ def test_reconstruction_only_codec_trains_without_discriminators(tmp_path):
     assert len(records) == RECONSTRUCTION_STEPS
     for r in records:
         assert r["discriminator_loss"] == r["adversarial_loss"] == r["feature_matching_loss"] == 0.0, r
+        # Codebook usage per level goes to metrics.jsonl.
+        assert all(1.0 <= r[f"codebook_perplexity_{level}"] <= 64.0 for level in range(4)), r
     first = np.mean([r["mel_distance"] for r in records[:10]])
     last = np.mean([r["mel_distance"] for r in records[-10:]])
     assert last < MEL_RATIO_BELOW * first, (first, last)
@@ -167,6 +169,7 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     from musiclm_jax import eval as eval_lib
     from musiclm_jax.codec_losses import MultiScaleMelLoss
     from musiclm_jax.data import synthetic_music
+    from musiclm_jax.evaluation import pitch_metrics
     from musiclm_jax.evaluation.audio_metrics import si_snr_db
     clips = tmp_path / "clips"
     clips.mkdir()
@@ -190,13 +193,26 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
     mel = MultiScaleMelLoss(24000)
     snrs, mels = [], []
+    pitch = {"melody": np.zeros(2, int), "chroma_cqt": np.zeros(2, int)}
+    histogram = np.zeros(64, int)
     for name in ("a.wav", "b.flac"):
         audio = audio_io.load_audio(str(clips / name), 24000, max_seconds=0.5)
         recon = codec.reconstruct(audio)
         snrs.append(si_snr_db(audio, recon))
         mels.append(float(mel.mel_distance(audio[None], recon[None])))
+        pitch["melody"] += pitch_metrics.melody_token_agreement(audio[None], recon[None], 24000)
+        pitch["chroma_cqt"] += pitch_metrics.chroma_cqt_agreement(audio[None], recon[None], 24000)
+        histogram += np.bincount(codec.encode(audio)[:, 0], minlength=64)
     assert metrics["si_snr_db"] == pytest.approx(np.mean(snrs), abs=1e-3)
     assert metrics["mel_distance"] == pytest.approx(np.mean(mels), rel=1e-4)
+    # Pitch: pooled over the frames of both clips, by both measures (evaluation/pitch_metrics.py).
+    for key, name in (("pitch_class_agreement", "melody"), ("chroma_cqt_agreement", "chroma_cqt")):
+        agree, total = pitch[name]
+        assert metrics[{"melody": "pitched_frames", "chroma_cqt": "chroma_cqt_frames"}[name]] == total > 0
+        assert metrics[key] == pytest.approx(agree / total, abs=1.01 / total)
+    p = histogram / histogram.sum()
+    assert metrics["codebook_perplexity"][0] == pytest.approx(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))), rel=1e-3)
+    assert len(metrics["codebook_perplexity"]) == 4
     # Fewer levels: the bitrate follows; the embedded synthetic test clips are the default data.
     result = eval_lib.main(["--gin_file=gin/eval/codec.gin", f"--gin.CHECKPOINT_DIR='{trained_tiny_codec}'",
                             "--gin.NUM_QUANTIZERS=1", "--gin.codec_eval.evaluate_codec.max_examples=3",

@@ -45,6 +45,8 @@ def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "melody_following", lambda out, duration, seed: {
         "agreement_with_melody": 0.5, "agreement_without_melody": 0.2, "agreement_with_other_melody": 0.2,
         "chance": 1 / 12})
+    monkeypatch.setattr(demo, "key_accuracy", lambda out: {
+        "num_prompts": 2, "key_accuracy": 0.5, "chance": 1 / 24, "estimator_accuracy_on_references": 0.9})
     result = demo.main(["--output_dir", str(tmp_path)])
     assert ran == [name for name, _ in demo.steps(str(tmp_path), ["x"], 4.0, 0)] + ["evaluate"]
     assert set(result["timings"]) == set(ran) | {"total"}
@@ -93,3 +95,31 @@ def test_permutation_p_value_counts_pairings_at_least_as_close_as_the_matched_on
     assert sampled == pytest.approx(1 / 20_000) and demo.permutation_p_value(np.ones((10, 10)), samples=500) == 1.0
     with pytest.raises(ValueError, match="square matrix"):
         demo.permutation_p_value(np.ones((2, 3)))
+
+
+def _cadence(midis, rate=24000, seconds_each=0.3):
+    t = np.arange(int(seconds_each * rate)) / rate
+    return np.concatenate([sum(0.2 / k * np.sin(2 * np.pi * k * 440 * 2 ** ((m - 69) / 12) * t) for k in (1, 2, 3))
+                           for m in midis]).astype(np.float32)
+
+
+def test_key_accuracy_compares_the_estimated_key_with_the_key_the_prompt_names(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    c_major = _cadence([60, 64, 67, 72, 65, 69, 60, 67, 71, 74, 60, 64, 67])
+    a_minor = _cadence([57, 60, 64, 69, 62, 65, 69, 57, 64, 68, 71, 57, 60, 64])
+    rows = [("a calm tune in C major", c_major), ("a sad tune in A minor", a_minor),
+            ("a tune in Eb major", c_major),  # named wrongly: the audio is in C major
+            ("drums without a key", a_minor)]  # names no key: not counted
+    with open(samples / "samples.jsonl", "w") as f:
+        for i, (prompt, audio) in enumerate(rows):
+            audio_io.save_audio(str(samples / f"{i}.wav"), audio, 24000)
+            f.write(json.dumps({"prompt": prompt, "wav": f"{i}.wav"}) + "\n")
+    key = demo.key_accuracy(str(tmp_path), reference_clips=8)
+    assert key["num_prompts"] == 3
+    assert key["named"] == ["C major", "A minor", "Eb major"]
+    assert key["estimated"] == ["C major", "A minor", "C major"]
+    assert key["key_accuracy"] == pytest.approx(2 / 3) and key["tonic_accuracy"] == pytest.approx(2 / 3)
+    assert key["chance"] == pytest.approx(1 / 24)
+    # The estimator on the synthetic clips it is checked against (their rendered keys) is far above chance.
+    assert key["estimator_accuracy_on_references"] >= 0.5

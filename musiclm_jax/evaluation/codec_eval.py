@@ -1,9 +1,15 @@
 """Codec evaluation: reconstruct held-out clips and measure how close they come back.
 
-Metrics (means over clips): `si_snr_db` (scale-invariant SNR, dB), `mel_distance` (the training metric: mean
-over mel scales of the mean |mel(x) - mel(x̂)|, see codec_losses.MultiScaleMelLoss), `bitrate_kbps` of the
-levels used, `num_examples`, and `num_skipped` (files that could not be decoded or are shorter than the longest
-mel window; each is printed with its reason).
+Metrics (means over clips): `si_snr_db` (scale-invariant SNR, dB), `mel_distance` (mean over SoundStream's
+six mel scales, 64 to 2048 samples with 64 bands, of the mean |mel(x) - mel(x̂)|; one fixed definition for every
+codec, whatever its training loss), `pitch_class_agreement` (the melody tokens of the round trip against the
+clip's, on the clip's pitched frames) and `chroma_cqt_agreement` (the same with librosa's chroma_cqt argmax on
+frames with a clear maximum, an independent measure; see evaluation/pitch_metrics.py, both pooled over every
+frame of every clip), `codebook_perplexity` (per level, over all frames of all clips: exp(entropy) of the code
+histogram), `bitrate_kbps` of the levels used, `num_examples`, and `num_skipped` (files that could not be
+decoded or are shorter than the longest mel window; each is printed with its reason).
+
+`codec_sanity(codec)` is the signal-level check of a codec: pure tones, silence and the DC offset.
 
 Clips: the `split` files of an audio folder (captions.jsonl `split` fields; files without one count as
 'train'), or, with no folder, the embedded synthetic music's test clips. Each clip is mixed to mono, resampled
@@ -20,6 +26,7 @@ import numpy as np
 from musiclm_jax.codec import Codec
 from musiclm_jax.codec_losses import MultiScaleMelLoss
 from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
+from musiclm_jax.evaluation import pitch_metrics
 from musiclm_jax.evaluation.audio_metrics import si_snr_db
 
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
@@ -63,17 +70,28 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
     window = int(round(clip_seconds * codec.sample_rate))  # every batch is [batch_size, window]: one compile
 
     si_snrs, mels, skipped = [], [], {}
+    agreement = {"melody": [0, 0], "chroma_cqt": [0, 0]}
+    histograms = np.zeros((n_q, codec.codebook_size), np.int64)
     pending: list[tuple[str, np.ndarray]] = []
 
     def flush():
         batch = np.zeros((batch_size, window), np.float32)
         for row, (_, audio) in enumerate(pending):
             batch[row, :len(audio)] = audio
-        recon = codec.reconstruct(batch, n_q)
+        codes = codec.encode(batch, n_q)
+        recon = codec.decode(codes)[..., :window]
         for row, (_, audio) in enumerate(pending):
             estimate = recon[row, :len(audio)]
             si_snrs.append(si_snr_db(audio, estimate))
             mels.append(float(mel_distance(audio[None], estimate[None])))
+            for name, measure in (("melody", pitch_metrics.melody_token_agreement),
+                                  ("chroma_cqt", pitch_metrics.chroma_cqt_agreement)):
+                agree, total = measure(audio[None], estimate[None], codec.sample_rate)
+                agreement[name][0] += agree
+                agreement[name][1] += total
+            frames = -(-len(audio) // codec.hop_length)
+            for level in range(n_q):
+                histograms[level] += np.bincount(codes[row, :frames, level], minlength=codec.codebook_size)
         pending.clear()
 
     for name, audio in _clips(audio_dir, split, codec.sample_rate, clip_seconds, max_examples, max(mel.scales)):
@@ -89,11 +107,42 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
         flush()
     if not si_snrs:
         raise ValueError(f"codec eval: no clip could be evaluated (skipped: {skipped})")
+    p = histograms / np.maximum(histograms.sum(axis=1, keepdims=True), 1)
+    perplexity = np.exp(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1))
     return {
         "si_snr_db": float(np.mean(si_snrs)),
         "mel_distance": float(np.mean(mels)),
+        "pitch_class_agreement": agreement["melody"][0] / max(agreement["melody"][1], 1),
+        "pitched_frames": agreement["melody"][1],
+        "chroma_cqt_agreement": agreement["chroma_cqt"][0] / max(agreement["chroma_cqt"][1], 1),
+        "chroma_cqt_frames": agreement["chroma_cqt"][1],
+        "codebook_perplexity": [round(float(x), 2) for x in perplexity],
         "bitrate_kbps": codec.bitrate_kbps(n_q),
         "num_quantizers": n_q,
         "num_examples": len(si_snrs),
         "num_skipped": int(sum(skipped.values())),
     }
+
+
+SANITY_TONES_HZ = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0, 3520.0, 4000.0)
+
+
+def codec_sanity(codec: Codec, tones_hz=SANITY_TONES_HZ, seconds: float = 2.0, amplitude: float = 0.3,
+                 settle_seconds: float = 0.5) -> dict:
+    """Round trips of pure tones and of silence through `codec` (all levels).
+
+    Returns {'tones_hz', 'dominant_hz' (of each tone's round trip after `settle_seconds`, see
+    pitch_metrics.dominant_frequency), 'cents' (their error), 'silence_dbfs' (the level of the silence's round
+    trip), 'dc_offset' (the largest |mean| of any round trip, tones and silence)}. A tone is a sine of
+    `amplitude` (peak, full scale 1) lasting `seconds`.
+    """
+    rate = codec.sample_rate
+    t = np.arange(int(seconds * rate)) / rate
+    inputs = np.stack([amplitude * np.sin(2 * np.pi * f * t) for f in tones_hz] + [np.zeros_like(t)]).astype(np.float32)
+    out = codec.reconstruct(inputs)
+    settle = int(settle_seconds * rate)
+    dominant = [pitch_metrics.dominant_frequency(y[settle:], rate) for y in out[:-1]]
+    return {"tones_hz": list(tones_hz), "dominant_hz": [round(d, 2) for d in dominant],
+            "cents": [round(pitch_metrics.cents(d, f), 1) for d, f in zip(dominant, tones_hz)],
+            "silence_dbfs": round(pitch_metrics.level_dbfs(out[-1]), 2),
+            "dc_offset": float(np.max(np.abs(out.mean(axis=1))))}
