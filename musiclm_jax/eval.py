@@ -5,7 +5,8 @@ An eval gin file binds `evaluate.evaluator` to a function of the run directory t
 (e.g. evaluation.codec_eval.evaluate_codec) and `evaluate.name`. The metrics are printed as one JSON line and
 written to OUTPUT_DIR/metrics.json (default CHECKPOINT_DIR/eval/<name>/metrics.json). An evaluator with an
 `output_dir` parameter also gets that directory, for files beside metrics.json (the generation evaluation's
-audio and report). Eval gin files: gin/eval/codec.gin, gin/eval/mulan.gin, gin/eval/generation.gin.
+audio and report). Eval gin files: gin/eval/codec.gin, gin/eval/semantic.gin, gin/eval/mulan.gin,
+gin/eval/generation.gin.
 """
 from __future__ import annotations
 

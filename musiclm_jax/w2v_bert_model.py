@@ -13,8 +13,14 @@ Batches: {'audio': [batch, samples] float32 at 16 kHz} (the raw-audio tasks). Pe
     networks/w2v_bert.py), weight `diversity_weight`;
   * MLM loss: cross-entropy of the MLM module's predictions of the quantizer ids at masked frames, weight
     `mlm_weight`.
-loss = contrastive + diversity_weight * diversity + mlm_weight * mlm. The quantizer's codebook is state (the
-'quantizer' collection), updated by EMA in training.
+  * pitch target (optional, MERT's CQT reconstruction in a semitone form; on when the network has pitch_bins):
+    the log energy of each semitone, MIDI `pitch_lowest_midi` upwards, of each frame's long-window STFT
+    (pitch_target below), standardized over the notes of the frame (so it describes which notes sound, not
+    how loud); the network's pitch head regresses it with a mean squared error over every frame, weight
+    `pitch_weight`. Self-supervised targets of speech models (quantized short-window features) need not keep
+    pitch; this one asks the features to keep it.
+loss = contrastive + diversity_weight * diversity + mlm_weight * mlm (+ pitch_weight * pitch). The quantizer's
+codebook is state (the 'quantizer' collection), updated by EMA in training.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from musiclm_jax import spectral
 from musiclm_jax.models import AudioFeatureModel, cross_entropy
 from musiclm_jax.networks.w2v_bert import W2VBert, W2VBertConfig
 from musiclm_jax.quantizers import STATE
@@ -71,18 +79,45 @@ def contrastive_loss(context: jax.Array, targets: jax.Array, mask: jax.Array, ne
     return jnp.sum(nll * weight) / denominator, accuracy
 
 
+def pitch_target(audio: jax.Array, sample_rate: int, frames: int, samples_per_frame: int, bins: int,
+                 lowest_midi: int = 36, n_fft: int = 2048) -> jax.Array:
+    """The pitch target (see the module docstring): audio [b, samples] -> [b, frames, bins] float32.
+
+    Frame t's Hann window of n_fft samples is centred on the centre of its samples, t * samples_per_frame +
+    samples_per_frame / 2; each STFT bin counts for the nearest equal-tempered note (A4 = 440 Hz) among MIDI
+    lowest_midi .. lowest_midi + bins - 1 (notes with no bin of their own, low ones at short windows, stay 0 and
+    get the frame's floor); the log10 of each note's power + 1e-8 is standardized over the notes of the frame."""
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    bank = np.zeros((len(freqs), bins), np.float32)
+    with np.errstate(divide="ignore"):
+        midi = np.round(69 + 12 * np.log2(freqs / 440.0))
+    inside = np.isfinite(midi) & (midi >= lowest_midi) & (midi < lowest_midi + bins)
+    bank[np.nonzero(inside)[0], (midi[inside] - lowest_midi).astype(int)] = 1.0
+    left = n_fft // 2 - samples_per_frame // 2
+    needed = (frames - 1) * samples_per_frame + n_fft
+    padded = jnp.pad(audio.astype(jnp.float32), ((0, 0), (left, max(0, needed - left - audio.shape[1]))))
+    spec = spectral.stft(padded[:, :needed], n_fft, samples_per_frame)  # [b, frames, bins_fft]
+    power = jnp.square(spec.real) + jnp.square(spec.imag)
+    energy = jnp.log10(jnp.einsum("btf,fn->btn", power, jnp.asarray(bank), precision=jax.lax.Precision.HIGHEST)
+                       + 1e-8)
+    mean = jnp.mean(energy, axis=-1, keepdims=True)
+    std = jnp.sqrt(jnp.mean(jnp.square(energy - mean), axis=-1, keepdims=True) + 1e-6)
+    return (energy - mean) / std
+
+
 class W2VBertModel(AudioFeatureModel):
     """w2v-BERT training (see the module docstring) and embedding extraction for the semantic tokenizer.
 
     Args:
       network: W2VBertConfig; segment_samples: samples per training example (16 kHz).
       mask_prob, mask_span: span masking; num_negatives, contrastive_temperature: the contrastive task;
-      diversity_weight, mlm_weight: loss weights.
+      diversity_weight, mlm_weight: loss weights; pitch_weight: of the pitch target (used when
+      network.pitch_bins > 0); pitch_lowest_midi: its lowest note.
     """
 
     def __init__(self, network: W2VBertConfig, segment_samples: int, mask_prob: float = 0.065, mask_span: int = 10,
                  num_negatives: int = 100, contrastive_temperature: float = 0.1, diversity_weight: float = 0.1,
-                 mlm_weight: float = 1.0):
+                 mlm_weight: float = 1.0, pitch_weight: float = 1.0, pitch_lowest_midi: int = 36):
         self.network = network
         self.module = W2VBert(network)
         self.segment_samples = int(segment_samples)
@@ -90,6 +125,7 @@ class W2VBertModel(AudioFeatureModel):
         self.num_negatives = int(num_negatives)
         self.contrastive_temperature = float(contrastive_temperature)
         self.diversity_weight, self.mlm_weight = float(diversity_weight), float(mlm_weight)
+        self.pitch_weight, self.pitch_lowest_midi = float(pitch_weight), int(pitch_lowest_midi)
 
     @property
     def num_layers(self) -> int:
@@ -126,7 +162,14 @@ class W2VBertModel(AudioFeatureModel):
         used = jnp.sum(jnp.any(jax.nn.one_hot(out["target_ids"], self.network.codebook_size, dtype=bool),
                                axis=(0, 1)))
         loss = contrastive + self.diversity_weight * out["diversity_loss"] + self.mlm_weight * mlm
-        metrics = {"loss": loss, "contrastive_loss": contrastive, "contrastive_accuracy": contrastive_accuracy,
+        extra = {}
+        if self.network.pitch_bins:
+            target = pitch_target(audio, self.network.sample_rate, frames, self.network.samples_per_frame,
+                                  self.network.pitch_bins, self.pitch_lowest_midi)
+            pitch = jnp.mean(jnp.square(out["pitch"] - target))
+            loss = loss + self.pitch_weight * pitch
+            extra["pitch_loss"] = pitch
+        metrics = {**extra,"loss": loss, "contrastive_loss": contrastive, "contrastive_accuracy": contrastive_accuracy,
                    "diversity_loss": out["diversity_loss"], "codebook_perplexity": out["perplexity"],
                    "codes_used": used.astype(jnp.float32), "mlm_loss": mlm, "mlm_accuracy": mlm_accuracy,
                    "mask_fraction": jnp.mean(weight), "loss_weight": jnp.float32(batch)}

@@ -71,6 +71,34 @@ def test_fit_tokenize_and_resume(w2v_bert_dir, tmp_path):
         semantic.SemanticTokenizer.load(str(tmp_path))
 
 
+def test_semantic_eval_reports_the_melody_information_of_the_tokens(w2v_bert_dir, tmp_path):
+    """gin/eval/semantic.gin through the eval entry point equals a direct computation on the same clips."""
+    from musiclm_jax import eval as eval_lib
+    from musiclm_jax import melody
+    from musiclm_jax.evaluation import codec_eval, semantic_eval
+    tok_dir = tmp_path / "tok"
+    _fit(w2v_bert_dir, tok_dir, "--gin.semantic.fit_semantic_tokenizer.num_steps=4")
+    result = eval_lib.main(["--gin_file=gin/eval/semantic.gin", f"--gin.CHECKPOINT_DIR='{tok_dir}'",
+                            "--gin.semantic_eval.evaluate_semantic.max_examples=5",
+                            "--gin.semantic_eval.evaluate_semantic.clip_seconds=2.0",
+                            "--gin.semantic_eval.evaluate_semantic.batch_size=4"])
+    assert os.path.exists(tok_dir / "eval" / "semantic" / "metrics.json")
+    tokenizer = semantic.SemanticTokenizer.load(str(tok_dir))
+    sems, mels = [], []
+    for i in range(5):
+        audio = synthetic_music.generate_clip(i, seed=codec_eval.SYNTHETIC_TEST_SEED, seconds=2.0,
+                                              sample_rate=16000)["audio"]
+        s, m = semantic_eval.paired_frames(tokenizer.tokenize(audio), melody.melody_tokens(audio, 16000)[0], 25.0)
+        sems.append(s)
+        mels.append(m)
+    sem, mel = np.concatenate(sems), np.concatenate(mels)
+    assert result["num_examples"] == 5 and result["num_pairs"] == sem.size > 0
+    assert result["melody_mutual_information_bits"] == pytest.approx(
+        semantic_eval.mutual_information_bits(sem, mel), abs=1e-9)
+    assert result["melody_entropy_bits"] == pytest.approx(semantic_eval.entropy_bits(mel), abs=1e-9)
+    assert 0.0 <= result["melody_mi_shuffled_bits"] and result["melody_entropy_bits"] <= np.log2(12) + 1e-9
+
+
 def test_tokens_from_an_imported_hubert_at_25_hz(tmp_path):
     pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

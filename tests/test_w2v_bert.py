@@ -104,3 +104,62 @@ def test_training_lowers_both_losses(trained_tiny_w2v_bert):
     assert last["contrastive_loss"] < np.log(1 + 20)  # better than chance among 1 + 20 candidates
     assert np.mean([r["codes_used"] for r in records[-10:]]) >= 8  # the targets did not collapse (~15 of 64)
     assert 0.2 < np.mean([r["mask_fraction"] for r in records]) < 0.35  # 1 - (1 - 0.065)^5 = 0.29
+
+
+# ------------------------------------------------------------------------------------------- pitch target
+
+
+def test_pitch_target_marks_the_sounding_note_on_frames_aligned_with_the_network():
+    from musiclm_jax.w2v_bert_model import pitch_target
+    cfg = W2VBertConfig()
+    t = np.arange(16000) / 16000
+    audio = jnp.asarray(np.stack([0.3 * np.sin(2 * np.pi * 440.0 * t),                      # A4 = MIDI 69
+                                  0.3 * np.sin(2 * np.pi * 261.63 * t)]).astype(np.float32))  # C4 = MIDI 60
+    frames = cfg.num_frames(16000)
+    target = np.asarray(pitch_target(audio, 16000, frames, cfg.samples_per_frame, bins=72, lowest_midi=36))
+    assert target.shape == (2, frames, 72) == (2, 25, 72)
+    inner = slice(2, -2)  # edge frames see the zero padding
+    assert np.all(np.argmax(target[0, inner], axis=-1) == 69 - 36)
+    assert np.all(np.argmax(target[1, inner], axis=-1) == 60 - 36)
+    np.testing.assert_allclose(target.mean(-1), 0.0, atol=1e-4)  # standardized over the notes of each frame
+    np.testing.assert_allclose(target.std(-1), 1.0, atol=1e-3)
+
+
+def test_the_pitch_head_learns_the_pitch_target():
+    """A w2v-BERT with pitch_bins: the pitch loss is part of the loss and falls in 60 steps (in process)."""
+    import optax
+    from musiclm_jax.data import synthetic_music
+    from musiclm_jax.quantizers import STATE
+    from musiclm_jax.w2v_bert_model import W2VBertModel
+    cfg = W2VBertConfig(n_mels=40, subsampling_channels=8, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                        num_contrastive_layers=1, num_mlm_layers=1, codebook_size=16, contrastive_dim=32,
+                        dropout_rate=0.0, pitch_bins=48, pitch_layer=1)
+    model = W2VBertModel(cfg, 16000, mask_span=3, num_negatives=5, pitch_weight=1.0, pitch_lowest_midi=48)
+    audio = jnp.asarray(np.stack([synthetic_music.generate_clip(i, seed=4, seconds=1.0, sample_rate=16000)["audio"]
+                                  for i in range(4)]))
+    variables = model.get_initial_variables(jax.random.key(0), {"audio": (4, 16000)})
+    params, mutables = variables["params"], {STATE: variables[STATE]}
+    assert "pitch_head" in params
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, mutables, key):
+        (loss, (metrics, mutables)), grads = jax.value_and_grad(model.train_loss_fn, has_aux=True)(
+            params, mutables, {"audio": audio}, key)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, mutables, metrics
+
+    losses = []
+    for i in range(60):
+        params, opt, mutables, metrics = step(params, opt, mutables, jax.random.key(i))
+        losses.append(float(metrics["pitch_loss"]))
+        expected = (metrics["contrastive_loss"] + 0.1 * metrics["diversity_loss"] + metrics["mlm_loss"]
+                    + metrics["pitch_loss"])
+        assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+    with pytest.raises(ValueError, match="pitch_layer=5"):
+        bad = W2VBertModel(W2VBertConfig(embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_contrastive_layers=1,
+                                         num_mlm_layers=1, codebook_size=16, contrastive_dim=32, pitch_bins=8,
+                                         pitch_layer=5, subsampling_channels=8, n_mels=40), 16000)
+        bad.get_initial_variables(jax.random.key(0), {"audio": (1, 16000)})

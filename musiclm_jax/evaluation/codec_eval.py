@@ -32,9 +32,10 @@ from musiclm_jax.evaluation.audio_metrics import si_snr_db
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
 
 
-def _clips(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds: float, max_examples: int,
-           min_samples: int):
-    """Yields (name, mono audio [samples]) and returns nothing; skipped files are reported on stderr."""
+def evaluation_clips(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds: float,
+                     max_examples: int, min_samples: int):
+    """Held-out clips (see the module docstring): yields (name, mono audio [samples] at sample_rate), or
+    (path, the exception) for a file that cannot be used, which the caller counts and reports."""
     if audio_dir is None:
         if split != "test":
             raise ValueError(f"the synthetic evaluation clips are the test split; got split={split!r}")
@@ -94,7 +95,8 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
                 histograms[level] += np.bincount(codes[row, :frames, level], minlength=codec.codebook_size)
         pending.clear()
 
-    for name, audio in _clips(audio_dir, split, codec.sample_rate, clip_seconds, max_examples, max(mel.scales)):
+    for name, audio in evaluation_clips(audio_dir, split, codec.sample_rate, clip_seconds, max_examples,
+                                        max(mel.scales)):
         if isinstance(audio, Exception):
             reason = type(audio).__name__
             skipped[reason] = skipped.get(reason, 0) + 1

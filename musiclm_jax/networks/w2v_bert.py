@@ -54,6 +54,8 @@ class W2VBertConfig:
       replaced (default 0: off, since a replaced code moves the targets the MLM module is learning);
       diversity_temperature: of the soft assignment (see above).
       contrastive_dim: dimension of the projected context vectors and targets compared by cosine.
+      pitch_bins: 0, or the notes of the pitch head (a linear map of hidden state `pitch_layer`, 0 = the last,
+        to `pitch_bins` outputs [b, t, pitch_bins], trained by W2VBertModel's pitch target, as MERT's CQT head).
       dropout_rate: dropout in the conformer blocks; dtype: compute dtype ('float32' or 'bfloat16').
       remat: rematerialise each conformer block in the backward pass.
     """
@@ -77,6 +79,8 @@ class W2VBertConfig:
     dead_code_threshold: float = 0.0
     diversity_temperature: float = 1.0
     contrastive_dim: int = 768
+    pitch_bins: int = 0
+    pitch_layer: int = 0
     dropout_rate: float = 0.1
     dtype: str = "float32"
     remat: bool = False
@@ -198,6 +202,7 @@ class W2VBert(nn.Module):
       context [b, t, contrastive_dim]      projected contrastive-module output
       mlm_logits [b, t, V]       MLM predictions of the quantizer ids
       targets [b, t, contrastive_dim], target_ids [b, t], diversity_loss, perplexity   (the quantizer's)
+      pitch [b, t, pitch_bins]   the pitch head's output (only when config.pitch_bins > 0)
     `mask` [b, t] bool: frames replaced by the learned mask vector (None: no masking, e.g. for embeddings).
     `num_layers_to_run` (embedding extraction) stops after that many blocks and returns only the first two keys.
     `update_codebook`: update the quantizer's EMA statistics (training; the 'quantizer' collection mutable and a
@@ -235,6 +240,12 @@ class W2VBert(nn.Module):
             context.astype(jnp.float32))
         out["mlm_logits"] = _dense((cfg.codebook_size,), ("embed", "codebook_codes"), "mlm_logits", jnp.float32)(
             x.astype(jnp.float32))
+        if cfg.pitch_bins:
+            if not 0 <= cfg.pitch_layer <= cfg.num_layers:
+                raise ValueError(f"W2VBertConfig.pitch_layer={cfg.pitch_layer}: expected 0..{cfg.num_layers}")
+            source = hidden[cfg.pitch_layer or cfg.num_layers]
+            out["pitch"] = _dense((cfg.pitch_bins,), ("embed", "mlp"), "pitch_head", jnp.float32)(
+                source.astype(jnp.float32))
         quantizer = ResidualVQ(RVQConfig(num_quantizers=1, codebook_size=cfg.codebook_size, dim=cfg.embed_dim,
                                          decay=cfg.codebook_decay, dead_code_threshold=cfg.dead_code_threshold,
                                          quantizer_dropout=False), name="quantizer")
