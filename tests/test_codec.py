@@ -114,6 +114,22 @@ def test_reconstruction_only_codec_trains_without_discriminators(tmp_path):
     assert codec.encode(np.zeros((1, 4800), np.float32)).shape == (1, 10, 4)
 
 
+def test_adversarial_start_step_survives_a_resume(tmp_path):
+    """The GAN codec with adversarial_start_step = 3 through the training CLI: the generator's adversarial terms
+    are off for steps 1-3 and on from step 4, also when the run stops after step 2 and resumes from its checkpoint
+    (the step counter is checkpointed state)."""
+    common = ["--gin.BATCH_SIZE=2", "--gin.SEGMENT_SAMPLES=6000", "--gin.train_lib.train.checkpoint_period=2",
+              "--gin.codec_model.SoundStreamModel.adversarial_start_step=3"]
+    model_dir = str(tmp_path / "codec")
+    train_on_one_device("gin/codec/tiny.gin", model_dir, "--gin.TRAIN_STEPS=2", *common)
+    train_on_one_device("gin/codec/tiny.gin", model_dir, "--gin.TRAIN_STEPS=5", *common)
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["step"], r["adversarial_weight"]) for r in records] == [(1, 0.0), (2, 0.0), (3, 0.0), (4, 1.0),
+                                                                       (5, 1.0)]
+    assert all(r["discriminator_loss"] > 0 for r in records)  # the discriminators train from the first step
+
+
 def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
     assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 64)
