@@ -78,8 +78,7 @@ class SoundStreamModel(RawAudioModel):
         self.generator = SoundStream(seanet, rvq)
         self.discriminators = Discriminators(wave=wave_discriminator, stft=stft_discriminator)
         self.mel_loss = codec_losses.MultiScaleMelLoss(sample_rate=self.sample_rate, scales=tuple(mel_scales),
-                                                       n_mels=mel_bands if isinstance(mel_bands, int)
-                                                       else tuple(mel_bands), form=mel_form)
+                                                       n_mels=mel_bands, form=mel_form)
         self.stft_loss = codec_losses.MultiScaleSTFTLoss(scales=tuple(stft_scales))
         self.adversarial_start_step = int(adversarial_start_step)
         if self.adversarial_start_step < 0:

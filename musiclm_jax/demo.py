@@ -184,19 +184,19 @@ def key_accuracy(out: str, reference_clips: int = 24) -> dict:
     samples_dir = os.path.join(out, "samples")
     with open(os.path.join(samples_dir, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
+    rate = 24000
     named, estimated = [], []
     for s in samples:
         key = pm.parse_key(s["prompt"])
         if key is None:
             continue
-        audio, rate = audio_io.load_audio(os.path.join(samples_dir, s["wav"]), 24000), 24000
         named.append(key)
-        estimated.append(pm.estimate_key(audio, rate))
+        estimated.append(pm.estimate_key(audio_io.load_audio(os.path.join(samples_dir, s["wav"]), rate), rate))
     indices = [i for i in range(10 * reference_clips) if synthetic_music.split_of(i) == "test"][:reference_clips]
     hits = 0
     for i in indices:
-        clip = synthetic_music.generate_clip(i, seconds=4.0, sample_rate=24000)
-        hits += pm.estimate_key(clip["audio"], 24000) == (clip["params"].key, clip["params"].mode)
+        clip = synthetic_music.generate_clip(i, seconds=4.0, sample_rate=rate)
+        hits += pm.estimate_key(clip["audio"], rate) == (clip["params"].key, clip["params"].mode)
     n = len(named)
     return {"num_prompts": n,
             "key_accuracy": float(np.mean([a == b for a, b in zip(named, estimated)])) if n else float("nan"),

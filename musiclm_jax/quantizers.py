@@ -81,12 +81,17 @@ def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[j
     return centroids, counts
 
 
+def counts_perplexity(counts: jax.Array) -> jax.Array:
+    """exp(entropy) of code histograms counts [..., K] -> [...] float32: 1 when one code has every count, K when
+    all are used equally (no counts: 1)."""
+    p = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1e-9)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+
+
 def code_perplexity(idx: jax.Array, weights: jax.Array, codebook_size: int) -> jax.Array:
-    """exp(entropy) of the code histogram of idx [M] (rows weighted by weights [M]) -> float32 scalar: 1 when one
-    code takes every row, codebook_size when all are used equally (0 rows: 1)."""
-    counts = jnp.sum(jax.nn.one_hot(idx, codebook_size, dtype=jnp.float32) * weights[:, None], axis=0)
-    p = counts / jnp.maximum(jnp.sum(counts), 1e-9)
-    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+    """counts_perplexity of the code histogram of idx [M] (rows weighted by weights [M]) -> float32 scalar."""
+    return counts_perplexity(jnp.sum(jax.nn.one_hot(idx, codebook_size, dtype=jnp.float32) * weights[:, None],
+                                     axis=0))
 
 
 class ResidualVQ(nn.Module):

@@ -42,6 +42,14 @@ def random_batch(model: TokenLMModel, batch_size: int, seed: int = 0) -> dict[st
             "decoder_causal_attention": causal}
 
 
+def harmonic_notes(midis, seconds_each: float = 0.4, rate: int = 24000) -> np.ndarray:
+    """A sequence of notes (MIDI numbers, A4 = 69 = 440 Hz), each with partials 1-3 at amplitudes 0.2 / k:
+    float32 [len(midis) * seconds_each * rate]."""
+    t = np.arange(int(seconds_each * rate)) / rate
+    return np.concatenate([sum(0.2 / k * np.sin(2 * np.pi * k * 440.0 * 2 ** ((m - 69) / 12) * t) for k in (1, 2, 3))
+                           for m in midis]).astype(np.float32)
+
+
 def mesh(data: int, model: int, fsdp: int = 1, devices=None):
     return partitioning.mesh_from_shape({"data": data, "fsdp": fsdp, "model": model}, devices)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import harmonic_notes
 from musiclm_jax import codec_losses, melody
 from musiclm_jax.codec_model import PROGRESS, CodecLossWeights, SoundStreamModel
 from musiclm_jax.evaluation import codec_eval, pitch_metrics
@@ -178,20 +179,10 @@ def test_dominant_frequency_of_a_tone_is_within_a_cent(freq):
     assert abs(pitch_metrics.cents(pitch_metrics.dominant_frequency(_tone(freq, 1.5), RATE), freq)) < 1.0
 
 
-def _notes(midis, seconds_each=0.4, rate=RATE):
-    """A sequence of harmonic notes (3 partials)."""
-    out = []
-    for m in midis:
-        f = 440.0 * 2 ** ((m - 69) / 12)
-        t = np.arange(int(seconds_each * rate)) / rate
-        out.append(sum(0.2 / k * np.sin(2 * np.pi * k * f * t) for k in (1, 2, 3)))
-    return np.concatenate(out).astype(np.float32)
-
-
 def test_pitch_agreement_is_full_for_the_same_notes_and_low_for_other_notes():
     melody_notes = [60, 62, 64, 65, 67, 69, 71, 72]
-    reference = _notes(melody_notes)[None]
-    shifted = _notes([m + 3 for m in melody_notes])[None]  # a minor third higher: every pitch class differs
+    reference = harmonic_notes(melody_notes)[None]
+    shifted = harmonic_notes([m + 3 for m in melody_notes])[None]  # a minor third up: every pitch class differs
     for measure in (pitch_metrics.melody_token_agreement, pitch_metrics.chroma_cqt_agreement):
         agree, total = measure(reference, reference, RATE)
         assert total >= 10 and agree == total, measure.__name__
@@ -209,7 +200,7 @@ def test_pitch_agreement_is_full_for_the_same_notes_and_low_for_other_notes():
     (9, "minor", [57, 60, 64, 69, 62, 65, 69, 57, 64, 68, 71, 57, 60, 64]),  # A minor: i, iv, i, V, i
 ])
 def test_estimate_key_names_the_key_of_a_cadence(tonic, mode, midis):
-    assert pitch_metrics.estimate_key(_notes(midis, 0.3), RATE) == (tonic, mode)
+    assert pitch_metrics.estimate_key(harmonic_notes(midis, 0.3), RATE) == (tonic, mode)
     assert pitch_metrics.key_name(tonic, mode) == {0: "C major", 9: "A minor"}[tonic]
 
 

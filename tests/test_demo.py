@@ -8,6 +8,7 @@ import gin
 import numpy as np
 import pytest
 
+from helpers import harmonic_notes
 from musiclm_jax import checkpoint_loading, demo, generate, gin_utils, mulan, text_vocab
 from musiclm_jax.data import audio_io
 
@@ -97,17 +98,11 @@ def test_permutation_p_value_counts_pairings_at_least_as_close_as_the_matched_on
         demo.permutation_p_value(np.ones((2, 3)))
 
 
-def _cadence(midis, rate=24000, seconds_each=0.3):
-    t = np.arange(int(seconds_each * rate)) / rate
-    return np.concatenate([sum(0.2 / k * np.sin(2 * np.pi * k * 440 * 2 ** ((m - 69) / 12) * t) for k in (1, 2, 3))
-                           for m in midis]).astype(np.float32)
-
-
 def test_key_accuracy_compares_the_estimated_key_with_the_key_the_prompt_names(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
-    c_major = _cadence([60, 64, 67, 72, 65, 69, 60, 67, 71, 74, 60, 64, 67])
-    a_minor = _cadence([57, 60, 64, 69, 62, 65, 69, 57, 64, 68, 71, 57, 60, 64])
+    c_major = harmonic_notes([60, 64, 67, 72, 65, 69, 60, 67, 71, 74, 60, 64, 67], 0.3)
+    a_minor = harmonic_notes([57, 60, 64, 69, 62, 65, 69, 57, 64, 68, 71, 57, 60, 64], 0.3)
     rows = [("a calm tune in C major", c_major), ("a sad tune in A minor", a_minor),
             ("a tune in Eb major", c_major),  # named wrongly: the audio is in C major
             ("drums without a key", a_minor)]  # names no key: not counted

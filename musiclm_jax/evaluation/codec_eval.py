@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax.codec import Codec
@@ -28,6 +29,7 @@ from musiclm_jax.codec_losses import MultiScaleMelLoss
 from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
 from musiclm_jax.evaluation import pitch_metrics
 from musiclm_jax.evaluation.audio_metrics import si_snr_db
+from musiclm_jax.quantizers import counts_perplexity
 
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
 
@@ -57,6 +59,35 @@ def evaluation_clips(audio_dir: Optional[str], split: str, sample_rate: int, cli
             f"{path}: {len(audio)} samples, fewer than the longest mel window ({min_samples})")
 
 
+def evaluation_batches(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds: float,
+                       max_examples: int, min_samples: int, batch_size: int, skipped: dict, label: str):
+    """The clips of `evaluation_clips` in fixed-shape batches: yields (batch [batch_size, clip samples] float32,
+    the clips [samples] it holds in its first rows, zero-padded to the window; the last batch may hold fewer).
+    A file that cannot be used is counted in `skipped` by reason and printed on stderr after `label`. Every batch
+    has one shape, so a jitted model compiles once."""
+    window = int(round(clip_seconds * sample_rate))
+    pending: list[np.ndarray] = []
+
+    def pack():
+        batch = np.zeros((batch_size, window), np.float32)
+        for row, audio in enumerate(pending):
+            batch[row, :len(audio)] = audio
+        return batch, list(pending)
+
+    for _, audio in evaluation_clips(audio_dir, split, sample_rate, clip_seconds, max_examples, min_samples):
+        if isinstance(audio, Exception):
+            reason = type(audio).__name__
+            skipped[reason] = skipped.get(reason, 0) + 1
+            print(f"{label}: skipping {audio}", file=sys.stderr)
+            continue
+        pending.append(audio)
+        if len(pending) == batch_size:
+            yield pack()
+            pending.clear()
+    if pending:
+        yield pack()
+
+
 def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: str = "test",
                    max_examples: int = 64, clip_seconds: float = 4.0, num_quantizers: Optional[int] = None,
                    batch_size: int = 8, step: Optional[int] = None) -> dict:
@@ -68,20 +99,14 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
     n_q = codec.num_quantizers if num_quantizers is None else int(num_quantizers)
     mel = MultiScaleMelLoss(codec.sample_rate)
     mel_distance = jax.jit(mel.mel_distance)
-    window = int(round(clip_seconds * codec.sample_rate))  # every batch is [batch_size, window]: one compile
-
     si_snrs, mels, skipped = [], [], {}
     agreement = {"melody": [0, 0], "chroma_cqt": [0, 0]}
     histograms = np.zeros((n_q, codec.codebook_size), np.int64)
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def flush():
-        batch = np.zeros((batch_size, window), np.float32)
-        for row, (_, audio) in enumerate(pending):
-            batch[row, :len(audio)] = audio
+    for batch, clips in evaluation_batches(audio_dir, split, codec.sample_rate, clip_seconds, max_examples,
+                                           max(mel.scales), batch_size, skipped, "codec eval"):
         codes = codec.encode(batch, n_q)
-        recon = codec.decode(codes)[..., :window]
-        for row, (_, audio) in enumerate(pending):
+        recon = codec.decode(codes)[..., :batch.shape[1]]
+        for row, audio in enumerate(clips):
             estimate = recon[row, :len(audio)]
             si_snrs.append(si_snr_db(audio, estimate))
             mels.append(float(mel_distance(audio[None], estimate[None])))
@@ -93,24 +118,9 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
             frames = -(-len(audio) // codec.hop_length)
             for level in range(n_q):
                 histograms[level] += np.bincount(codes[row, :frames, level], minlength=codec.codebook_size)
-        pending.clear()
-
-    for name, audio in evaluation_clips(audio_dir, split, codec.sample_rate, clip_seconds, max_examples,
-                                        max(mel.scales)):
-        if isinstance(audio, Exception):
-            reason = type(audio).__name__
-            skipped[reason] = skipped.get(reason, 0) + 1
-            print(f"codec eval: skipping {audio}", file=sys.stderr)
-            continue
-        pending.append((name, audio))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
     if not si_snrs:
         raise ValueError(f"codec eval: no clip could be evaluated (skipped: {skipped})")
-    p = histograms / np.maximum(histograms.sum(axis=1, keepdims=True), 1)
-    perplexity = np.exp(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1))
+    perplexity = np.asarray(counts_perplexity(jnp.asarray(histograms, jnp.float32)))
     return {
         "si_snr_db": float(np.mean(si_snrs)),
         "mel_distance": float(np.mean(mels)),

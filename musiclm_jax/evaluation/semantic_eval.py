@@ -19,13 +19,12 @@ the shuffled figure, not with 0.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import numpy as np
 
 from musiclm_jax import melody
-from musiclm_jax.evaluation.codec_eval import evaluation_clips
+from musiclm_jax.evaluation.codec_eval import evaluation_batches
 
 
 def entropy_bits(x: np.ndarray) -> float:
@@ -61,31 +60,14 @@ def evaluate_semantic(checkpoint_dir: str, audio_dir: Optional[str] = None, spli
     from musiclm_jax.semantic import SemanticTokenizer
     tokenizer = SemanticTokenizer.load(checkpoint_dir)
     rate = tokenizer.sample_rate
-    window = int(round(clip_seconds * rate))
     sem_per_clip, mel_per_clip, skipped = [], [], {}
-    pending: list[np.ndarray] = []
-
-    def flush():
-        batch = np.zeros((batch_size, window), np.float32)
-        for row, audio in enumerate(pending):
-            batch[row, :len(audio)] = audio
+    for batch, clips in evaluation_batches(audio_dir, split, rate, clip_seconds, max_examples, int(rate / 5),
+                                           batch_size, skipped, "semantic eval"):
         tokens = tokenizer.tokenize(batch)
-        for row, audio in enumerate(pending):
+        for row, audio in enumerate(clips):
             frames = int(np.ceil(len(audio) / rate * tokenizer.frame_rate - 1e-9))
             sem_per_clip.append(tokens[row, :frames])
             mel_per_clip.append(melody.melody_tokens(audio[None], rate)[0])
-        pending.clear()
-
-    for name, audio in evaluation_clips(audio_dir, split, rate, clip_seconds, max_examples, int(rate / 5)):
-        if isinstance(audio, Exception):
-            skipped[type(audio).__name__] = skipped.get(type(audio).__name__, 0) + 1
-            print(f"semantic eval: skipping {audio}", file=sys.stderr)
-            continue
-        pending.append(audio)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
 
     def pairs(shift: int):
         sem, mel = zip(*(paired_frames(s, mel_per_clip[(i + shift) % len(mel_per_clip)], tokenizer.frame_rate)
