@@ -1,49 +1,197 @@
-"""Loading a trained model from its run directory (MODEL_DIR): the config.gin the run saved + a checkpoint.
+"""Loading a trained model from its run directory (MODEL_DIR): the config.gin the run saved + its parameters.
 
 This is the one place outside the entry points that reads gin: a run's configuration is how its model is
-rebuilt (as t5x's infer does). Used by the codec (and later tokenizer, MuLan and generation) front ends.
+rebuilt (as t5x's infer does). The run's config.gin is parsed in a private gin configuration
+(gin_utils.private_config), so loading a model never touches the caller's. Only the parameters and the model's
+other Flax collections (`flax_mutables`, e.g. the codec's codebooks) are read from the checkpoint, by orbax
+partial restore: the optimizer state, which is twice the parameters under Adam, is neither read nor held.
+Used by every inference object (Codec, SemanticTokenizer, MuLan, the stages of MusicLM), export and
+fine-tuning (INIT_CHECKPOINT).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
-import gin
 import jax
+import orbax.checkpoint as ocp
+from etils import epath
 
 from musiclm_jax import gin_utils, partitioning
 from musiclm_jax.checkpoints import Checkpointer
 
+CONFIG_FILE = "config.gin"
 
-def load_model_and_state(model_dir: str, step: Optional[int] = None,
-                         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> tuple[Any, Any]:
-    """(model, TrainState) of MODEL_DIR's latest (or `step`) checkpoint, laid out on this host's devices.
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from its run's config.gin, with the parameters of one checkpoint.
+
+    Attributes:
+      model: the model object the run trained (a models.BaseModel).
+      params: its 'params' collection, jax.Arrays laid out on the loading mesh.
+      flax_mutables: its other Flax collections ({} for the token LMs).
+      step: the checkpoint's step.
+    """
+
+    model: Any
+    params: Any
+    flax_mutables: Any
+    step: int
+
+
+def model_from_run(model_dir: str) -> Any:
+    """The model object of training run MODEL_DIR, built from its config.gin in a private gin configuration.
+
+    Raises FileNotFoundError naming the directory if it has no config.gin.
+    """
+    config = os.path.join(model_dir, CONFIG_FILE)
+    if not epath.Path(config).exists():
+        raise FileNotFoundError(f"{model_dir} has no {CONFIG_FILE}: not a training run directory")
+    with gin_utils.private_config():
+        gin_utils.parse_gin([config], [], finalize=False)
+        return gin_utils.bound_arguments("train", ["model"], {})["model"]
+
+
+def abstract_variables(model: Any, partitioner: partitioning.Partitioner) -> dict:
+    """{collection: tree of jax.ShapeDtypeStruct} of `model`'s Flax variables, each with its sharding on the
+    partitioner's mesh (the model's logical axis rules), computed without allocating them."""
+    init_shapes = model.input_shapes(partitioner.data_parallel_size)
+    with partitioner.activate():
+        boxed = jax.eval_shape(lambda rng: model.get_initial_variables(rng, init_shapes), jax.random.key(0))
+        shardings = partitioner.logical_to_sharding(partitioner.logical_specs(boxed, "parameter"))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        partitioning.unbox(boxed), shardings)
+
+
+def checkpoint_path(model_dir: str, step: Optional[int] = None) -> tuple[str, int]:
+    """(path of the saved train state of checkpoint `step` (default: the latest), step) in MODEL_DIR."""
+    checkpointer = Checkpointer(model_dir, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise FileNotFoundError(f"{model_dir} has no checkpoint" + (f" at step {step}" if step is not None
+                                                                        else ""))
+        return str(checkpointer.model_dir / "checkpoints" / str(step) / "default"), step
+    finally:
+        checkpointer.close()
+
+
+def saved_tree(model_dir: str, step: Optional[int] = None) -> dict:
+    """The saved train state's tree of MODEL_DIR's checkpoint, with orbax metadata leaves (shape, dtype); reads no
+    array. Keys: 'step', 'params', 'opt_state', 'flax_mutables'."""
+    path, _ = checkpoint_path(model_dir, step)
+    return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+
+
+def restore_subtrees(path: str, target: dict) -> dict:
+    """Reads only the subtrees named in `target` ({key: tree of ShapeDtypeStructs with shardings}, a part of the
+    saved tree) from the orbax checkpoint at `path`: orbax partial restore, every array placed as its target."""
+    target = {k: v for k, v in target.items() if jax.tree.leaves(v)}
+    if not target:
+        return {}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return dict(restored)
+
+
+def load_model(model_dir: str, step: Optional[int] = None,
+               mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> LoadedModel:
+    """The model of MODEL_DIR with the parameters (and flax_mutables) of its latest, or `step`, checkpoint, laid out
+    on this host's devices by `mesh_config`; the optimizer state is not read.
 
     Raises FileNotFoundError naming the directory if it has no config.gin or no checkpoint.
     """
-    from musiclm_jax import train as train_lib  # the run file binds train_lib.train
-
-    config = os.path.join(model_dir, "config.gin")
-    if not os.path.exists(config):
-        raise FileNotFoundError(f"{model_dir} has no config.gin: not a training run directory")
-    try:
-        gin_utils.parse_gin([config], [], finalize=False)
-        args = gin_utils.bound_arguments("train", ["model", "optimizer"], {})
-    finally:
-        gin.clear_config()
-    model, optimizer = args["model"], args["optimizer"]
+    model = model_from_run(model_dir)
+    path, step = checkpoint_path(model_dir, step)
     partitioner = partitioning.Partitioner(partitioning.create_mesh(mesh_config))
-    setup = train_lib.make_train_setup(model=model, optimizer=optimizer, batch_size=partitioner.data_parallel_size,
-                                       partitioner=partitioner)
-    checkpointer = Checkpointer(model_dir, async_save=False)
-    try:
-        if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"{model_dir} has no checkpoint")
-        with partitioner.activate():
-            state = checkpointer.restore(setup.abstract_state, step)
-    finally:
-        checkpointer.close()
-    return model, jax.block_until_ready(state)
+    abstract = abstract_variables(model, partitioner)
+    target = {"params": abstract["params"],
+              "flax_mutables": {k: v for k, v in abstract.items() if k != "params"}}
+    with partitioner.activate():
+        restored = restore_subtrees(path, target)
+    return LoadedModel(model, jax.block_until_ready(restored["params"]),
+                       jax.block_until_ready(restored.get("flax_mutables", {})), step)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitReport:
+    """What `initialize_from` took from another run: leaf names ('params/decoder/.../kernel') by outcome."""
+
+    source: str
+    step: int
+    restored: tuple[str, ...]
+    not_found: tuple[str, ...]
+    shape_mismatch: tuple[str, ...]  # 'name: source (a, b) != model (c, d)'
+
+    def summary(self) -> str:
+        total = len(self.restored) + len(self.not_found) + len(self.shape_mismatch)
+        lines = [f"initialised {len(self.restored)} of {total} variables from {self.source} (step {self.step})"]
+        if self.not_found:
+            lines.append(f"not found there (kept at their initial values): {', '.join(self.not_found)}")
+        if self.shape_mismatch:
+            lines.append(f"shape mismatches (kept at their initial values): {'; '.join(self.shape_mismatch)}")
+        return "\n".join(lines)
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def initialize_from(init_dir: str, abstract: dict, current: dict, strict: bool = False) -> tuple[dict, InitReport]:
+    """Takes the variables of another run's latest checkpoint by name, as t5x's fine-tuning does.
+
+    Args:
+      init_dir: the other run's MODEL_DIR (its latest checkpoint is read; any mesh).
+      abstract: {'params': ..., 'flax_mutables': ...} ShapeDtypeStructs of this run, with this run's shardings.
+      current: the same trees, freshly initialised (kept where the source has no such variable).
+      strict: a name the source does not have, or has with another shape, is an error (else it is reported and
+        keeps its initial value).
+    Returns:
+      ({'params', 'flax_mutables'} with every variable found in the source under the same name and shape
+      replaced by the source's value, laid out as `abstract`; the report). The optimizer state and the step are
+      not taken: a fine-tuning run starts at step 0 with a fresh optimizer.
+    """
+    path, step = checkpoint_path(init_dir)
+    saved = saved_tree(init_dir)
+    saved_shapes = {}
+    for key in ("params", "flax_mutables"):
+        for leaf_path, meta in jax.tree_util.tree_leaves_with_path(saved.get(key) or {}):
+            saved_shapes[f"{key}/{_leaf_name(leaf_path)}"] = tuple(meta.shape)
+    restored, not_found, mismatch = [], [], []
+
+    def wanted(prefix):
+        def one(leaf_path, leaf):
+            name = f"{prefix}/{_leaf_name(leaf_path)}"
+            if name not in saved_shapes:
+                not_found.append(name)
+                return None
+            if saved_shapes[name] != tuple(leaf.shape):
+                mismatch.append(f"{name}: source {saved_shapes[name]} != model {tuple(leaf.shape)}")
+                return None
+            restored.append(name)
+            return leaf
+        return one
+    target = {key: jax.tree_util.tree_map_with_path(wanted(key), abstract[key]) for key in ("params", "flax_mutables")}
+    report = InitReport(init_dir, step, tuple(restored), tuple(not_found), tuple(mismatch))
+    if strict and (not_found or mismatch):
+        raise ValueError(f"INIT_CHECKPOINT {init_dir} (strict): {report.summary()}")
+    if not restored:
+        raise ValueError(f"INIT_CHECKPOINT {init_dir}: no variable of this model is there under the same name and "
+                         f"shape ({report.summary()})")
+    def prune(tree):  # drops the variables not taken (None) and the dictionaries left empty
+        if isinstance(tree, dict):
+            kept = {k: prune(v) for k, v in tree.items() if v is not None}
+            return {k: v for k, v in kept.items() if not (isinstance(v, dict) and not v)}
+        return tree
+    values = restore_subtrees(path, prune(target))
+
+    def merge(fresh, loaded):
+        if isinstance(fresh, dict):
+            return {k: merge(v, loaded.get(k) if isinstance(loaded, dict) else None) for k, v in fresh.items()}
+        return fresh if loaded is None else loaded
+    return {key: merge(current[key], values.get(key, {})) for key in ("params", "flax_mutables")}, report
 
 
 def write_run_directory(model_dir: str, gin_file: str, bindings: Sequence[str], params: Optional[dict] = None,
@@ -57,8 +205,8 @@ def write_run_directory(model_dir: str, gin_file: str, bindings: Sequence[str], 
 
     from musiclm_jax import train as train_lib
 
-    gin_utils.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}"] + list(bindings))
-    try:
+    with gin_utils.private_config():
+        gin_utils.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}"] + list(bindings))
         args = gin_utils.bound_arguments("train", ["model", "optimizer"], {})
         partitioner = partitioning.Partitioner(partitioning.create_mesh())
         setup = train_lib.make_train_setup(model=args["model"], optimizer=args["optimizer"],
@@ -83,8 +231,6 @@ def write_run_directory(model_dir: str, gin_file: str, bindings: Sequence[str], 
                 state = state.replace(flax_mutables=jax.device_put(flax_mutables,
                                                                    setup.state_shardings.flax_mutables))
         gin_utils.save_config(model_dir)
-    finally:
-        gin.clear_config()
     checkpointer = Checkpointer(model_dir, async_save=False)
     checkpointer.save(state, 0)
     checkpointer.close()

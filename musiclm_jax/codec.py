@@ -112,10 +112,11 @@ class Codec:
     def from_checkpoint(cls, model_dir: str, step: Optional[int] = None) -> "Codec":
         """Loads the codec of a training MODEL_DIR (its config.gin and latest, or `step`, checkpoint)."""
         from musiclm_jax import checkpoint_loading
-        model, state = checkpoint_loading.load_model_and_state(model_dir, step)
+        loaded = checkpoint_loading.load_model(model_dir, step)
+        model = loaded.model
         if not hasattr(model, "generator"):
             raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a codec")
-        variables = jax.device_get(model.variables(state.params, state.flax_mutables))
+        variables = jax.device_get(model.variables(loaded.params, loaded.flax_mutables))
         return cls(model.generator, variables, model.sample_rate)
 
 

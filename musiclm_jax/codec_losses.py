@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.spectral import _safe_sqrt, magnitude_spectrogram, mel_filterbank
+from musiclm_jax.spectral import magnitude_spectrogram, mel_filterbank, safe_sqrt
 
 DiscriminatorOutputs = Sequence[tuple[jax.Array, Sequence[jax.Array]]]
 
@@ -172,7 +172,7 @@ class MultiScaleMelLoss:
                 continue
             l1 = jnp.mean(jnp.abs(m_x - m_y))
             log_diff = jnp.log(m_x + self.eps) - jnp.log(m_y + self.eps)
-            l2 = _safe_sqrt(jnp.mean(jnp.square(log_diff)))
+            l2 = safe_sqrt(jnp.mean(jnp.square(log_diff)))
             total = total + l1 + np.sqrt(scale / 2.0) * l2
         return total
 

@@ -90,7 +90,7 @@ def export_mulan(mulan, platforms: Sequence[str]) -> tuple[dict[str, Function], 
     """MuLan's caption embedding and conditioning RVQ: ({name: Function}, {part: params})."""
     from jax import export
 
-    from musiclm_jax.mulan import _rvq_quantize  # the function ResidualVQ.quantize jits
+    from musiclm_jax.vq import rvq_encode  # the function ConditioningRVQ.quantize jits
     if mulan.rvq is None or mulan.tokenizer is None:
         raise ValueError("MuLan needs its conditioning RVQ (mulan_rvq.npz) and caption vocabulary to be exported")
     length = mulan.model.text_length
@@ -100,7 +100,7 @@ def export_mulan(mulan, platforms: Sequence[str]) -> tuple[dict[str, Function], 
     b, = export.symbolic_shape("b")
     text = jax.ShapeDtypeStruct((b, length), jnp.int32)
     embed = export.export(jax.jit(embed_text), platforms=platforms)(_spec(params), text, text)
-    quantize = export.export(jax.jit(lambda p, e: _rvq_quantize(e, p["codebooks"])), platforms=platforms)(
+    quantize = export.export(jax.jit(lambda p, e: rvq_encode(e, p["codebooks"])), platforms=platforms)(
         _spec(rvq_params), jax.ShapeDtypeStruct((b, embed.out_avals[0].shape[1]), jnp.float32))
     return ({"mulan_embed_text": Function(embed, "mulan", ("tokens", "mask"), ("embeddings",)),
              "mulan_quantize": Function(quantize, "mulan_rvq", ("embeddings",), ("codes",))},
@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not flags["output_dir"]:
             raise gin_utils.FlagError("--output_dir is required")
         platforms = [p for p in flags["platforms"].split(",") if p]
-        config = gin.config_str()  # before loading: reading a checkpoint's own config.gin clears gin
+        config = gin.config_str()
         musiclm = gin.get_configurable(generate.load_musiclm)()
         musiclm.log = None
         return write_bundle(musiclm, flags["output_dir"], platforms=platforms, gin_config=config,

@@ -62,9 +62,10 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
     for index, prompt in enumerate(prompts):
         start = time.time()
         if prompt_audio is None:
-            audio = musiclm.generate([prompt], rerank=rerank, melody=melody_audio)[0]
+            result = musiclm.generate([prompt], rerank=rerank, melody=melody_audio, return_details=True)
         else:
-            audio = musiclm.generate_continuation(prompt_audio, [prompt])[0]
+            result = musiclm.generate_continuation(prompt_audio, [prompt], return_details=True)
+        audio = result.audio[0]
         seconds = time.time() - start
         name = f"{index:02d}_{report.slug(prompt)}"
         audio_io.save_audio(os.path.join(output_dir, name + ".wav"), audio, musiclm.codec.sample_rate)
@@ -75,10 +76,10 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
             settings["continue_from"] = continue_from
         if melody:
             settings["melody"] = melody
-            settings["melody_tokens"] = describe_melody(musiclm.last_tokens["melody"][0])
+            settings["melody_tokens"] = describe_melody(result.tokens["melody"][0])
         if rerank > 1 and prompt_audio is None:
             settings["rerank"] = rerank
-            settings["candidate_mulan_scores"] = [round(float(x), 6) for x in musiclm.last_scores[0]]
+            settings["candidate_mulan_scores"] = [round(float(x), 6) for x in result.scores[0]]
         samples.append({"prompt": prompt, "wav": name + ".wav", "spectrogram": name + ".png",
                         "seed": musiclm.params.seed, "settings": settings, "duration_s": len(audio) /
                         musiclm.codec.sample_rate, "seconds": seconds, "mulan_score": score})

@@ -15,6 +15,7 @@ gin errors.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -128,6 +129,42 @@ def bound_arguments(configurable_name: str, names: Sequence[str], defaults: Mapp
         # Evaluating a ConfigurableReference or macro is what gin itself does when it calls a configurable.
         values[name] = copy.deepcopy(value)
     return values
+
+
+@contextlib.contextmanager
+def private_config():
+    """Runs the block on an empty global gin configuration and gives the caller's back afterwards.
+
+    Gin keeps one global configuration; loading a run's config.gin (checkpoint_loading) or writing a run
+    directory must not wipe the configuration of the program that does it (an entry point mid-run, a server, a
+    test). Saved and restored: the bindings, the imported modules, the constants, the singletons, the operative
+    configuration, the search paths and the lock. Configurables registered in the block stay registered
+    (registration is not configuration).
+    """
+    from gin import config as gin_config  # the state gin.clear_config clears lives in this module
+    saved = {
+        "bindings": {selector: dict(values) for selector, values in gin_config._CONFIG.items()},
+        "imports": set(gin_config._IMPORTS),
+        "constants": dict(gin_config._CONSTANTS.items()),
+        "singletons": dict(gin_config._SINGLETONS),
+        "operative": dict(gin_config._OPERATIVE_CONFIG),
+        "search_paths": list(gin_config._LOCATION_PREFIXES),
+        "locked": gin_config._CONFIG_IS_LOCKED,
+    }
+    gin.clear_config(clear_constants=False)
+    try:
+        yield
+    finally:
+        gin.clear_config(clear_constants=True)
+        gin_config._CONFIG.update(saved["bindings"])
+        gin_config._IMPORTS.update(saved["imports"])
+        for name, value in saved["constants"].items():
+            gin_config._CONSTANTS[name] = value
+        gin_config._SINGLETONS.update(saved["singletons"])
+        with gin_config._OPERATIVE_CONFIG_LOCK:
+            gin_config._OPERATIVE_CONFIG.update(saved["operative"])
+        gin_config._LOCATION_PREFIXES[:] = saved["search_paths"]
+        gin_config._set_config_is_locked(saved["locked"])
 
 
 def save_config(model_dir: str) -> str:

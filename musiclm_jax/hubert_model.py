@@ -1,8 +1,8 @@
 """HuBERT / MERT as a frozen feature model: the BaseModel wrapper of networks.hubert for the semantic tokenizer.
 
 Imported checkpoints (`python -m musiclm_jax.convert hubert --from HF_DIR --to MODEL_DIR`) are run directories of
-this model; `checkpoint_loading.load_model_and_state(MODEL_DIR)` gives it back with its parameters, and
-`model.embed(state.params, audio, layer)` the hidden state a semantic tokenizer quantizes. It shares that
+this model; `checkpoint_loading.load_model(MODEL_DIR)` gives it back with its parameters, and
+`model.embed(loaded.params, audio, layer)` the hidden state a semantic tokenizer quantizes. It shares that
 interface (sample_rate, frame_rate, num_layers, embed) with w2v_bert_model.W2VBertModel. Training is not
 supported: these models are only imported.
 """

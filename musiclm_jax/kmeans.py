@@ -2,7 +2,7 @@
 w2v-BERT embeddings), fitted by a job that streams embeddings batch by batch, on all devices.
 
 * `kmeans_plus_plus`: (greedy) k-means++ seeding; the residual VQ's k-means initialisation uses it too.
-* `assign`, `inertia`: nearest centre and squared distances |x|^2 - 2 x.c + |c|^2 at HIGHEST precision. The
+* `assign`, `inertia`: nearest centre and squared distance (vq.py: |x|^2 - 2 x.c + |c|^2 at HIGHEST precision). The
   [n, k] distance matrix is not chunked: each device holds [n / data-parallel size, k] of it.
 * `update`: one step on a `KMeansState`. The first call seeds the centres by k-means++ on its batch; every call
   then applies Sculley's update with per-centre learning rate 1/count:
@@ -33,6 +33,7 @@ from etils import epath
 from jax.sharding import PartitionSpec
 
 from musiclm_jax import partitioning
+from musiclm_jax.vq import nearest_code_and_distance
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -54,21 +55,10 @@ def init_state(k: int, dim: int) -> KMeansState:
                        step=jnp.zeros((), jnp.int32), initialized=jnp.zeros((), jnp.bool_))
 
 
-def squared_distances(points: jax.Array, centroids: jax.Array) -> jax.Array:
-    """points [n, dim], centroids [k, dim] -> [n, k] f32 squared distances (>= 0), HIGHEST-precision matmul."""
-    x = jnp.asarray(points, jnp.float32)
-    c = centroids.astype(jnp.float32)
-    d = (jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * jnp.dot(x, c.T, precision=HIGHEST)
-         + jnp.sum(c * c, axis=1)[None, :])
-    return jnp.maximum(d, 0.0)
-
-
 def assign(centroids: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Nearest centre of each point: centroids [k, dim], points [n, dim] -> (ids [n] int32 (ties: lowest id),
-    squared distances to it [n] f32)."""
-    d = squared_distances(points, centroids)
-    ids = jnp.argmin(d, axis=1).astype(jnp.int32)
-    return ids, jnp.take_along_axis(d, ids[:, None], axis=1)[:, 0]
+    squared distances to it [n] f32) (vq.nearest_code_and_distance)."""
+    return nearest_code_and_distance(points, centroids)
 
 
 def inertia(centroids: jax.Array, points: jax.Array) -> jax.Array:

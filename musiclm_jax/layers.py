@@ -1,4 +1,6 @@
-"""Building blocks shared by the networks: dense, embedding, RMS norm, position encodings, attention.
+"""Building blocks shared by the networks: dense (with and without bias), embedding, RMS and layer norms, the
+imported models' activations, position encodings, attention, and the encoder block of the imported encoders
+(BERT, HuBERT/MERT, the ViT audio tower).
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and every large
 activation is constrained with logical names through `partitioning.constrain`, which refuses unknown names.
@@ -14,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from musiclm_jax.partitioning import constrain
 
 
 DType = Any
@@ -55,6 +59,37 @@ class DenseGeneral(nn.Module):
         y = jnp.dot(x.reshape((-1, fan_in)).astype(self.dtype),
                     kernel.reshape((fan_in, -1)).astype(self.dtype))
         return y.reshape(batch_shape + features)
+
+
+class Dense(DenseGeneral):
+    """DenseGeneral plus a bias (torch nn.Linear): params 'kernel' and 'bias' with logical `bias_axes`."""
+
+    bias_axes: Sequence[str] = ()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
+                          tuple(self.features), self.param_dtype)
+        return y + bias.astype(self.dtype)
+
+
+def layer_norm(name: str, epsilon: float) -> nn.LayerNorm:
+    """torch nn.LayerNorm as imported models need it: fp32, exact variance, 'scale' and 'bias' on logical 'norm'."""
+    return nn.LayerNorm(name=name, epsilon=epsilon, dtype=jnp.float32, use_fast_variance=False,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+# The activations of imported (transformers) models, by their config names.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU()
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 class Embed(nn.Module):
@@ -512,3 +547,41 @@ def cached_attention(query: jax.Array, cached_keys: jax.Array, cached_values: ja
         out = jnp.einsum("nmk,nkd->nmd", weights, values)
     out = out.reshape(batch, kv_heads, group, q_len, head_dim)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, heads, head_dim)
+
+
+def encoder_block(x: jax.Array, *, heads: int, head_dim: int, mlp_dim: int, activation: str, epsilon: float,
+                  pre_norm: bool, dtype: DType, mask: Optional[jax.Array] = None,
+                  norm_names: tuple[str, str] = ("attention_norm", "output_norm"),
+                  mlp_names: tuple[str, str] = ("intermediate", "output")) -> jax.Array:
+    """One transformer encoder layer as torch's encoders write it (biased projections, layer norms), created in
+    the calling module: call it from an `nn.compact` method, whose scope holds the parameters.
+
+    x [batch, length, hidden] -> same. Pre-norm: x + attention(LN1(x)), then + MLP(LN2(...)); post-norm
+    (BERT, HuBERT): LN1(x + attention(x)), then LN2(... + MLP(...)). Parameters: Dense 'query', 'key', 'value'
+    ([hidden, heads, head_dim]), 'attention_out', the two norms `norm_names` and the MLP `mlp_names`
+    ([hidden, mlp_dim], [mlp_dim, hidden]). mask: [batch, heads or 1, length, length] bool (True: attend), or
+    None. activation: a key of ACTIVATIONS.
+    """
+    hidden = x.shape[-1]
+    heads_layout = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+    def attention(h):
+        q, k, v = (constrain(Dense((heads, head_dim), ("embed", "heads", "kv"), bias_axes=("heads", "kv"),
+                                   dtype=dtype, name=n)(h), heads_layout) for n in ("query", "key", "value"))
+        h = dot_product_attention(q, k, v, bias=None, mask=mask, dtype=dtype)
+        return Dense((hidden,), ("heads", "kv", "embed"), num_contract=2, bias_axes=("embed",), dtype=dtype,
+                     name="attention_out")(h)
+
+    def feed_forward(h):
+        h = Dense((mlp_dim,), ("embed", "mlp"), bias_axes=("mlp",), dtype=dtype, name=mlp_names[0])(h)
+        h = constrain(ACTIVATIONS[activation](h), ("activation_batch", "activation_length", "activation_mlp"))
+        return Dense((hidden,), ("mlp", "embed"), bias_axes=("embed",), dtype=dtype, name=mlp_names[1])(h)
+
+    first, second = (layer_norm(name, epsilon) for name in norm_names)
+    if pre_norm:
+        x = x + attention(first(x).astype(dtype))
+        x = x + feed_forward(second(x).astype(dtype))
+    else:
+        x = first(x + attention(x.astype(dtype)))
+        x = second(x + feed_forward(x.astype(dtype)))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))

@@ -43,8 +43,14 @@ class BaseModel(abc.ABC):
 
     @property
     def feature_converter_kwargs(self) -> dict:
-        """Arguments of the feature converter (e.g. a vocabulary path); none by default."""
+        """Arguments of the feature converter (e.g. a vocabulary path); none by default. Reads only: what they name
+        must exist (see prepare_assets)."""
         return {}
+
+    def prepare_assets(self) -> None:
+        """Creates the files the model's input needs (MuLan: its caption vocabulary) if they do not exist. The train
+        job calls it once, before it reads any input; nothing else creates them (inference and properties only
+        read). Default: nothing to create."""
 
     @property
     def vocab_size(self) -> Optional[int]:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.vq import rvq_decode, rvq_encode
+
 RVQ_FILE = "mulan_rvq.npz"
 
 
@@ -45,12 +47,13 @@ def window_starts(num_samples: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-class ResidualVQ:
-    """Greedy residual quantizer of embeddings: codebooks [levels, codebook_size, dim]."""
+class ConditioningRVQ:
+    """MuLan's conditioning quantizer: a residual VQ of embeddings with fixed codebooks [levels, codebook_size,
+    dim], fitted by k-means level by level (fit) and applied with vq.rvq_encode."""
 
     def __init__(self, codebooks: np.ndarray):
         self.codebooks = np.asarray(codebooks, np.float32)
-        self._quantize = jax.jit(partial(_rvq_quantize, codebooks=jnp.asarray(self.codebooks)))
+        self._quantize = jax.jit(partial(rvq_encode, codebooks=jnp.asarray(self.codebooks)))
 
     @property
     def levels(self) -> int:
@@ -66,12 +69,11 @@ class ResidualVQ:
 
     def reconstruct(self, codes) -> np.ndarray:
         """codes [batch, n <= levels] -> the sum of their code vectors [batch, dim]."""
-        codes = np.asarray(codes)
-        return sum(self.codebooks[level][codes[:, level]] for level in range(codes.shape[1]))
+        return np.asarray(rvq_decode(jnp.asarray(codes), self.codebooks))
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, levels: int, codebook_size: int, steps: int = 50, batch_size: int = 4096,
-            seed: int = 0) -> "ResidualVQ":
+            seed: int = 0) -> "ConditioningRVQ":
         """Fits each level by mini-batch k-means (kmeans.MiniBatchKMeans, on all devices) on the residuals of the
         previous levels; needs at least codebook_size embeddings."""
         from musiclm_jax.kmeans import MiniBatchKMeans
@@ -97,21 +99,9 @@ class ResidualVQ:
         np.savez(path, codebooks=self.codebooks)
 
     @classmethod
-    def load(cls, path: str) -> "ResidualVQ":
+    def load(cls, path: str) -> "ConditioningRVQ":
         with np.load(path) as f:
             return cls(f["codebooks"])
-
-
-def _rvq_quantize(embeddings, codebooks):
-    codes = []
-    residual = embeddings
-    for level in range(codebooks.shape[0]):
-        book = codebooks[level]
-        distances = (jnp.sum(residual ** 2, -1, keepdims=True) - 2 * residual @ book.T + jnp.sum(book ** 2, -1))
-        code = jnp.argmin(distances, axis=-1)
-        residual = residual - book[code]
-        codes.append(code)
-    return jnp.stack(codes, axis=-1).astype(jnp.int32)
 
 
 class MuLan:
@@ -123,7 +113,7 @@ class MuLan:
       stride_seconds: the hop of the clip-embedding windows.
     """
 
-    def __init__(self, model, params, tokenizer, rvq: Optional[ResidualVQ] = None, stride_seconds: float = 1.0,
+    def __init__(self, model, params, tokenizer, rvq: Optional[ConditioningRVQ] = None, stride_seconds: float = 1.0,
                  batch_size: int = 8):
         self.model, self.params, self.tokenizer, self.rvq = model, params, tokenizer, rvq
         self.stride = int(round(stride_seconds * model.sample_rate))
@@ -179,7 +169,7 @@ class MuLan:
         """[len(texts), batch] cosines between each caption and each clip."""
         return self.embed_text(texts) @ self.embed_audio(audio).T
 
-    def _require_rvq(self) -> ResidualVQ:
+    def _require_rvq(self) -> ConditioningRVQ:
         if self.rvq is None:
             raise ValueError(f"this MuLan has no conditioning RVQ ({RVQ_FILE}); fit one with "
                              f"`python -m musiclm_jax.mulan fit-rvq --checkpoint DIR`")
@@ -198,7 +188,8 @@ class MuLan:
     def from_checkpoint(cls, model_dir: str, step: Optional[int] = None) -> "MuLan":
         """The MuLan of a training (or converted) MODEL_DIR, its text tokenizer and RVQ (if fitted)."""
         from musiclm_jax import checkpoint_loading, mulan_model, text_vocab
-        model, state = checkpoint_loading.load_model_and_state(model_dir, step)
+        loaded = checkpoint_loading.load_model(model_dir, step)
+        model = loaded.model
         if not isinstance(model, mulan_model.MuLanModel):
             raise ValueError(f"{model_dir} holds a {type(model).__name__}, not MuLan")
         try:
@@ -206,8 +197,8 @@ class MuLan:
         except FileNotFoundError:
             tokenizer = None  # embed_text will say so
         rvq_path = os.path.join(model_dir, RVQ_FILE)
-        rvq = ResidualVQ.load(rvq_path) if os.path.exists(rvq_path) else None
-        return cls(model, jax.device_get(state.params), tokenizer, rvq)
+        rvq = ConditioningRVQ.load(rvq_path) if os.path.exists(rvq_path) else None
+        return cls(model, jax.device_get(loaded.params), tokenizer, rvq)
 
 
 def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: Optional[str] = None):
@@ -224,7 +215,7 @@ def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: 
 
 
 def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 2048, levels: int = 12,
-            codebook_size: int = 1024, steps: int = 50, seed: int = 0) -> ResidualVQ:
+            codebook_size: int = 1024, steps: int = 50, seed: int = 0) -> ConditioningRVQ:
     """Fits the conditioning RVQ on audio embeddings of `num_clips` training clips; writes MODEL_DIR/mulan_rvq.npz."""
     mulan = MuLan.from_checkpoint(model_dir)
     seconds = mulan.window_samples / mulan.sample_rate
@@ -232,7 +223,7 @@ def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 20
     embeddings = np.concatenate([mulan.embed_audio(np.stack(
         [np.pad(c, (0, max(0, mulan.window_samples - len(c))))[:mulan.window_samples] for c in clips[i:i + 64]]))
         for i in range(0, len(clips), 64)])
-    rvq = ResidualVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed)
+    rvq = ConditioningRVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed)
     rvq.save(os.path.join(model_dir, RVQ_FILE))
     error = np.mean(np.sum((embeddings - rvq.reconstruct(rvq.quantize(embeddings))) ** 2, axis=-1))
     print(f"mulan fit-rvq: {levels} x {codebook_size} on {len(clips)} clips; mean squared error {error:.4f} "

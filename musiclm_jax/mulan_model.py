@@ -14,6 +14,8 @@ one device or a mesh (tested on a (2, 4) mesh).
 """
 from __future__ import annotations
 
+import os
+
 from typing import Optional
 
 import jax
@@ -72,14 +74,28 @@ class MuLanModel(BaseModel):
     def sample_rate(self) -> int:
         return self.network.audio.sample_rate
 
-    @property
-    def feature_converter_kwargs(self) -> dict:
-        """The caption vocabulary, trained into vocabulary_dir on first use (text_vocab.ensure_vocabulary)."""
-        from musiclm_jax import text_vocab
+    def _vocabulary_settings(self) -> None:
         if not self.vocabulary_dir or not self.vocabulary_source_task:
             raise ValueError("MuLanModel needs vocabulary_dir and vocabulary_source_task to read captions")
-        path = text_vocab.ensure_vocabulary(self.vocabulary_dir, self.vocabulary_source_task,
-                                            self.network.text.vocab_size)
+
+    def prepare_assets(self) -> None:
+        """Trains the caption vocabulary into vocabulary_dir/text_vocab/spm.model from vocabulary_source_task's
+        training captions, unless it exists (text_vocab.ensure_vocabulary; process 0 trains, the others wait)."""
+        from musiclm_jax import text_vocab
+        self._vocabulary_settings()
+        text_vocab.ensure_vocabulary(self.vocabulary_dir, self.vocabulary_source_task, self.network.text.vocab_size)
+
+    @property
+    def feature_converter_kwargs(self) -> dict:
+        """{'vocabulary_path': the caption vocabulary}, which must exist (prepare_assets makes it). Raises
+        FileNotFoundError naming the path, or ValueError if it has more pieces than the text tower embeds."""
+        from musiclm_jax import text_vocab
+        self._vocabulary_settings()
+        path = text_vocab.vocabulary_path(self.vocabulary_dir)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"MuLan's caption vocabulary {path} does not exist: the train job makes it (model.prepare_assets), "
+                f"or `python -m musiclm_jax.mulan train-vocab --output {path}`")
         size = text_vocab.TextTokenizer(path).vocab_size
         if size > self.network.text.vocab_size:
             raise ValueError(f"{path} has {size} pieces but the text tower's vocab_size is "

@@ -57,6 +57,26 @@ class GenerationParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """What one generation call made, returned to the caller (the MusicLM object keeps none of it).
+
+    Attributes:
+      audio: [B, samples] float32 at the codec's rate.
+      tokens: {'mulan', 'melody' (or None), 'semantic' [B, frames], 'codes' [B, codec frames, levels]} of the
+        kept samples.
+      params: the generation settings used.
+      scores: with reranking, [B, N] MuLan cosines of the N candidates per caption (else None).
+      choice: with reranking, [B] the kept candidate (else None).
+    """
+
+    audio: np.ndarray
+    tokens: dict
+    params: GenerationParams
+    scores: Optional[np.ndarray] = None
+    choice: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StageSpec:
     """What generation reads of a stage's model: its token layout and sequence shape. TokenLMModel has these
     attributes; a stage served from an export bundle (musiclm_jax.serving) has only this."""
@@ -114,10 +134,10 @@ class Stage:
     def from_checkpoint(cls, model_dir: str, name: str) -> "Stage":
         from musiclm_jax import checkpoint_loading
         from musiclm_jax.models import TokenLMModel
-        model, state = checkpoint_loading.load_model_and_state(model_dir)
-        if not isinstance(model, TokenLMModel):
-            raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a stage (TokenLMModel)")
-        return cls(model, jax.device_get(state.params), name)
+        loaded = checkpoint_loading.load_model(model_dir)
+        if not isinstance(loaded.model, TokenLMModel):
+            raise ValueError(f"{model_dir} holds a {type(loaded.model).__name__}, not a stage (TokenLMModel)")
+        return cls(loaded.model, jax.device_get(loaded.params), name)
 
     def decoder_functions(self):
         """(prefill, step) of the KV-cached decoder, as sample_window takes them (TokenLMModel.decoder_functions)."""
@@ -145,9 +165,6 @@ class MusicLM:
     def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_rate: float = 25.0,
                  semantic_tokenizer=None, log=sys.stderr, melody_rate: float = 5.0):
         self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
-        self.last_tokens: dict = {}
-        self.last_scores: Optional[np.ndarray] = None
-        self.last_choice: Optional[np.ndarray] = None
         self.stages = {"semantic": semantic, "coarse": coarse, "fine": fine}
         self.semantic_rate = float(semantic_rate)
         self.log = log
@@ -196,25 +213,33 @@ class MusicLM:
         return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages, semantic_rate=semantic_rate,
                    semantic_tokenizer=tokenizer)
 
-    def set_generation_params(self, **kwargs) -> None:
-        """Sets fields of GenerationParams (duration_s, temperature, top_k, top_p, guidance_scale, seed)."""
+    def generation_params(self, **kwargs) -> GenerationParams:
+        """This object's default GenerationParams with fields replaced (duration_s, temperature as one value or
+        one per stage, top_k, top_p, guidance_scale, seed): settings for one call (`params=`), leaving the
+        defaults as they are."""
         unknown = set(kwargs) - {f.name for f in dataclasses.fields(GenerationParams)}
         if unknown:
             raise TypeError(f"unknown generation parameters {sorted(unknown)}")
         if "temperature" in kwargs:
             t = kwargs["temperature"]
             kwargs["temperature"] = tuple(float(x) for x in (t if isinstance(t, (tuple, list)) else (t, t, t)))
-        self.params = dataclasses.replace(self.params, **kwargs)
-        if self.params.duration_s <= 0:
-            raise ValueError(f"duration_s={self.params.duration_s} must be positive")
+        params = dataclasses.replace(self.params, **kwargs)
+        if params.duration_s <= 0:
+            raise ValueError(f"duration_s={params.duration_s} must be positive")
+        return params
+
+    def set_generation_params(self, **kwargs) -> None:
+        """Sets the default settings of later calls (audiocraft's API): fields as generation_params()."""
+        self.params = self.generation_params(**kwargs)
 
     # ------------------------------------------------------------------------------------------- stages
-    def _keys(self, stage_index: int, window: int, batch: int) -> jax.Array:
-        key = jax.random.fold_in(jax.random.key(self.params.seed), 1000 * stage_index + window)
+    @staticmethod
+    def _keys(params: GenerationParams, stage_index: int, window: int, batch: int) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(params.seed), 1000 * stage_index + window)
         return jax.random.split(key, batch)
 
     def _run_stage(self, name: str, total: int, window: int, levels: int, conditioning, known: Optional[np.ndarray],
-                   batch: int, boundaries: Sequence[int] = ()) -> np.ndarray:
+                   batch: int, params: GenerationParams, boundaries: Sequence[int] = ()) -> np.ndarray:
         """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames.
 
         Each window after the first keeps `window - window // 2` frames of context and generates the frames after
@@ -225,7 +250,7 @@ class MusicLM:
         """
         stage = self.stages[name]
         group = stage.model.target_group
-        temperature = self.params.temperature[STAGES.index(name)]
+        temperature = params.temperature[STAGES.index(name)]
         out = np.zeros((batch, total, levels), np.int32)
         filled = 0
         if known is not None:
@@ -246,7 +271,7 @@ class MusicLM:
             prompt = stage.model.layout.to_global(out[:, begin:filled].reshape(batch, -1), group)
             prefix = np.concatenate([conditioning(begin, end, filled), prompt], axis=1).astype(np.int32)
             new = stage.sample(prefix, (end - filled) * levels, (filled - begin) * levels,
-                               self._keys(STAGES.index(name), w, batch), self.params, temperature)
+                               self._keys(params, STAGES.index(name), w, batch), params, temperature)
             out[:, filled:end] = stage.model.layout.to_local(new, group).reshape(batch, end - filled, levels)
             if self.log is not None:
                 print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
@@ -276,16 +301,17 @@ class MusicLM:
 
     def generate_tokens(self, texts: Sequence[str] = (), mulan_tokens: Optional[np.ndarray] = None,
                         semantic_prompt: Optional[np.ndarray] = None, codes_prompt: Optional[np.ndarray] = None,
-                        segments: Optional[Sequence[int]] = None,
-                        melody_tokens: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+                        segments: Optional[Sequence[int]] = None, melody_tokens: Optional[np.ndarray] = None,
+                        params: Optional[GenerationParams] = None) -> dict[str, np.ndarray]:
         """{'mulan', 'semantic' [B, frames], 'codes' [B, codec frames, levels]} for the captions.
 
         mulan_tokens: [B, 12], or [B, S, 12] for S story segments whose semantic frames start at `segments`
           (S offsets, the first 0); default: the captions' tokens.
         semantic_prompt [B, k], codes_prompt [B, k * ratio, levels]: known first frames (continuation).
         melody_tokens [B, frames] at `melody_rate` (melody_tokens()): the melody the semantic stage follows.
+        params: this call's settings (default: the object's, set_generation_params).
         """
-        p = self.params
+        params = params or self.params
         if mulan_tokens is None:
             mulan_tokens = self.mulan.tokens_from_text(list(texts))
         schedule = mulan_tokens if mulan_tokens.ndim == 3 else mulan_tokens[:, None]
@@ -294,7 +320,7 @@ class MusicLM:
             raise ValueError(f"segments {segments} must start at 0, increase and give one offset per MuLan segment "
                              f"({schedule.shape[1]})")
         batch = schedule.shape[0]
-        semantic_frames = max(1, int(round(p.duration_s * self.semantic_rate)))
+        semantic_frames = max(1, int(round(params.duration_s * self.semantic_rate)))
         codec_frames = semantic_frames * self.ratio
         sem, coarse, fine = (self.stages[s].model for s in STAGES)
 
@@ -318,7 +344,7 @@ class MusicLM:
             return np.concatenate([ids, tune], axis=1)
         semantic = self._run_stage(
             "semantic", semantic_frames, sem.target_length, 1, semantic_conditioning,
-            None if semantic_prompt is None else semantic_prompt[..., None], batch, segments[1:])[..., 0]
+            None if semantic_prompt is None else semantic_prompt[..., None], batch, params, segments[1:])[..., 0]
         coarse_window = (coarse.prefix_length - coarse.layout.group("mulan").levels) * self.ratio
 
         def coarse_conditioning(begin, end, first_new):  # MuLan + the semantic tokens of codec frames [begin, end)
@@ -326,49 +352,54 @@ class MusicLM:
             return np.concatenate([mulan_ids(coarse.layout, first_new // self.ratio), sem_ids], axis=1)
         prompt = None if codes_prompt is None else codes_prompt[..., :self.coarse_levels]
         coarse_codes = self._run_stage("coarse", codec_frames, coarse_window, self.coarse_levels,
-                                       coarse_conditioning, prompt, batch, [b * self.ratio for b in segments[1:]])
+                                       coarse_conditioning, prompt, batch, params,
+                                       [b * self.ratio for b in segments[1:]])
         fine_window = fine.target_length // self.fine_levels
 
         def fine_conditioning(begin, end, first_new):
             return fine.layout.to_global(coarse_codes[:, begin:end].reshape(batch, -1), "coarse")
         prompt = None if codes_prompt is None else codes_prompt[..., self.coarse_levels:]
         fine_codes = self._run_stage("fine", codec_frames, fine_window, self.fine_levels, fine_conditioning, prompt,
-                                     batch)
+                                     batch, params)
         return {"mulan": mulan_tokens, "melody": melody_tokens, "semantic": semantic,
                 "codes": np.concatenate([coarse_codes, fine_codes], axis=-1)}
 
-    def _decode(self, codes: np.ndarray) -> np.ndarray:
-        audio = self.codec.decode(codes)
-        return audio[:, :int(round(self.params.duration_s * self.codec.sample_rate))]
+    def _result(self, tokens: dict, params: GenerationParams, return_details: bool, **extra):
+        audio = self.codec.decode(tokens["codes"])[:, :int(round(params.duration_s * self.codec.sample_rate))]
+        return GenerationResult(audio, tokens, params, **extra) if return_details else audio
 
-    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str], *,
+                              params: Optional[GenerationParams] = None, return_details: bool = False):
         """Continues prompt_audio [B, samples] (or [samples]) at the codec's rate under the captions: its semantic
         tokens (needs `semantic_tokenizer`) and codec codes are the first frames of every stage. Returns
-        [B, duration_s * codec rate], the prompt's whole frames included."""
+        [B, duration_s * codec rate], the prompt's whole frames included (a GenerationResult with
+        return_details). params: this call's settings (default: the object's)."""
+        params = params or self.params
         if self.semantic_tokenizer is None:
             raise ValueError("continuation needs the semantic tokenizer (MusicLM(..., semantic_tokenizer=...))")
-        from musiclm_jax.tokenize import _resample
+        from musiclm_jax.data import audio_io
         audio = np.atleast_2d(np.asarray(prompt_audio, np.float32))
         if audio.shape[0] == 1 and len(texts) > 1:
             audio = np.repeat(audio, len(texts), axis=0)
         frames = int(audio.shape[1] / self.codec.sample_rate * self.semantic_rate)
         if frames < 1:
             raise ValueError(f"the prompt ({audio.shape[1]} samples) is shorter than one semantic frame")
-        if frames >= int(round(self.params.duration_s * self.semantic_rate)):
+        if frames >= int(round(params.duration_s * self.semantic_rate)):
             raise ValueError(f"the prompt ({audio.shape[1] / self.codec.sample_rate:.2f} s) is not shorter than "
-                             f"duration_s={self.params.duration_s}")
+                             f"duration_s={params.duration_s}")
         audio = audio[:, :int(round(frames / self.semantic_rate * self.codec.sample_rate))]
-        resampled = _resample(audio, self.codec.sample_rate, self.semantic_tokenizer.sample_rate)
+        resampled = audio_io.resample(audio, self.codec.sample_rate, self.semantic_tokenizer.sample_rate)
         semantic = np.asarray(self.semantic_tokenizer.tokenize(resampled))[:, :frames]
         codes = np.asarray(self.codec.encode(audio))[:, :frames * self.ratio]
-        tokens = self.generate_tokens(texts, semantic_prompt=semantic, codes_prompt=codes)
-        self.last_tokens = tokens
-        return self._decode(tokens["codes"])
+        tokens = self.generate_tokens(texts, semantic_prompt=semantic, codes_prompt=codes, params=params)
+        return self._result(tokens, params, return_details)
 
-    def generate_story(self, story: Sequence[tuple[str, float]]) -> np.ndarray:
+    def generate_story(self, story: Sequence[tuple[str, float]], *, params: Optional[GenerationParams] = None,
+                       return_details: bool = False):
         """One continuous piece whose caption changes at each segment boundary: story [(caption, seconds), ...]
-        -> audio [1, total seconds * codec rate]. Every window after a boundary is conditioned on the new caption
-        and continues the music before it (its context)."""
+        -> audio [1, total seconds * codec rate] (a GenerationResult with return_details). Every window after a
+        boundary is conditioned on the new caption and continues the music before it (its context). The call's
+        duration is the story's; the settings are otherwise `params` (default: the object's), left unchanged."""
         if not story:
             raise ValueError("generate_story needs at least one (caption, seconds) segment")
         texts, seconds = zip(*story)
@@ -377,46 +408,44 @@ class MusicLM:
         starts = np.cumsum([0.0] + list(seconds[:-1]))
         segments = [int(round(s * self.semantic_rate)) for s in starts]
         tokens = self.mulan.tokens_from_text(list(texts))[None]  # [1, S, 12]
-        previous = self.params
-        self.params = dataclasses.replace(previous, duration_s=float(sum(seconds)))
-        try:
-            out = self.generate_tokens(mulan_tokens=tokens, segments=segments)
-            self.last_tokens = out
-            return self._decode(out["codes"])
-        finally:
-            self.params = previous
+        params = dataclasses.replace(params or self.params, duration_s=float(sum(seconds)))
+        out = self.generate_tokens(mulan_tokens=tokens, segments=segments, params=params)
+        return self._result(out, params, return_details)
 
     def mulan_scores(self, texts: Sequence[str], audio: np.ndarray) -> np.ndarray:
         """[B] cosine between each caption's MuLan text embedding and its clip audio [B, samples] (codec rate)."""
         from musiclm_jax.data import audio_io
-        clips = np.stack([audio_io.to_mono_at_rate(a, self.codec.sample_rate, self.mulan.sample_rate) for a in audio])
+        clips = audio_io.resample(audio, self.codec.sample_rate, self.mulan.sample_rate)
         return np.sum(self.mulan.embed_text(list(texts)) * self.mulan.embed_audio(clips), axis=-1)
 
-    def generate(self, texts: Sequence[str], rerank: int = 1, melody: Optional[np.ndarray] = None) -> np.ndarray:
-        """Captions -> audio [len(texts), duration_s * codec.sample_rate] float32 at the codec's rate.
+    def generate(self, texts: Sequence[str], rerank: int = 1, melody: Optional[np.ndarray] = None, *,
+                 params: Optional[GenerationParams] = None, return_details: bool = False):
+        """Captions -> audio [len(texts), duration_s * codec.sample_rate] float32 at the codec's rate (with
+        return_details, a GenerationResult holding it, the tokens and the reranking scores). params: this call's
+        settings (default: the object's, set_generation_params).
 
         melody: audio [B or 1, samples] (or [samples]) at the codec's rate whose melody (the dominant pitch class
         per 200 ms, musiclm_jax.melody) the semantic stage follows; past its end the stage runs without one.
 
         rerank: N > 1 samples N candidates per caption (one batch of B * N, each with its own random stream) and
-        keeps, per caption, the one whose MuLan audio embedding is closest to the caption's text embedding
-        (`last_scores` [B, N] holds the cosines, `last_choice` [B] the kept candidate)."""
+        keeps, per caption, the one whose MuLan audio embedding is closest to the caption's text embedding (the
+        result's `scores` [B, N] are the cosines, `choice` [B] the kept candidates)."""
         if isinstance(texts, str):
             raise TypeError("generate takes a list of captions")
         if rerank < 1:
             raise ValueError(f"rerank={rerank} must be a positive number of candidates")
         texts = list(texts)
+        params = params or self.params
         tune = None if melody is None else self.melody_tokens(melody, len(texts))
         if rerank == 1:
-            self.last_tokens = self.generate_tokens(texts, melody_tokens=tune)
-            self.last_scores, self.last_choice = None, None
-            return self._decode(self.last_tokens["codes"])
+            return self._result(self.generate_tokens(texts, melody_tokens=tune, params=params), params, return_details)
         expanded = [t for t in texts for _ in range(rerank)]  # candidates of a caption are adjacent
-        tokens = self.generate_tokens(expanded, melody_tokens=None if tune is None else np.repeat(tune, rerank, 0))
-        audio = self._decode(tokens["codes"])
-        scores = self.mulan_scores(expanded, audio).reshape(len(texts), rerank)
+        tokens = self.generate_tokens(expanded, melody_tokens=None if tune is None else np.repeat(tune, rerank, 0),
+                                      params=params)
+        candidates = self._result(tokens, params, return_details=True)
+        scores = self.mulan_scores(expanded, candidates.audio).reshape(len(texts), rerank)
         choice = np.argmax(scores, axis=1)
         keep = np.arange(len(texts)) * rerank + choice
-        self.last_tokens = {name: None if value is None else value[keep] for name, value in tokens.items()}
-        self.last_scores, self.last_choice = scores, choice
-        return audio[keep]
+        kept = {name: None if value is None else value[keep] for name, value in tokens.items()}
+        result = GenerationResult(candidates.audio[keep], kept, params, scores, choice)
+        return result if return_details else result.audio

@@ -10,7 +10,8 @@ the vectors assigned to each code (VQ-VAE-2 / SoundStream), with
 * a commitment loss ||residual - sg(quantized)||^2 per active level, and straight-through gradients.
 
 Under data parallelism the statistics are sums over the *global* batch: the arrays are global jax.Arrays and
-XLA reduces over the data axes, so every replica holds identical codebooks.
+XLA reduces over the data axes, so every replica holds identical codebooks. The nearest-code search and the
+encode/decode arithmetic are vq.py's.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax import kmeans as kmeans_lib
+from musiclm_jax.vq import nearest_code, rvq_decode, rvq_encode
 
 STATE = "quantizer"
 
@@ -47,19 +49,6 @@ class RVQConfig:
     kmeans_iters: int = 10
     dead_code_threshold: float = 2.0
     quantizer_dropout: bool = True
-
-
-def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """||x_i - c_k||^2 for x [M, D] and codebook [K, D] -> [M, K] (fp32)."""
-    x = x.astype(jnp.float32)
-    codebook = codebook.astype(jnp.float32)
-    return (jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * x @ codebook.T
-            + jnp.sum(codebook * codebook, axis=1)[None, :])
-
-
-def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """Index of the closest code for each row of x [M, D] -> [M] int32 (ties: lowest index)."""
-    return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
 
 
 def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
@@ -113,23 +102,11 @@ class ResidualVQ(nn.Module):
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """codes [batch, frames, n] (levels 0..n-1, n <= N) -> the sum of their code vectors [batch, frames, dim]."""
-        codebook = self.codebook.value
-        out = jnp.zeros(codes.shape[:2] + (self.config.dim,), jnp.float32)
-        for level in range(codes.shape[-1]):
-            out = out + jnp.take(codebook[level], codes[..., level], axis=0)
-        return out
+        return rvq_decode(codes, self.codebook.value)
 
     def encode(self, x: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
         """x [batch, frames, dim] -> codes [batch, frames, num_levels] int32 (default: all levels)."""
-        codebook = self.codebook.value
-        n = self.config.num_quantizers if num_levels is None else num_levels
-        residual = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        codes = []
-        for level in range(n):
-            idx = nearest_code(residual, codebook[level])
-            residual = residual - codebook[level][idx]
-            codes.append(idx)
-        return jnp.stack(codes, axis=-1).reshape(x.shape[:2] + (n,))
+        return rvq_encode(x, self.codebook.value, num_levels)
 
     def __call__(self, x: jax.Array, *, train: bool = False, num_levels: Optional[int] = None,
                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict]:

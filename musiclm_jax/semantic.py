@@ -42,11 +42,12 @@ KMEANS_FILE = "kmeans.npz"
 def load_feature_model(checkpoint: str):
     """(model, params) of a feature-model run directory (w2v-BERT or imported HuBERT/MERT)."""
     from musiclm_jax import checkpoint_loading
-    model, state = checkpoint_loading.load_model_and_state(checkpoint)
+    loaded = checkpoint_loading.load_model(checkpoint)
+    model = loaded.model
     if not hasattr(model, "embed"):
         raise ValueError(f"{checkpoint} holds a {type(model).__name__}, which has no layer embeddings "
                          f"(expected w2v-BERT or an imported HuBERT/MERT)")
-    return model, jax.device_get(state.params)
+    return model, jax.device_get(loaded.params)
 
 
 def pool_frames(features: jax.Array, pooling: int) -> jax.Array:

@@ -91,7 +91,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
             n -= 1
 
 
-def _safe_sqrt(x: jax.Array) -> jax.Array:
+def safe_sqrt(x: jax.Array) -> jax.Array:
     """sqrt with a zero (not infinite) gradient at 0."""
     positive = x > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
@@ -103,7 +103,7 @@ def magnitude_spectrogram(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
     Gradients are finite everywhere (zero at bins of exactly zero magnitude).
     """
     spec = stft(audio, n_fft, hop)
-    return _safe_sqrt(jnp.square(spec.real) + jnp.square(spec.imag))
+    return safe_sqrt(jnp.square(spec.real) + jnp.square(spec.imag))
 
 
 def log_mel_spectrogram(audio: jax.Array, sample_rate: int, n_fft: int, hop: int, n_mels: int,

@@ -3,7 +3,8 @@
 The project trains its own SentencePiece vocabulary from the training captions (no download): seqio's id
 convention (pad 0, eos 1, unk 2, no bos), so the same file serves `seqio.SentencePieceVocabulary` in the input
 pipeline and `TextTokenizer` in Python. A training run keeps the file with its checkpoint, at
-MODEL_DIR/text_vocab/spm.model (`ensure_vocabulary`, called from gin, trains it there on first use).
+MODEL_DIR/text_vocab/spm.model (`ensure_vocabulary` trains it there: the train job calls it through
+MuLanModel.prepare_assets before reading any input).
 An imported CLAP checkpoint instead carries transformers' RoBERTa tokenizer (tokenizer.json, read with the
 `tokenizers` library of the `convert` extra).
 
@@ -57,12 +58,17 @@ def captions_of(task_name: str, split: str = "train", max_captions: int = 100_00
     return [ex["caption"].decode() for ex in ds.take(max_captions).as_numpy_iterator() if ex["caption"]]
 
 
+def vocabulary_path(model_dir: str) -> str:
+    """Where a run keeps its caption vocabulary: MODEL_DIR/text_vocab/spm.model."""
+    return os.path.join(model_dir, VOCAB_DIR, SPM_FILE)
+
+
 def ensure_vocabulary(model_dir: str, source_task: str, vocab_size: int = 8000,
                       max_captions: int = 20_000) -> str:
     """MODEL_DIR/text_vocab/spm.model, trained on the captions of `source_task` if it does not exist yet (process
-    0 trains it; the others wait). Returns the path (gin binds the model's vocabulary to it)."""
+    0 trains it; the others wait). Returns the path."""
     import jax
-    path = os.path.join(model_dir, VOCAB_DIR, SPM_FILE)
+    path = vocabulary_path(model_dir)
     if os.path.exists(path):
         return path
     if jax.process_index() == 0:

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from musiclm_jax.data import token_cache
+from musiclm_jax.data import audio_io, token_cache
 
 
 @dataclasses.dataclass
@@ -84,15 +84,6 @@ def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
                        lambda audio: melody.melody_tokens(np.asarray(audio), sample_rate, frame_rate)[..., None])
 
 
-def _resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    if source_rate == target_rate:
-        return audio
-    import librosa
-    length = int(round(audio.shape[-1] * target_rate / source_rate))
-    return librosa.resample(audio, orig_sr=source_rate, target_sr=target_rate, res_type="soxr_hq",
-                            axis=-1)[..., :length].astype(np.float32)
-
-
 class _DeviceBatcher:
     """Lays a [batch, samples] numpy batch over this process's devices (batch padded to a multiple of them)."""
 
@@ -104,7 +95,7 @@ class _DeviceBatcher:
 
     def __call__(self, source: TokenSource, audio: np.ndarray, audio_rate: int) -> np.ndarray:
         rows = audio.shape[0]
-        audio = _resample(audio, audio_rate, source.sample_rate)
+        audio = audio_io.resample(audio, audio_rate, source.sample_rate)
         padded = -rows % self.num_devices
         if padded:
             audio = np.concatenate([audio, np.zeros((padded, audio.shape[1]), audio.dtype)])
@@ -127,16 +118,6 @@ def chunk_clip(audio: np.ndarray, chunk_samples: int,
     return chunks, len(audio) - count * chunk_samples
 
 
-def _example(clip_id: str, text: str, real_samples: int, tokens: dict[str, np.ndarray]) -> bytes:
-    import tensorflow as tf
-    feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[clip_id.encode()])),
-               "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
-               "num_samples": tf.train.Feature(int64_list=tf.train.Int64List(value=[real_samples]))}
-    for name, value in tokens.items():
-        feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=value.reshape(-1).tolist()))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, sample_rate: int,
                     chunk_samples: int, min_clip_samples: int, batch_size: int, frames: dict[str, int],
                     path: str) -> dict:
@@ -156,7 +137,7 @@ def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, 
                         raise ValueError(f"{s.name} gave tokens of shape {t.shape} for a chunk; expected "
                                          f"{(frames[s.name], s.levels)}")
                     per_source[s.name] = t
-                writer.write(_example(clip_id, text, real, per_source))
+                writer.write(token_cache.encode_example(clip_id, text, real, per_source))
             counts["examples"] += len(pending)
             pending.clear()
 
@@ -192,7 +173,8 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
                      max_clips: Optional[dict] = None, melody_rate: Optional[float] = None) -> dict:
     """Writes the token cache of `source_task` (a raw-audio task name at the codec's rate) to output_dir and
     returns its manifest. See the module docstring. The semantic tokenizer and MuLan (with its fitted RVQ) are
-    optional: the fine stage needs only the codec. `max_clips` {split: n} caps a split (the synthetic music has
+    optional: the fine stage needs only the codec. Splits the source does not have (a folder too small for a
+    held-out carve) are left out, with a message. `max_clips` {split: n} caps a split (the synthetic music has
     100,000 train clips). `melody_rate` (Hz, e.g. 5.0) adds the melody tokens that melody-conditioned semantic
     stages read."""
     from musiclm_jax.tasks import audio as audio_tasks
@@ -213,6 +195,11 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
     frames = _probe_frames(sources, batcher, chunk_samples, sample_rate)
     max_clips = dict(max_clips or {})
     split_plan = {}
+    available = audio_tasks.register_raw_audio_task(source_task).source.splits
+    for split in [s for s in splits if s not in available]:
+        print(f"tokenize: {source_task!r} has no {split!r} split (splits: {sorted(available)}); it is left out of "
+              f"the token cache", file=sys.stderr)
+    splits = [s for s in splits if s in available]
     for split in splits:
         n = audio_tasks.num_clips(source_task, split)
         n = min(n, int(max_clips[split])) if split in max_clips else n

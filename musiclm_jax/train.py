@@ -7,11 +7,13 @@ preemption). Outputs in MODEL_DIR: config.gin, metrics.jsonl, tensorboard/, chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from musiclm_jax import gin_utils, partitioning
 from musiclm_jax.checkpoints import Checkpointer
@@ -67,6 +69,21 @@ def make_train_setup(*, model: BaseModel, optimizer: Optimizer, batch_size: int,
                       train_step, eval_step)
 
 
+def _initialize_from(state: TrainState, setup: TrainSetup, init_dir: str, strict: bool, model_dir: str) -> TrainState:
+    """`state` with the variables of run `init_dir` (checkpoint_loading.initialize_from); writes the report."""
+    from musiclm_jax import checkpoint_loading
+    abstract = {"params": setup.abstract_state.params, "flax_mutables": setup.abstract_state.flax_mutables}
+    with setup.partitioner.activate():
+        variables, report = checkpoint_loading.initialize_from(
+            init_dir, abstract, {"params": state.params, "flax_mutables": state.flax_mutables}, strict)
+    print(f"train: {report.summary()}", flush=True)
+    if jax.process_index() == 0:
+        path = epath.Path(model_dir) / "init_checkpoint.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    return state.replace(params=variables["params"], flax_mutables=variables["flax_mutables"])
+
+
 def _mean_metrics(history: Sequence[dict]) -> dict[str, float]:
     fetched = jax.device_get(list(history))
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -99,7 +116,8 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
           logical_axis_rules: Optional[Sequence] = None, num_microbatches: int = 1, seed: int = 0,
           log_period: int = 100, checkpoint_period: int = 1000, keep_checkpoints: Optional[int] = 3,
           async_checkpointing: bool = True, eval_dataset_cfg: Optional[DatasetConfig] = None,
-          eval_period: int = 0, eval_batches: int = 10, tensorboard: bool = True) -> dict[str, float]:
+          eval_period: int = 0, eval_batches: int = 10, tensorboard: bool = True,
+          init_checkpoint: Optional[str] = None, init_checkpoint_strict: bool = False) -> dict[str, float]:
     """Trains `model` for `total_steps` optimizer steps, resuming from MODEL_DIR's latest checkpoint if any.
 
     Args:
@@ -115,10 +133,15 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
       eval_dataset_cfg, eval_period, eval_batches: evaluate every eval_period steps (0: never) on that many
         batches.
       tensorboard: also write TensorBoard events.
+      init_checkpoint: fine-tuning (t5x's): another run's MODEL_DIR whose latest checkpoint gives this run its
+        starting variables by name (parameters and Flax collections, any mesh; not its optimizer state or step),
+        when this run has no checkpoint of its own yet. Names it lacks or holds with other shapes keep their
+        initial values and are reported (printed, and written to MODEL_DIR/init_checkpoint.json), or are an
+        error with init_checkpoint_strict.
     Returns:
       the last logged metrics (training and, if evaluated, 'eval/...').
     """
-    from musiclm_jax.data.input_pipeline import SeqioInputPipeline  # the data side (TensorFlow) loads here
+    from musiclm_jax.data.input_pipeline import SeqioInputPipeline, missing_split  # the data side (TensorFlow)
 
     # Mesh and compiled steps.
     mesh = partitioning.create_mesh(mesh_config)
@@ -126,7 +149,8 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
     setup = make_train_setup(model=model, optimizer=optimizer, batch_size=train_dataset_cfg.batch_size,
                              partitioner=partitioner, num_microbatches=num_microbatches)
 
-    # Input.
+    # Input: first the files it needs (MuLan's caption vocabulary), made here and nowhere else.
+    model.prepare_assets()
     train_input = SeqioInputPipeline(train_dataset_cfg, model.feature_converter_name,
                                      feature_converter_kwargs=model.feature_converter_kwargs)
     train_input.check_vocab_size(model.vocab_size)
@@ -135,9 +159,13 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
         tokenized.check_layout(train_dataset_cfg.mixture_or_task_name, model.layout)
     eval_input = None
     if eval_dataset_cfg is not None and eval_period > 0:
-        partitioner.check_global_batch(eval_dataset_cfg.batch_size, "eval batch_size")
-        eval_input = SeqioInputPipeline(eval_dataset_cfg, model.feature_converter_name,
-                                        feature_converter_kwargs=model.feature_converter_kwargs)
+        missing = missing_split(eval_dataset_cfg)
+        if missing:
+            print(f"train: {missing}, so this run trains without evaluation (eval_period is ignored)", flush=True)
+        else:
+            partitioner.check_global_batch(eval_dataset_cfg.batch_size, "eval batch_size")
+            eval_input = SeqioInputPipeline(eval_dataset_cfg, model.feature_converter_name,
+                                            feature_converter_kwargs=model.feature_converter_kwargs)
 
     # State: restored from the latest checkpoint (with the input position), or created sharded.
     checkpointer = Checkpointer(model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpointing)
@@ -150,6 +178,8 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
         print(f"train: resumed from step {int(state.step)} in {model_dir}", flush=True)
     else:
         state = setup.init_state(jax.random.fold_in(root_rng, 0))
+        if init_checkpoint:
+            state = _initialize_from(state, setup, init_checkpoint, init_checkpoint_strict, model_dir)
     dropout_rng = jax.random.fold_in(root_rng, 1)
 
     # Loop.

@@ -8,7 +8,8 @@
 
 Folder and MusicCaps names may end with options, `?bad_input=error&require_captions=true` (see
 captioned_audio.AudioChecks: bad_input, require_captions, min_sample_rate, silence_dbfs, min_seconds,
-max_seconds; and clips_dir for MusicCaps); `raw_audio_task_name` (gin) builds such names. Their TFDS datasets
+max_seconds; captioned_audio.HeldOutCarve: validation_fraction, test_fraction; and clips_dir for MusicCaps);
+`raw_audio_task_name` (gin) builds such names. Their TFDS datasets
 are prepared at registration (once; tfds_builders).
 
 Examples: {'audio': float32 [samples] mono at <rate>, 'text': caption ('' if none), 'id': str}; then, after
@@ -26,7 +27,7 @@ import seqio
 import tensorflow as tf
 
 from musiclm_jax.data import synthetic_music
-from musiclm_jax.data.captioned_audio import AudioChecks
+from musiclm_jax.data.captioned_audio import AudioChecks, HeldOutCarve
 
 SYNTHETIC_CLIP_SECONDS = 4.0
 SYNTHETIC_CLIPS = {"train": 100_000, "validation": 1_000, "test": 1_000}
@@ -34,7 +35,9 @@ TARGET_RMS_DB = -20.0
 MUSICCAPS_CSV = "musiccaps-public.csv"
 _NAME = re.compile(r"^(synthetic_music|audio_folder|musiccaps)_(\d+)hz(?::(.+))?$")
 _CHECK_OPTIONS = {"bad_input": str, "require_captions": lambda v: v.lower() in ("1", "true", "yes"),
-                  "min_sample_rate": int, "silence_dbfs": float, "min_seconds": float, "max_seconds": float}
+                  "min_sample_rate": int, "silence_dbfs": float, "min_seconds": float, "max_seconds": float,
+                  "validation_fraction": float, "test_fraction": float}
+_CARVE_OPTIONS = ("validation_fraction", "test_fraction")
 
 
 def random_crop(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
@@ -117,7 +120,8 @@ def parse_raw_audio_task_name(name: str) -> tuple[str, int, str | None, dict]:
 def _tfds_source(kind: str, rate: int, path: str, options: dict) -> seqio.DataSource:
     from musiclm_jax.data import tfds_builders
     clips_dir = options.pop("clips_dir", None)
-    checks = AudioChecks(sample_rate=rate, **options)
+    carve = HeldOutCarve(**{k: options.pop(k) for k in _CARVE_OPTIONS if k in options})
+    checks = AudioChecks(sample_rate=rate, held_out=carve, **options)
     if kind == "audio_folder":
         builder = tfds_builders.audio_folder_builder(path, checks)
     else:

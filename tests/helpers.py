@@ -83,7 +83,7 @@ def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
     checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
     checkpoint_loading.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
     codebooks = np.random.RandomState(0).randn(12, 32, 128) * (0.5 ** np.arange(12))[:, None, None] / np.sqrt(128)
-    mulan.ResidualVQ(codebooks).save(str(root / "mulan" / mulan.RVQ_FILE))
+    mulan.ConditioningRVQ(codebooks).save(str(root / "mulan" / mulan.RVQ_FILE))
     # The tiny MuLan was never trained, so it has no caption vocabulary: give it one from the synthetic captions.
     text_vocab.ensure_vocabulary(str(root / "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
     if semantic_tokenizer:

@@ -2,6 +2,8 @@
 from small folders made here (bad files included); shapes, rates, crops, splits, counts and disjoint shards."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +14,9 @@ from musiclm_jax.data import tfds_builders
 from musiclm_jax.data.bad_input import BadInputError
 from musiclm_jax.data.captioned_audio import AudioChecks
 from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
-from musiclm_jax.data.input_pipeline import SeqioInputPipeline
+from musiclm_jax.data.input_pipeline import SeqioInputPipeline, missing_split
 from musiclm_jax.tasks import audio as audio_tasks
+from conftest import REPO_DIR, subprocess_env
 from test_captioned_audio import _bad_folder, _musiccaps
 
 RATE = 16000
@@ -141,3 +144,78 @@ def test_processes_read_disjoint_parts_of_a_prepared_split(tmp_path):
     assert all(parts) and len(set(sum(parts, []))) == 7
     with pytest.raises(ValueError, match="fewer than the 8 processes"):
         source.get_dataset("train", shard_info=seqio.ShardInfo(0, 8))
+
+
+def _folder_without_splits(root, n):
+    """n usable files as a user's folder has them (16 kHz and 44.1 kHz, mono and stereo, wav and flac, in
+    subfolders; captions.jsonl rows without a 'split' field) plus a corrupt file."""
+    root.mkdir()
+    lines = []
+    for i in range(n):
+        rate, channels = (44100, 2) if i % 3 == 0 else (RATE, 1)
+        name = f"artist_{i % 4}/take_{i:02d}." + ("flac" if i % 2 else "wav")
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        shape = (int(1.2 * rate), channels) if channels > 1 else (int(1.2 * rate),)
+        soundfile.write(root / name, 0.2 * np.random.RandomState(i).randn(*shape), rate)
+        lines.append(json.dumps({"audio_path": name, "caption": f"take {i}"}))
+    (root / "artist_0" / "broken.wav").write_bytes(b"RIFF....WAVE not audio")
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_folder_without_splits_gets_a_held_out_carve(tmp_path):
+    folder = _folder_without_splits(tmp_path / "catalogue", 16)
+    name = raw_audio_task_name(RATE, str(folder), validation_fraction=0.2, test_fraction=0.1)
+    assert name.endswith("?validation_fraction=0.2&test_fraction=0.1")
+    builder = audio_tasks.register_raw_audio_task(name).source.builder
+    splits = {s: i.num_examples for s, i in builder.info.splits.items()}
+    held_out = builder.info.metadata["held_out"]
+    assert held_out["carve"] == {"validation_fraction": 0.2, "test_fraction": 0.1, "min_files": 10}
+    assert sum(splits.values()) == 16 and splits["validation"] >= 1 and splits["test"] >= 1
+    # Records are counted before decoding: the corrupt file is one, then skipped wherever it fell.
+    assert sum(held_out["records"].values()) == 17 and sum(
+        held_out["records"][s] - splits[s] for s in splits) == 1
+    notes = builder.info.metadata["bad_input"]["notes"]
+    assert (notes["carved_validation"], notes["carved_test"]) == (splits["validation"], splits["test"])
+    assert builder.info.metadata["bad_input"]["skipped"] == {"undecodable": 1}
+    assert notes["downmixed"] == 6 and notes["resampled"] == 6
+    # The evaluation input that used to fail with "has no split 'validation'".
+    cfg = DatasetConfig(name, {"audio": 8000}, "validation", 2, seed=0, shuffle=False)
+    assert missing_split(cfg) is None
+    with SeqioInputPipeline(cfg, "audio") as pipeline:
+        assert next(pipeline)["audio"].shape == (2, 8000)
+    # The same files seen by the jobs that scan folders directly (codec evaluation, k-means, RVQ fits).
+    from musiclm_jax.data.captioned_audio import HeldOutCarve, scan_audio_folder
+    scanned = scan_audio_folder(str(folder), RATE, held_out=HeldOutCarve(0.2, 0.1))
+    assert {s: len(p) for s, p in scanned.items()} == splits
+    test_ids = {ex["id"].decode() for ex in builder.as_dataset(split="test").as_numpy_iterator()}
+    assert {os.path.relpath(p, folder) for p in scanned["test"]} == test_ids
+
+    few = _folder_without_splits(tmp_path / "three", 3)
+    few_name = raw_audio_task_name(RATE, str(few))
+    assert missing_split(DatasetConfig(few_name, {"audio": 8000}, "validation", 2)) == (
+        f"{few_name!r} has no 'validation' split (splits: ['train'])")
+    assert audio_tasks.register_raw_audio_task(few_name).source.builder.info.metadata["bad_input"]["notes"][
+        "no_held_out"] == 1
+
+
+@pytest.mark.parametrize("files, evaluated", [(12, True), (3, False)])
+def test_codec_training_on_a_folder_with_only_train_rows(tmp_path, files, evaluated):
+    """`python -m musiclm_jax.train` on a user's folder without split fields: evaluation runs on the carved
+    'validation' split, or, with 3 files, the run trains without evaluation and says so."""
+    folder = _folder_without_splits(tmp_path / "clips", files)
+    model_dir = tmp_path / "codec"
+    command = [sys.executable, "-m", "musiclm_jax.train", "--gin_file=gin/codec/tiny_reconstruction.gin",
+               f"--gin.MODEL_DIR='{model_dir}'", f"--gin.AUDIO_DIR='{folder}'", "--gin.TRAIN_STEPS=2",
+               "--gin.BATCH_SIZE=8", "--gin.EVAL_BATCH_SIZE=8", "--gin.SEGMENT_SAMPLES=4800",
+               "--gin.train_lib.train.eval_period=2", "--gin.train_lib.train.eval_batches=1",
+               "--gin.train_lib.train.tensorboard=False", "--gin.codec_model.SoundStreamModel.mel_scales=(256, 1024)"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(model_dir / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["step"] == 2
+    assert ("eval/mel_distance" in last) == evaluated
+    if not evaluated:
+        assert "has no 'validation' split (splits: ['train']), so this run trains without evaluation" in proc.stdout
+    assert "skipping" in proc.stderr and "broken.wav" in proc.stderr  # the bad file is named and counted

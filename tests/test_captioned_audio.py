@@ -1,6 +1,8 @@
 """Captioned-audio records and the bad-input policy: each kind of bad file, made here, is a counted skip under
 'skip' and an error naming the file (and line) under 'error'."""
+import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +164,60 @@ def test_musiccaps_rows_splits_aspects_and_missing_clips(tmp_path):
     (tmp_path / "bad.csv").write_text("ytid,caption\nx,y\n")
     with pytest.raises(ValueError, match="missing columns"):
         captioned_audio.read_musiccaps(str(tmp_path / "bad.csv"), str(clips), AudioChecks(RATE), report)
+
+
+def _train_records(ids, split="train"):
+    return [captioned_audio.AudioRecord(path=f"/music/{i}", id=i, split=split) for i in ids]
+
+
+def _position(record_id):
+    """The carve's position, computed here from its definition (SHA-1 of the id, first 13 hex digits)."""
+    return int(hashlib.sha1(record_id.encode()).hexdigest()[:13], 16) / 16.0 ** 13
+
+
+def test_held_out_carve_follows_the_hash_and_is_stable_when_files_are_added():
+    carve = captioned_audio.HeldOutCarve(validation_fraction=0.1, test_fraction=0.05)
+    ids = [f"album_{i // 10}/track_{i:03d}.flac" for i in range(300)]
+    report = BadInputReport("skip", "folder", log=None)
+    carved = {r.id: r.split for r in captioned_audio.carve_held_out(_train_records(ids), carve, report)}
+    want = {i: "validation" if _position(i) < 0.1 else "test" if _position(i) < 0.15 else "train" for i in ids}
+    assert carved == want
+    counts = {s: sum(1 for v in carved.values() if v == s) for s in ("train", "validation", "test")}
+    assert 15 <= counts["validation"] <= 45 and 5 <= counts["test"] <= 25 and sum(counts.values()) == 300
+    assert report.notes == {"carved_validation": counts["validation"], "carved_test": counts["test"]}
+    # 200 more files: every earlier file keeps its split (a held-out file never moves into training).
+    more = ids + [f"new/track_{i:03d}.wav" for i in range(200)]
+    again = {r.id: r.split for r in captioned_audio.carve_held_out(
+        _train_records(more), carve, BadInputReport("skip", "folder", log=None))}
+    assert {i: again[i] for i in ids} == carved
+    # Splits the source has are kept; only the missing one is carved, from 'train' rows only.
+    given = _train_records(ids[:100]) + _train_records([f"v{i}" for i in range(5)], "validation")
+    partial = captioned_audio.carve_held_out(given, carve, BadInputReport("skip", "folder", log=None))
+    assert [r.split for r in partial[100:]] == ["validation"] * 5
+    assert {r.split for r in partial[:100]} == {"train", "test"}
+    assert {r.id for r in partial if r.split == "test"} == {i for i in ids[:100] if 0.1 <= _position(i) < 0.15}
+
+
+def test_held_out_carve_of_few_files_takes_one_each_or_says_there_is_nothing(capsys):
+    carve = captioned_audio.HeldOutCarve()  # 5% / 5%, at least 10 training files
+    ids = [f"f{i}.wav" for i in range(10)]
+    report = BadInputReport("skip", "tiny folder", log=sys.stderr)  # stderr as captured now
+    carved = captioned_audio.carve_held_out(_train_records(ids), carve, report)
+    # The rule, written out: the split's interval, or else the lowest remaining position.
+    order = sorted(ids, key=_position)
+    validation = [i for i in order if _position(i) < 0.05] or order[:1]
+    rest = [i for i in order if i not in validation]
+    test = [i for i in rest if 0.05 <= _position(i) < 0.10] or rest[:1]
+    assert {r.id: r.split for r in carved} == {i: "validation" if i in validation else "test" if i in test
+                                               else "train" for i in ids}
+    assert (f"carved {len(validation)} validation, {len(test)} test of 10 training files"
+            in capsys.readouterr().err)
+    three = BadInputReport("skip", "three files", log=sys.stderr)
+    assert [r.split for r in captioned_audio.carve_held_out(_train_records(ids[:3]), carve, three)] == ["train"] * 3
+    assert three.notes == {"no_held_out": 1}
+    assert "fewer than HeldOutCarve.min_files=10: nothing is held out" in capsys.readouterr().err
+    for bad, message in (({"validation_fraction": 0.5}, "validation_fraction=0.5"),
+                         ({"validation_fraction": 0.3, "test_fraction": 0.3}, "less than half"),
+                         ({"min_files": 2}, "min_files=2")):
+        with pytest.raises(ValueError, match=message):
+            captioned_audio.HeldOutCarve(**bad)

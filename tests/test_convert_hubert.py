@@ -78,7 +78,8 @@ def test_convert_cli_writes_a_loadable_run_directory(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     convert_main(["hubert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "run")])
     assert (tmp_path / "run" / "config.gin").exists()
-    model, state = checkpoint_loading.load_model_and_state(str(tmp_path / "run"))
+    loaded = checkpoint_loading.load_model(str(tmp_path / "run"))
+    model = loaded.model
     assert isinstance(model, HubertFeatureModel)
     assert (model.sample_rate, model.frame_rate, model.num_layers) == (16000, 800.0, 2)
     assert model.network == config_from_hf(hf.config)
@@ -86,17 +87,17 @@ def test_convert_cli_writes_a_loadable_run_directory(tmp_path):
     reference = _reference(hf, audio)
     diffs = []
     for layer in range(model.num_layers + 1):
-        diffs.append(float(np.max(np.abs(np.asarray(model.embed(state.params, audio, layer)) - reference[layer]))))
+        diffs.append(float(np.max(np.abs(np.asarray(model.embed(loaded.params, audio, layer)) - reference[layer]))))
     print(f"CLI round trip max abs diff per layer: {diffs}")
     assert max(diffs) < 1e-4
-    prediction, _ = model.predict_batch_with_aux(state.params, {"audio": audio})
+    prediction, _ = model.predict_batch_with_aux(loaded.params, {"audio": audio})
     np.testing.assert_allclose(prediction, reference[-1], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"0\.\.2"):
-        model.embed(state.params, audio, 3)
+        model.embed(loaded.params, audio, 3)
     with pytest.raises(NotImplementedError, match="train w2v-BERT instead"):
-        model.loss_fn(state.params, {"audio": audio}, None)
+        model.loss_fn(loaded.params, {"audio": audio}, None)
     with pytest.raises(NotImplementedError, match="feature extractor"):
-        model.score_batch(state.params, {"audio": audio})
+        model.score_batch(loaded.params, {"audio": audio})
 
 
 def test_hubert_base_builds_with_50hz_frames():

@@ -46,7 +46,7 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
     from musiclm_jax import text_vocab
     from musiclm_jax.codec import Codec
     from musiclm_jax.data import synthetic_music
-    from musiclm_jax.mulan import MuLan, ResidualVQ
+    from musiclm_jax.mulan import ConditioningRVQ, MuLan
     codec_model = gin_model("gin/codec/tiny.gin")
     audio = jnp.zeros((1, 4 * codec_model.seanet.hop_length), jnp.float32)
     codec_vars = jax.eval_shape(lambda: partitioning.unbox(codec_model.generator.init({"params": jax.random.key(0)},
@@ -57,7 +57,7 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
         jax.random.key(0), mulan_model.input_shapes(1))))
     vocab = text_vocab.train_sentencepiece([synthetic_music.clip_caption(i) for i in range(500)],
                                            os.path.join(str(root), "text_vocab", "spm.model"), 512)
-    rvq = ResidualVQ(0.1 * np.random.RandomState(2).standard_normal((12, 32, mulan_model.network.embed_dim)))
+    rvq = ConditioningRVQ(0.1 * np.random.RandomState(2).standard_normal((12, 32, mulan_model.network.embed_dim)))
     mulan = MuLan(mulan_model, random_like(mulan_vars["params"], 2), text_vocab.TextTokenizer(vocab), rvq)
     stages = []
     for i, name in enumerate(pipeline.STAGES):
@@ -169,12 +169,13 @@ def test_exported_functions_have_a_symbolic_batch(musiclm, bundle):
 def test_bundle_holds_parameters_only(musiclm, bundle, stage_dirs):
     manifest = json.loads((bundle / "bundle.json").read_text())
     for name in pipeline.STAGES:
-        _, state = checkpoint_loading.load_model_and_state(str(stage_dirs[name]))
-        assert len(jax.tree.leaves(state.opt_state)) > 0  # the checkpoint has optimizer state ...
+        loaded = checkpoint_loading.load_model(str(stage_dirs[name]))
+        # the checkpoint has optimizer state ...
+        assert len(jax.tree.leaves(checkpoint_loading.saved_tree(str(stage_dirs[name]))["opt_state"])) > 0
         with np.load(bundle / serving.params_file(name)) as f:  # ... the bundle only the parameters
             keys = sorted(k for k in f.files if k != "__dtypes__")
             want = {"/".join(k.key for k in path): leaf
-                    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(loaded.params))[0]}
             assert keys == sorted(want)
             for k in keys:
                 np.testing.assert_array_equal(f[k], want[k])

@@ -48,14 +48,14 @@ def write_token_cache(token_dir, semantic, mulan, num_samples, texts=None):
     """A token cache (manifest, one finished train shard) of semantic [N, 25] and MuLan [N, 12] tokens."""
     import tensorflow as tf
 
-    from musiclm_jax.tokenize import _example
+    from musiclm_jax.data.token_cache import encode_example
     n = len(semantic)
     os.makedirs(os.path.join(token_dir, "train"), exist_ok=True)
     base = os.path.join(token_dir, token_cache.shard_name("train", 0, 1))
     with tf.io.TFRecordWriter(base + ".tfrecord") as writer:
         for i in range(n):
             tokens = {"semantic": np.asarray(semantic[i])[:, None], "mulan": np.asarray(mulan[i])[None]}
-            writer.write(_example(f"clip{i}#0", (texts or [""] * n)[i], int(num_samples[i]), tokens))
+            writer.write(encode_example(f"clip{i}#0", (texts or [""] * n)[i], int(num_samples[i]), tokens))
     with open(base + ".json", "w") as f:
         json.dump({"examples": n, "clips": n, "skipped": {}, "dropped_tail_seconds": 0.0}, f)
     token_cache.write_manifest(token_dir, {

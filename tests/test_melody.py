@@ -67,7 +67,7 @@ def _write_melody_cache(root, clips=256, seed=0):
     0..12), and the semantic token of frame t (25 Hz) is the melody token of its 200 ms frame plus 16 x a random
     0..2, so the melody decides the token modulo 16 and nothing else does; MuLan tokens random. The tokenizer
     sizes of gin/stages/semantic_tiny.gin (MuLan 12 x 32, melody 13, semantic 64); 4 s chunks."""
-    from musiclm_jax.tokenize import _example
+    from musiclm_jax.data.token_cache import encode_example
     rng = np.random.RandomState(seed)
     tokenizers = {"mulan": {"frames": 1, "levels": 12, "codebook_size": 32, "frame_rate": 0.25, "sample_rate": 16000},
                   "melody": {"frames": 20, "levels": 1, "codebook_size": 13, "frame_rate": 5.0, "sample_rate": 24000},
@@ -80,7 +80,7 @@ def _write_melody_cache(root, clips=256, seed=0):
             for i in range(n):
                 tune = np.repeat(rng.randint(0, 13, 10), 2)
                 semantic = np.repeat(tune, 5) + 16 * rng.randint(0, 3, 100)
-                writer.write(_example(f"{split}{i}#0", "", 96000, {
+                writer.write(encode_example(f"{split}{i}#0", "", 96000, {
                     "mulan": rng.randint(0, 32, (1, 12)), "melody": tune[:, None], "semantic": semantic[:, None]}))
         (root / split / "shard-00000-of-00001.json").write_text(json.dumps({"examples": n}))
         splits[split] = {"num_shards": 1, "num_clips": n, "num_examples": n}

@@ -20,6 +20,7 @@ from musiclm_jax.mulan_model import MuLanModel, contrastive_loss
 from musiclm_jax.networks.audio_towers import ResNetConfig, ViTConfig
 from musiclm_jax.networks.bert import BertConfig
 from musiclm_jax.networks.mulan import MuLanConfig
+from musiclm_jax.text_vocab import TextTokenizer
 
 
 def _numpy_loss(audio, text, scale):
@@ -90,13 +91,13 @@ def test_window_starts_cover_the_clip():
 def test_residual_vq_quantizes_level_by_level():
     rng = np.random.RandomState(0)
     points = rng.randn(512, 8).astype(np.float32)
-    rvq = mulan_lib.ResidualVQ.fit(points, levels=3, codebook_size=16, steps=10, batch_size=256)
+    rvq = mulan_lib.ConditioningRVQ.fit(points, levels=3, codebook_size=16, steps=10, batch_size=256)
     codes = rvq.quantize(points)
     assert codes.shape == (512, 3) and codes.dtype == np.int32 and 0 <= codes.min() and codes.max() < 16
     errors = [np.mean(np.sum((points - rvq.reconstruct(codes[:, :n])) ** 2, axis=1)) for n in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]  # each level removes more of the residual
     with pytest.raises(ValueError, match="needs >= 16 embeddings"):
-        mulan_lib.ResidualVQ.fit(points[:8], levels=1, codebook_size=16)
+        mulan_lib.ConditioningRVQ.fit(points[:8], levels=1, codebook_size=16)
 
 
 # ------------------------------------------------------------------------------------ training (one fixture)
@@ -159,3 +160,21 @@ def test_tokens_from_audio_and_text_and_the_cli(trained_mulan, tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (1, 128)
     with pytest.raises(SystemExit):
         mulan_lib.main(["tokens", "--checkpoint", trained_mulan, "--output", str(tmp_path / "x.npy")])
+
+
+def test_the_caption_vocabulary_is_made_by_prepare_assets_only(tmp_path):
+    """Reading the model's input arguments never trains a vocabulary; the train job's explicit step does."""
+    text = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16, max_length=16, pooling="mean")
+    tower = ResNetConfig(stage_sizes=(1, 1), width=8, norm_groups=4)
+    model = MuLanModel(MuLanConfig(audio=tower, text=text, embed_dim=16), segment_samples=8000, text_length=16,
+                       vocabulary_dir=str(tmp_path), vocabulary_source_task="synthetic_music_16000hz")
+    with pytest.raises(FileNotFoundError, match="text_vocab/spm.model does not exist: the train job makes it"):
+        model.feature_converter_kwargs
+    assert os.listdir(tmp_path) == []
+    model.prepare_assets()
+    path = model.feature_converter_kwargs["vocabulary_path"]
+    assert path == str(tmp_path / "text_vocab" / "spm.model") and 8 < TextTokenizer(path).vocab_size <= 64
+    stamp = os.stat(path).st_mtime_ns
+    model.prepare_assets()  # already there: kept
+    assert os.stat(path).st_mtime_ns == stamp

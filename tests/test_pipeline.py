@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from helpers import write_tiny_run_directories
-from musiclm_jax.data import synthetic_music
+from musiclm_jax.data import audio_io, synthetic_music
 from musiclm_jax.pipeline import MusicLM, Stage
-from musiclm_jax.tokenize import _resample
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_it(musiclm
         codes = musiclm._run_stage("coarse", 50, 100, 2, lambda b, e, f: np.concatenate(
             [musiclm.stages["coarse"].model.layout.to_global(plain["mulan"], "mulan"),
              musiclm.stages["coarse"].model.layout.to_global(plain["semantic"][:, :25], "semantic")], axis=1),
-            None, 1)
+            None, 1, musiclm.params)
         if scale == 1.0:
             unguided = codes
     assert not np.array_equal(codes, unguided)
@@ -71,9 +70,10 @@ def test_guidance_scale_one_is_plain_sampling_and_other_scales_change_it(musiclm
 def test_rerank_keeps_the_candidate_closest_to_the_caption(musiclm):
     musiclm.set_generation_params(duration_s=1.0, seed=11, guidance_scale=1.0)
     texts = ["a calm piano melody", "loud rock drums"]
-    audio = musiclm.generate(texts, rerank=3)
-    scores, choice = musiclm.last_scores, musiclm.last_choice
+    result = musiclm.generate(texts, rerank=3, return_details=True)
+    audio, scores, choice = result.audio, result.scores, result.choice
     assert audio.shape == (2, 24000) and scores.shape == (2, 3)
+    np.testing.assert_array_equal(musiclm.generate(texts, rerank=3), audio)  # the same, without the details
     np.testing.assert_array_equal(choice, np.argmax(scores, axis=1))
     # The candidates are the plain batch of the captions each repeated 3 times (same seed): check the kept one.
     candidates = musiclm.generate([t for t in texts for _ in range(3)])
@@ -100,10 +100,10 @@ def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkey
     t = np.arange(9600) / 24000
     tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
     assert musiclm.melody_rate == 5.0 and musiclm.melody_length == 50 and musiclm.melody_repeat == 5
-    audio = musiclm.generate(["a flute melody"], melody=tune)
-    assert audio.shape == (1, 72000)
+    result = musiclm.generate(["a flute melody"], melody=tune, return_details=True)
+    assert result.audio.shape == (1, 72000)
     want = np.repeat([0, 2, 4, 5, 7, 9], 2)
-    np.testing.assert_array_equal(musiclm.last_tokens["melody"], want[None])
+    np.testing.assert_array_equal(result.tokens["melody"], want[None])
     per_frame = np.repeat(want, 5)  # one melody token per semantic frame: 60 frames of melody
     layout = musiclm.stages["semantic"].model.layout
     # Semantic windows (50 frames): 0-50, then frames 50-75 after 25 of context (window 25-75).
@@ -123,10 +123,10 @@ def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkey
 def test_continuation_keeps_the_prompt_tokens_as_prefix(musiclm):
     musiclm.set_generation_params(duration_s=2.0, seed=1, guidance_scale=1.0)
     prompt = synthetic_music.generate_clip(3, seed=7, seconds=1.0, sample_rate=24000)["audio"]
-    audio = musiclm.generate_continuation(prompt, ["the same, louder"])
-    tokens = musiclm.last_tokens
+    result = musiclm.generate_continuation(prompt, ["the same, louder"], return_details=True)
+    audio, tokens = result.audio, result.tokens
     assert audio.shape == (1, 48000) and tokens["semantic"].shape == (1, 50)
-    resampled = musiclm.semantic_tokenizer.tokenize(_resample(prompt[None], 24000, 16000))
+    resampled = musiclm.semantic_tokenizer.tokenize(audio_io.resample(prompt[None], 24000, 16000))
     np.testing.assert_array_equal(tokens["semantic"][:, :25], resampled[:, :25])
     np.testing.assert_array_equal(tokens["codes"][:, :50], musiclm.codec.encode(prompt[None])[:, :50])
     with pytest.raises(ValueError, match="not shorter than duration_s"):
@@ -142,8 +142,10 @@ def test_story_mode_switches_conditioning_at_the_boundaries(musiclm, monkeypatch
         return original(self, prefix, steps, prompt_length, keys, params, temperature)
     monkeypatch.setattr(Stage, "sample", spy)
     musiclm.set_generation_params(seed=2, guidance_scale=1.0)
+    before = dict(vars(musiclm))
     audio = musiclm.generate_story([("calm piano", 1.0), ("loud rock drums", 1.2)])
-    assert audio.shape == (1, int(2.2 * 24000)) and musiclm.params.duration_s == 2.0  # settings restored
+    assert audio.shape == (1, int(2.2 * 24000)) and musiclm.params.duration_s == 2.0  # settings untouched
+    assert vars(musiclm) == before  # nothing of the call is kept on the object
     first, second = musiclm.mulan.tokens_from_text(["calm piano", "loud rock drums"])
     for stage, levels, boundary in (("semantic", 1, 25), ("coarse", 2, 50)):
         layout = musiclm.stages[stage].model.layout
@@ -193,3 +195,20 @@ def test_cli_writes_wavs_samples_and_a_report_that_references_them(model_dirs, t
     assert all((out / r).exists() for r in referenced) and "calm piano" in page
     with pytest.raises(Exception, match="unknown flag --promt"):
         generate.main(["--gin_file=gin/sample/musiclm.gin", "--promt", "x"])
+
+
+def test_generation_keeps_nothing_on_the_object_and_takes_settings_per_call(musiclm):
+    """Results are returned, not stored; `params=` sets one call's settings without changing the defaults, and
+    gives what set_generation_params would."""
+    musiclm.set_generation_params(duration_s=1.0, seed=3, guidance_scale=1.0)
+    before = dict(vars(musiclm))
+    result = musiclm.generate(["a quiet harp"], return_details=True)
+    assert vars(musiclm) == before and result.params == musiclm.params and result.scores is None
+    other = musiclm.generation_params(seed=9, duration_s=0.5)
+    assert (other.seed, other.duration_s, other.guidance_scale) == (9, 0.5, 1.0)
+    per_call = musiclm.generate(["a quiet harp"], params=other)
+    assert vars(musiclm) == before and musiclm.params.seed == 3 and per_call.shape == (1, 12000)
+    musiclm.set_generation_params(seed=9, duration_s=0.5)
+    np.testing.assert_array_equal(musiclm.generate(["a quiet harp"]), per_call)
+    with pytest.raises(ValueError, match="duration_s=0 must be positive"):
+        musiclm.generation_params(duration_s=0)

@@ -10,7 +10,7 @@ from musiclm_jax.data import token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.tasks import tokenized
-from musiclm_jax.tokenize import _example
+from musiclm_jax.data.token_cache import encode_example
 
 # A tiny cache: 4 s chunks, MuLan 3 x 5, semantic 7 codes at 2 Hz, codec 4 levels x 11 codes at 4 Hz.
 TOKENIZERS = {"mulan": {"frames": 1, "levels": 3, "codebook_size": 5, "frame_rate": 0.25, "sample_rate": 8},
@@ -28,7 +28,7 @@ def _write_cache(root, tokenizers=TOKENIZERS, num_samples=32, examples=3):
             tokens = {name: rng.randint(0, t["codebook_size"], (t["frames"], t["levels"]))
                       for name, t in tokenizers.items()}
             rows.append(tokens)
-            writer.write(_example(f"clip{i}#0", f"caption {i}", num_samples, tokens))
+            writer.write(encode_example(f"clip{i}#0", f"caption {i}", num_samples, tokens))
     (root / "train" / "shard-00000-of-00001.json").write_text(json.dumps({"examples": examples}))
     token_cache.write_manifest(str(root), {
         "source": "hand-made", "sample_rate": 8, "chunk_seconds": 4.0, "tokenizers": tokenizers,

@@ -133,3 +133,32 @@ def test_configuration_mistakes_fail_with_a_clear_message(tmp_path, flags, messa
     proc = _run(tmp_path, 5, *flags, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr or message in proc.stdout, proc.stderr[-2000:]
+
+
+def test_init_checkpoint_fine_tunes_from_another_run_on_another_mesh(uninterrupted, tmp_path):
+    """INIT_CHECKPOINT restores the other run's parameters by name onto another mesh (data 4 x model 2 instead of
+    data 8): with a zero learning rate the fine-tuning run's parameters stay exactly the source's last ones, and
+    its first loss is the source's level, not a fresh model's."""
+    tuned = tmp_path / "tuned"
+    out = _run(tuned, 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'", "--gin.LEARNING_RATE=0.0",
+               "--gin.ICI_PARALLELISM={'data': 4, 'fsdp': 1, 'model': 2}")
+    assert f"initialised 22 of 22 variables from {uninterrupted} (step 30)" in out.stdout
+    source = _params(uninterrupted, 30)
+    for x, y in zip(jax_leaves(_params(tuned, 1)), jax_leaves(source)):
+        np.testing.assert_array_equal(x, y)
+    source_records, first = _records(uninterrupted), _records(tuned)[0]
+    assert abs(first["loss"] - source_records[-1]["loss"]) < 0.1 * source_records[-1]["loss"]
+    assert source_records[0]["loss"] - first["loss"] > 0.5 * (source_records[0]["loss"] - source_records[-1]["loss"])
+    report = json.loads((tuned / "init_checkpoint.json").read_text())
+    assert report["step"] == 30 and report["not_found"] == [] and report["shape_mismatch"] == []
+
+    # A deeper model: the new layer's variables are reported and keep their initial values; strict refuses.
+    deeper = tmp_path / "deeper"
+    out = _run(deeper, 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'",
+               "--gin.transformer.TransformerConfig.num_layers=3")
+    report = json.loads((deeper / "init_checkpoint.json").read_text())
+    assert report["not_found"] and all(name.startswith("params/layers_2/") for name in report["not_found"])
+    assert len(report["restored"]) == 22 and "not found there (kept at their initial values)" in out.stdout
+    strict = _run(tmp_path / "strict", 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'",
+                  "--gin.transformer.TransformerConfig.num_layers=3", "--gin.INIT_CHECKPOINT_STRICT=True", check=False)
+    assert strict.returncode != 0 and "(strict): initialised 22 of" in strict.stderr

@@ -17,9 +17,10 @@ import dataclasses
 
 import numpy as np
 
-from musiclm_jax.convert.clap_audio import _linear, _norm, _np, convert_clap_audio
+from musiclm_jax.convert.clap_audio import convert_clap_audio
+from musiclm_jax.convert.state_dict import layer_norm_params, linear_params, to_numpy
+from musiclm_jax.layers import ACTIVATIONS
 from musiclm_jax.networks.bert import BertConfig
-from musiclm_jax.networks.hubert import ACTIVATIONS
 from musiclm_jax.networks.mulan import MuLanConfig
 
 DEFAULT_TEXT_LENGTH = 77
@@ -57,28 +58,28 @@ def convert_clap_text(text_model, config: BertConfig) -> dict:
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     hidden = config.hidden_size
     params = {
-        "word_embeddings": _np(sd["embeddings.word_embeddings.weight"]),
-        "position_embeddings": _np(sd["embeddings.position_embeddings.weight"]),
-        "token_type_embeddings": _np(sd["embeddings.token_type_embeddings.weight"]),
-        "embeddings_norm": _norm(sd, "embeddings.LayerNorm"),
-        "pooler": _linear(sd, "pooler.dense"),
+        "word_embeddings": to_numpy(sd["embeddings.word_embeddings.weight"]),
+        "position_embeddings": to_numpy(sd["embeddings.position_embeddings.weight"]),
+        "token_type_embeddings": to_numpy(sd["embeddings.token_type_embeddings.weight"]),
+        "embeddings_norm": layer_norm_params(sd, "embeddings.LayerNorm"),
+        "pooler": linear_params(sd, "pooler.dense"),
     }
     for i in range(config.num_hidden_layers):
         prefix = f"encoder.layer.{i}"
-        layer = {name: _linear(sd, f"{prefix}.attention.self.{name}", (hidden,), (heads, head_dim))
+        layer = {name: linear_params(sd, f"{prefix}.attention.self.{name}", (hidden,), (heads, head_dim))
                  for name in ("query", "key", "value")}
-        layer["attention_out"] = _linear(sd, f"{prefix}.attention.output.dense", (heads, head_dim), (hidden,))
-        layer["attention_norm"] = _norm(sd, f"{prefix}.attention.output.LayerNorm")
-        layer["intermediate"] = _linear(sd, f"{prefix}.intermediate.dense")
-        layer["output"] = _linear(sd, f"{prefix}.output.dense")
-        layer["output_norm"] = _norm(sd, f"{prefix}.output.LayerNorm")
+        layer["attention_out"] = linear_params(sd, f"{prefix}.attention.output.dense", (heads, head_dim), (hidden,))
+        layer["attention_norm"] = layer_norm_params(sd, f"{prefix}.attention.output.LayerNorm")
+        layer["intermediate"] = linear_params(sd, f"{prefix}.intermediate.dense")
+        layer["output"] = linear_params(sd, f"{prefix}.output.dense")
+        layer["output_norm"] = layer_norm_params(sd, f"{prefix}.output.LayerNorm")
         params[f"layers_{i}"] = layer
     return params
 
 
 def _projection(module) -> dict:
     sd = dict(module.state_dict())
-    return {"linear1": _linear(sd, "linear1"), "linear2": _linear(sd, "linear2")}
+    return {"linear1": linear_params(sd, "linear1"), "linear2": linear_params(sd, "linear2")}
 
 
 def convert_clap(model, text_length: int = DEFAULT_TEXT_LENGTH, **feature_settings) -> tuple[dict, MuLanConfig]:
@@ -92,7 +93,7 @@ def convert_clap(model, text_length: int = DEFAULT_TEXT_LENGTH, **feature_settin
     params = {"audio_tower": audio_params, "text_tower": convert_clap_text(model.text_model, text_config),
               "audio_projection": _projection(model.audio_projection),
               "text_projection": _projection(model.text_projection),
-              "logit_scale": np.asarray(_np(model.logit_scale_t), np.float32).reshape(())}
+              "logit_scale": np.asarray(to_numpy(model.logit_scale_t), np.float32).reshape(())}
     return params, config
 
 

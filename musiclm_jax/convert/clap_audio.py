@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import partitioning
-from musiclm_jax.networks.hubert import ACTIVATIONS
+from musiclm_jax.convert.state_dict import layer_norm_params, linear_params, to_numpy
+from musiclm_jax.layers import ACTIVATIONS
 from musiclm_jax.networks.htsat import HTSAT, HTSATConfig
 
 
@@ -57,25 +58,6 @@ def config_from_hf(config, **feature_settings) -> HTSATConfig:
         mlp_ratio=float(config.mlp_ratio), layer_norm_eps=float(config.layer_norm_eps), **feature_settings)
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
-def _norm(sd: dict, prefix: str) -> dict:
-    return {"scale": _np(sd[f"{prefix}.weight"]), "bias": _np(sd[f"{prefix}.bias"])}
-
-
-def _linear(sd: dict, prefix: str, in_shape: tuple = (), out_shape: tuple = (), bias: bool = True) -> dict:
-    """torch Linear (weight [out, in]) -> Dense params: kernel [in, out] reshaped to in_shape + out_shape (torch's
-    output index of [heads, head_dim] is head * head_dim + d), bias [out] reshaped to out_shape."""
-    kernel = _np(sd[f"{prefix}.weight"]).T
-    in_shape, out_shape = in_shape or kernel.shape[:1], out_shape or kernel.shape[1:]
-    params = {"kernel": kernel.reshape(in_shape + out_shape)}
-    if bias:
-        params["bias"] = _np(sd[f"{prefix}.bias"]).reshape(out_shape)
-    return params
-
-
 def _shapes(tree) -> dict:
     return jax.tree.map(lambda a: tuple(np.shape(a)), tree)
 
@@ -93,39 +75,39 @@ def convert_clap_audio(hf_model, **feature_settings) -> tuple[dict, HTSATConfig]
     encoder = "audio_encoder"
 
     batch_norm = model.audio_encoder.batch_norm
-    mean, var = _np(batch_norm.running_mean).astype(np.float64), _np(batch_norm.running_var).astype(np.float64)
-    weight = _np(batch_norm.weight).astype(np.float64) if batch_norm.affine else np.ones_like(mean)
-    bias = _np(batch_norm.bias).astype(np.float64) if batch_norm.affine else np.zeros_like(mean)
+    mean, var = to_numpy(batch_norm.running_mean).astype(np.float64), to_numpy(batch_norm.running_var).astype(np.float64)
+    weight = to_numpy(batch_norm.weight).astype(np.float64) if batch_norm.affine else np.ones_like(mean)
+    bias = to_numpy(batch_norm.bias).astype(np.float64) if batch_norm.affine else np.zeros_like(mean)
     scale = weight / np.sqrt(var + batch_norm.eps)
     params = {
         "bn0_scale": scale.astype(np.float32),
         "bn0_bias": (bias - mean * scale).astype(np.float32),
-        "patch_embed_kernel": _np(sd[f"{encoder}.patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
-        "patch_embed_bias": _np(sd[f"{encoder}.patch_embed.proj.bias"]),
-        "final_norm": _norm(sd, f"{encoder}.norm"),
+        "patch_embed_kernel": to_numpy(sd[f"{encoder}.patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
+        "patch_embed_bias": to_numpy(sd[f"{encoder}.patch_embed.proj.bias"]),
+        "final_norm": layer_norm_params(sd, f"{encoder}.norm"),
     }
     if config.enable_patch_layer_norm:
-        params["patch_norm"] = _norm(sd, f"{encoder}.patch_embed.norm")
+        params["patch_norm"] = layer_norm_params(sd, f"{encoder}.patch_embed.norm")
     for i, (depth, heads) in enumerate(zip(config.depths, config.num_attention_heads)):
         dim = config.stage_dims[i]
         head_dim = dim // heads
         for j in range(depth):
             prefix = f"{encoder}.layers.{i}.blocks.{j}"
-            attention = {name: _linear(sd, f"{prefix}.attention.self.{name}", (dim,), (heads, head_dim),
+            attention = {name: linear_params(sd, f"{prefix}.attention.self.{name}", (dim,), (heads, head_dim),
                                        bias=config.qkv_bias) for name in ("query", "key", "value")}
-            attention["relative_position_bias"] = _np(sd[f"{prefix}.attention.self.relative_position_bias_table"])
-            attention["attention_out"] = _linear(sd, f"{prefix}.attention.output.dense", (heads, head_dim), (dim,))
+            attention["relative_position_bias"] = to_numpy(sd[f"{prefix}.attention.self.relative_position_bias_table"])
+            attention["attention_out"] = linear_params(sd, f"{prefix}.attention.output.dense", (heads, head_dim), (dim,))
             params[f"stage_{i}_layer_{j}"] = {
-                "layernorm_before": _norm(sd, f"{prefix}.layernorm_before"),
+                "layernorm_before": layer_norm_params(sd, f"{prefix}.layernorm_before"),
                 "attention": attention,
-                "layernorm_after": _norm(sd, f"{prefix}.layernorm_after"),
-                "intermediate": _linear(sd, f"{prefix}.intermediate.dense"),
-                "output": _linear(sd, f"{prefix}.output.dense"),
+                "layernorm_after": layer_norm_params(sd, f"{prefix}.layernorm_after"),
+                "intermediate": linear_params(sd, f"{prefix}.intermediate.dense"),
+                "output": linear_params(sd, f"{prefix}.output.dense"),
             }
         if i < len(config.depths) - 1:
             prefix = f"{encoder}.layers.{i}.downsample"
-            params[f"stage_{i}_merge"] = {"norm": _norm(sd, f"{prefix}.norm"),
-                                          "reduction": _linear(sd, f"{prefix}.reduction", bias=False)}
+            params[f"stage_{i}_merge"] = {"norm": layer_norm_params(sd, f"{prefix}.norm"),
+                                          "reduction": linear_params(sd, f"{prefix}.reduction", bias=False)}
 
     features = jax.ShapeDtypeStruct((1, config.spec_width, config.num_mel_bins), jnp.float32)
     abstract = jax.eval_shape(lambda x: HTSAT(config).init(jax.random.key(0), x), features)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from musiclm_jax.convert.state_dict import to_numpy
 from musiclm_jax.networks.seanet import SEANetConfig
 from musiclm_jax.quantizers import STATE, RVQConfig
 
@@ -45,33 +46,29 @@ def configs_from_hf(config) -> tuple[SEANetConfig, RVQConfig, int]:
     return seanet, rvq, config.sampling_rate
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
 def _conv(sd: dict, prefix: str) -> dict:
     """Weight-normalised torch Conv1d -> Conv1D params (kernel [k, in, out])."""
     g = sd[f"{prefix}.conv.parametrizations.weight.original0"]
     v = sd[f"{prefix}.conv.parametrizations.weight.original1"]
-    return {"kernel_v": _np(v).transpose(2, 1, 0), "kernel_g": _np(g).reshape(-1),
-            "bias": _np(sd[f"{prefix}.conv.bias"])}
+    return {"kernel_v": to_numpy(v).transpose(2, 1, 0), "kernel_g": to_numpy(g).reshape(-1),
+            "bias": to_numpy(sd[f"{prefix}.conv.bias"])}
 
 
 def _conv_transpose(sd: dict, prefix: str) -> dict:
     """Weight-normalised torch ConvTranspose1d (weight [in, out, k]) -> ConvTranspose1D params."""
     g = sd[f"{prefix}.conv.parametrizations.weight.original0"]
     v = sd[f"{prefix}.conv.parametrizations.weight.original1"]
-    return {"kernel_v": _np(v).transpose(2, 0, 1), "kernel_g": _np(g).reshape(-1),
-            "bias": _np(sd[f"{prefix}.conv.bias"])}
+    return {"kernel_v": to_numpy(v).transpose(2, 0, 1), "kernel_g": to_numpy(g).reshape(-1),
+            "bias": to_numpy(sd[f"{prefix}.conv.bias"])}
 
 
 def _lstm(sd: dict, prefix: str, layers: int) -> dict:
     out = {}
     for layer in range(layers):
-        out[f"layer_{layer}_kernel_ih"] = _np(sd[f"{prefix}.lstm.weight_ih_l{layer}"]).T
-        out[f"layer_{layer}_kernel_hh"] = _np(sd[f"{prefix}.lstm.weight_hh_l{layer}"]).T
-        out[f"layer_{layer}_bias"] = (_np(sd[f"{prefix}.lstm.bias_ih_l{layer}"])
-                                      + _np(sd[f"{prefix}.lstm.bias_hh_l{layer}"]))
+        out[f"layer_{layer}_kernel_ih"] = to_numpy(sd[f"{prefix}.lstm.weight_ih_l{layer}"]).T
+        out[f"layer_{layer}_kernel_hh"] = to_numpy(sd[f"{prefix}.lstm.weight_hh_l{layer}"]).T
+        out[f"layer_{layer}_bias"] = (to_numpy(sd[f"{prefix}.lstm.bias_ih_l{layer}"])
+                                      + to_numpy(sd[f"{prefix}.lstm.bias_hh_l{layer}"]))
     return {"lstm": out}
 
 
@@ -117,9 +114,9 @@ def convert_encodec(model) -> tuple[dict, dict, SEANetConfig, RVQConfig, int]:
 
     levels = range(rvq.num_quantizers)
     state = {
-        "codebook": np.stack([_np(sd[f"quantizer.layers.{l}.codebook.embed"]) for l in levels]),
-        "cluster_size": np.stack([_np(sd[f"quantizer.layers.{l}.codebook.cluster_size"]) for l in levels]),
-        "embed_sum": np.stack([_np(sd[f"quantizer.layers.{l}.codebook.embed_avg"]) for l in levels]),
+        "codebook": np.stack([to_numpy(sd[f"quantizer.layers.{l}.codebook.embed"]) for l in levels]),
+        "cluster_size": np.stack([to_numpy(sd[f"quantizer.layers.{l}.codebook.cluster_size"]) for l in levels]),
+        "embed_sum": np.stack([to_numpy(sd[f"quantizer.layers.{l}.codebook.embed_avg"]) for l in levels]),
         "initialized": np.ones((rvq.num_quantizers,), np.float32),
     }
     params = {"encoder": encoder, "decoder": decoder}

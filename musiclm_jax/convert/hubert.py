@@ -9,9 +9,10 @@ parametrisation. SpecAugment's mask embedding (training only) is not imported.
 """
 from __future__ import annotations
 
-import numpy as np
 
-from musiclm_jax.networks.hubert import ACTIVATIONS, HubertConfig
+from musiclm_jax.convert.state_dict import layer_norm_params, linear_params, to_numpy
+from musiclm_jax.layers import ACTIVATIONS
+from musiclm_jax.networks.hubert import HubertConfig
 
 
 class UnsupportedHubertConfig(ValueError):
@@ -60,28 +61,12 @@ def config_from_hf(config, sample_rate: int | None = None) -> HubertConfig:
         sample_rate=int(sample_rate))
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float32)
-
-
-def _norm(sd: dict, prefix: str) -> dict:
-    return {"scale": _np(sd[f"{prefix}.weight"]), "bias": _np(sd[f"{prefix}.bias"])}
-
-
-def _linear(sd: dict, prefix: str, in_shape: tuple = (), out_shape: tuple = ()) -> dict:
-    """torch Linear (weight [out, in]) -> Dense params: kernel [in, out] reshaped to in_shape + out_shape (e.g.
-    [hidden, heads, head_dim]: torch's output index is head * head_dim + d), bias [out] reshaped to out_shape."""
-    kernel, bias = _np(sd[f"{prefix}.weight"]).T, _np(sd[f"{prefix}.bias"])
-    in_shape, out_shape = in_shape or kernel.shape[:1], out_shape or kernel.shape[1:]
-    return {"kernel": kernel.reshape(in_shape + out_shape), "bias": bias.reshape(out_shape)}
-
-
 def _pos_conv(sd: dict, prefix: str) -> dict:
     if f"{prefix}.parametrizations.weight.original0" in sd:  # torch.nn.utils.parametrizations.weight_norm
         g, v = sd[f"{prefix}.parametrizations.weight.original0"], sd[f"{prefix}.parametrizations.weight.original1"]
     else:  # the older torch.nn.utils.weight_norm
         g, v = sd[f"{prefix}.weight_g"], sd[f"{prefix}.weight_v"]
-    return {"kernel_v": _np(v).transpose(2, 1, 0), "kernel_g": _np(g).reshape(-1), "bias": _np(sd[f"{prefix}.bias"])}
+    return {"kernel_v": to_numpy(v).transpose(2, 1, 0), "kernel_g": to_numpy(g).reshape(-1), "bias": to_numpy(sd[f"{prefix}.bias"])}
 
 
 def convert_hubert(model, sample_rate: int | None = None) -> tuple[dict, HubertConfig]:
@@ -95,30 +80,30 @@ def convert_hubert(model, sample_rate: int | None = None) -> tuple[dict, HubertC
     extractor = {}
     for i in range(len(config.conv_dim)):
         prefix = f"feature_extractor.conv_layers.{i}"
-        conv = {"kernel": _np(sd[f"{prefix}.conv.weight"]).transpose(2, 1, 0)}
+        conv = {"kernel": to_numpy(sd[f"{prefix}.conv.weight"]).transpose(2, 1, 0)}
         if config.conv_bias:
-            conv["bias"] = _np(sd[f"{prefix}.conv.bias"])
+            conv["bias"] = to_numpy(sd[f"{prefix}.conv.bias"])
         extractor[f"conv_{i}"] = conv
         if config.feat_extract_norm == "layer" or i == 0:
-            extractor[f"norm_{i}"] = _norm(sd, f"{prefix}.layer_norm")
+            extractor[f"norm_{i}"] = layer_norm_params(sd, f"{prefix}.layer_norm")
     params = {
         "feature_extractor": extractor,
-        "feature_projection": _linear(sd, "feature_projection.projection"),
+        "feature_projection": linear_params(sd, "feature_projection.projection"),
         "pos_conv": _pos_conv(sd, "encoder.pos_conv_embed.conv"),
-        "encoder_norm": _norm(sd, "encoder.layer_norm"),
+        "encoder_norm": layer_norm_params(sd, "encoder.layer_norm"),
     }
     if config.feat_proj_layer_norm:
-        params["feature_projection_norm"] = _norm(sd, "feature_projection.layer_norm")
+        params["feature_projection_norm"] = layer_norm_params(sd, "feature_projection.layer_norm")
     for layer in range(config.num_hidden_layers):
         prefix = f"encoder.layers.{layer}"
         params[f"layers_{layer}"] = {
-            "query": _linear(sd, f"{prefix}.attention.q_proj", (hidden,), (heads, head_dim)),
-            "key": _linear(sd, f"{prefix}.attention.k_proj", (hidden,), (heads, head_dim)),
-            "value": _linear(sd, f"{prefix}.attention.v_proj", (hidden,), (heads, head_dim)),
-            "attention_out": _linear(sd, f"{prefix}.attention.out_proj", (heads, head_dim), (hidden,)),
-            "layer_norm": _norm(sd, f"{prefix}.layer_norm"),
-            "intermediate": _linear(sd, f"{prefix}.feed_forward.intermediate_dense"),
-            "output": _linear(sd, f"{prefix}.feed_forward.output_dense"),
-            "final_layer_norm": _norm(sd, f"{prefix}.final_layer_norm"),
+            "query": linear_params(sd, f"{prefix}.attention.q_proj", (hidden,), (heads, head_dim)),
+            "key": linear_params(sd, f"{prefix}.attention.k_proj", (hidden,), (heads, head_dim)),
+            "value": linear_params(sd, f"{prefix}.attention.v_proj", (hidden,), (heads, head_dim)),
+            "attention_out": linear_params(sd, f"{prefix}.attention.out_proj", (heads, head_dim), (hidden,)),
+            "layer_norm": layer_norm_params(sd, f"{prefix}.layer_norm"),
+            "intermediate": linear_params(sd, f"{prefix}.feed_forward.intermediate_dense"),
+            "output": linear_params(sd, f"{prefix}.feed_forward.output_dense"),
+            "final_layer_norm": layer_norm_params(sd, f"{prefix}.final_layer_norm"),
         }
     return params, config

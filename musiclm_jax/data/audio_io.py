@@ -52,14 +52,23 @@ def read_audio(path: str, max_seconds: Optional[float] = None) -> tuple[np.ndarr
     return np.asarray(audio, np.float32), int(native_rate)
 
 
+def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """audio [..., samples] at source_rate Hz -> float32 [..., round(samples * target_rate / source_rate)] at
+    target_rate (soxr 'HQ' through librosa; every leading row independently). The one resampler of the package."""
+    audio = np.asarray(audio, np.float32)
+    if source_rate == target_rate:
+        return audio
+    import librosa
+    length = int(round(audio.shape[-1] * target_rate / source_rate))  # librosa's ceil can add one sample
+    return librosa.resample(audio, orig_sr=source_rate, target_sr=target_rate, res_type="soxr_hq",
+                            axis=-1)[..., :length].astype(np.float32)
+
+
 def to_mono_at_rate(audio: np.ndarray, native_rate: int, sample_rate: int) -> np.ndarray:
-    """[samples, channels] at native_rate -> mono [round(samples * sample_rate / native_rate)] at sample_rate."""
+    """[samples, channels] (or [samples]) at native_rate -> mono [round(samples * sample_rate / native_rate)] at
+    sample_rate."""
     mono = audio.mean(axis=1) if audio.ndim == 2 else audio
-    if native_rate != sample_rate:
-        import librosa
-        expected = int(round(len(mono) * sample_rate / native_rate))  # librosa's ceil can add one sample
-        mono = librosa.resample(mono, orig_sr=native_rate, target_sr=sample_rate, res_type="soxr_hq")[:expected]
-    return np.asarray(mono, np.float32)
+    return resample(mono, native_rate, sample_rate)
 
 
 def load_audio(path: str, sample_rate: int, max_seconds: Optional[float] = None) -> np.ndarray:

@@ -7,7 +7,8 @@
 
 Skip reasons used in the package (the `reason` argument): bad_caption_line, missing_file, unsupported_format,
 empty, undecodable, non_finite, low_sample_rate, silent, too_short, no_caption, bad_csv_row, missing_clip. Notes
-(changes made to usable inputs): downmixed, resampled, peak_normalized, uncaptioned, duration_mismatch.
+(changes made to usable inputs): downmixed, resampled, peak_normalized, uncaptioned, duration_mismatch; and the
+held-out carve (captioned_audio.carve_held_out): carved_validation, carved_test, no_held_out.
 """
 from __future__ import annotations
 

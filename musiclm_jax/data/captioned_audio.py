@@ -11,6 +11,12 @@ Two source shapes, read into `AudioRecord`s:
                 'test' split, the rest is 'train'. Missing clips (deleted videos are common) are always counted
                 and skipped.
 
+Held-out splits always exist where there is something to hold out: a source without 'validation' (or 'test')
+rows gets them carved from its 'train' rows by `carve_held_out` (see `HeldOutCarve`), deterministically from a
+hash of each record's id (the path relative to DIR, or the ytid), so adding files never moves a file that was
+already held out back into training. MusicCaps has a 'test' split (is_audioset_eval) and gets a 'validation'
+split carved from its other rows.
+
 `decode_record` then reads a record's audio and applies the checks. Every failure goes to a `BadInputReport`
 (an error naming the file and line, or a counted skip, by its policy).
 """
@@ -19,9 +25,10 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,6 +38,34 @@ from musiclm_jax.data.bad_input import BadInputReport, check_policy
 SPLITS = ("train", "validation", "test")
 CAPTIONS_FILE = "captions.jsonl"
 MUSICCAPS_COLUMNS = ("ytid", "start_s", "end_s", "aspect_list", "caption", "is_audioset_eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutCarve:
+    """How a source without held-out rows gets them (see `carve_held_out`).
+
+    Attributes:
+      validation_fraction: share of the 'train' rows carved into 'validation' when the source has no
+        'validation' rows (0: none).
+      test_fraction: the same for 'test'.
+      min_files: fewer 'train' rows than this: nothing is carved (a handful of files is all training data;
+        the jobs then run without evaluation and say so).
+    """
+
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    min_files: int = 10
+
+    def __post_init__(self):
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 0.5:
+                raise ValueError(f"HeldOutCarve.{name}={value}: must be in [0, 0.5)")
+        if self.validation_fraction + self.test_fraction >= 0.5:
+            raise ValueError(f"HeldOutCarve: validation_fraction + test_fraction = "
+                             f"{self.validation_fraction + self.test_fraction} leaves less than half for training")
+        if self.min_files < 3:
+            raise ValueError(f"HeldOutCarve.min_files={self.min_files}: must be at least 3 (one file per split)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +80,7 @@ class AudioChecks:
       silence_dbfs: a clip whose peak is below this level (dB full scale) is bad input ('silent').
       min_seconds: shorter clips are bad input ('too_short').
       max_seconds: only this much of each file is read (None: all of it).
+      held_out: how held-out splits are carved from a source that has none (see HeldOutCarve).
     """
 
     sample_rate: int
@@ -54,6 +90,7 @@ class AudioChecks:
     silence_dbfs: float = -60.0
     min_seconds: float = 0.0
     max_seconds: Optional[float] = None
+    held_out: HeldOutCarve = HeldOutCarve()
 
     def __post_init__(self):
         check_policy(self.bad_input)
@@ -72,6 +109,57 @@ class AudioRecord:
     caption: str = ""
     aspects: tuple[str, ...] = ()
     location: str = ""
+
+
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+def held_out_position(record_id: str) -> float:
+    """A number in [0, 1) fixed by `record_id` alone (SHA-1): the record's place in the held-out carve."""
+    return int(hashlib.sha1(record_id.encode("utf-8")).hexdigest()[:13], 16) / float(16 ** 13)
+
+
+def carve_held_out(records: Sequence[AudioRecord], carve: HeldOutCarve, report: BadInputReport
+                   ) -> list[AudioRecord]:
+    """`records` with the held-out splits the source lacks carved from its 'train' rows.
+
+    Each held-out split owns a fixed interval of `held_out_position`: 'validation' [0, validation_fraction),
+    'test' [validation_fraction, validation_fraction + test_fraction). For each of them that no record has (and
+    whose fraction is > 0), the 'train' records in its interval move to it, or, when none is, the remaining one
+    with the lowest position. A record's split depends on its own id only (while every carved split gets its
+    share), so adding files to a folder does not change where the others go. With fewer than carve.min_files
+    'train' records nothing is carved (noted 'no_held_out'). Counts are noted in `report` ('carved_validation',
+    'carved_test') and printed to its log. Records keep their order.
+    """
+    present = {r.split for r in records}
+    bounds = {"validation": (0.0, carve.validation_fraction),
+              "test": (carve.validation_fraction, carve.validation_fraction + carve.test_fraction)}
+    wanted = [split for split in HELD_OUT_SPLITS if split not in present and bounds[split][1] > bounds[split][0]]
+    if not wanted:
+        return list(records)
+    train = [r for r in records if r.split == "train"]
+    names = " and ".join(repr(split) for split in wanted)
+    if len(train) < carve.min_files:
+        report.note("no_held_out")
+        if report.log is not None:
+            print(f"{report.what}: no {names} rows, and {len(train)} training files are fewer than "
+                  f"HeldOutCarve.min_files={carve.min_files}: nothing is held out; jobs that evaluate on "
+                  f"{names} run without evaluation", file=report.log)
+        return list(records)
+    remaining = sorted(train, key=lambda r: (held_out_position(r.id), r.id))
+    moved: dict[str, str] = {}
+    for split in wanted:
+        lower, upper = bounds[split]
+        taken = [r for r in remaining if lower <= held_out_position(r.id) < upper] or remaining[:1]
+        moved.update((r.id, split) for r in taken)
+        remaining = [r for r in remaining if r.id not in moved]
+        report.note(f"carved_{split}", len(taken))
+    if report.log is not None:
+        counts = ", ".join(f"{sum(1 for s in moved.values() if s == split)} {split}" for split in wanted)
+        print(f"{report.what}: no {names} rows; carved {counts} of {len(train)} training files by a hash of their "
+              f"ids (HeldOutCarve {carve.validation_fraction} / {carve.test_fraction}); {len(remaining)} stay "
+              f"in 'train'", file=report.log)
+    return [dataclasses.replace(r, split=moved[r.id]) if r.id in moved else r for r in records]
 
 
 def _is_hidden(rel: str) -> bool:
@@ -121,8 +209,9 @@ def _read_captions(audio_dir: str, report: BadInputReport) -> dict[str, tuple[di
 
 
 def read_audio_folder(audio_dir: str, checks: AudioChecks, report: BadInputReport) -> list[AudioRecord]:
-    """The records of audio folder `audio_dir` (sorted by path). Files that are not audio (other than
-    captions.jsonl and hidden files) are reported as 'unsupported_format'."""
+    """The records of audio folder `audio_dir` (sorted by path), with held-out splits carved if it has none
+    (checks.held_out). Files that are not audio (other than captions.jsonl and hidden files) are reported as
+    'unsupported_format'."""
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"AUDIO_DIR {audio_dir!r} is not a directory")
     captions = _read_captions(audio_dir, report)
@@ -148,7 +237,7 @@ def read_audio_folder(audio_dir: str, checks: AudioChecks, report: BadInputRepor
                 report.note("uncaptioned")
             records.append(AudioRecord(path=path, id=rel, split=caption.get("split", "train"), caption=text,
                                        location=where))
-    return sorted(records, key=lambda r: r.id)
+    return carve_held_out(sorted(records, key=lambda r: r.id), checks.held_out, report)
 
 
 def _truthy(value: str) -> bool:
@@ -161,7 +250,8 @@ def _truthy(value: str) -> bool:
 
 
 def read_musiccaps(csv_path: str, clips_dir: str, checks: AudioChecks, report: BadInputReport) -> list[AudioRecord]:
-    """The records of MusicCaps: rows of `csv_path` whose clip {ytid}.<ext> is in `clips_dir`."""
+    """The records of MusicCaps: rows of `csv_path` whose clip {ytid}.<ext> is in `clips_dir`, with a
+    'validation' split carved from the 'train' rows (checks.held_out)."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"MusicCaps csv {csv_path!r} does not exist")
     if not os.path.isdir(clips_dir):
@@ -198,7 +288,7 @@ def read_musiccaps(csv_path: str, clips_dir: str, checks: AudioChecks, report: B
                 continue
             records.append(AudioRecord(path=clips[ytid], id=ytid, split=split, caption=text,
                                        aspects=tuple(a.strip() for a in aspects), location=where))
-    return records
+    return carve_held_out(records, checks.held_out, report)
 
 
 def decode_record(record: AudioRecord, checks: AudioChecks, report: BadInputReport,
@@ -236,11 +326,13 @@ def decode_record(record: AudioRecord, checks: AudioChecks, report: BadInputRepo
     return mono
 
 
-def scan_audio_folder(audio_dir: str, sample_rate: int, bad_input: str = "skip") -> dict[str, list[str]]:
+def scan_audio_folder(audio_dir: str, sample_rate: int, bad_input: str = "skip",
+                      held_out: HeldOutCarve = HeldOutCarve()) -> dict[str, list[str]]:
     """{split: [absolute paths]} of the decodable audio files of audio folder `audio_dir`, from their first
-    0.1 s (for jobs that read files directly: the codec evaluation, the semantic tokenizer's fit). Bad inputs
-    follow `bad_input`; the skips are counted and printed. Raises ValueError if nothing usable is left."""
-    checks = AudioChecks(sample_rate, bad_input)
+    0.1 s (for jobs that read files directly: the codec evaluation, the semantic tokenizer's fit), with the same
+    held-out carve as the folder's prepared dataset. Bad inputs follow `bad_input`; the skips are counted and
+    printed. Raises ValueError if nothing usable is left."""
+    checks = AudioChecks(sample_rate, bad_input, held_out=held_out)
     report = BadInputReport(bad_input, f"audio_folder {audio_dir}")
     found: dict[str, list[str]] = {split: [] for split in SPLITS}
     for record in read_audio_folder(audio_dir, checks, report):

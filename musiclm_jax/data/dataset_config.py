@@ -6,13 +6,16 @@ from typing import Mapping, Optional
 
 
 def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, musiccaps_dir: Optional[str] = None,
-                        bad_input: str = "skip", require_captions: bool = False) -> str:
+                        bad_input: str = "skip", require_captions: bool = False,
+                        validation_fraction: Optional[float] = None, test_fraction: Optional[float] = None) -> str:
     """The raw-audio task for a rate: the embedded synthetic music, the `audio_folder` dataset of `audio_dir`,
     or the `musiccaps` dataset of `musiccaps_dir` (see tasks/audio.py).
 
     Such tasks are registered on first use, so a gin file can name a user's folder:
     `MIXTURE_OR_TASK_NAME = @dataset_config.raw_audio_task_name()` with `raw_audio_task_name.audio_dir =
-    %AUDIO_DIR`. bad_input ('skip' or 'error') and require_captions set how the folder's bad inputs are handled.
+    %AUDIO_DIR`. bad_input ('skip' or 'error') and require_captions set how the folder's bad inputs are handled;
+    validation_fraction and test_fraction, the held-out carve of a source without such rows (None:
+    captioned_audio.HeldOutCarve's defaults).
     """
     if audio_dir and musiccaps_dir:
         raise ValueError(f"set AUDIO_DIR ({audio_dir!r}) or MUSICCAPS_DIR ({musiccaps_dir!r}), not both")
@@ -23,6 +26,9 @@ def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, music
         options.append(f"bad_input={bad_input}")
     if require_captions:
         options.append("require_captions=true")
+    for key, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if value is not None:
+            options.append(f"{key}={float(value)!r}")
     query = ("?" + "&".join(options)) if options else ""
     if audio_dir:
         return f"audio_folder_{int(sample_rate)}hz:{audio_dir}{query}"

@@ -45,6 +45,17 @@ def get_task_or_mixture(cfg: DatasetConfig):
                          f"seqio task or mixture (module {cfg.module!r}): {e}") from None
 
 
+def missing_split(cfg: DatasetConfig) -> str | None:
+    """None if every task of cfg's task or mixture has cfg.split; else a sentence naming the task that lacks it
+    and the splits it has (a folder too small for a held-out carve has only 'train')."""
+    task = get_task_or_mixture(cfg)
+    for member in (task.tasks if isinstance(task, seqio.Mixture) else [task]):
+        if cfg.split not in member.source.splits:
+            return (f"{cfg.mixture_or_task_name!r} has no {cfg.split!r} split (splits: "
+                    f"{sorted(member.source.splits)})")
+    return None
+
+
 class SeqioInputPipeline:
     """Iterates over {feature: np.ndarray [local_batch, length]} batches of a seqio task.
 

@@ -6,8 +6,10 @@ counted skips, by `AudioChecks.bad_input`), converts it to mono at the config's 
     {'audio': int16 [samples] (tfds.features.Audio at sample_rate), 'caption': str ('' if none),
      'aspects': [str] (MusicCaps' aspect list), 'id': str (the path relative to DIR, or the ytid)}
 
-Splits: those of the records ('train' / 'validation' / 'test'). The bad-input report (skips by reason, notes
-such as 'downmixed' and 'resampled') is kept in the prepared dataset's metadata (`builder.info.metadata`).
+Splits: those of the records ('train' / 'validation' / 'test'), held-out ones carved from 'train' where the source
+has none (captioned_audio.carve_held_out). The bad-input report (skips by reason, notes such as 'downmixed',
+'resampled' and 'carved_validation') is kept in the prepared dataset's metadata (`builder.info.metadata`), and
+so are the carve's settings and the records per split before decoding ('held_out').
 
 Configs are made on the fly: the config name is `<rate>hz_<fingerprint>`, where the fingerprint covers the
 source's paths, file sizes and modification times, the captions file and the checks, so changing the folder or a
@@ -84,6 +86,9 @@ class _CaptionedAudioBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         del dl_manager
         self._report = BadInputReport(self.checks.bad_input, self._what())
         records = self._records(self._report)
+        self.info.metadata["held_out"] = {
+            "carve": dataclasses.asdict(self.checks.held_out),
+            "records": {split: sum(1 for r in records if r.split == split) for split in captioned_audio.SPLITS}}
         self._pending = {split: [r for r in records if r.split == split] for split in captioned_audio.SPLITS}
         self._pending = {split: rs for split, rs in self._pending.items() if rs}
         if not self._pending:

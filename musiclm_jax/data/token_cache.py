@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Mapping, Optional
+
+import numpy as np
 
 FORMAT = "musiclm_jax.token_cache"
 VERSION = 1
@@ -72,3 +74,16 @@ def tokenizer_spec(manifest: dict, name: str, token_dir: str = "", needed_by: Op
         raise ValueError(f"token cache {token_dir} has no {name!r} tokens (it has {sorted(tokenizers)})"
                          + (f"; {needed_by} needs them" if needed_by else ""))
     return tokenizers[name]
+
+
+def encode_example(clip_id: str, text: str, num_samples: int, tokens: Mapping[str, np.ndarray]) -> bytes:
+    """One chunk of the cache as a serialized tf.train.Example: 'id' ('<clip id>#<chunk>'), 'text' (the caption),
+    'num_samples' (the chunk's real samples before padding) and one int64 list per tokenizer (its tokens
+    [frames, levels], flattened row by row)."""
+    import tensorflow as tf
+    feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[clip_id.encode()])),
+               "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
+               "num_samples": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(num_samples)]))}
+    for name, value in tokens.items():
+        feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(value).reshape(-1).tolist()))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()

@@ -158,10 +158,6 @@ class AudioEmbedder(Protocol):
         ...
 
 
-def _at_rate(audio: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
-    return np.stack([audio_io.to_mono_at_rate(np.asarray(a, np.float32), sample_rate, target_rate) for a in audio])
-
-
 class MuLanEmbedder:
     """Clip embeddings of a MuLan (or converted CLAP) audio tower: unit-norm [B, embed_dim] (MuLan.embed_audio)."""
 
@@ -169,7 +165,7 @@ class MuLanEmbedder:
         self.mulan, self.name = mulan, name
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        return self.mulan.embed_audio(_at_rate(audio, sample_rate, self.mulan.sample_rate))
+        return self.mulan.embed_audio(audio_io.resample(audio, sample_rate, self.mulan.sample_rate))
 
 
 class FeatureModelEmbedder:
@@ -182,7 +178,7 @@ class FeatureModelEmbedder:
         self.name = name
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        return self.extractor(_at_rate(audio, sample_rate, self.extractor.sample_rate)).mean(axis=1)
+        return self.extractor(audio_io.resample(audio, sample_rate, self.extractor.sample_rate)).mean(axis=1)
 
 
 class MuLanZeroShotClassifier:
@@ -201,7 +197,7 @@ class MuLanZeroShotClassifier:
     def __call__(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         if self._label_embeddings is None:
             self._label_embeddings = np.asarray(self.mulan.embed_text(list(self.labels)), np.float64)
-        embeddings = np.asarray(self.mulan.embed_audio(_at_rate(audio, sample_rate, self.mulan.sample_rate)),
+        embeddings = np.asarray(self.mulan.embed_audio(audio_io.resample(audio, sample_rate, self.mulan.sample_rate)),
                                 np.float64)
         logits = embeddings @ self._label_embeddings.T / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
@@ -569,9 +565,9 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
     metrics[f"kld_{_name(clf)}"] = generation_metrics.kl_divergence(ref_probs, gen_probs)
     mcc_mulan = mulans.get(mcc_mulan_checkpoint)
     text = mcc_mulan.embed_text(captions)
-    audio_embeddings = np.concatenate([mcc_mulan.embed_audio(_at_rate(generated[i:i + batch_size], rate,
-                                                                      mcc_mulan.sample_rate))
-                                       for i in range(0, len(generated), batch_size)])
+    audio_embeddings = np.concatenate([
+        mcc_mulan.embed_audio(audio_io.resample(generated[i:i + batch_size], rate, mcc_mulan.sample_rate))
+        for i in range(0, len(generated), batch_size)])
     metrics["mulan_cycle_consistency"] = generation_metrics.mulan_cycle_consistency(text, audio_embeddings)
     cosines = np.sum(text * audio_embeddings, axis=1)
     if token_dir is None:

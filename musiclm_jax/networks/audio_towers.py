@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax import layers, spectral
-from musiclm_jax.networks.hubert import ACTIVATIONS, Dense, _layer_norm
+from musiclm_jax.layers import Dense, layer_norm
 from musiclm_jax.partitioning import constrain
 
 LOG_MEL_MEAN = -6.0
@@ -164,21 +164,10 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        head_dim = cfg.hidden_size // cfg.num_heads
-        h = _layer_norm("attention_norm", 1e-6)(x).astype(dtype)
-        q, k, v = (constrain(Dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), bias_axes=("heads", "kv"),
-                                   dtype=dtype, name=n)(h),
-                             ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-                   for n in ("query", "key", "value"))
-        h = layers.dot_product_attention(q, k, v, bias=None, mask=None, dtype=dtype)
-        x = x + Dense((cfg.hidden_size,), ("heads", "kv", "embed"), num_contract=2, bias_axes=("embed",), dtype=dtype,
-                      name="attention_out")(h)
-        h = _layer_norm("mlp_norm", 1e-6)(x).astype(dtype)
-        h = Dense((cfg.mlp_dim,), ("embed", "mlp"), bias_axes=("mlp",), dtype=dtype, name="mlp_in")(h)
-        h = constrain(ACTIVATIONS[cfg.hidden_act](h), ("activation_batch", "activation_length", "activation_mlp"))
-        x = x + Dense((cfg.hidden_size,), ("mlp", "embed"), bias_axes=("embed",), dtype=dtype, name="mlp_out")(h)
-        return constrain(x, BLE)
+        return layers.encoder_block(x, heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+                                    mlp_dim=cfg.mlp_dim, activation=cfg.hidden_act, epsilon=1e-6, pre_norm=True,
+                                    dtype=jnp.dtype(cfg.dtype), norm_names=("attention_norm", "mlp_norm"),
+                                    mlp_names=("mlp_in", "mlp_out"))
 
 
 class ViT(nn.Module):
@@ -210,4 +199,4 @@ class ViT(nn.Module):
         x = constrain(x + positions[:x.shape[1]].astype(dtype), BLE)
         for i in range(cfg.num_layers):
             x = ViTLayer(cfg, name=f"layers_{i}")(x)
-        return _layer_norm("final_norm", 1e-6)(x[:, 0]).astype(jnp.float32)
+        return layer_norm("final_norm", 1e-6)(x[:, 0]).astype(jnp.float32)

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax import layers
-from musiclm_jax.networks.hubert import ACTIVATIONS, Dense, _layer_norm
+from musiclm_jax.layers import ACTIVATIONS, Dense, layer_norm
 from musiclm_jax.partitioning import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
-BLHD = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 POSITIONS = ("absolute", "roberta")
 POOLINGS = ("first_dense_tanh", "first", "mean")
 
@@ -78,20 +77,11 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        q, k, v = (constrain(Dense((heads, head_dim), ("embed", "heads", "kv"), bias_axes=("heads", "kv"),
-                                   dtype=dtype, name=n)(x.astype(dtype)), BLHD) for n in ("query", "key", "value"))
-        attend = mask[:, None, None, :].astype(bool)  # [batch, heads, query, key]
-        h = layers.dot_product_attention(q, k, v, bias=None, mask=attend, dtype=dtype)
-        h = Dense((cfg.hidden_size,), ("heads", "kv", "embed"), num_contract=2, bias_axes=("embed",), dtype=dtype,
-                  name="attention_out")(h)
-        x = _layer_norm("attention_norm", cfg.layer_norm_eps)(x + h)
-        h = Dense((cfg.intermediate_size,), ("embed", "mlp"), bias_axes=("mlp",), dtype=dtype,
-                  name="intermediate")(x.astype(dtype))
-        h = constrain(ACTIVATIONS[cfg.hidden_act](h), ("activation_batch", "activation_length", "activation_mlp"))
-        h = Dense((cfg.hidden_size,), ("mlp", "embed"), bias_axes=("embed",), dtype=dtype, name="output")(h)
-        return constrain(_layer_norm("output_norm", cfg.layer_norm_eps)(x + h), BLE)
+        return layers.encoder_block(x, heads=cfg.num_attention_heads,
+                                    head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                                    mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
+                                    epsilon=cfg.layer_norm_eps, pre_norm=False, dtype=jnp.dtype(cfg.dtype),
+                                    mask=mask[:, None, None, :].astype(bool))  # [batch, heads, query, key]
 
 
 class Bert(nn.Module):
@@ -117,7 +107,7 @@ class Bert(nn.Module):
         x = (jnp.take(words, tokens, axis=0) + jnp.take(table("position_embeddings", cfg.max_position_embeddings),
                                                         positions, axis=0)
              + table("token_type_embeddings", cfg.type_vocab_size)[0])
-        x = constrain(_layer_norm("embeddings_norm", cfg.layer_norm_eps)(x), BLE)
+        x = constrain(layer_norm("embeddings_norm", cfg.layer_norm_eps)(x), BLE)
         for i in range(cfg.num_hidden_layers):
             x = BertLayer(cfg, name=f"layers_{i}")(x, mask)
         x = x.astype(jnp.float32)

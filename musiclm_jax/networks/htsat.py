@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import layers
-from musiclm_jax.networks.hubert import ACTIVATIONS, Dense
+from musiclm_jax.layers import ACTIVATIONS, Dense, layer_norm
 from musiclm_jax.partitioning import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
@@ -329,12 +329,6 @@ def shifted_window_penalty(height: int, width: int, window: int, shift: int) -> 
     return np.where(labels[:, None, :] != labels[:, :, None], SHIFT_PENALTY, 0.0).astype(np.float32)
 
 
-def _layer_norm(name: str, epsilon: float) -> nn.LayerNorm:
-    return nn.LayerNorm(name=name, epsilon=epsilon, dtype=jnp.float32, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
 def _partition(x: jax.Array, window: int) -> jax.Array:
     """[batch, H, W, C] -> [batch * (H / window) * (W / window), window ** 2, C], windows row-major per example."""
     b, h, w, c = x.shape
@@ -418,7 +412,7 @@ class SwinLayer(nn.Module):
         window = cfg.window_size
         shift = window // 2 if self.shifted and min(height, width) > window else 0
         batch = x.shape[0]
-        h = _layer_norm("layernorm_before", cfg.layer_norm_eps)(x).astype(dtype).reshape(batch, height, width, -1)
+        h = layer_norm("layernorm_before", cfg.layer_norm_eps)(x).astype(dtype).reshape(batch, height, width, -1)
         pad_h, pad_w = -height % window, -width % window
         h = jnp.pad(h, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))  # zeros after the norm, as transformers
         padded = (height + pad_h, width + pad_w)
@@ -430,7 +424,7 @@ class SwinLayer(nn.Module):
         if shift:
             h = jnp.roll(h, (shift, shift), axis=(1, 2))
         x = constrain(x + h[:, :height, :width].reshape(batch, height * width, -1), BLE)
-        h = _layer_norm("layernorm_after", cfg.layer_norm_eps)(x).astype(dtype)
+        h = layer_norm("layernorm_after", cfg.layer_norm_eps)(x).astype(dtype)
         h = Dense((int(cfg.mlp_ratio * self.dim),), ("embed", "mlp"), bias_axes=("mlp",), dtype=dtype,
                   name="intermediate")(h)
         h = constrain(ACTIVATIONS[cfg.hidden_act](h), ("activation_batch", "activation_length", "activation_mlp"))
@@ -455,7 +449,7 @@ class PatchMerging(nn.Module):
         x = x.reshape(batch, height, width, dim)
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
         x = x.reshape(batch, -1, 4 * dim)
-        x = _layer_norm("norm", TORCH_LAYER_NORM_EPS)(x).astype(jnp.dtype(self.config.dtype))
+        x = layer_norm("norm", TORCH_LAYER_NORM_EPS)(x).astype(jnp.dtype(self.config.dtype))
         x = layers.DenseGeneral((2 * dim,), ("mlp", "embed"), dtype=jnp.dtype(self.config.dtype), name="reduction")(x)
         return constrain(x, BLE)
 
@@ -508,7 +502,7 @@ class HTSAT(nn.Module):
         grid_h, grid_w = x.shape[1:3]
         x = x.reshape(batch, grid_h * grid_w, dim)
         if cfg.enable_patch_layer_norm:
-            x = _layer_norm("patch_norm", TORCH_LAYER_NORM_EPS)(x)
+            x = layer_norm("patch_norm", TORCH_LAYER_NORM_EPS)(x)
         x = constrain(x.astype(dtype), BLE)
 
         for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_attention_heads)):
@@ -518,5 +512,5 @@ class HTSAT(nn.Module):
                               name=f"stage_{i}_layer_{j}")(x)
             if i < len(cfg.depths) - 1:
                 x = PatchMerging(cfg, resolution, name=f"stage_{i}_merge")(x)
-        x = _layer_norm("final_norm", TORCH_LAYER_NORM_EPS)(x)
+        x = layer_norm("final_norm", TORCH_LAYER_NORM_EPS)(x)
         return jnp.mean(x, axis=1).astype(jnp.float32)

@@ -35,21 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax import layers
+from musiclm_jax.layers import ACTIVATIONS, Dense, layer_norm
 from musiclm_jax.partitioning import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
-BLHD = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 BTC = ("activation_batch", "activation_time", "activation_channels")
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU()
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class HubertConfig:
@@ -143,25 +133,6 @@ def num_frames(samples: int, config: HubertConfig = HubertConfig()) -> int:
     return config.num_frames(samples)
 
 
-class Dense(layers.DenseGeneral):
-    """layers.DenseGeneral plus a bias (torch nn.Linear): params 'kernel' and 'bias' with logical `bias_axes`."""
-
-    bias_axes: Sequence[str] = ()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
-                          tuple(self.features), self.param_dtype)
-        return y + bias.astype(self.dtype)
-
-
-def _layer_norm(name: str, epsilon: float) -> nn.LayerNorm:
-    return nn.LayerNorm(name=name, epsilon=epsilon, dtype=jnp.float32, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
 class ChannelNorm(nn.Module):
     """torch GroupNorm(num_groups=channels): each channel of each example normalised over time, with affine.
 
@@ -196,7 +167,7 @@ class FeatureEncoder(nn.Module):
             x = layers.Conv1D(dim, kernel, stride, padding="valid", use_bias=cfg.conv_bias, dtype=dtype,
                               name=f"conv_{i}")(x)
             if cfg.feat_extract_norm == "layer":
-                x = _layer_norm(f"norm_{i}", 1e-5)(x)
+                x = layer_norm(f"norm_{i}", 1e-5)(x)
             elif i == 0:
                 x = ChannelNorm(name="norm_0")(x)
             x = constrain(act(x.astype(dtype)), BTC)
@@ -239,31 +210,10 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-
-        def attention(h):
-            q, k, v = (constrain(Dense((heads, head_dim), ("embed", "heads", "kv"), bias_axes=("heads", "kv"),
-                                       dtype=dtype, name=n)(h), BLHD) for n in ("query", "key", "value"))
-            h = layers.dot_product_attention(q, k, v, bias=None, mask=None, dtype=dtype)
-            return Dense((cfg.hidden_size,), ("heads", "kv", "embed"), num_contract=2, bias_axes=("embed",),
-                         dtype=dtype, name="attention_out")(h)
-
-        def feed_forward(h):
-            h = Dense((cfg.intermediate_size,), ("embed", "mlp"), bias_axes=("mlp",), dtype=dtype,
-                      name="intermediate")(h)
-            h = constrain(ACTIVATIONS[cfg.hidden_act](h), ("activation_batch", "activation_length", "activation_mlp"))
-            return Dense((cfg.hidden_size,), ("mlp", "embed"), bias_axes=("embed",), dtype=dtype, name="output")(h)
-
-        norm = _layer_norm("layer_norm", cfg.layer_norm_eps)
-        final_norm = _layer_norm("final_layer_norm", cfg.layer_norm_eps)
-        if cfg.do_stable_layer_norm:
-            x = x + attention(norm(x).astype(dtype))
-            x = x + feed_forward(final_norm(x).astype(dtype))
-        else:
-            x = norm(x + attention(x.astype(dtype)))
-            x = final_norm(x + feed_forward(x.astype(dtype)))
-        return constrain(x, BLE)
+        return layers.encoder_block(x, heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+                                    mlp_dim=cfg.intermediate_size, activation=cfg.hidden_act,
+                                    epsilon=cfg.layer_norm_eps, pre_norm=cfg.do_stable_layer_norm,
+                                    dtype=jnp.dtype(cfg.dtype), norm_names=("layer_norm", "final_layer_norm"))
 
 
 class Hubert(nn.Module):
@@ -289,12 +239,12 @@ class Hubert(nn.Module):
             raise ValueError(f"{audio.shape[1]} samples are fewer than the {cfg.receptive_field} that make a frame")
         features = FeatureEncoder(cfg, name="feature_extractor")(audio)
         if cfg.feat_proj_layer_norm:
-            features = _layer_norm("feature_projection_norm", cfg.layer_norm_eps)(features)
+            features = layer_norm("feature_projection_norm", cfg.layer_norm_eps)(features)
         x = Dense((cfg.hidden_size,), ("conv_out", "embed"), bias_axes=("embed",), dtype=dtype,
                   name="feature_projection")(features.astype(dtype))
         x = constrain(x, BLE)
         x = x + PositionalConv(cfg, name="pos_conv")(x)
-        encoder_norm = _layer_norm("encoder_norm", cfg.layer_norm_eps)
+        encoder_norm = layer_norm("encoder_norm", cfg.layer_norm_eps)
         if not cfg.do_stable_layer_norm:
             x = encoder_norm(x)
         x = constrain(x, BLE)

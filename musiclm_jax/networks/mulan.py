@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from musiclm_jax.layers import Dense
 from musiclm_jax.networks.bert import Bert, BertConfig
-from musiclm_jax.networks.hubert import Dense
 
 PROJECTIONS = ("linear", "mlp")
 

@@ -1,0 +1,64 @@
+"""Vector quantization arithmetic: nearest-code search and residual VQ encode/decode.
+
+The one implementation behind every quantizer of the project: the codec's EMA residual VQ
+(quantizers.ResidualVQ), k-means (kmeans.py, the semantic tokenizer's and the RVQ fits), MuLan's conditioning
+RVQ (mulan.ConditioningRVQ) and the exported quantize function. Distances are float32 with HIGHEST-precision
+matmuls (so a TPU's default bf16 passes do not change which code is nearest) and clamped at 0; ties go to the
+lowest code index.
+
+Shapes: points x [M, D]; a codebook [K, D]; a residual VQ's codebooks [N, K, D] (N levels of K codes).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """||x_i - c_k||^2 for x [M, D] and codebook [K, D] -> [M, K] float32, >= 0."""
+    x = jnp.asarray(x, jnp.float32)
+    codebook = jnp.asarray(codebook, jnp.float32)
+    d = (jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * jnp.dot(x, codebook.T, precision=HIGHEST)
+         + jnp.sum(codebook * codebook, axis=1)[None, :])
+    return jnp.maximum(d, 0.0)
+
+
+def nearest_code_and_distance(x: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index of the nearest code [M] int32, its squared distance [M] float32) for each row of x [M, D]."""
+    d = squared_distances(x, codebook)
+    ids = jnp.argmin(d, axis=1).astype(jnp.int32)
+    return ids, jnp.take_along_axis(d, ids[:, None], axis=1)[:, 0]
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of the nearest code of codebook [K, D] for each row of x [M, D] -> [M] int32."""
+    return nearest_code_and_distance(x, codebook)[0]
+
+
+def rvq_encode(x: jax.Array, codebooks: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
+    """Residual VQ codes of x [..., D] with codebooks [N, K, D] -> [..., n] int32 (n = num_levels, default N):
+    level l quantizes what levels 0..l-1 left."""
+    n = codebooks.shape[0] if num_levels is None else int(num_levels)
+    if not 0 < n <= codebooks.shape[0]:
+        raise ValueError(f"num_levels={num_levels}: the residual VQ has {codebooks.shape[0]} levels")
+    residual = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    codes = []
+    for level in range(n):
+        book = jnp.asarray(codebooks[level], jnp.float32)
+        idx = nearest_code(residual, book)
+        residual = residual - book[idx]
+        codes.append(idx)
+    return jnp.stack(codes, axis=-1).reshape(x.shape[:-1] + (n,))
+
+
+def rvq_decode(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
+    """codes [..., n] (levels 0..n-1, n <= N) with codebooks [N, K, D] -> the sum of their code vectors [..., D]
+    float32."""
+    out = jnp.zeros(codes.shape[:-1] + (codebooks.shape[-1],), jnp.float32)
+    for level in range(codes.shape[-1]):
+        out = out + jnp.take(jnp.asarray(codebooks[level], jnp.float32), codes[..., level], axis=0)
+    return out
