@@ -152,7 +152,9 @@ def test_init_checkpoint_fine_tunes_from_another_run_on_another_mesh(uninterrupt
     report = json.loads((tuned / "init_checkpoint.json").read_text())
     assert report["step"] == 30 and report["not_found"] == [] and report["shape_mismatch"] == []
 
-    # A deeper model: the new layer's variables are reported and keep their initial values; strict refuses.
+
+def test_init_checkpoint_reports_what_it_did_not_find_and_strict_refuses(uninterrupted, tmp_path):
+    """A deeper model: the new layer's variables are reported and keep their initial values; strict refuses."""
     deeper = tmp_path / "deeper"
     out = _run(deeper, 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'",
                "--gin.transformer.TransformerConfig.num_layers=3")
