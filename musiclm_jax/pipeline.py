@@ -29,6 +29,7 @@ gives the same audio.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from functools import partial
@@ -213,6 +214,11 @@ class MusicLM:
         return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages, semantic_rate=semantic_rate,
                    semantic_tokenizer=tokenizer)
 
+    def semantic_frames(self, params: GenerationParams) -> int:
+        """Semantic frames generated for params.duration_s: enough to cover it (rounded up; the audio is then cut
+        to duration_s * sample_rate samples), at least one."""
+        return max(1, math.ceil(params.duration_s * self.semantic_rate - 1e-9))
+
     def generation_params(self, **kwargs) -> GenerationParams:
         """This object's default GenerationParams with fields replaced (duration_s, temperature as one value or
         one per stage, top_k, top_p, guidance_scale, seed): settings for one call (`params=`), leaving the
@@ -320,7 +326,7 @@ class MusicLM:
             raise ValueError(f"segments {segments} must start at 0, increase and give one offset per MuLan segment "
                              f"({schedule.shape[1]})")
         batch = schedule.shape[0]
-        semantic_frames = max(1, int(round(params.duration_s * self.semantic_rate)))
+        semantic_frames = self.semantic_frames(params)
         codec_frames = semantic_frames * self.ratio
         sem, coarse, fine = (self.stages[s].model for s in STAGES)
 
@@ -384,7 +390,7 @@ class MusicLM:
         frames = int(audio.shape[1] / self.codec.sample_rate * self.semantic_rate)
         if frames < 1:
             raise ValueError(f"the prompt ({audio.shape[1]} samples) is shorter than one semantic frame")
-        if frames >= int(round(params.duration_s * self.semantic_rate)):
+        if frames >= self.semantic_frames(params):
             raise ValueError(f"the prompt ({audio.shape[1] / self.codec.sample_rate:.2f} s) is not shorter than "
                              f"duration_s={params.duration_s}")
         audio = audio[:, :int(round(frames / self.semantic_rate * self.codec.sample_rate))]

@@ -204,11 +204,14 @@ def test_generation_keeps_nothing_on_the_object_and_takes_settings_per_call(musi
     before = dict(vars(musiclm))
     result = musiclm.generate(["a quiet harp"], return_details=True)
     assert vars(musiclm) == before and result.params == musiclm.params and result.scores is None
-    other = musiclm.generation_params(seed=9, duration_s=0.6)
-    assert (other.seed, other.duration_s, other.guidance_scale) == (9, 0.6, 1.0)
-    per_call = musiclm.generate(["a quiet harp"], params=other)
-    assert vars(musiclm) == before and musiclm.params.seed == 3 and per_call.shape == (1, 14400)
-    musiclm.set_generation_params(seed=9, duration_s=0.6)
+    # 0.5 s is 12.5 semantic frames: 13 are generated and the audio is cut to exactly 0.5 s.
+    other = musiclm.generation_params(seed=9, duration_s=0.5)
+    assert (other.seed, other.duration_s, other.guidance_scale) == (9, 0.5, 1.0)
+    per_call = musiclm.generate(["a quiet harp"], params=other, return_details=True)
+    assert vars(musiclm) == before and musiclm.params.seed == 3 and per_call.audio.shape == (1, 12000)
+    assert per_call.tokens["semantic"].shape == (1, 13) and per_call.tokens["codes"].shape == (1, 26, 4)
+    per_call = per_call.audio
+    musiclm.set_generation_params(seed=9, duration_s=0.5)
     np.testing.assert_array_equal(musiclm.generate(["a quiet harp"]), per_call)
     with pytest.raises(ValueError, match="duration_s=0 must be positive"):
         musiclm.generation_params(duration_s=0)
