@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from musiclm_jax import gin_utils, partitioning
 from musiclm_jax.checkpoints import Checkpointer
@@ -81,7 +82,10 @@ def checkpoint_path(model_dir: str, step: Optional[int] = None) -> tuple[str, in
 def saved_tree(model_dir: str, step: Optional[int] = None) -> dict:
     """The saved train state's tree of MODEL_DIR's checkpoint, with orbax metadata leaves (shape, dtype); reads no
     array. Keys: 'step', 'params', 'opt_state', 'flax_mutables'."""
-    path, _ = checkpoint_path(model_dir, step)
+    return _tree_metadata(checkpoint_path(model_dir, step)[0])
+
+
+def _tree_metadata(path: str) -> dict:
     return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
 
 
@@ -117,7 +121,7 @@ def load_model(model_dir: str, step: Optional[int] = None,
 
 @dataclasses.dataclass(frozen=True)
 class InitReport:
-    """What `initialize_from` took from another run: leaf names ('params/decoder/.../kernel') by outcome."""
+    """What `initialize_from` took from another run: variable names ('params/layers_0/.../kernel') by outcome."""
 
     source: str
     step: int
@@ -135,10 +139,6 @@ class InitReport:
         return "\n".join(lines)
 
 
-def _leaf_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def initialize_from(init_dir: str, abstract: dict, current: dict, strict: bool = False) -> tuple[dict, InitReport]:
     """Takes the variables of another run's latest checkpoint by name, as t5x's fine-tuning does.
 
@@ -154,44 +154,29 @@ def initialize_from(init_dir: str, abstract: dict, current: dict, strict: bool =
       not taken: a fine-tuning run starts at step 0 with a fresh optimizer.
     """
     path, step = checkpoint_path(init_dir)
-    saved = saved_tree(init_dir)
-    saved_shapes = {}
-    for key in ("params", "flax_mutables"):
-        for leaf_path, meta in jax.tree_util.tree_leaves_with_path(saved.get(key) or {}):
-            saved_shapes[f"{key}/{_leaf_name(leaf_path)}"] = tuple(meta.shape)
-    restored, not_found, mismatch = [], [], []
-
-    def wanted(prefix):
-        def one(leaf_path, leaf):
-            name = f"{prefix}/{_leaf_name(leaf_path)}"
-            if name not in saved_shapes:
-                not_found.append(name)
-                return None
-            if saved_shapes[name] != tuple(leaf.shape):
-                mismatch.append(f"{name}: source {saved_shapes[name]} != model {tuple(leaf.shape)}")
-                return None
-            restored.append(name)
-            return leaf
-        return one
-    target = {key: jax.tree_util.tree_map_with_path(wanted(key), abstract[key]) for key in ("params", "flax_mutables")}
-    report = InitReport(init_dir, step, tuple(restored), tuple(not_found), tuple(mismatch))
+    keys = ("params", "flax_mutables")
+    saved = _tree_metadata(path)
+    saved_shapes = {name: tuple(meta.shape) for name, meta in traverse_util.flatten_dict(
+        {key: saved.get(key) or {} for key in keys}, sep="/").items()}
+    wanted, not_found, mismatch = {}, [], []
+    for name, leaf in traverse_util.flatten_dict({key: abstract[key] for key in keys}, sep="/").items():
+        if name not in saved_shapes:
+            not_found.append(name)
+        elif saved_shapes[name] != tuple(leaf.shape):
+            mismatch.append(f"{name}: source {saved_shapes[name]} != model {tuple(leaf.shape)}")
+        else:
+            wanted[name] = leaf
+    report = InitReport(init_dir, step, tuple(wanted), tuple(not_found), tuple(mismatch))
     if strict and (not_found or mismatch):
         raise ValueError(f"INIT_CHECKPOINT {init_dir} (strict): {report.summary()}")
-    if not restored:
+    if not wanted:
         raise ValueError(f"INIT_CHECKPOINT {init_dir}: no variable of this model is there under the same name and "
                          f"shape ({report.summary()})")
-    def prune(tree):  # drops the variables not taken (None) and the dictionaries left empty
-        if isinstance(tree, dict):
-            kept = {k: prune(v) for k, v in tree.items() if v is not None}
-            return {k: v for k, v in kept.items() if not (isinstance(v, dict) and not v)}
-        return tree
-    values = restore_subtrees(path, prune(target))
-
-    def merge(fresh, loaded):
-        if isinstance(fresh, dict):
-            return {k: merge(v, loaded.get(k) if isinstance(loaded, dict) else None) for k, v in fresh.items()}
-        return fresh if loaded is None else loaded
-    return {key: merge(current[key], values.get(key, {})) for key in ("params", "flax_mutables")}, report
+    restored = restore_subtrees(path, traverse_util.unflatten_dict(wanted, sep="/"))
+    merged = traverse_util.flatten_dict({key: current[key] for key in keys}, keep_empty_nodes=True, sep="/")
+    merged.update(traverse_util.flatten_dict(restored, sep="/"))
+    out = traverse_util.unflatten_dict(merged, sep="/")  # the structure of `current`, empty collections included
+    return {key: out[key] for key in keys}, report
 
 
 def write_run_directory(model_dir: str, gin_file: str, bindings: Sequence[str], params: Optional[dict] = None,

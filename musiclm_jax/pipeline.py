@@ -370,9 +370,13 @@ class MusicLM:
         return {"mulan": mulan_tokens, "melody": melody_tokens, "semantic": semantic,
                 "codes": np.concatenate([coarse_codes, fine_codes], axis=-1)}
 
-    def _result(self, tokens: dict, params: GenerationParams, return_details: bool, **extra):
-        audio = self.codec.decode(tokens["codes"])[:, :int(round(params.duration_s * self.codec.sample_rate))]
-        return GenerationResult(audio, tokens, params, **extra) if return_details else audio
+    def _decode(self, codes: np.ndarray, params: GenerationParams) -> np.ndarray:
+        """Codes [B, frames, levels] -> audio [B, duration_s * codec rate] (the frames cover the duration)."""
+        return self.codec.decode(codes)[:, :int(round(params.duration_s * self.codec.sample_rate))]
+
+    def _result(self, tokens: dict, params: GenerationParams, return_details: bool):
+        audio = self._decode(tokens["codes"], params)
+        return GenerationResult(audio, tokens, params) if return_details else audio
 
     def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str], *,
                               params: Optional[GenerationParams] = None, return_details: bool = False):
@@ -448,10 +452,10 @@ class MusicLM:
         expanded = [t for t in texts for _ in range(rerank)]  # candidates of a caption are adjacent
         tokens = self.generate_tokens(expanded, melody_tokens=None if tune is None else np.repeat(tune, rerank, 0),
                                       params=params)
-        candidates = self._result(tokens, params, return_details=True)
-        scores = self.mulan_scores(expanded, candidates.audio).reshape(len(texts), rerank)
+        audio = self._decode(tokens["codes"], params)
+        scores = self.mulan_scores(expanded, audio).reshape(len(texts), rerank)
         choice = np.argmax(scores, axis=1)
         keep = np.arange(len(texts)) * rerank + choice
         kept = {name: None if value is None else value[keep] for name, value in tokens.items()}
-        result = GenerationResult(candidates.audio[keep], kept, params, scores, choice)
+        result = GenerationResult(audio[keep], kept, params, scores, choice)
         return result if return_details else result.audio

@@ -146,17 +146,20 @@ def carve_held_out(records: Sequence[AudioRecord], carve: HeldOutCarve, report: 
                   f"HeldOutCarve.min_files={carve.min_files}: nothing is held out; jobs that evaluate on "
                   f"{names} run without evaluation", file=report.log)
         return list(records)
-    remaining = sorted(train, key=lambda r: (held_out_position(r.id), r.id))
+    position = {r.id: held_out_position(r.id) for r in train}
+    remaining = sorted(train, key=lambda r: (position[r.id], r.id))
     moved: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for split in wanted:
         lower, upper = bounds[split]
-        taken = [r for r in remaining if lower <= held_out_position(r.id) < upper] or remaining[:1]
+        taken = [r for r in remaining if lower <= position[r.id] < upper] or remaining[:1]
         moved.update((r.id, split) for r in taken)
         remaining = [r for r in remaining if r.id not in moved]
+        counts[split] = len(taken)
         report.note(f"carved_{split}", len(taken))
     if report.log is not None:
-        counts = ", ".join(f"{sum(1 for s in moved.values() if s == split)} {split}" for split in wanted)
-        print(f"{report.what}: no {names} rows; carved {counts} of {len(train)} training files by a hash of their "
+        carved = ", ".join(f"{n} {split}" for split, n in counts.items())
+        print(f"{report.what}: no {names} rows; carved {carved} of {len(train)} training files by a hash of their "
               f"ids (HeldOutCarve {carve.validation_fraction} / {carve.test_fraction}); {len(remaining)} stay "
               f"in 'train'", file=report.log)
     return [dataclasses.replace(r, split=moved[r.id]) if r.id in moved else r for r in records]
