@@ -25,28 +25,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.networks.soundstream import SoundStream
+import flax.linen as nn
 
 
 class Codec:
     """Encode audio to RVQ codes and decode them back.
 
     Args:
-      network: the SoundStream generator; variables: its Flax variables ('params' and 'quantizer').
+      network: the generator, a SoundStream (networks/soundstream.py) or a SpectralCodec
+        (networks/spectral_codec.py): a Flax module with `hop_length`, `rvq`, `encode(audio, num_levels)` and
+        `decode(codes)`; variables: its Flax variables ('params' and 'quantizer').
       sample_rate: Hz.
     """
 
-    def __init__(self, network: SoundStream, variables: dict, sample_rate: int):
+    def __init__(self, network: nn.Module, variables: dict, sample_rate: int):
         self.network = network
         self.variables = variables
         self.sample_rate = int(sample_rate)
-        self._encode = jax.jit(partial(network.apply, method=SoundStream.encode), static_argnums=(2,))
-        self._decode = jax.jit(partial(network.apply, method=SoundStream.decode))
+        self._encode = jax.jit(partial(network.apply, method=type(network).encode), static_argnums=(2,))
+        self._decode = jax.jit(partial(network.apply, method=type(network).decode))
 
     @property
     def hop_length(self) -> int:
         """Samples per frame."""
-        return self.network.seanet.hop_length
+        return self.network.hop_length
 
     @property
     def frame_rate(self) -> float:

@@ -17,8 +17,9 @@ the same step.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,43 @@ class CodecLossWeights:
 PROGRESS = "codec_progress"
 
 
-class SoundStreamModel(RawAudioModel):
+class CodecModel(RawAudioModel):
+    """What every trainable codec shares: `generator` (a Flax module with `hop_length`, `encode` and `decode`,
+    what the Codec interface runs), its variables {'params': params['generator'], 'quantizer': ...}, and the train
+    and evaluation losses from one `_losses(params, flax_mutables, audio, rng, train) -> (loss, metrics,
+    updated collections)`. Subclasses: SoundStreamModel (below), spectral_codec_model.SpectralCodecModel."""
+
+    generator: Any
+    sample_rate: int
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames (code vectors) per second."""
+        return self.sample_rate / self.generator.hop_length
+
+    def train_flops_per_example(self) -> float:
+        raise NotImplementedError("the codec's FLOPs are not stated analytically; use the compiled step")
+
+    def variables(self, params, flax_mutables) -> dict:
+        """The generator's Flax variables (what the Codec interface runs)."""
+        return {"params": params["generator"], STATE: flax_mutables[STATE]}
+
+    @abc.abstractmethod
+    def _losses(self, params, flax_mutables, audio, rng, train: bool):
+        """(loss, metrics, updated Flax collections) of audio [batch, samples]; train: update the quantizer."""
+
+    def train_loss_fn(self, params, flax_mutables, batch, dropout_rng):
+        loss, metrics, updated = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=True)
+        return loss, (metrics, dict(flax_mutables, **updated))
+
+    def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
+        if flax_mutables is None:
+            raise ValueError("the codec's loss needs its quantizer state (flax_mutables)")
+        loss, metrics, _ = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=False)
+        return loss, metrics
+
+
+class SoundStreamModel(CodecModel):
     """Codec training and evaluation on batches {'audio': [batch, samples] float32 in [-1, 1]}.
 
     Args:
@@ -87,14 +124,6 @@ class SoundStreamModel(RawAudioModel):
         if self.segment_samples < longest:
             raise ValueError(f"SoundStreamModel: segment_samples {segment_samples} is shorter than the longest loss "
                              f"window ({longest} samples)")
-
-    @property
-    def frame_rate(self) -> float:
-        """Latent frames (code vectors) per second."""
-        return self.sample_rate / self.seanet.hop_length
-
-    def train_flops_per_example(self) -> float:
-        raise NotImplementedError("the codec's FLOPs are not stated analytically; use the compiled step")
 
     def get_initial_variables(self, rng, input_shapes):
         # Parameter shapes do not depend on the length: initialise on a short clip (compiles faster).
@@ -174,21 +203,7 @@ class SoundStreamModel(RawAudioModel):
         return (codec_losses.hinge_discriminator_loss(real, fake_for_d), codec_losses.hinge_generator_loss(fake_for_g),
                 codec_losses.feature_matching_loss(real_for_g, fake_for_g))
 
-    def train_loss_fn(self, params, flax_mutables, batch, dropout_rng):
-        loss, metrics, updated = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=True)
-        return loss, (metrics, dict(flax_mutables, **updated))
-
-    def loss_fn(self, params, batch, dropout_rng, flax_mutables=None):
-        if flax_mutables is None:
-            raise ValueError("the codec's loss needs its quantizer state (flax_mutables)")
-        loss, metrics, _ = self._losses(params, flax_mutables, batch["audio"], dropout_rng, train=False)
-        return loss, metrics
-
     # ------------------------------------------------------------------------------------------ inference
-    def variables(self, params, flax_mutables) -> dict:
-        """The generator's Flax variables (what the Codec interface runs)."""
-        return {"params": params["generator"], STATE: flax_mutables[STATE]}
-
     def predict_batch_with_aux(self, params, batch, rng=None, *, flax_mutables=None, num_levels=None):
         """Reconstruction [batch, samples] of batch['audio'] through `num_levels` quantizer levels; aux: codes."""
         recon, codes, _ = self.generator.apply(self.variables(params, flax_mutables), batch["audio"],

@@ -6,7 +6,7 @@ Trains the tiny version of every model on the embedded procedural music (data/sy
 trains the three stages on the token cache, generates from the prompts and writes the report. Each step is the
 project's own command line, run as a child process with its output shown as it comes:
 
-   1. codec           python -m musiclm_jax.train --gin_file=gin/codec/tiny_reconstruction.gin -> DIR/codec
+   1. codec           python -m musiclm_jax.train --gin_file=gin/codec/spectral_tiny.gin     -> DIR/codec
    2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny.gin           -> DIR/w2v_bert
    3. semantic_tokens python -m musiclm_jax.semantic fit --gin_file=gin/semantic/kmeans_tiny.gin
                                                                                           -> DIR/semantic_tokenizer
@@ -75,7 +75,7 @@ def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[
               f"--gin.SEMANTIC_TOKENIZER='{d['semantic_tokenizer']}'", f"--output_dir={d['samples']}",
               f"--duration={duration}", f"--seed={seed}", f"--guidance={GUIDANCE}"] + [f"--prompt={p}" for p in prompts]
     return [
-        ("codec", train("gin/codec/tiny_reconstruction.gin", d["codec"])),
+        ("codec", train("gin/codec/spectral_tiny.gin", d["codec"])),
         ("w2v_bert", train("gin/w2v_bert/tiny.gin", d["w2v_bert"])),
         ("semantic_tokens", ["musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
                              f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",

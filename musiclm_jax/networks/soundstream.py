@@ -24,6 +24,11 @@ class SoundStream(nn.Module):
         self.quantizer = ResidualVQ(self.rvq)
         self.decoder = SEANetDecoder(self.seanet)
 
+    @property
+    def hop_length(self) -> int:
+        """Samples per latent frame."""
+        return self.seanet.hop_length
+
     def __call__(self, audio: jax.Array, *, train: bool = False, num_levels: Optional[int] = None,
                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict]:
         """audio [batch, samples] -> (reconstruction [batch, samples], codes [batch, frames, N], aux)."""

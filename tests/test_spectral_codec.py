@@ -1,0 +1,167 @@
+"""The spectral codec: its STFT inverse and Griffin-Lim, shapes and checks, the loss weights, tone augmentation,
+and (on a codec trained through the CLI once per module) the signal-level sanity checks and pitch keeping."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import train_on_one_device
+from musiclm_jax import codec as codec_lib
+from musiclm_jax import spectral
+from musiclm_jax.data import audio_io, synthetic_music
+from musiclm_jax.evaluation import codec_eval, pitch_metrics
+from musiclm_jax.networks.spectral_codec import (SpectralCodec, SpectralCodecConfig, griffin_lim, istft,
+                                                 log_magnitude)
+from musiclm_jax.partitioning import unbox
+from musiclm_jax.quantizers import RVQConfig
+from musiclm_jax.spectral_codec_model import SpectralCodecModel
+
+RATE = 24000
+CONFIG = SpectralCodecConfig(width=32, blocks=1)
+RVQ = RVQConfig(num_quantizers=4, codebook_size=64, dim=32)
+
+
+def _tone(freq, seconds=2.0, amplitude=0.3):
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_istft_inverts_the_centred_stft():
+    audio = np.random.default_rng(0).normal(size=(2, 4800)).astype(np.float32) * 0.1
+    spec = spectral.stft(jnp.asarray(audio), 960, 240, center=True)
+    np.testing.assert_allclose(np.asarray(istft(spec, 960, 240, 4800)), audio, atol=2e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        istft(spec, 1000, 240, 4800)
+
+
+@pytest.mark.parametrize("freq", [55.0, 440.0, 3520.0])
+def test_griffin_lim_restores_a_tone_from_its_magnitude(freq):
+    audio = _tone(freq)[None]
+    magnitude = jnp.abs(spectral.stft(jnp.asarray(audio), 1920, 240, center=True))
+    out = np.asarray(griffin_lim(magnitude, 1920, 240, audio.shape[1], iters=64, momentum=0.99))
+    assert out.shape == audio.shape
+    dominant = pitch_metrics.dominant_frequency(out[0, RATE // 2:], RATE)
+    assert abs(pitch_metrics.cents(dominant, freq)) < 25  # observed: 20 cents at 55 Hz, 0.2 at 3520 Hz (49 at 55 Hz with a 960-sample window)
+    # The level is kept to within 1 dB.
+    assert abs(pitch_metrics.level_dbfs(out[0]) - pitch_metrics.level_dbfs(audio[0])) < 1.0
+
+
+def test_shapes_of_codes_spectra_and_audio():
+    network = SpectralCodec(CONFIG, RVQ)
+    audio = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1000)).astype(np.float32) * 0.1)
+    variables = unbox(network.init({"params": jax.random.key(0)}, audio))
+    decoded, codes, aux = network.apply(variables, audio)
+    frames = 3  # ceil(1000 / 480)
+    assert codes.shape == (2, frames, 4) and decoded.shape == (2, frames * 2, 481)
+    assert log_magnitude(audio, CONFIG).shape == decoded.shape
+    assert aux["perplexity"].shape == (4,)
+    two_levels = network.apply(variables, audio, 2, method=SpectralCodec.encode)
+    np.testing.assert_array_equal(two_levels, codes[..., :2])
+    assert network.apply(variables, two_levels, method=SpectralCodec.decode).shape == (2, frames * 480)
+    # At initialisation the residual branches contribute nothing: the encoder is its linear layer.
+    enc = variables["params"]["encoder"]
+    assert not np.any(enc["branch_out"]["kernel"]) and enc["linear"]["kernel"].shape == (2 * 481, 32)
+
+
+def test_configuration_errors_name_the_setting():
+    with pytest.raises(ValueError, match="n_fft 1000 must be a multiple of stft_hop 240"):
+        SpectralCodecConfig(n_fft=1000)
+    with pytest.raises(ValueError, match="dimension 16 != quantizer dim 32"):
+        SpectralCodec(SpectralCodecConfig(dimension=16), RVQ).init({"params": jax.random.key(0)}, jnp.zeros((1, 960)))
+    with pytest.raises(ValueError, match="tone_fraction"):
+        SpectralCodecModel(CONFIG, RVQ, RATE, RATE, tone_fraction=1.5)
+    with pytest.raises(ValueError, match="weighting_min_hz"):
+        SpectralCodecModel(CONFIG, RVQ, RATE, RATE, weighting_min_hz=0.0)
+
+
+def test_bin_weights_give_octaves_equal_weight_above_the_floor_and_average_one():
+    model = SpectralCodecModel(CONFIG, RVQ, RATE, RATE, weighting_min_hz=100.0)
+    w, f = model.bin_weights, CONFIG.bin_frequencies(RATE)
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)
+    assert w[f == 1000][0] / w[f == 2000][0] == pytest.approx(2.0, rel=1e-5)
+    assert w[0] == w[4] == w.max()  # 0 and 100 Hz: below the floor, equal
+    assert np.all(SpectralCodecModel(CONFIG, RVQ, RATE, RATE, weighting_min_hz=None).bin_weights == 1.0)
+
+
+def test_tone_augmentation_replaces_the_drawn_rows_with_pure_tones():
+    audio = jnp.zeros((64, RATE), jnp.float32)
+    everything = SpectralCodecModel(CONFIG, RVQ, RATE, RATE, tone_fraction=1.0).with_tones(audio, jax.random.key(3))
+    freqs = [pitch_metrics.dominant_frequency(row, RATE) for row in np.asarray(everything)]
+    assert min(freqs) > 40 * 0.99 and max(freqs) < 8000 * 1.01
+    assert np.median(freqs) == pytest.approx(np.sqrt(40 * 8000), rel=0.5)  # log-uniform: median near the geometric mean
+    half = SpectralCodecModel(CONFIG, RVQ, RATE, RATE, tone_fraction=0.5).with_tones(audio, jax.random.key(3))
+    replaced = int(np.sum(np.any(np.asarray(half) != 0, axis=1)))
+    assert 20 <= replaced <= 44
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    model = SpectralCodecModel(CONFIG, RVQ, RATE, 12000)
+    audio = jnp.asarray(np.stack([synthetic_music.generate_clip(i, seed=0, seconds=0.5)["audio"] for i in range(4)]))
+    variables = unbox(model.get_initial_variables(jax.random.key(0), {"audio": (4, 12000)}))
+    params, state = variables["params"], {"quantizer": variables["quantizer"]}
+    import optax
+    opt = optax.adam(1e-3)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, opt_state, rng):
+        (loss, (metrics, state)), grads = jax.value_and_grad(model.train_loss_fn, has_aux=True)(
+            params, state, {"audio": audio}, rng)
+        updates, opt_state = opt.update(grads, opt_state)
+        return optax.apply_updates(params, updates), state, opt_state, metrics
+
+    losses = []
+    for i in range(60):
+        params, state, opt_state, metrics = step(params, state, opt_state, jax.random.key(i))
+        losses.append(float(metrics["reconstruction_loss"]))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])  # observed ~0.2x
+    _, eval_metrics = model.loss_fn(params, {"audio": audio}, None, state)
+    assert set(eval_metrics) >= {"reconstruction_loss", "log_magnitude_l1", "commitment_loss",
+                                 "codebook_perplexity_0", "codebook_perplexity_3"}
+
+
+# The codec of the demo's configuration, trained through the CLI for fewer steps than the demo's 3,000.
+FIXTURE_STEPS = 600
+
+
+@pytest.fixture(scope="module")
+def trained_spectral_codec(tmp_path_factory):
+    return train_on_one_device("gin/codec/spectral_tiny.gin", str(tmp_path_factory.mktemp("spectral_codec")),
+                               f"--gin.TRAIN_STEPS={FIXTURE_STEPS}", "--gin.train_lib.train.checkpoint_period=600",
+                               timeout=600)
+
+
+def test_trained_codec_passes_the_silence_and_dc_checks_and_follows_tones(trained_spectral_codec):
+    """Issue 16 item 2 on the demo's codec design: silence at or below -50 dBFS and a DC offset of at most 1e-3
+    (both met). Tones: each of 55..880 Hz comes back at its own pitch, within 150 cents (observed at 600 steps:
+    -52, -108, 54, -130, -94). The issue's 50 cents from 55 Hz to 4 kHz is not met yet: tones of 1760 Hz and
+    above come back an octave or more off (the synthetic training music has little energy there). The SoundStream
+    codec this replaces returned every tone up to 880 Hz at the same 300 Hz (up to 1,900 cents off)."""
+    sanity = codec_eval.codec_sanity(codec_lib.Codec.from_checkpoint(trained_spectral_codec))
+    assert sanity["silence_dbfs"] <= -50 and sanity["dc_offset"] <= 1e-3, sanity
+    low_tones = [c for f, c in zip(sanity["tones_hz"], sanity["cents"]) if f <= 880]
+    assert len(low_tones) == 5 and max(abs(c) for c in low_tones) <= 150, sanity
+
+
+def test_trained_codec_keeps_the_pitch_class(trained_spectral_codec):
+    metrics = codec_eval.evaluate_codec(trained_spectral_codec, max_examples=8, clip_seconds=4.0)
+    # Observed at 600 steps: 57.0% / 61.7% (the demo's 3,000 steps: 73.6% / 76.3%); the SoundStream demo codec kept
+    # 7% / 12% (chance 8%).
+    assert metrics["pitch_class_agreement"] >= 0.4 and metrics["chroma_cqt_agreement"] >= 0.4, metrics
+    assert metrics["bitrate_kbps"] == pytest.approx(1.2) and len(metrics["codebook_perplexity"]) == 4
+
+
+def test_codec_cli_round_trip_of_the_spectral_codec(trained_spectral_codec, tmp_path):
+    codec = codec_lib.Codec.from_checkpoint(trained_spectral_codec)
+    assert (codec.sample_rate, codec.hop_length, codec.num_quantizers, codec.codebook_size) == (24000, 480, 4, 64)
+    audio = synthetic_music.generate_clip(3, seed=5, seconds=1.0)["audio"]
+    wav = str(tmp_path / "in.wav")
+    audio_io.save_audio(wav, audio, RATE)
+    codec_lib.main(["encode", "--checkpoint", trained_spectral_codec, "--input", wav, "--output",
+                    str(tmp_path / "codes.npy")])
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (50, 4)
+    codec_lib.main(["decode", "--checkpoint", trained_spectral_codec, "--input", str(tmp_path / "codes.npy"),
+                    "--output", str(tmp_path / "out.wav")])
+    decoded = audio_io.load_audio(str(tmp_path / "out.wav"), RATE)
+    np.testing.assert_allclose(decoded, np.clip(codec.decode(codes), -1, 1), atol=1.0 / 2**15 + 1e-6)
