@@ -21,11 +21,10 @@ import sys
 from functools import partial
 from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import flax.linen as nn
 
 
 class Codec:

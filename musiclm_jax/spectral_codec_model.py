@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax.codec_model import CodecModel
-from musiclm_jax.networks.spectral_codec import SpectralCodec, SpectralCodecConfig, log_magnitude
+from musiclm_jax.networks.spectral_codec import SpectralCodec, SpectralCodecConfig
 from musiclm_jax.quantizers import STATE, RVQConfig
 
 
@@ -101,8 +101,7 @@ class SpectralCodecModel(CodecModel):
             (decoded, _, aux), updated = self.generator.apply(g_vars, audio, train=True, rng=rng, mutable=[STATE])
         else:
             (decoded, _, aux), updated = self.generator.apply(g_vars, audio), {STATE: flax_mutables[STATE]}
-        target = log_magnitude(audio, self.network)
-        error = decoded - target
+        error = decoded - aux["log_magnitude"]
         reconstruction = jnp.mean(jnp.square(error) * jnp.asarray(self.bin_weights))
         commitment = aux["commitment_loss"]
         loss = reconstruction + self.commitment_weight * commitment
@@ -128,6 +127,6 @@ class SpectralCodecModel(CodecModel):
 
     def score_batch(self, params, batch, flax_mutables=None):
         """[batch] negative weighted log-magnitude error of each example's round trip (all levels)."""
-        decoded, _, _ = self.generator.apply(self.variables(params, flax_mutables), batch["audio"])
-        error = jnp.square(decoded - log_magnitude(batch["audio"], self.network)) * jnp.asarray(self.bin_weights)
+        decoded, _, aux = self.generator.apply(self.variables(params, flax_mutables), batch["audio"])
+        error = jnp.square(decoded - aux["log_magnitude"]) * jnp.asarray(self.bin_weights)
         return -jnp.mean(error, axis=(1, 2))

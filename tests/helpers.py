@@ -96,3 +96,23 @@ def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
         checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
                                                ["TOKEN_DIR = '/unused'"], seed=3 + i)
     return root
+
+
+def adam_steps(model, params, mutables: dict, batch: dict, steps: int, learning_rate: float):
+    """`steps` jitted Adam steps of model.train_loss_fn on one fixed batch, step i with rng jax.random.key(i) ->
+    (params, mutables, [each step's metrics])."""
+    import optax
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params, opt_state, mutables, key):
+        (_, (metrics, mutables)), grads = jax.value_and_grad(model.train_loss_fn, has_aux=True)(
+            params, mutables, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, mutables, metrics
+
+    opt_state, history = tx.init(params), []
+    for i in range(steps):
+        params, opt_state, mutables, metrics = step(params, opt_state, mutables, jax.random.key(i))
+        history.append(metrics)
+    return params, mutables, history

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
+from helpers import adam_steps
 from musiclm_jax import codec as codec_lib
 from musiclm_jax import spectral
 from musiclm_jax.data import audio_io, synthetic_music
@@ -98,22 +99,9 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     model = SpectralCodecModel(CONFIG, RVQ, RATE, 12000)
     audio = jnp.asarray(np.stack([synthetic_music.generate_clip(i, seed=0, seconds=0.5)["audio"] for i in range(4)]))
     variables = unbox(model.get_initial_variables(jax.random.key(0), {"audio": (4, 12000)}))
-    params, state = variables["params"], {"quantizer": variables["quantizer"]}
-    import optax
-    opt = optax.adam(1e-3)
-    opt_state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, opt_state, rng):
-        (loss, (metrics, state)), grads = jax.value_and_grad(model.train_loss_fn, has_aux=True)(
-            params, state, {"audio": audio}, rng)
-        updates, opt_state = opt.update(grads, opt_state)
-        return optax.apply_updates(params, updates), state, opt_state, metrics
-
-    losses = []
-    for i in range(60):
-        params, state, opt_state, metrics = step(params, state, opt_state, jax.random.key(i))
-        losses.append(float(metrics["reconstruction_loss"]))
+    params, state, history = adam_steps(model, variables["params"], {"quantizer": variables["quantizer"]},
+                                        {"audio": audio}, steps=60, learning_rate=1e-3)
+    losses = [float(metrics["reconstruction_loss"]) for metrics in history]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])  # observed ~0.2x
     _, eval_metrics = model.loss_fn(params, {"audio": audio}, None, state)
     assert set(eval_metrics) >= {"reconstruction_loss", "log_magnitude_l1", "commitment_loss",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
+from helpers import adam_steps
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
 from musiclm_jax.networks.w2v_bert import W2VBertConfig
@@ -127,7 +128,6 @@ def test_pitch_target_marks_the_sounding_note_on_frames_aligned_with_the_network
 
 def test_the_pitch_head_learns_the_pitch_target():
     """A w2v-BERT with pitch_bins: the pitch loss is part of the loss and falls in 60 steps (in process)."""
-    import optax
     from musiclm_jax.data import synthetic_music
     from musiclm_jax.quantizers import STATE
     from musiclm_jax.w2v_bert_model import W2VBertModel
@@ -140,19 +140,9 @@ def test_the_pitch_head_learns_the_pitch_target():
     variables = model.get_initial_variables(jax.random.key(0), {"audio": (4, 16000)})
     params, mutables = variables["params"], {STATE: variables[STATE]}
     assert "pitch_head" in params
-    tx = optax.adam(3e-3)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, mutables, key):
-        (loss, (metrics, mutables)), grads = jax.value_and_grad(model.train_loss_fn, has_aux=True)(
-            params, mutables, {"audio": audio}, key)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, mutables, metrics
-
+    _, _, history = adam_steps(model, params, mutables, {"audio": audio}, steps=60, learning_rate=3e-3)
     losses = []
-    for i in range(60):
-        params, opt, mutables, metrics = step(params, opt, mutables, jax.random.key(i))
+    for metrics in history:
         losses.append(float(metrics["pitch_loss"]))
         expected = (metrics["contrastive_loss"] + 0.1 * metrics["diversity_loss"] + metrics["mlm_loss"]
                     + metrics["pitch_loss"])

@@ -165,7 +165,7 @@ def griffin_lim(magnitude: jax.Array, n_fft: int, hop: int, num_samples: int, it
         return accelerated / jnp.maximum(jnp.abs(accelerated), 1e-16), rebuilt
 
     angles, _ = jax.lax.fori_loop(0, iters, step, (angles, jnp.zeros_like(angles)))
-    return istft(magnitude * angles, n_fft, hop, length)[:, :num_samples]
+    return istft(magnitude * angles, n_fft, hop, num_samples)
 
 
 class _ResidualUnit(nn.Module):
@@ -177,6 +177,8 @@ class _ResidualUnit(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        # Flax's default (fast) variance, not layers.layer_norm's exact one for imported torch models: the tiny
+        # codec's figures were measured with this one.
         h = nn.LayerNorm(dtype=jnp.float32, name="norm",
                          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
@@ -223,12 +225,14 @@ class SpectralCodec(nn.Module):
         """Samples per code frame."""
         return self.config.hop_length
 
-    def _latents(self, audio: jax.Array) -> jax.Array:
+    def _latents(self, audio: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """audio [batch, samples] -> (latents [batch, code frames, dimension], its `log_magnitude`)."""
         cfg = self.config
         frames = log_magnitude(audio, cfg)
         batch, stft_frames, bins = frames.shape
         grouped = frames.reshape(batch, stft_frames // cfg.frames_per_code, cfg.frames_per_code * bins)
-        return self.encoder(((grouped + LOG_MAGNITUDE_SHIFT) / LOG_MAGNITUDE_SCALE).astype(jnp.dtype(cfg.dtype)))
+        latents = self.encoder(((grouped + LOG_MAGNITUDE_SHIFT) / LOG_MAGNITUDE_SCALE).astype(jnp.dtype(cfg.dtype)))
+        return latents, frames
 
     def _log_magnitude(self, quantized: jax.Array) -> jax.Array:
         """Latents [batch, code frames, dimension] -> decoded log-magnitudes [batch, stft frames, bins] float32."""
@@ -239,14 +243,16 @@ class SpectralCodec(nn.Module):
 
     def __call__(self, audio: jax.Array, *, train: bool = False, num_levels: Optional[int] = None,
                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict]:
-        """audio [batch, samples] -> (decoded log-magnitudes [batch, stft frames, bins], the target of
-        `log_magnitude(audio)`'s shape, codes [batch, code frames, N], quantizer aux (see ResidualVQ))."""
-        quantized, codes, aux = self.quantizer(self._latents(audio), train=train, num_levels=num_levels, rng=rng)
-        return self._log_magnitude(quantized), codes, aux
+        """audio [batch, samples] -> (decoded log-magnitudes [batch, stft frames, bins], codes [batch, code frames,
+        N], aux): aux is the quantizer's (see ResidualVQ) plus 'log_magnitude', the input's `log_magnitude(audio)`
+        (the decoded one's target, of its shape; computed once for both)."""
+        latents, frames = self._latents(audio)
+        quantized, codes, aux = self.quantizer(latents, train=train, num_levels=num_levels, rng=rng)
+        return self._log_magnitude(quantized), codes, dict(aux, log_magnitude=frames)
 
     def encode(self, audio: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
         """audio [batch, samples] -> codes [batch, ceil(samples / hop_length), num_levels] int32."""
-        return self.quantizer.encode(self._latents(audio), num_levels)
+        return self.quantizer.encode(self._latents(audio)[0], num_levels)
 
     def decode_log_magnitude(self, codes: jax.Array) -> jax.Array:
         """codes [batch, frames, n] (the first n levels) -> log-magnitudes [batch, frames * frames_per_code, bins]."""
@@ -254,8 +260,7 @@ class SpectralCodec(nn.Module):
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """codes [batch, frames, n] (the first n levels) -> audio [batch, frames * hop_length] (Griffin-Lim)."""
-        cfg = self.config
-        return synthesize(self.decode_log_magnitude(codes), cfg)
+        return synthesize(self.decode_log_magnitude(codes), self.config)
 
 
 def synthesize(log_magnitudes: jax.Array, config: SpectralCodecConfig) -> jax.Array:
