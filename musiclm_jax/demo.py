@@ -7,7 +7,7 @@ trains the three stages on the token cache, generates from the prompts and write
 project's own command line, run as a child process with its output shown as it comes:
 
    1. codec           python -m musiclm_jax.train --gin_file=gin/codec/spectral_tiny.gin     -> DIR/codec
-   2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny.gin           -> DIR/w2v_bert
+   2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny_pitch.gin     -> DIR/w2v_bert
    3. semantic_tokens python -m musiclm_jax.semantic fit --gin_file=gin/semantic/kmeans_tiny.gin
                                                                                           -> DIR/semantic_tokenizer
    4. mulan           python -m musiclm_jax.train --gin_file=gin/mulan/tiny.gin              -> DIR/mulan
@@ -76,7 +76,7 @@ def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[
               f"--duration={duration}", f"--seed={seed}", f"--guidance={GUIDANCE}"] + [f"--prompt={p}" for p in prompts]
     return [
         ("codec", train("gin/codec/spectral_tiny.gin", d["codec"])),
-        ("w2v_bert", train("gin/w2v_bert/tiny.gin", d["w2v_bert"])),
+        ("w2v_bert", train("gin/w2v_bert/tiny_pitch.gin", d["w2v_bert"])),
         ("semantic_tokens", ["musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
                              f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",
                              f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'"]),

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax import spectral
 from musiclm_jax.kmeans import MiniBatchKMeans
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,14 +73,31 @@ def dedupe_consecutive(tokens: np.ndarray) -> np.ndarray:
 
 
 class FeatureExtractor:
-    """Layer `layer` of a feature model, pooled: audio [batch, samples] -> float32 [batch, frames, dim] (jitted)."""
+    """Layer `layer` of a feature model, pooled: audio [batch, samples] -> float32 [batch, frames, dim] (jitted).
 
-    def __init__(self, model, params, layer: int, frame_pooling: int = 1):
+    With pitch_classes=True, 12 more dimensions follow the layer's: the frame's pitch-class profile
+    (spectral.pitch_class_profile, a 128 ms window centred on the frame), so dim = layer dim + 12.
+    """
+
+    def __init__(self, model, params, layer: int, frame_pooling: int = 1, pitch_classes: bool = False):
         if not 0 <= layer <= model.num_layers:
             raise ValueError(f"layer={layer}: {type(model).__name__} has layers 0..{model.num_layers}")
         self.model, self.params, self.layer, self.frame_pooling = model, params, int(layer), int(frame_pooling)
-        self._embed = jax.jit(lambda p, a: pool_frames(model.embed(p, a, layer).astype(jnp.float32),
-                                                       self.frame_pooling))
+        self.pitch_classes = bool(pitch_classes)
+        samples_per_frame = self.sample_rate / self.frame_rate
+        if self.pitch_classes and abs(samples_per_frame - round(samples_per_frame)) > 1e-6:
+            raise ValueError(f"pitch_classes: {self.sample_rate} Hz / {self.frame_rate} frames/s is not a whole "
+                             f"number of samples per frame")
+
+        def embed(p, audio):
+            features = pool_frames(model.embed(p, audio, layer).astype(jnp.float32), self.frame_pooling)
+            if not self.pitch_classes:
+                return features
+            profile = spectral.pitch_class_profile(audio, self.sample_rate, features.shape[1],
+                                                   int(round(samples_per_frame)))
+            return jnp.concatenate([features, profile], axis=-1)
+
+        self._embed = jax.jit(embed)
 
     @property
     def sample_rate(self) -> int:
@@ -98,8 +116,10 @@ class FeatureExtractor:
 class SemanticTokenizer:
     """Normalised layer features -> nearest k-means centre. See the module docstring."""
 
-    def __init__(self, features: FeatureExtractor, mean: np.ndarray, std: np.ndarray, centroids: np.ndarray):
+    def __init__(self, features: FeatureExtractor, mean: np.ndarray, std: np.ndarray, centroids: np.ndarray,
+                 pitch_class_share: float = 0.0):
         self.features = features
+        self.pitch_class_share = float(pitch_class_share)
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.centroids = np.asarray(centroids, np.float32)
         self._assign = jax.jit(partial(_nearest, centroids=jnp.asarray(self.centroids)))
@@ -134,7 +154,8 @@ class SemanticTokenizer:
         np.savez(os.path.join(directory, NORMALIZATION_FILE), mean=self.mean, std=self.std)
         with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
             json.dump({"feature_checkpoint": os.path.abspath(feature_checkpoint), "layer": self.features.layer,
-                       "frame_pooling": self.features.frame_pooling, "num_clusters": self.num_tokens}, f, indent=2)
+                       "frame_pooling": self.features.frame_pooling, "num_clusters": self.num_tokens,
+                       "pitch_class_share": self.pitch_class_share}, f, indent=2)
 
     @classmethod
     def load(cls, directory: str) -> "SemanticTokenizer":
@@ -146,12 +167,13 @@ class SemanticTokenizer:
         with open(path) as f:
             spec = json.load(f)
         model, params = load_feature_model(spec["feature_checkpoint"])
-        features = FeatureExtractor(model, params, spec["layer"], spec["frame_pooling"])
+        share = float(spec.get("pitch_class_share", 0.0))
+        features = FeatureExtractor(model, params, spec["layer"], spec["frame_pooling"], pitch_classes=share > 0)
         with np.load(os.path.join(directory, NORMALIZATION_FILE)) as norm, \
                 np.load(os.path.join(directory, KMEANS_FILE)) as km:
             if not bool(km["initialized"]):
                 raise ValueError(f"{directory}: the k-means fit has not run a step yet")
-            return cls(features, norm["mean"], norm["std"], km["centroids"])
+            return cls(features, norm["mean"], norm["std"], km["centroids"], share)
 
 
 def _nearest(points, centroids):
@@ -195,16 +217,24 @@ def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_
 def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int, num_clusters: int = 1024,
                            frame_pooling: int = 1, audio_dir: Optional[str] = None, batch_size: int = 8,
                            clip_seconds: float = 10.0, num_steps: int = 1000, normalization_batches: int = 10,
-                           save_every: int = 50, seed: int = 0) -> SemanticTokenizer:
+                           save_every: int = 50, seed: int = 0, pitch_class_share: float = 0.0) -> SemanticTokenizer:
     """Fits the tokenizer's normalisation and k-means by streaming audio through the frozen feature model.
 
-    Normalisation (per-dimension mean and std) comes from the first `normalization_batches` batches; then
+    Normalisation (per-dimension mean and std) comes from the first `normalization_batches` batches.
+    pitch_class_share > 0 makes the tokens keep the pitch class (melody): the frame's 12-dimensional pitch-class
+    profile follows the layer's D dimensions (FeatureExtractor(pitch_classes=True)) and is scaled after
+    normalisation to a per-dimension standard deviation of w = sqrt(share / (1 - share) * D / 12), so that it
+    holds `share` of the points' total variance at any D (its std in normalization.npz is divided by w). k-means
+    then splits by pitch class first: without it the clusters of a small or briefly trained model follow each
+    clip's timbre (see gin/semantic/kmeans_tiny.gin for the figures). Then
     `num_steps` mini-batch k-means steps, one per audio batch (all frames of the batch are the points, sharded
     over the data axes). State is saved every `save_every` steps and at the end; a restart with the same
     arguments continues from the saved step and gives the same result as an uninterrupted fit.
     """
+    if not 0.0 <= pitch_class_share < 1.0:
+        raise ValueError(f"pitch_class_share={pitch_class_share}: expected 0 <= share < 1")
     model, params = load_feature_model(feature_checkpoint)
-    features = FeatureExtractor(model, params, layer, frame_pooling)
+    features = FeatureExtractor(model, params, layer, frame_pooling, pitch_classes=pitch_class_share > 0)
     os.makedirs(output_dir, exist_ok=True)
     norm_path = os.path.join(output_dir, NORMALIZATION_FILE)
     if os.path.exists(norm_path):
@@ -215,7 +245,11 @@ def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int,
                                                            audio_dir, seed + 1), range(normalization_batches))]
         flat = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats]).astype(np.float64)
         mean, std = flat.mean(axis=0).astype(np.float32), (flat.std(axis=0) + 1e-5).astype(np.float32)
-    tokenizer = SemanticTokenizer(features, mean, std, np.zeros((num_clusters, mean.shape[0]), np.float32))
+        if pitch_class_share > 0:
+            layer_dims = mean.shape[0] - 12
+            std[layer_dims:] /= np.sqrt(pitch_class_share / (1.0 - pitch_class_share) * layer_dims / 12.0)
+    tokenizer = SemanticTokenizer(features, mean, std, np.zeros((num_clusters, mean.shape[0]), np.float32),
+                                  pitch_class_share)
     tokenizer.save(output_dir, feature_checkpoint)
 
     kmeans = MiniBatchKMeans(num_clusters, mean.shape[0], seed=seed)
@@ -234,7 +268,7 @@ def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int,
             print(f"semantic fit: step {step + 1}/{num_steps} "
                   f"{ {k: round(float(v), 4) for k, v in jax.device_get(metrics).items()} }", file=sys.stderr)
     kmeans.save(kmeans_path)
-    return SemanticTokenizer(features, mean, std, kmeans.centroids)
+    return SemanticTokenizer(features, mean, std, kmeans.centroids, pitch_class_share)
 
 
 # ------------------------------------------------------------------------------------------- command line

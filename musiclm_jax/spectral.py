@@ -118,3 +118,54 @@ def log_mel_spectrogram(audio: jax.Array, sample_rate: int, n_fft: int, hop: int
                          f"non-empty mel bands, fewer than n_mels={n_mels}")
     mel = jnp.einsum("btf,fm->btm", power, bank, precision=jax.lax.Precision.HIGHEST)
     return jnp.log(mel + eps)
+
+
+def note_filterbank(sample_rate: int, n_fft: int, lowest_midi: int, num_notes: int) -> np.ndarray:
+    """[n_fft // 2 + 1, num_notes] float32: each STFT bin counts for its nearest equal-tempered note (A4 = 440 Hz)
+    among MIDI lowest_midi .. lowest_midi + num_notes - 1; bins outside that range, and DC, count for none. Notes
+    narrower than a bin (low notes at short windows) may get no bin."""
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    bank = np.zeros((len(freqs), num_notes), np.float32)
+    with np.errstate(divide="ignore"):
+        midi = np.round(69 + 12 * np.log2(freqs / 440.0))
+    inside = np.isfinite(midi) & (midi >= lowest_midi) & (midi < lowest_midi + num_notes)
+    bank[np.nonzero(inside)[0], (midi[inside] - lowest_midi).astype(int)] = 1.0
+    return bank
+
+
+def note_spectrogram(audio: jax.Array, sample_rate: int, frames: int, samples_per_frame: int, num_notes: int,
+                     lowest_midi: int = 36, n_fft: int = 2048) -> jax.Array:
+    """Which notes sound in each frame: audio [batch, samples] -> float32 [batch, frames, num_notes].
+
+    Frame t's periodic Hann window of n_fft samples is centred on the centre of its samples,
+    t * samples_per_frame + samples_per_frame / 2 (zero padding at both ends); its power is summed per note
+    (`note_filterbank`); the log10 of each note's power + 1e-8 is standardized over the notes of the frame (mean
+    0, variance 1), so the values say which notes sound, not how loud the frame is. A semitone-resolution
+    stand-in for a constant-Q transform (MERT's CQT target and CQT features), computed with one FFT per frame."""
+    bank = note_filterbank(sample_rate, n_fft, lowest_midi, num_notes)
+    left = n_fft // 2 - samples_per_frame // 2
+    needed = (frames - 1) * samples_per_frame + n_fft
+    padded = jnp.pad(jnp.asarray(audio).astype(jnp.float32),
+                     ((0, 0), (left, max(0, needed - left - audio.shape[1]))))
+    spec = stft(padded[:, :needed], n_fft, samples_per_frame)  # [b, frames, n_fft // 2 + 1]
+    power = jnp.square(spec.real) + jnp.square(spec.imag)
+    energy = jnp.log10(jnp.einsum("btf,fn->btn", power, jnp.asarray(bank), precision=jax.lax.Precision.HIGHEST)
+                       + 1e-8)
+    mean = jnp.mean(energy, axis=-1, keepdims=True)
+    std = jnp.sqrt(jnp.mean(jnp.square(energy - mean), axis=-1, keepdims=True) + 1e-6)
+    return (energy - mean) / std
+
+
+def pitch_class_profile(audio: jax.Array, sample_rate: int, frames: int, samples_per_frame: int,
+                        lowest_midi: int = 36, octaves: int = 6) -> jax.Array:
+    """Which pitch classes sound in each frame: audio [batch, samples] -> float32 [batch, frames, 12] (C..B).
+
+    The `note_spectrogram` of `octaves` octaves from MIDI lowest_midi (a C for the classes to start at C; 36 = C2,
+    65 Hz, to B7, 3951 Hz), in a window of 128 ms (2048 samples at 16 kHz; the power of two nearest
+    0.128 * sample_rate), folded by the maximum over octaves: each class's value is that of its strongest
+    octave, so one loud note names its class whatever the octave."""
+    if lowest_midi % 12:
+        raise ValueError(f"pitch_class_profile: lowest_midi={lowest_midi} is not a C (a multiple of 12)")
+    n_fft = int(2 ** round(np.log2(0.128 * sample_rate)))
+    notes = note_spectrogram(audio, sample_rate, frames, samples_per_frame, 12 * octaves, lowest_midi, n_fft)
+    return jnp.max(notes.reshape(*notes.shape[:2], octaves, 12), axis=2)

@@ -28,7 +28,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from musiclm_jax import spectral
 from musiclm_jax.models import AudioFeatureModel, cross_entropy
@@ -81,28 +80,10 @@ def contrastive_loss(context: jax.Array, targets: jax.Array, mask: jax.Array, ne
 
 def pitch_target(audio: jax.Array, sample_rate: int, frames: int, samples_per_frame: int, bins: int,
                  lowest_midi: int = 36, n_fft: int = 2048) -> jax.Array:
-    """The pitch target (see the module docstring): audio [b, samples] -> [b, frames, bins] float32.
-
-    Frame t's Hann window of n_fft samples is centred on the centre of its samples, t * samples_per_frame +
-    samples_per_frame / 2; each STFT bin counts for the nearest equal-tempered note (A4 = 440 Hz) among MIDI
-    lowest_midi .. lowest_midi + bins - 1 (notes with no bin of their own, low ones at short windows, stay 0 and
-    get the frame's floor); the log10 of each note's power + 1e-8 is standardized over the notes of the frame."""
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    bank = np.zeros((len(freqs), bins), np.float32)
-    with np.errstate(divide="ignore"):
-        midi = np.round(69 + 12 * np.log2(freqs / 440.0))
-    inside = np.isfinite(midi) & (midi >= lowest_midi) & (midi < lowest_midi + bins)
-    bank[np.nonzero(inside)[0], (midi[inside] - lowest_midi).astype(int)] = 1.0
-    left = n_fft // 2 - samples_per_frame // 2
-    needed = (frames - 1) * samples_per_frame + n_fft
-    padded = jnp.pad(audio.astype(jnp.float32), ((0, 0), (left, max(0, needed - left - audio.shape[1]))))
-    spec = spectral.stft(padded[:, :needed], n_fft, samples_per_frame)  # [b, frames, bins_fft]
-    power = jnp.square(spec.real) + jnp.square(spec.imag)
-    energy = jnp.log10(jnp.einsum("btf,fn->btn", power, jnp.asarray(bank), precision=jax.lax.Precision.HIGHEST)
-                       + 1e-8)
-    mean = jnp.mean(energy, axis=-1, keepdims=True)
-    std = jnp.sqrt(jnp.mean(jnp.square(energy - mean), axis=-1, keepdims=True) + 1e-6)
-    return (energy - mean) / std
+    """The pitch target (see the module docstring): audio [b, samples] -> [b, frames, bins] float32, the
+    standardized log energy of the notes MIDI lowest_midi .. lowest_midi + bins - 1 of frame t's window of n_fft
+    samples centred on t * samples_per_frame + samples_per_frame / 2 (`spectral.note_spectrogram`)."""
+    return spectral.note_spectrogram(audio, sample_rate, frames, samples_per_frame, bins, lowest_midi, n_fft)
 
 
 class W2VBertModel(AudioFeatureModel):

@@ -153,3 +153,56 @@ def test_the_pitch_head_learns_the_pitch_target():
                                          num_mlm_layers=1, codebook_size=16, contrastive_dim=32, pitch_bins=8,
                                          pitch_layer=5, subsampling_channels=8, n_mels=40), 16000)
         bad.get_initial_variables(jax.random.key(0), {"audio": (1, 16000)})
+
+
+# ------------------------------------------------------------------------------------------- note front end
+
+
+def _small_config(**overrides) -> W2VBertConfig:
+    sizes = dict(n_mels=40, subsampling_channels=8, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                 num_contrastive_layers=1, num_mlm_layers=1, codebook_size=16, contrastive_dim=32, dropout_rate=0.0)
+    return W2VBertConfig(**{**sizes, **overrides})
+
+
+def test_the_note_front_end_adds_a_linear_map_of_the_note_spectrogram_to_the_features():
+    """note_bins > 0: features = LayerNorm(mel path + notes @ note_project); with that kernel at 0 they equal the
+    mel-only network's, and the notes are the frame-centred note spectrogram."""
+    from musiclm_jax import spectral
+    from musiclm_jax.networks.w2v_bert import FeatureEncoder
+    with_notes = _small_config(note_bins=24, note_lowest_midi=36, note_window=2048)
+    t = np.arange(24000) / 16000
+    audio = jnp.asarray(np.stack([0.3 * np.sin(2 * np.pi * 110.0 * t), 0.3 * np.sin(2 * np.pi * 116.54 * t)]),
+                        jnp.float32)  # A2 and A#2: 6.5 Hz apart, inside one 40 Hz bin of the 25 ms mel window
+    from musiclm_jax.partitioning import unbox
+    encoder = FeatureEncoder(with_notes)
+    params = unbox(encoder.init(jax.random.key(0), audio)["params"])
+    kernel = np.asarray(params["note_project"]["kernel"])
+    assert kernel.shape == (24, 32)
+    plain_params = {k: v for k, v in params.items() if k != "note_project"}
+    plain = FeatureEncoder(_small_config()).apply({"params": plain_params}, audio)
+    zeroed = jax.tree_util.tree_map(lambda x: x, params)
+    zeroed["note_project"] = {"kernel": jnp.zeros_like(params["note_project"]["kernel"])}
+    np.testing.assert_allclose(np.asarray(encoder.apply({"params": zeroed}, audio)), np.asarray(plain), atol=1e-6)
+    features = np.asarray(encoder.apply({"params": params}, audio))
+    assert features.shape == plain.shape == (2, with_notes.num_frames(24000), 32)
+    notes = np.asarray(spectral.note_spectrogram(audio, 16000, features.shape[1], with_notes.samples_per_frame, 24,
+                                                 36, 2048))
+    inner = slice(2, -2)
+    assert np.all(np.argmax(notes[0, inner], -1) == 45 - 36) and np.all(np.argmax(notes[1, inner], -1) == 46 - 36)
+    # The note path is live: it moves the features (a stationary tone's mel path, normalised per band over time,
+    # is nearly flat, so here the notes are most of what tells the two tones apart).
+    assert np.abs(features - np.asarray(plain)).mean() > 0.1
+
+
+def test_pitch_class_profile_names_the_class_in_any_octave():
+    from musiclm_jax import spectral
+    t = np.arange(32000) / 16000
+    tones = [110.0, 220.0, 880.0, 261.63, 392.0]  # A2, A3, A5, C4, G4
+    audio = jnp.asarray(np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in tones]), jnp.float32)
+    profile = np.asarray(spectral.pitch_class_profile(audio, 16000, frames=50, samples_per_frame=640))
+    assert profile.shape == (5, 50, 12)
+    winners = np.argmax(profile[:, 3:-3], axis=-1)
+    for row, expected in enumerate([9, 9, 9, 0, 7]):
+        assert np.all(winners[row] == expected), (tones[row], np.bincount(winners[row]))
+    with pytest.raises(ValueError, match="lowest_midi=37 is not a C"):
+        spectral.pitch_class_profile(audio, 16000, 50, 640, lowest_midi=37)

@@ -72,23 +72,36 @@ def _chroma_cqt(audio: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
                                       tuning=0.0)  # [12, T]; A4 = 440 Hz for both signals, not estimated per clip
 
 
+def chroma_cqt_classes(audio: np.ndarray, sample_rate: int, hop: int = 512, clarity: float = 0.75,
+                       silence_db: float = -45.0) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax pitch class [frames] int, clear [frames] bool) of the librosa chroma_cqt of audio [samples], frame
+    t centred on sample t * hop: a frame is clear when its second-strongest class is at most `clarity` times its
+    strongest and its RMS (2048-sample window) is at least `silence_db` dBFS."""
+    import librosa
+    audio = np.asarray(audio, np.float32)
+    chroma = _chroma_cqt(audio, sample_rate, hop)
+    rms = librosa.feature.rms(y=audio, frame_length=2048, hop_length=hop)[0]
+    frames = min(chroma.shape[1], len(rms))
+    chroma, rms = chroma[:, :frames], rms[:frames]
+    top2 = np.sort(chroma, axis=0)[-2:]
+    clear = (top2[0] <= clarity * top2[1]) & (20 * np.log10(np.maximum(rms, 1e-12)) >= silence_db)
+    return np.argmax(chroma, axis=0), clear
+
+
 def chroma_cqt_agreement(reference: np.ndarray, estimate: np.ndarray, sample_rate: int, hop: int = 512,
                          clarity: float = 0.75, silence_db: float = -45.0) -> tuple[int, int]:
     """(frames that agree, clear frames) of the librosa chroma_cqt argmax of estimate [batch, samples] against
-    that of reference [batch, samples] (see the module docstring)."""
-    import librosa
+    that of reference [batch, samples], on the reference's clear frames (`chroma_cqt_classes`)."""
     reference, estimate = np.atleast_2d(reference), np.atleast_2d(estimate)
     if reference.shape != estimate.shape:
         raise ValueError(f"reference {reference.shape} and estimate {estimate.shape} differ in shape")
     agree = total = 0
     for ref, est in zip(reference, estimate):
-        c_ref, c_est = _chroma_cqt(ref, sample_rate, hop), _chroma_cqt(est, sample_rate, hop)
-        rms = librosa.feature.rms(y=np.asarray(ref, np.float32), frame_length=2048, hop_length=hop)[0]
-        frames = min(c_ref.shape[1], c_est.shape[1], len(rms))
-        c_ref, c_est, rms = c_ref[:, :frames], c_est[:, :frames], rms[:frames]
-        top2 = np.sort(c_ref, axis=0)[-2:]
-        clear = (top2[0] <= clarity * top2[1]) & (20 * np.log10(np.maximum(rms, 1e-12)) >= silence_db)
-        agree += int(np.sum(np.argmax(c_est, axis=0)[clear] == np.argmax(c_ref, axis=0)[clear]))
+        c_ref, clear = chroma_cqt_classes(ref, sample_rate, hop, clarity, silence_db)
+        c_est = np.argmax(_chroma_cqt(est, sample_rate, hop), axis=0)
+        frames = min(len(c_ref), len(c_est))
+        c_ref, clear, c_est = c_ref[:frames], clear[:frames], c_est[:frames]
+        agree += int(np.sum(c_est[clear] == c_ref[clear]))
         total += int(np.sum(clear))
     return agree, total
 

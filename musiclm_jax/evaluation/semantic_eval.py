@@ -9,6 +9,16 @@ frames past the last whole melody frame are left out. Over all pairs of all clip
   melody_mutual_information_bits   I(semantic token; melody token), the plug-in estimate in bits
   melody_mi_shuffled_bits          the same with each clip's melody tokens taken from another clip (a cyclic
                                    shift of the clips): the estimate's bias floor for these marginals and counts
+  melody_held_out_bits             the information that carries over to other clips: the clips are split in two
+                                   (even and odd positions); P(melody | semantic token) is counted on one half
+                                   (smoothed towards that half's P(melody) with 6 pseudo-counts) and scored on
+                                   the other, against that P(melody), in bits per pair, averaged over both ways
+                                   (held_out_information_bits). Unlike the plug-in figures it is not raised by
+                                   tokens that only tell clips apart (e.g. by timbre): those score 0 or below
+  chroma_cqt_mutual_information_bits, chroma_cqt_held_out_bits, chroma_cqt_entropy_bits, num_chroma_pairs
+                                   the same against an independent pitch measure: the argmax of librosa's
+                                   chroma_cqt on its clear frames (evaluation/pitch_metrics.chroma_cqt_classes),
+                                   one frame per semantic frame (hop = samples per semantic frame)
   melody_entropy_bits              H(melody token) over the pitched pairs (the most any token can carry: log2 12 =
                                    3.58 bits for uniform pitch classes)
   semantic_entropy_bits            H(semantic token) over the same pairs
@@ -24,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from musiclm_jax import melody
+from musiclm_jax.evaluation import pitch_metrics
 from musiclm_jax.evaluation.codec_eval import evaluation_batches
 
 
@@ -43,6 +54,30 @@ def mutual_information_bits(x: np.ndarray, y: np.ndarray) -> float:
     return max(0.0, entropy_bits(x) + entropy_bits(y) - entropy_bits(joint.ravel()))
 
 
+def held_out_information_bits(tokens: list, labels: list, num_labels: int = 12) -> float:
+    """Bits per pair about the label that the token gives on clips it was not counted on (see the module
+    docstring). tokens, labels: one [pairs] int array per clip, labels in 0..num_labels - 1. Needs 2 clips."""
+    if len(tokens) < 2:
+        raise ValueError("held_out_information_bits needs at least two clips")
+    gain, count = 0.0, 0
+    for fold in (0, 1):
+        train = [i for i in range(len(tokens)) if i % 2 != fold]
+        test = [i for i in range(len(tokens)) if i % 2 == fold]
+        tok, lab = np.concatenate([tokens[i] for i in train]), np.concatenate([labels[i] for i in train])
+        vocab = int(max(t.max(initial=0) for t in tokens)) + 1
+        prior = np.bincount(lab, minlength=num_labels) + 0.5
+        prior = prior / prior.sum()
+        # Counts smoothed towards the prior (num_labels / 2 pseudo-counts): a token unseen in this half predicts
+        # the prior and scores 0.
+        table = np.zeros((vocab, num_labels)) + 0.5 * num_labels * prior
+        np.add.at(table, (tok, lab), 1.0)
+        table /= table.sum(axis=1, keepdims=True)
+        tok, lab = np.concatenate([tokens[i] for i in test]), np.concatenate([labels[i] for i in test])
+        gain += float(np.sum(np.log2(table[tok, lab]) - np.log2(prior[lab])))
+        count += len(lab)
+    return gain / max(count, 1)
+
+
 def paired_frames(semantic: np.ndarray, melody_tokens: np.ndarray, semantic_rate: float,
                   melody_rate: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """(semantic tokens, melody tokens) of the pitched pairs of one clip (see the module docstring):
@@ -60,7 +95,8 @@ def evaluate_semantic(checkpoint_dir: str, audio_dir: Optional[str] = None, spli
     from musiclm_jax.semantic import SemanticTokenizer
     tokenizer = SemanticTokenizer.load(checkpoint_dir)
     rate = tokenizer.sample_rate
-    sem_per_clip, mel_per_clip, skipped = [], [], {}
+    sem_per_clip, mel_per_clip, chroma_pairs, skipped = [], [], [], {}
+    hop = rate / tokenizer.frame_rate
     for batch, clips in evaluation_batches(audio_dir, split, rate, clip_seconds, max_examples, int(rate / 5),
                                            batch_size, skipped, "semantic eval"):
         tokens = tokenizer.tokenize(batch)
@@ -68,6 +104,9 @@ def evaluate_semantic(checkpoint_dir: str, audio_dir: Optional[str] = None, spli
             frames = int(np.ceil(len(audio) / rate * tokenizer.frame_rate - 1e-9))
             sem_per_clip.append(tokens[row, :frames])
             mel_per_clip.append(melody.melody_tokens(audio[None], rate)[0])
+            classes, clear = pitch_metrics.chroma_cqt_classes(audio, rate, int(round(hop)))
+            n = min(frames, len(classes))
+            chroma_pairs.append((sem_per_clip[-1][:n][clear[:n]], classes[:n][clear[:n]]))
 
     def pairs(shift: int):
         sem, mel = zip(*(paired_frames(s, mel_per_clip[(i + shift) % len(mel_per_clip)], tokenizer.frame_rate)
@@ -78,7 +117,17 @@ def evaluate_semantic(checkpoint_dir: str, audio_dir: Optional[str] = None, spli
     if sem.size == 0:
         raise ValueError(f"semantic eval: no pitched frame in {len(sem_per_clip)} clips (skipped: {skipped})")
     shuffled = pairs(1) if len(sem_per_clip) > 1 else (sem, np.zeros_like(mel))
+    by_clip = [paired_frames(s, m, tokenizer.frame_rate) for s, m in zip(sem_per_clip, mel_per_clip)]
+    chroma_sem, chroma_cls = (np.concatenate(x) for x in zip(*chroma_pairs))
+    two = len(sem_per_clip) > 1
     return {
+        "melody_held_out_bits": held_out_information_bits(*map(list, zip(*by_clip))) if two else float("nan"),
+        "chroma_cqt_mutual_information_bits": mutual_information_bits(chroma_sem, chroma_cls)
+        if chroma_sem.size else float("nan"),
+        "chroma_cqt_held_out_bits": held_out_information_bits(*map(list, zip(*chroma_pairs)))
+        if two and chroma_sem.size else float("nan"),
+        "chroma_cqt_entropy_bits": entropy_bits(chroma_cls) if chroma_cls.size else float("nan"),
+        "num_chroma_pairs": int(chroma_sem.size),
         "melody_mutual_information_bits": mutual_information_bits(sem, mel),
         "melody_mi_shuffled_bits": mutual_information_bits(*shuffled),
         "melody_entropy_bits": entropy_bits(mel),

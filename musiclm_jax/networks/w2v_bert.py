@@ -3,6 +3,7 @@
     audio [batch, samples] at 16 kHz
       -> log-mel (80 bins, 25 ms window, 10 ms hop: 100 Hz), normalised per band    `FeatureEncoder`
       -> two 3x3 stride-2 Conv2D (4x subsampling: 25 Hz) -> linear to d      (features, the quantizer's input)
+         [+ a linear map of the frame's note spectrogram, when note_bins > 0]
       -> [span masking: masked frames replaced by a learned vector]
       -> contrastive module: the first `num_contrastive_layers` conformer blocks        (context vectors)
       -> MLM module: the remaining conformer blocks -> logits over the quantizer's codes (MLM predictions)
@@ -55,6 +56,11 @@ class W2VBertConfig:
       replaced (default 0: off, since a replaced code moves the targets the MLM module is learning);
       diversity_temperature: of the soft assignment (see above).
       contrastive_dim: dimension of the projected context vectors and targets compared by cosine.
+      note_bins: 0, or the notes of a second front end (MERT's CQT features in semitone form): the standardized
+        log energy of MIDI note_lowest_midi .. note_lowest_midi + note_bins - 1 in a window of `note_window`
+        samples centred on each output frame (spectral.note_spectrogram), mapped linearly to d and added to the
+        features. The 25 ms mel window cannot resolve semitones below about 700 Hz (its bins are 40 Hz apart at
+        16 kHz); a 2048-sample window's are 7.8 Hz apart.
       pitch_bins: 0, or the notes of the pitch head (a linear map of hidden state `pitch_layer`, 0 = the last,
         to `pitch_bins` outputs [b, t, pitch_bins], trained by W2VBertModel's pitch target, as MERT's CQT head).
       dropout_rate: dropout in the conformer blocks; dtype: compute dtype ('float32' or 'bfloat16').
@@ -80,6 +86,9 @@ class W2VBertConfig:
     dead_code_threshold: float = 0.0
     diversity_temperature: float = 1.0
     contrastive_dim: int = 768
+    note_bins: int = 0
+    note_lowest_midi: int = 36
+    note_window: int = 2048
     pitch_bins: int = 0
     pitch_layer: int = 0
     dropout_rate: float = 0.1
@@ -128,6 +137,10 @@ class FeatureEncoder(nn.Module):
         cfg = self.config
         # Pad so that each hop of input gives one mel frame: left by window - hop, right up to a whole hop.
         samples = audio.shape[-1]
+        notes = None
+        if cfg.note_bins:
+            notes = spectral.note_spectrogram(audio, cfg.sample_rate, cfg.num_frames(samples), cfg.samples_per_frame,
+                                              cfg.note_bins, cfg.note_lowest_midi, cfg.note_window)
         right = (-samples) % cfg.hop
         audio = jnp.pad(audio.astype(jnp.float32), ((0, 0), (cfg.window - cfg.hop, right)))
         mel = spectral.log_mel_spectrogram(audio, cfg.sample_rate, cfg.window, cfg.hop, cfg.n_mels)
@@ -146,6 +159,9 @@ class FeatureEncoder(nn.Module):
         b, t, f, c = x.shape
         x = _dense((cfg.embed_dim,), ("conv_in", "conv_out", "embed"), "project", jnp.dtype(cfg.dtype),
                    num_contract=2)(x)
+        if notes is not None:
+            x = x + _dense((cfg.embed_dim,), ("conv_in", "embed"), "note_project", jnp.dtype(cfg.dtype))(
+                notes.astype(jnp.dtype(cfg.dtype)))
         x = _layer_norm("norm")(x)
         return constrain(x, BLE)
 
