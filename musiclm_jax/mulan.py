@@ -8,7 +8,10 @@
 
 Clip embeddings: audio longer than the model's window (`window_samples`, 10 s in the paper) is cut into windows
 at `stride_seconds` (1 s) with a last window ending at the clip's end, their embeddings are averaged and the mean
-is re-normalised (the paper's recipe); shorter audio is zero-padded to one window.
+is re-normalised (the paper's recipe; an imported CLAP is treated the same way, where transformers'
+ClapFeatureExtractor with truncation='rand_trunc' would embed one random window). Shorter audio becomes one window
+as the model's `short_clip_padding` says: zeros appended ('pad', this project's MuLan), or the clip repeated as many
+whole times as fit and then zeros ('repeatpad', CLAP's convention, set by gin/mulan/clap.gin), `pad_to_window`.
 
 Conditioning tokens: a residual VQ of `levels` x `codebook_size` (paper 12 x 1024) fitted on audio embeddings of
 training clips (level l: k-means of the residuals left by levels < l), saved as CHECKPOINT/mulan_rvq.npz.
@@ -35,6 +38,19 @@ import numpy as np
 from musiclm_jax.vq import rvq_decode, rvq_encode
 
 RVQ_FILE = "mulan_rvq.npz"
+
+
+def pad_to_window(audio: np.ndarray, window: int, mode: str = "pad") -> np.ndarray:
+    """audio [batch, samples] with samples <= window -> [batch, window]: 'pad' appends zeros; 'repeatpad' tiles
+    each clip floor(window / samples) times, then appends zeros (transformers' ClapFeatureExtractor)."""
+    samples = audio.shape[1]
+    if samples > window or samples == 0:
+        raise ValueError(f"pad_to_window: {samples} samples for a window of {window}")
+    if mode == "repeatpad":
+        audio = np.tile(audio, (1, window // samples))
+    elif mode != "pad":
+        raise ValueError(f"pad_to_window: mode {mode!r}, expected 'pad' or 'repeatpad'")
+    return np.pad(audio, ((0, 0), (0, window - audio.shape[1])))
 
 
 def window_starts(num_samples: int, window: int, stride: int) -> list[int]:
@@ -149,7 +165,7 @@ class MuLan:
         audio = audio[None] if squeeze else audio
         window = self.window_samples
         if audio.shape[1] < window:
-            audio = np.pad(audio, ((0, 0), (0, window - audio.shape[1])))
+            audio = pad_to_window(audio, window, self.model.short_clip_padding)
         starts = window_starts(audio.shape[1], window, self.stride)
         windows = np.stack([clip[s:s + window] for clip in audio for s in starts])
         embeddings = self._windows(windows).reshape(audio.shape[0], len(starts), -1).mean(axis=1)
@@ -220,8 +236,9 @@ def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 20
     mulan = MuLan.from_checkpoint(model_dir)
     seconds = mulan.window_samples / mulan.sample_rate
     clips = list(training_clips(mulan.sample_rate, seconds, num_clips, audio_dir))
+    window, padding = mulan.window_samples, mulan.model.short_clip_padding
     embeddings = np.concatenate([mulan.embed_audio(np.stack(
-        [np.pad(c, (0, max(0, mulan.window_samples - len(c))))[:mulan.window_samples] for c in clips[i:i + 64]]))
+        [pad_to_window(c[None, :window], window, padding)[0] for c in clips[i:i + 64]]))
         for i in range(0, len(clips), 64)])
     rvq = ConditioningRVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed)
     rvq.save(os.path.join(model_dir, RVQ_FILE))

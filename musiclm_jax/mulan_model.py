@@ -53,13 +53,22 @@ class MuLanModel(BaseModel):
       vocabulary_dir: where the captions' SentencePiece model lives (the run's MODEL_DIR: text_vocab/spm.model);
         trained from `vocabulary_source_task`'s train captions when the input pipeline is first built.
       max_logit_scale: clamp of exp(logit_scale).
+      short_clip_padding: how a clip shorter than one window is brought to segment_samples for a clip embedding
+        (mulan.MuLan.embed_audio): 'pad' appends zeros (this project's MuLan); 'repeatpad' first repeats the clip
+        as many whole times as fit, then appends zeros (CLAP's convention: transformers' ClapFeatureExtractor
+        padding='repeatpad', the one an imported CLAP is scored with).
     """
 
     feature_converter_name = "audio_text"
+    SHORT_CLIP_PADDINGS = ("pad", "repeatpad")
 
     def __init__(self, network: MuLanConfig, segment_samples: int, text_length: int,
                  vocabulary_dir: Optional[str] = None, vocabulary_source_task: Optional[str] = None,
-                 max_logit_scale: float = 100.0):
+                 max_logit_scale: float = 100.0, short_clip_padding: str = "pad"):
+        if short_clip_padding not in self.SHORT_CLIP_PADDINGS:
+            raise ValueError(f"MuLanModel.short_clip_padding={short_clip_padding!r}: expected one of "
+                             f"{self.SHORT_CLIP_PADDINGS}")
+        self.short_clip_padding = short_clip_padding
         self.network = network
         self.module = MuLan(network)
         self.segment_samples = int(segment_samples)

@@ -178,3 +178,16 @@ def test_the_caption_vocabulary_is_made_by_prepare_assets_only(tmp_path):
     stamp = os.stat(path).st_mtime_ns
     model.prepare_assets()  # already there: kept
     assert os.stat(path).st_mtime_ns == stamp
+
+
+def test_short_clips_are_padded_or_repeated_to_one_window():
+    from musiclm_jax.mulan import pad_to_window
+    from musiclm_jax.mulan_model import MuLanModel
+    clip = np.array([[1.0, 2.0, 3.0]], np.float32)
+    np.testing.assert_array_equal(pad_to_window(clip, 8), [[1, 2, 3, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(pad_to_window(clip, 8, "repeatpad"), [[1, 2, 3, 1, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(pad_to_window(clip, 3, "repeatpad"), clip)
+    with pytest.raises(ValueError, match="4 samples for a window of 3"):
+        pad_to_window(np.zeros((1, 4), np.float32), 3)
+    with pytest.raises(ValueError, match="short_clip_padding='repeat'"):
+        MuLanModel(None, 16000, 8, short_clip_padding="repeat")
