@@ -4,7 +4,8 @@ The pins are the set verified to install together on Python 3.11 (see README, "I
 Extras:
   test     pytest and the references the tests compare against (scipy, scikit-learn)
   tpu      libtpu, so that `python -m musiclm_jax.aot` can compile for TPU topologies on a CPU machine
-  convert  torch (CPU build) and transformers, used only by the weight converters and their tests
+  convert  torch (CPU build), transformers and torchvggish (with resampy), used only by the weight converters and
+           their tests
 """
 import setuptools
 
@@ -32,7 +33,7 @@ CORE = [
 EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "scikit-learn==1.9.1"],
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
-    "convert": ["torch==2.13.0", "transformers==5.24.0"],
+    "convert": ["torch==2.13.0", "transformers==5.24.0", "torchvggish==0.2", "resampy==0.4.3"],
 }
 
 setuptools.setup(

@@ -10,6 +10,10 @@ Kinds:
   clap      a transformers ClapModel folder (config.json + weights, optionally preprocessor_config.json and the
             tokenizer files) -> a MuLan run directory of gin/mulan/clap.gin (HTSAT audio tower, RoBERTa text
             tower, projections) with the checkpoint's tokenizer.json copied in for `MuLan.embed_text`.
+  vggish    a torch state dict file in torchvggish's layout (the released vggish-10086976.pth), and optionally
+            --pca with the PCA postprocessor's file (vggish_pca_params-970ea276.pth) -> a run directory of
+            gin/eval/vggish.gin (frozen; vggish_model.VGGishEmbedder), the PCA as vggish_pca.npz beside it.
+            --final_relu keeps torchvggish's ReLU on the embedding (FAD uses the embedding without it).
 """
 from __future__ import annotations
 
@@ -107,18 +111,44 @@ def convert_clap_dir(source: str, model_dir: str, text_length: int = 77) -> str:
     return model_dir
 
 
+def convert_vggish_file(source: str, model_dir: str, pca: Optional[str] = None, final_relu: bool = False) -> str:
+    """Converts the torchvggish state dict file `source` (and PCA file `pca`) into run directory `model_dir`."""
+    import numpy as np
+    import torch
+
+    from musiclm_jax.convert.vggish import convert_vggish, convert_vggish_pca
+    from musiclm_jax.vggish_model import PCA_FILE
+
+    for path in filter(None, (source, pca)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} is not a file (expected a torch state dict saved with torch.save)")
+    params = convert_vggish(torch.load(source, map_location="cpu", weights_only=True))
+    pca_params = convert_vggish_pca(torch.load(pca, map_location="cpu", weights_only=False)) if pca else None
+    checkpoint_loading.write_run_directory(model_dir, "gin/eval/vggish.gin",
+                                           [f"vggish.VGGishConfig.final_relu = {final_relu}"], params, "VGGish")
+    if pca_params is not None:
+        np.savez(os.path.join(model_dir, PCA_FILE), **pca_params)
+    return model_dir
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["encodec", "hubert", "clap"])
-    parser.add_argument("--from", dest="source", required=True, help="checkpoint folder to import")
+    parser.add_argument("kind", choices=["encodec", "hubert", "clap", "vggish"])
+    parser.add_argument("--from", dest="source", required=True, help="checkpoint folder (vggish: file) to import")
     parser.add_argument("--to", dest="model_dir", required=True, help="run directory to write")
+    parser.add_argument("--pca", default=None, help="vggish: the PCA postprocessor's parameter file")
+    parser.add_argument("--final_relu", action="store_true", help="vggish: keep torchvggish's ReLU on the embedding")
     args = parser.parse_args(argv)
+    if args.kind != "vggish" and (args.pca or args.final_relu):
+        raise SystemExit("--pca and --final_relu apply to vggish only")
     if args.kind == "encodec":
         convert_encodec_dir(args.source, args.model_dir)
     elif args.kind == "hubert":
         convert_hubert_dir(args.source, args.model_dir)
     elif args.kind == "clap":
         convert_clap_dir(args.source, args.model_dir)
+    elif args.kind == "vggish":
+        convert_vggish_file(args.source, args.model_dir, args.pca, args.final_relu)
     print(f"convert: {args.kind} {args.source} -> {args.model_dir}", file=sys.stderr)
 
 
