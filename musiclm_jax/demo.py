@@ -211,10 +211,17 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     synthetic test clips condition generation under their own captions; the generated audio's melody tokens are
     compared, on the frames where the melody has a pitch, with that melody ('agreement_with_melody'), and with
     the same captions generated without a melody ('agreement_without_melody') and with another clip's melody
-    ('agreement_with_other_melody', a derangement) as the baselines."""
+    ('agreement_with_other_melody', a derangement) as the baselines.
+
+    Where the semantic tokenizer keeps pitch classes (SemanticTokenizer.token_pitch_classes), the same three are
+    measured one step earlier, on the generated semantic tokens ('semantic_agreement_*': the pitch class most of a
+    melody frame's semantic tokens stand for), next to the reference audio's own semantic tokens
+    ('semantic_agreement_of_reference_tokens', what the tokens can carry): they tell the semantic stage's share
+    from the acoustic stages' and the codec's."""
     from musiclm_jax import melody
-    from musiclm_jax.data import synthetic_music
+    from musiclm_jax.data import audio_io, synthetic_music
     from musiclm_jax.pipeline import MusicLM
+    from musiclm_jax.semantic import SemanticTokenizer
     musiclm = MusicLM.from_checkpoints(*(os.path.join(out, n) for n in ("mulan", "codec", "semantic", "coarse",
                                                                          "fine")))
     musiclm.log = None
@@ -224,19 +231,34 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     clips = [synthetic_music.generate_clip(i, seconds=duration, sample_rate=rate) for i in indices]
     captions, tunes = [c["caption"] for c in clips], np.stack([c["audio"] for c in clips])
     reference = melody.melody_tokens(tunes, rate, musiclm.melody_rate)
-    with_melody = melody.melody_tokens(musiclm.generate(captions, melody=tunes), rate, musiclm.melody_rate)
     other = np.roll(np.arange(num_clips), 1)
-    with_other = melody.melody_tokens(musiclm.generate(captions, melody=tunes[other]), rate, musiclm.melody_rate)
-    without = melody.melody_tokens(musiclm.generate(captions), rate, musiclm.melody_rate)
+    results = {"with_melody": musiclm.generate(captions, melody=tunes, return_details=True),
+               "with_other_melody": musiclm.generate(captions, melody=tunes[other], return_details=True),
+               "without_melody": musiclm.generate(captions, return_details=True)}
     pitched = reference != melody.NO_MELODY
 
     def agreement(tokens):
         return float(np.mean(tokens[pitched] == reference[pitched]))
-    return {"num_clips": num_clips, "pitched_frames": int(pitched.sum()),
-            "agreement_with_melody": agreement(with_melody), "agreement_without_melody": agreement(without),
-            "agreement_with_other_melody": agreement(with_other), "chance": 1 / 12,
-            "reference": [melody.describe(r) for r in reference],
-            "generated": [melody.describe(g) for g in with_melody]}
+    report = {"num_clips": num_clips, "pitched_frames": int(pitched.sum()), "chance": 1 / 12}
+    for name, result in results.items():
+        report[f"agreement_{name}"] = agreement(melody.melody_tokens(result.audio, rate, musiclm.melody_rate))
+    tokenizer = SemanticTokenizer.load(os.path.join(out, "semantic_tokenizer"))
+    classes = tokenizer.token_pitch_classes()
+    if classes is not None:
+        frames = reference.shape[1]
+        per_frame = int(round(tokenizer.frame_rate / musiclm.melody_rate))
+
+        def semantic_classes(semantic):  # [B, semantic frames] -> the majority pitch class of each melody frame
+            votes = classes[np.asarray(semantic)[:, :frames * per_frame]].reshape(len(semantic), frames, per_frame)
+            return np.apply_along_axis(lambda v: np.bincount(v, minlength=12).argmax(), 2, votes)
+        for name, result in results.items():
+            report[f"semantic_agreement_{name}"] = agreement(semantic_classes(result.tokens["semantic"]))
+        own = tokenizer.tokenize(audio_io.resample(tunes, rate, tokenizer.sample_rate))
+        report["semantic_agreement_of_reference_tokens"] = agreement(semantic_classes(own))
+    report["reference"] = [melody.describe(r) for r in reference]
+    report["generated"] = [melody.describe(g) for g in melody.melody_tokens(results["with_melody"].audio, rate,
+                                                                             musiclm.melody_rate)]
+    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -291,6 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"demo: generated pitch classes agree with a given melody on {m['agreement_with_melody']:.0%} of its "
               f"pitched frames (without a melody {m['agreement_without_melody']:.0%}, with another clip's melody "
               f"{m['agreement_with_other_melody']:.0%}, chance {m['chance']:.0%})")
+        if "semantic_agreement_with_melody" in m:
+            print(f"demo: the generated semantic tokens' pitch classes agree with it on "
+                  f"{m['semantic_agreement_with_melody']:.0%} (without a melody "
+                  f"{m['semantic_agreement_without_melody']:.0%}, with another clip's "
+                  f"{m['semantic_agreement_with_other_melody']:.0%}; the reference audio's own tokens "
+                  f"{m['semantic_agreement_of_reference_tokens']:.0%})")
     if "key" in quality:
         k = quality["key"]
         print(f"demo: the key estimated from the generated audio is the prompt's key for {k['key_accuracy']:.0%} of "

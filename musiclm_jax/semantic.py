@@ -137,6 +137,14 @@ class SemanticTokenizer:
     def num_tokens(self) -> int:
         return self.centroids.shape[0]
 
+    def token_pitch_classes(self) -> Optional[np.ndarray]:
+        """[num_tokens] int: the pitch class (0 = C .. 11 = B) each token's centre stands for (the largest of its
+        12 pitch-class dimensions), or None for a tokenizer fitted without pitch classes."""
+        if not self.pitch_class_share:
+            return None
+        centres = self.centroids * self.std + self.mean  # the per-dimension normalisation is undone, argmax kept
+        return np.argmax(centres[:, -12:], axis=1)
+
     def tokenize(self, audio, dedupe: bool = False):
         """audio [batch, samples] (or [samples]) -> tokens [batch, frames] int32; dedupe=True returns a list of
         [tokens_i] arrays with consecutive duplicates removed (or one array for 1-D input)."""

@@ -82,7 +82,7 @@ def test_pitch_classes_hold_their_share_of_the_variance_and_tokens_follow_them(w
 
     from musiclm_jax import eval as eval_lib
     from musiclm_jax import spectral
-    fitted = {}
+    fitted, distinct = {}, {}
     for share in (0.0, 0.75):
         out = tmp_path / f"share_{share}"
         _fit(w2v_bert_dir, out, f"--gin.PITCH_CLASS_SHARE={share}", "--gin.semantic.fit_semantic_tokenizer.num_steps=8")
@@ -95,10 +95,25 @@ def test_pitch_classes_hold_their_share_of_the_variance_and_tokens_follow_them(w
         if share:
             np.testing.assert_allclose(features[..., 64:], np.asarray(spectral.pitch_class_profile(
                 jnp.asarray(audio), 16000, 50, 640)), atol=1e-5)
+        t = np.arange(32000) / 16000
+        notes = np.stack([0.3 * np.sin(2 * np.pi * 261.63 * 2 ** (k / 12) * t) for k in range(12)])  # C4..B4
+        modes = [np.bincount(row).argmax() for row in tokenizer.tokenize(notes.astype(np.float32))[:, 3:-3]]
+        distinct[share] = len(set(modes))
+        if not share:
+            assert tokenizer.token_pitch_classes() is None
+        else:  # each token's centre stands for the largest of its pitch-class dimensions
+            classes = tokenizer.token_pitch_classes()
+            centres = tokenizer.centroids * tokenizer.std + tokenizer.mean
+            np.testing.assert_array_equal(classes, np.argmax(centres[:, 64:], axis=1))
+            assert len(set(classes.tolist())) >= 6
         variance = ((features - tokenizer.mean) / tokenizer.std).reshape(-1, features.shape[-1]).var(axis=0)
         assert variance[:64] == pytest.approx(np.ones(64), abs=1e-3)
         assert variance[64:].sum() / variance.sum() == pytest.approx(share, abs=1e-3)
-    results = {share: eval_lib.main(["--gin_file=gin/eval/semantic.gin", f"--gin.CHECKPOINT_DIR='{tmp_path}/share_{share}'",
+    # The twelve notes C4..B4 (their most frequent tokens): 7 different tokens with pitch classes observed.
+    print("distinct tokens of the twelve notes:", distinct)
+    assert distinct[0.75] >= 6 and distinct[0.75] >= distinct[0.0] + 2, distinct
+    results = {share: eval_lib.main(["--gin_file=gin/eval/semantic.gin",
+                                     f"--gin.CHECKPOINT_DIR='{tmp_path}/share_{share}'",
                                      "--gin.semantic_eval.evaluate_semantic.max_examples=16",
                                      "--gin.semantic_eval.evaluate_semantic.batch_size=8"]) for share in fitted}
     print({share: {k: round(v, 3) for k, v in r.items() if k.endswith("_bits")} for share, r in results.items()})

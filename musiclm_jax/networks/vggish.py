@@ -93,8 +93,8 @@ def log_mel_examples(audio: jax.Array, config: VGGishConfig = VGGishConfig()) ->
     audio = jnp.asarray(audio, jnp.float32)
     examples = config.num_examples(audio.shape[-1])
     if examples == 0:
-        raise ValueError(f"VGGish needs at least {config.example_samples} samples "
-                         f"({config.example_samples / config.sample_rate:.3f} s) for one example; got {audio.shape[-1]}")
+        raise ValueError(f"VGGish needs at least {config.example_samples} samples ("
+                         f"{config.example_samples / config.sample_rate:.3f} s) for one example; got {audio.shape[-1]}")
     frames = spectral.frame(audio, config.window, config.hop) * jnp.asarray(spectral.hann_window(config.window))
     spectrum = jnp.fft.rfft(frames, n=config.fft_size, axis=-1)
     magnitude = jnp.sqrt(jnp.square(spectrum.real) + jnp.square(spectrum.imag))
