@@ -240,13 +240,14 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     def agreement(tokens):
         return float(np.mean(tokens[pitched] == reference[pitched]))
     report = {"num_clips": num_clips, "pitched_frames": int(pitched.sum()), "chance": 1 / 12}
-    for name, result in results.items():
-        report[f"agreement_{name}"] = agreement(melody.melody_tokens(result.audio, rate, musiclm.melody_rate))
+    generated = {name: melody.melody_tokens(result.audio, rate, musiclm.melody_rate)
+                 for name, result in results.items()}
+    for name, tokens in generated.items():
+        report[f"agreement_{name}"] = agreement(tokens)
     tokenizer = SemanticTokenizer.load(os.path.join(out, "semantic_tokenizer"))
     classes = tokenizer.token_pitch_classes()
     if classes is not None:
-        frames = reference.shape[1]
-        per_frame = int(round(tokenizer.frame_rate / musiclm.melody_rate))
+        frames, per_frame = reference.shape[1], musiclm.melody_repeat  # semantic frames per melody frame
 
         def semantic_classes(semantic):  # [B, semantic frames] -> the majority pitch class of each melody frame
             votes = classes[np.asarray(semantic)[:, :frames * per_frame]].reshape(len(semantic), frames, per_frame)
@@ -256,8 +257,7 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
         own = tokenizer.tokenize(audio_io.resample(tunes, rate, tokenizer.sample_rate))
         report["semantic_agreement_of_reference_tokens"] = agreement(semantic_classes(own))
     report["reference"] = [melody.describe(r) for r in reference]
-    report["generated"] = [melody.describe(g) for g in melody.melody_tokens(results["with_melody"].audio, rate,
-                                                                             musiclm.melody_rate)]
+    report["generated"] = [melody.describe(g) for g in generated["with_melody"]]
     return report
 
 

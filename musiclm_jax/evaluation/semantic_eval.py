@@ -60,11 +60,11 @@ def held_out_information_bits(tokens: list, labels: list, num_labels: int = 12) 
     if len(tokens) < 2:
         raise ValueError("held_out_information_bits needs at least two clips")
     gain, count = 0.0, 0
+    vocab = int(max(t.max(initial=0) for t in tokens)) + 1
     for fold in (0, 1):
         train = [i for i in range(len(tokens)) if i % 2 != fold]
         test = [i for i in range(len(tokens)) if i % 2 == fold]
         tok, lab = np.concatenate([tokens[i] for i in train]), np.concatenate([labels[i] for i in train])
-        vocab = int(max(t.max(initial=0) for t in tokens)) + 1
         prior = np.bincount(lab, minlength=num_labels) + 0.5
         prior = prior / prior.sum()
         # Counts smoothed towards the prior (num_labels / 2 pseudo-counts): a token unseen in this half predicts
