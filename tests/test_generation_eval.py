@@ -203,7 +203,8 @@ def test_memorization_finds_planted_continuations_and_not_unrelated_ones(musiclm
 
 
 @pytest.mark.parametrize("setting,error,match", [
-    ({"embedding_model": "vggish"}, ValueError, "unknown embedding_model 'vggish'"),
+    ({"embedding_model": "trill"}, ValueError, "unknown embedding_model 'trill'"),
+    ({"embedding_model": "vggish"}, ValueError, "'vggish' needs embedding_checkpoint"),
     ({"embedding_model": "features"}, ValueError, "'features' needs embedding_checkpoint"),
     ({"classifier": "leaf"}, ValueError, "unknown classifier 'leaf'"),
     ({"eval_data": "audio_folder:/nonexistent/clips"}, FileNotFoundError, "'/nonexistent/clips' is not a directory"),
@@ -221,8 +222,8 @@ def test_bad_settings_fail_before_any_model_loads(setting, error, match, tmp_pat
 def test_bad_settings_through_the_entry_point(tmp_path):
     argv = ["--gin_file=gin/eval/generation.gin", f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'"]
     argv += [f"--gin.{m}='{tmp_path}'" for m in MACROS]
-    with pytest.raises(ValueError, match="unknown embedding_model 'vggish'"):
-        eval_lib.main(argv + ["--gin.EMBEDDING_MODEL='vggish'"])
+    with pytest.raises(ValueError, match="unknown embedding_model 'trill'"):
+        eval_lib.main(argv + ["--gin.EMBEDDING_MODEL='trill'"])
     with pytest.raises(FileNotFoundError, match="/nonexistent/mc"):
         eval_lib.main(argv + ["--gin.EVAL_DATA='musiccaps:/nonexistent/mc'"])
 

@@ -37,6 +37,25 @@ def torch_vgg():
     return torchvggish.torchvggish._vgg(postprocess=False).eval()
 
 
+@pytest.fixture(scope="module")
+def vggish_dir(torch_vgg, tmp_path_factory):
+    """torch_vgg converted once through the command line, FAD's embedding (no final ReLU, no PCA)."""
+    root = tmp_path_factory.mktemp("vggish")
+    torch.save(torch_vgg.state_dict(), root / "vggish.pth")
+    convert_main(["vggish", "--from", str(root / "vggish.pth"), "--to", str(root / "vggish")])
+    return str(root / "vggish")
+
+
+def _fad_embedding(torch_vgg, audio: np.ndarray) -> np.ndarray:
+    """torchvggish's examples through the torch VGG with its last ReLU removed (frechet-audio-distance's
+    default VGGish embedding): [examples, 128]."""
+    examples = torch.tensor(_reference_examples(audio), dtype=torch.float32)[:, None]
+    body = torch.nn.Sequential(*list(torch_vgg.embeddings.children())[:-1])
+    with torch.no_grad():
+        x = torch_vgg.features(examples).permute(0, 2, 3, 1).reshape(len(examples), -1)
+        return body(x).numpy()
+
+
 def test_front_end_matches_torchvggish():
     audio = _audio()
     want = _reference_examples(audio)  # [examples, 96, 64]
@@ -50,20 +69,19 @@ def test_front_end_matches_torchvggish():
 
 
 @pytest.mark.parametrize("final_relu", [False, True])
-def test_converted_vggish_matches_torchvggish(torch_vgg, tmp_path, final_relu):
-    torch.save(torch_vgg.state_dict(), tmp_path / "vggish.pth")
-    convert_main(["vggish", "--from", str(tmp_path / "vggish.pth"), "--to", str(tmp_path / "vggish")]
-                 + (["--final_relu"] if final_relu else []))
-    embedder = VGGishEmbedder.from_checkpoint(str(tmp_path / "vggish"))
+def test_converted_vggish_matches_torchvggish(torch_vgg, vggish_dir, tmp_path, final_relu):
+    if final_relu:
+        torch.save(torch_vgg.state_dict(), tmp_path / "vggish.pth")
+        convert_main(["vggish", "--from", str(tmp_path / "vggish.pth"), "--to", str(tmp_path / "vggish"),
+                      "--final_relu"])
+    embedder = VGGishEmbedder.from_checkpoint(str(tmp_path / "vggish") if final_relu else vggish_dir)
     audio = _audio()
-    examples = torch.tensor(_reference_examples(audio), dtype=torch.float32)[:, None]
-    with torch.no_grad():
-        if final_relu:
+    if final_relu:
+        examples = torch.tensor(_reference_examples(audio), dtype=torch.float32)[:, None]
+        with torch.no_grad():
             want = torch_vgg(examples).numpy()  # the torch module's output (ReLU on the embedding)
-        else:  # FAD's embedding: torchvggish's last ReLU removed, as frechet-audio-distance does
-            body = torch.nn.Sequential(*list(torch_vgg.embeddings.children())[:-1])
-            x = torch_vgg.features(examples).permute(0, 2, 3, 1).reshape(len(examples), -1)
-            want = body(x).numpy()
+    else:  # FAD's embedding: torchvggish's last ReLU removed, as frechet-audio-distance does
+        want = _fad_embedding(torch_vgg, audio)
     got = embedder.embed(audio, RATE)
     assert got.shape == want.shape == (3, 128)
     scale = float(np.max(np.abs(want)))
@@ -103,3 +121,30 @@ def test_pca_postprocessor_and_bad_inputs(torch_vgg, tmp_path):
         convert_vggish(state)
     with pytest.raises(SystemExit, match="vggish only"):
         convert_main(["clap", "--from", str(tmp_path), "--to", str(tmp_path / "x"), "--pca", "p.pth"])
+
+
+def test_fad_vggish_of_the_generation_evaluation_equals_the_reference(torch_vgg, vggish_dir):
+    """fad_vggish as gin/eval/musiccaps.gin computes it (the evaluation's 'vggish' embedder: every 0.96 s frame
+    of every clip is one sample) against the reference: torchvggish's embeddings without the last ReLU, frames
+    pooled over the set, np.cov and scipy.linalg.sqrtm (frechet-audio-distance's calculate_frechet_distance)."""
+    from test_generation_metrics import scipy_frechet_distance
+
+    from musiclm_jax.evaluation import generation_eval
+    from musiclm_jax.evaluation.generation_metrics import frechet_audio_distance
+    embedder = generation_eval.make_embedder("vggish", vggish_dir)
+    reference = np.stack([_audio(4.0, seed=i) for i in range(6)])  # 4 frames each: 24 samples per set
+    t = np.arange(reference.shape[1]) / RATE
+    generated = np.stack([(0.3 * np.sign(np.sin(2 * np.pi * (220 + 40 * i) * t))
+                           + 0.05 * np.random.RandomState(10 + i).randn(t.size)).astype(np.float32)
+                          for i in range(6)])
+    ours = [generation_eval.embed_clips(embedder, x, RATE, batch_size=4) for x in (reference, generated)]
+    assert ours[0].shape == ours[1].shape == (24, 128)
+    theirs = [np.concatenate([_fad_embedding(torch_vgg, clip) for clip in x]) for x in (reference, generated)]
+    stats = [(e.mean(axis=0), np.cov(e, rowvar=False)) for e in theirs]
+    want = scipy_frechet_distance(*stats[0], *stats[1])
+    same_embeddings = frechet_audio_distance(*theirs)
+    got = frechet_audio_distance(*ours)
+    print(f"FAD_VGG: ours {got:.6f}, on the reference's embeddings {same_embeddings:.6f}, reference {want:.6f}")
+    assert want > 0.1 * np.trace(stats[0][1])  # the two sets really differ
+    assert same_embeddings == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(want, rel=1e-4)

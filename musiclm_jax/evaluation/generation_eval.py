@@ -28,7 +28,11 @@ Metrics (names carry the embedding model / classifier so values of different one
   with `embed(audio [B, samples], sample_rate) -> [B, D]` (`AudioEmbedder`), or a name (`EMBEDDING_MODELS`):
   'mulan' (a MuLan run directory's audio tower; default: the generating MuLan), 'clap' (a converted CLAP run
   directory, `python -m musiclm_jax.convert clap`; it is a MuLan run directory, so the same code), 'features'
-  (a w2v-BERT or converted HuBERT/MERT run directory: layer `embedding_layer` averaged over time).
+  (a w2v-BERT or converted HuBERT/MERT run directory: layer `embedding_layer` averaged over time), 'vggish' (a
+  converted VGGish run directory, `python -m musiclm_jax.convert vggish`: the field's FAD_VGG). An embedder may
+  also return frame embeddings [B, frames, D]: every frame is then one sample of the set, which is how the
+  field's FAD pools VGGish (one 128-d embedding per whole 0.96 s of each clip, last layer without ReLU, no PCA,
+  as `frechet-audio-distance`'s defaults and fadtk's 'vggish'; audio resampled to 16 kHz).
 - `kld_<classifier>`: mean KL(p_ref || p_gen) in nats between the class posteriors of each reference clip and the
   clip generated from its caption (generation_metrics.kld_from_audio). The classifier is pluggable: any
   `generation_metrics.Classifier` (`classifier(audio, sample_rate) -> probs [B, C]`), or a name (`CLASSIFIERS`):
@@ -181,6 +185,18 @@ class FeatureModelEmbedder:
         return self.extractor(audio_io.resample(audio, sample_rate, self.extractor.sample_rate)).mean(axis=1)
 
 
+class VGGishFrameEmbedder:
+    """FAD_VGG's embeddings: the frames of a converted VGGish run directory (vggish_model.VGGishEmbedder), one
+    128-d row per whole 0.96 s of each clip, without the PCA postprocessor: [B, frames, 128]."""
+
+    def __init__(self, checkpoint: str, name: str = "vggish"):
+        from musiclm_jax.vggish_model import VGGishEmbedder
+        self.embedder, self.name = VGGishEmbedder.from_checkpoint(checkpoint), name
+
+    def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        return np.stack([self.embedder.embed(clip, sample_rate) for clip in np.asarray(audio, np.float32)])
+
+
 class MuLanZeroShotClassifier:
     """Zero-shot audio classifier from a MuLan (or CLAP): probs [B, C] = softmax over the C labels of
     cos(audio embedding, label text embedding) / temperature. A `generation_metrics.Classifier`."""
@@ -205,7 +221,7 @@ class MuLanZeroShotClassifier:
         return probs / probs.sum(axis=1, keepdims=True)
 
 
-EMBEDDING_MODELS = ("mulan", "clap", "features")
+EMBEDDING_MODELS = ("mulan", "clap", "features", "vggish")
 CLASSIFIERS = ("mulan_zero_shot",)
 
 
@@ -232,7 +248,7 @@ def _check_embedding_model(embedding_model, checkpoint: Optional[str]) -> None:
     if embedding_model not in EMBEDDING_MODELS:
         raise ValueError(f"unknown embedding_model {embedding_model!r}; use one of {list(EMBEDDING_MODELS)} or an "
                          f"object with embed(audio [B, samples], sample_rate) -> [B, D]")
-    if embedding_model in ("clap", "features") and not checkpoint:
+    if embedding_model in ("clap", "features", "vggish") and not checkpoint:
         raise ValueError(f"embedding_model {embedding_model!r} needs embedding_checkpoint (a run directory)")
 
 
@@ -255,6 +271,8 @@ def make_embedder(embedding_model: Union[str, AudioEmbedder], checkpoint: Option
         return embedding_model
     if embedding_model == "features":
         return FeatureModelEmbedder(checkpoint, layer)
+    if embedding_model == "vggish":
+        return VGGishFrameEmbedder(checkpoint)
     mulans = mulans or _MuLans(None)
     mulan = mulans.get(checkpoint)
     if mulan is None:
@@ -277,14 +295,15 @@ def make_classifier(classifier: Union[str, Callable], checkpoint: Optional[str] 
 
 
 def embed_clips(embedder: AudioEmbedder, audio: np.ndarray, sample_rate: int, batch_size: int) -> np.ndarray:
-    """[N, D] float64 embeddings of audio [N, samples], `batch_size` clips per embed() call."""
+    """Float64 embeddings of audio [N, samples], `batch_size` clips per embed() call: [N, D] from a clip
+    embedder, [N * frames, D] from a frame embedder ([B, frames, D] per call: each frame is one sample)."""
     parts = [np.asarray(embedder.embed(audio[i:i + batch_size], sample_rate), np.float64)
              for i in range(0, len(audio), batch_size)]
     embeddings = np.concatenate(parts)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(audio):
+    if embeddings.ndim not in (2, 3) or embeddings.shape[0] != len(audio):
         raise ValueError(f"the embedding model returned shape {embeddings.shape} for {len(audio)} clips; expected "
-                         f"[{len(audio)}, D]")
-    return embeddings
+                         f"[{len(audio)}, D] or [{len(audio)}, frames, D]")
+    return embeddings.reshape(-1, embeddings.shape[-1])
 
 
 def _probs(classifier, audio: np.ndarray, sample_rate: int, batch_size: int) -> np.ndarray:
