@@ -22,7 +22,8 @@ project's own command line, run as a child process with its output shown as it c
                       estimated from the generated audio is the key the prompt names     -> DIR/quality.json
 
 A finished step leaves DIR/.done/<step>; running the demo again skips those (and an interrupted training step
-resumes from its last checkpoint), so delete DIR (or pass --redo STEP) to start over. The total time and each
+resumes from its last checkpoint), so delete DIR to start over, or pass --redo STEP to start one step over (its
+output directory is removed first; later steps are not redone unless named too). The total time and each
 step's time are printed at the end and written to DIR/timings.json.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +94,14 @@ def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[
                                    f"TRAIN_STEPS={STAGE_STEPS[stage]}")) for stage in ("semantic", "coarse", "fine")],
         ("generate", sample),
     ]
+
+
+# The directory each step writes (relative to the demo's output directory): `--redo STEP` removes it first, so
+# the step starts over (a training step would otherwise resume its finished run and change nothing). mulan_rvq
+# writes into the MuLan run directory and replaces its own files; evaluate writes quality.json.
+STEP_OUTPUTS = {"codec": "codec", "w2v_bert": "w2v_bert", "semantic_tokens": "semantic_tokenizer", "mulan": "mulan",
+                "tokenize": "tokens", "semantic_stage": "semantic", "coarse_stage": "coarse", "fine_stage": "fine",
+                "generate": "samples"}
 
 
 def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str) -> None:
@@ -268,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--prompt", action="append", default=None, help="a caption to generate (repeatable)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of audio per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", action="append", default=[], help="run this step again even if done (repeatable)")
+    parser.add_argument("--redo", action="append", default=[], help="start this step over even if done, its output directory removed first (repeatable)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -287,6 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(f"demo: [{index}/{len(plan)}] {name}: done earlier, skipped ({marker})", flush=True)
             continue
         step_start = time.time()
+        if name in args.redo and name in STEP_OUTPUTS and os.path.exists(os.path.join(out, STEP_OUTPUTS[name])):
+            shutil.rmtree(os.path.join(out, STEP_OUTPUTS[name]))
+            print(f"demo: --redo {name}: removed {os.path.join(out, STEP_OUTPUTS[name])}, starting it over", flush=True)
         if name == "evaluate":
             quality = evaluate(out, args.seed)
             quality["melody"] = melody_following(out, args.duration, args.seed)

@@ -402,7 +402,8 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
 class RelativePositionBias(nn.Module):
     """T5 relative position bias: a learned scalar per (bucket, head), shared by all layers.
 
-    Returns bias [1, heads, q_len, k_len] for query positions [q_len] and key positions [k_len].
+    Returns bias [1, heads, q_len, k_len] for query positions [q_len] and key positions [k_len], or
+    [batch, heads, q_len, k_len] for per-example positions [batch, q_len] and [batch, k_len].
     """
 
     num_heads: int
@@ -418,10 +419,12 @@ class RelativePositionBias(nn.Module):
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("relpos_buckets", "heads")),
             (self.num_buckets, self.num_heads), self.param_dtype)
-        relative = key_positions[None, :] - query_positions[:, None]
+        relative = key_positions[..., None, :] - query_positions[..., :, None]  # [(batch,) q, k]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table, buckets, axis=0)  # [q, k, heads]
-        return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
+        bias = jnp.take(table, buckets, axis=0)  # [(batch,) q, k, heads]
+        if bias.ndim == 3:
+            return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
+        return jnp.transpose(bias, (0, 3, 1, 2)).astype(jnp.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:

@@ -177,6 +177,12 @@ class TokenLMModel(BaseModel):
       optional_groups: {prefix group: probability}: conditioning that may be absent at inference (the melody
         tokens), replaced by PAD in a training example with its own probability, drawn independently of the
         guidance drop; generation without it gives PAD tokens in its place.
+      time_aligned_groups: prefix groups whose tokens are placed by time (see `positions`): a target token and
+        the conditioning tokens of the same moment are then at relative distance 0 wherever they are in the
+        sequence, so a small stage can find "the semantic token of this codec frame" (by sequence index that
+        distance grows with the frame: 50 + 1.5 t tokens for the tiny coarse stage). Each group's tokens per
+        second follow from the lengths: a group of the prefix covers the targets' duration, every other prefix
+        group is one frame (its `levels` tokens, e.g. MuLan's 12).
     """
 
     feature_converter_name = "prefix_lm"
@@ -184,7 +190,8 @@ class TokenLMModel(BaseModel):
     def __init__(self, network: TransformerConfig, layout: TokenLayout, prefix_groups: Sequence[str],
                  target_group: str, prefix_length: int, target_length: int, z_loss: float = 0.0,
                  label_smoothing: float = 0.0, guidance_groups: Sequence[str] = (),
-                 conditioning_dropout: float = 0.0, optional_groups: Optional[Mapping[str, float]] = None):
+                 conditioning_dropout: float = 0.0, optional_groups: Optional[Mapping[str, float]] = None,
+                 time_aligned_groups: Sequence[str] = ()):
         if network.vocab_size is None:
             network = dataclasses.replace(network, vocab_size=layout.vocab_size)
         if network.vocab_size != layout.vocab_size:
@@ -209,6 +216,9 @@ class TokenLMModel(BaseModel):
                 raise ValueError(f"optional_groups[{name!r}]={p} must be in [0, 1)")
         self.network = network
         self.layout = layout
+        self.time_aligned_groups = tuple(time_aligned_groups)
+        self.ticks_per_frame = self._ticks_per_frame(layout, tuple(prefix_groups), target_group, int(prefix_length),
+                                                     int(target_length), self.time_aligned_groups)
         self.prefix_groups = tuple(prefix_groups)
         self.target_group = target_group
         self.prefix_length = int(prefix_length)
@@ -224,6 +234,55 @@ class TokenLMModel(BaseModel):
     def vocab_size(self) -> int:
         return self.layout.vocab_size
 
+    @staticmethod
+    def _ticks_per_frame(layout, prefix_groups, target_group, prefix_length, target_length, aligned):
+        """{aligned group: target tokens per frame of that group}, from the training lengths."""
+        for name in aligned:
+            if name not in prefix_groups:
+                raise ValueError(f"time_aligned_groups: {name!r} is not a prefix group {prefix_groups}")
+        if len(aligned) > 1:
+            raise ValueError(f"time_aligned_groups={aligned}: one group can be placed from the lengths, not several")
+        if not aligned:
+            return {}
+        name = aligned[0]
+        one_frame = sum(layout.group(g).levels for g in prefix_groups if g != name)
+        tokens = prefix_length - one_frame
+        levels = layout.group(name).levels
+        if tokens <= 0 or tokens % levels:
+            raise ValueError(f"time_aligned_groups: prefix_length={prefix_length} leaves {tokens} tokens for "
+                             f"{name!r} after one frame of each other prefix group ({one_frame} tokens); it must be "
+                             f"a positive multiple of its {levels} levels")
+        return {name: target_length / (tokens // levels)}
+
+    def positions(self, tokens: jax.Array) -> Optional[jax.Array]:
+        """Positions [batch, length] int32 of input tokens [batch, length] (PAD first, as fed to the decoder),
+        or None without time_aligned_groups (the sequence index is the position).
+
+        The target group's tokens keep their sequence index, so decoding steps need no positions. A token of a
+        time-aligned group that belongs to frame f (its group's f-th frame in the sequence) and level l is placed
+        at start + floor((f + l / levels) * ticks), where start is the index of the first target token (the
+        sequence length when there is none yet: where the first sampled one will go) and ticks the target tokens
+        per frame of the group: it sits where the target tokens of the same moment sit. Other tokens (MuLan,
+        PAD) keep their sequence index.
+        """
+        if not self.ticks_per_frame:
+            return None
+        length = tokens.shape[1]
+        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        low, high = self.layout.id_range(self.target_group)
+        is_target = (tokens >= low) & (tokens < high)
+        start = jnp.where(jnp.any(is_target, axis=1), jnp.argmax(is_target, axis=1), length).astype(jnp.int32)
+        positions = index
+        for name, ticks in self.ticks_per_frame.items():
+            group = self.layout.group(name)
+            low, high = self.layout.id_range(name)
+            member = (tokens >= low) & (tokens < high)
+            frame = (jnp.cumsum(member, axis=1) - 1) // group.levels
+            level = (tokens - low) // group.codebook_size
+            tick = jnp.floor((frame + level / group.levels) * ticks).astype(jnp.int32)
+            positions = jnp.where(member, start[:, None] + tick, positions)
+        return positions
+
     @property
     def sequence_length(self) -> int:
         return self.prefix_length + self.target_length
@@ -238,14 +297,15 @@ class TokenLMModel(BaseModel):
 
     def get_initial_variables(self, rng, input_shapes):
         tokens = jnp.zeros(input_shapes["decoder_input_tokens"], jnp.int32)
-        return self.module.init({"params": rng}, tokens, jnp.zeros_like(tokens), deterministic=True)
+        return self.module.init({"params": rng}, tokens, jnp.zeros_like(tokens), self.positions(tokens),
+                                deterministic=True)
 
     def logits(self, params, batch: Batch, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
         """Teacher-forced logits [batch, length, vocab] fp32."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-        return self.module.apply({"params": params}, batch["decoder_input_tokens"],
-                                 batch.get("decoder_causal_attention"), deterministic=dropout_rng is None,
-                                 rngs=rngs)
+        tokens = batch["decoder_input_tokens"]
+        return self.module.apply({"params": params}, tokens, batch.get("decoder_causal_attention"),
+                                 self.positions(tokens), deterministic=dropout_rng is None, rngs=rngs)
 
     def is_guidance_token(self, tokens: jax.Array, groups: Optional[Sequence[str]] = None) -> jax.Array:
         """bool, same shape as tokens (global ids): the token belongs to a guidance group (or to `groups`)."""
@@ -306,15 +366,19 @@ class TokenLMModel(BaseModel):
     def init_cache(self, batch_size: int, capacity: int) -> Any:
         """An empty KV cache for `batch_size` sequences of up to `capacity` tokens (zeros; 'cache' collection)."""
         tokens = jnp.zeros((batch_size, capacity), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.module.init({"params": jax.random.key(0)}, tokens, decode=True))
+        shapes = jax.eval_shape(lambda: self.module.init({"params": jax.random.key(0)}, tokens, None,
+                                                         self.positions(tokens), decode=True))
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
-    def decode_step(self, params, tokens, cache, prefix_mask=None):
+    def decode_step(self, params, tokens, cache, prefix_mask=None, prefill: bool = False):
         """Feeds tokens [B, q] at the cache's current position: (logits [B, q, V] fp32, updated cache).
 
-        prefix_mask [B, q] marks the bidirectional prefix (the whole prefix must come in one call).
+        prefix_mask [B, q] marks the bidirectional prefix (the whole prefix must come in one call). With
+        time_aligned_groups the first call (prefill=True, at cache index 0) must hold the whole prefix, PAD
+        first: its tokens are placed by `positions`; later calls feed target tokens at their sequence index.
         """
-        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, prefix_mask,
+        positions = self.positions(tokens) if prefill else None
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, prefix_mask, positions,
                                             decode=True, mutable=["cache"])
         return logits, mutated["cache"]
 
@@ -326,7 +390,7 @@ class TokenLMModel(BaseModel):
 
         def prefill(params, tokens, prefix_mask, slots):
             cache = self.init_cache(tokens.shape[0], slots.shape[0])
-            logits, cache = self.decode_step(params, tokens, cache, prefix_mask)
+            logits, cache = self.decode_step(params, tokens, cache, prefix_mask, prefill=True)
             return logits[:, -1], cache
 
         def step(params, tokens, cache):

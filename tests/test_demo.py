@@ -54,8 +54,13 @@ def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
     ran.clear()
     demo.main(["--output_dir", str(tmp_path)])
     assert ran == []
+    (tmp_path / "fine").mkdir()
+    (tmp_path / "fine" / "checkpoint").write_text("a finished run")
+    (tmp_path / "coarse").mkdir()
     demo.main(["--output_dir", str(tmp_path), "--redo", "fine_stage"])
     assert ran == ["fine_stage"]
+    assert not (tmp_path / "fine").exists() and (tmp_path / "coarse").exists()  # starts over, the others kept
+    assert set(demo.STEP_OUTPUTS) <= {name for name, _ in demo.steps(str(tmp_path), ["x"], 4.0, 0)}
     assert json.loads((tmp_path / "quality.json").read_text())["matched_mean"] == 0.5
     with pytest.raises(SystemExit, match="no such step"):
         demo.main(["--output_dir", str(tmp_path), "--redo", "fine"])

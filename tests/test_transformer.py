@@ -160,3 +160,83 @@ def test_causal_query_blocks_give_the_same_logits_and_gradients():
         loss, grads = loss_and_grads(model)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def _coarse_like(position_encoding="relative", **kwargs):
+    """A coarse-stage layout in miniature: 3 MuLan levels, 5 semantic frames, 40 target tokens (2 levels x 20
+    frames), so a semantic frame spans 8 target tokens."""
+    from musiclm_jax.models import TokenLMModel
+    from musiclm_jax.networks.transformer import TransformerConfig
+    from musiclm_jax.token_layout import TokenLayout
+    layout = TokenLayout.from_tuples((("mulan", 3, 8), ("semantic", 1, 16), ("coarse", 2, 16)))
+    network = TransformerConfig(embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64,
+                                position_encoding=position_encoding)
+    return TokenLMModel(network, layout, ("mulan", "semantic"), "coarse", 8, 40, **kwargs)
+
+
+def _coarse_batch(model, batch_size, seed=0):
+    rng = np.random.RandomState(seed)
+    layout = model.layout
+    seq = np.concatenate([layout.to_global(rng.randint(0, 8, (batch_size, 3)), "mulan"),
+                          layout.to_global(rng.randint(0, 16, (batch_size, 5)), "semantic"),
+                          layout.to_global(rng.randint(0, 16, (batch_size, 40)), "coarse")], axis=1).astype(np.int32)
+    inputs = np.concatenate([np.zeros((batch_size, 1), np.int32), seq[:, :-1]], axis=1)
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": seq,
+            "decoder_loss_weights": (np.arange(48) >= 8)[None].repeat(batch_size, 0).astype(np.int32),
+            "decoder_causal_attention": (np.arange(48) <= 8)[None].repeat(batch_size, 0).astype(np.int32)}
+
+
+@pytest.mark.parametrize("position_encoding", ["relative", "rope"])
+def test_time_aligned_positions_place_conditioning_with_its_targets_and_decode_exactly(position_encoding):
+    model = _coarse_like(position_encoding, time_aligned_groups=("semantic",))
+    assert model.ticks_per_frame == {"semantic": 8.0}
+    batch = _coarse_batch(model, 3)
+    positions = np.asarray(model.positions(jnp.asarray(batch["decoder_input_tokens"])))
+    # BOS and MuLan keep their index; semantic frame f sits with target token 8 f (the first target, input 9).
+    np.testing.assert_array_equal(positions[0, :9], [0, 1, 2, 3, 9, 17, 25, 33, 41])
+    np.testing.assert_array_equal(positions[:, 9:], np.broadcast_to(np.arange(9, 48), (3, 39)))
+    # A prompt without targets places the frames where the first sampled token will go (the prompt's length).
+    np.testing.assert_array_equal(np.asarray(model.positions(jnp.asarray(batch["decoder_input_tokens"][:, :9]))),
+                                  positions[:, :9])
+    params = init_params(model)
+    full = model.logits(params, batch)
+    plain = _coarse_like(position_encoding)
+    assert not np.allclose(plain.logits(params, batch), full, atol=1e-3)  # the positions change the model
+    cached = _stepwise_logits_prefill(model, params, batch)
+    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
+    # Sampling goes through the same prefill: greedy tokens equal the full recompute's argmax.
+    prefix = batch["decoder_target_tokens"][:, :8]
+    tokens, _ = model.predict_batch_with_aux(params, {"prefix_tokens": prefix}, temperature=0.0, numdecode_steps=6)
+    seq = np.concatenate([prefix, np.asarray(tokens)], axis=1)
+    inputs = np.concatenate([np.zeros((3, 1), np.int32), seq[:, :-1]], axis=1)
+    logits = np.asarray(model.module.apply({"params": params}, jnp.asarray(inputs), None,
+                                           model.positions(jnp.asarray(inputs))))[:, 8:]
+    ranges = model.layout.level_ranges("coarse")
+    for j in range(6):
+        low, high = ranges[j % 2]
+        np.testing.assert_array_equal(np.asarray(tokens)[:, j], low + np.argmax(logits[:, j, low:high], axis=-1))
+
+
+def _stepwise_logits_prefill(model, params, batch):
+    inputs = jnp.asarray(batch["decoder_input_tokens"])
+    prompt_len = model.prefix_length + 1
+    cache = model.init_cache(inputs.shape[0], inputs.shape[1])
+    prefix_mask = jnp.asarray(batch["decoder_causal_attention"][:, :prompt_len])
+    logits, cache = model.decode_step(params, inputs[:, :prompt_len], cache, prefix_mask, prefill=True)
+    out = [logits]
+    for t in range(prompt_len, inputs.shape[1]):
+        step_logits, cache = model.decode_step(params, inputs[:, t:t + 1], cache)
+        out.append(step_logits)
+    return jnp.concatenate(out, axis=1)
+
+
+def test_time_aligned_groups_errors_name_the_setting():
+    with pytest.raises(ValueError, match="'fine' is not a prefix group"):
+        _coarse_like(time_aligned_groups=("fine",))
+    with pytest.raises(ValueError, match="one group can be placed"):
+        _coarse_like(time_aligned_groups=("mulan", "semantic"))
+    from musiclm_jax.models import TokenLMModel
+    model = _coarse_like()
+    with pytest.raises(ValueError, match="prefix_length=3 leaves 0 tokens for 'semantic'"):
+        TokenLMModel(model.network, model.layout, ("mulan", "semantic"), "coarse", 3, 40,
+                     time_aligned_groups=("semantic",))

@@ -246,14 +246,20 @@ class DecoderOnlyTransformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, prefix_mask: Optional[jax.Array] = None, *,
-                 deterministic: bool = True, decode: bool = False) -> jax.Array:
+    def __call__(self, tokens: jax.Array, prefix_mask: Optional[jax.Array] = None,
+                 positions: Optional[jax.Array] = None, *, deterministic: bool = True,
+                 decode: bool = False) -> jax.Array:
         """Runs the decoder.
 
         Args:
           tokens: [batch, length] int32 input tokens (already shifted right for training).
           prefix_mask: [batch, length] bool/int, 1 on prefix positions (t5x's decoder_causal_attention);
             only used when config.bidirectional_prefix.
+          positions: [batch, length] int32 per-example positions that the relative bias or the rotary embedding
+            see (e.g. TokenLMModel's time-aligned positions), in place of the sequence index; attention stays
+            causal in the sequence index. Keys may then lie after their queries, so the relative bias uses
+            bidirectional buckets. When decoding, pass them to the `init` that sizes the cache (which then keeps
+            every slot's position) and to the prefill; calls without them use the sequence index.
           deterministic: disables dropout.
           decode: use and advance the KV cache (see module docstring).
         Returns:
@@ -281,11 +287,25 @@ class DecoderOnlyTransformer(nn.Module):
         query_positions = cache_index + jnp.arange(length, dtype=jnp.int32)
         key_positions = jnp.arange(capacity, dtype=jnp.int32)
         causal = key_positions[None, :] <= query_positions[:, None]  # [q, k]
+        explicit = positions is not None or (decode and self.has_variable("cache", "key_positions"))
+        if explicit:  # per-example positions [b, q] and [b, k]
+            if positions is None:
+                positions = jnp.broadcast_to(query_positions[None], (batch, length))
+            positions = positions.astype(jnp.int32)
+            if decode:
+                slot_var = self.variable("cache", "key_positions", lambda: positions)
+                if initialized:
+                    slot_var.value = jax.lax.dynamic_update_slice(slot_var.value, positions, (0, cache_index))
+                key_positions = slot_var.value
+            else:
+                key_positions = positions
+            query_positions = positions
         bias = None
         if cfg.position_encoding == "relative":
             bias = layers.RelativePositionBias(
                 cfg.num_heads, cfg.relative_num_buckets, cfg.relative_max_distance,
-                bidirectional=cfg.bidirectional_prefix, name="relpos_bias")(query_positions, key_positions)
+                bidirectional=cfg.bidirectional_prefix or explicit, name="relpos_bias")(query_positions,
+                                                                                        key_positions)
         if cfg.bidirectional_prefix and prefix_mask is not None:
             # Per-example mask [b, 1, q, k]: causal, plus prefix positions seeing each other (a prefix must be
             # fed in one call when decoding).
@@ -297,7 +317,8 @@ class DecoderOnlyTransformer(nn.Module):
             # The causal mask is the same for every example: fold it into the additive bias [1, h|1, q, k].
             base = bias if bias is not None else jnp.zeros((1, 1, length, capacity), jnp.float32)
             bias, mask = jnp.where(causal[None, None], base, layers.MASK_VALUE), None
-        positions = jnp.broadcast_to(query_positions[None], (batch, length))
+        if not explicit:
+            positions = jnp.broadcast_to(query_positions[None], (batch, length))
 
         layer_cls = DecoderLayer
         policy = REMAT_POLICIES[cfg.remat_policy]
