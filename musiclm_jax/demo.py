@@ -1,10 +1,13 @@
 """`python -m musiclm_jax.demo`: text -> music end to end on the embedded synthetic music, on a CPU.
 
     python -m musiclm_jax.demo [--output_dir /tmp/musiclm_jax/demo] [--prompt "..."]... [--duration 4]
+        [--redo STEP]... [--bind STEP:NAME=VALUE]...
 
-Trains the tiny version of every model on the embedded procedural music (data/synthetic_music.py), tokenizes it,
-trains the three stages on the token cache, generates from the prompts and writes the report. Each step is the
-project's own command line, run as a child process with its output shown as it comes:
+The recipe (`python -m musiclm_jax.recipe`, the same orchestration, which runs it for `--embedded`) on the embedded
+procedural music (data/synthetic_music.py), with its own prompts and measures: trains the tiny version of every
+model, tokenizes the music, trains the three stages on the token cache, generates from the prompts and writes
+the report. Each step is the project's own command line, run as a child process with its output shown as it
+comes:
 
    1. codec           python -m musiclm_jax.train --gin_file=gin/codec/spectral_tiny.gin     -> DIR/codec
    2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny_pitch.gin     -> DIR/w2v_bert
@@ -31,13 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from typing import Optional, Sequence
 
 import numpy as np
+
+from musiclm_jax import recipe
 
 DEFAULT_PROMPTS = (
     "a fast-tempo piece in A major where a plucked string instrument plays a melody; a rock drum beat; dry mix",
@@ -54,8 +55,8 @@ DEFAULT_PROMPTS = (
     "a loud synth melody over chords in A minor at 140 bpm, a syncopated off-beat rhythm, rock drums, room reverb",
 )
 TOKENIZED_CLIPS = "{'train': 2048, 'validation': 64, 'test': 64}"  # 4 s each: enough for the stages not to overfit
-STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}
-RVQ_CODES = 32  # the tiny stages' MuLan vocabulary (gin/models/*_tiny.gin: ('mulan', 12, 32))
+STAGE_STEPS = recipe.STAGE_STEPS
+RVQ_CODES = recipe.RVQ_CODES
 # Guidance scale of the demo's generation (gin/sample/musiclm.gin's default is 3). Chosen on seeds 1 and 2, not the
 # demo's seed 0: with the tiny models, scale 5 raised the MuLan margin of own over shuffled pairs from 0.093 to
 # 0.128 and from 0.105 to 0.135 (12 prompts; scale 8 gave 0.096 on seed 1).
@@ -63,70 +64,13 @@ GUIDANCE = 5.0
 
 
 def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[tuple[str, list[str]]]:
-    """The demo's steps: (name, argv of `python -m ...`)."""
-    d = {name: os.path.join(out, name) for name in ("codec", "w2v_bert", "semantic_tokenizer", "mulan", "tokens",
-                                                     "semantic", "coarse", "fine", "samples")}
-
-    def train(gin_file: str, model_dir: str, *bindings: str) -> list[str]:
-        return ["musiclm_jax.train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
-                *[f"--gin.{b}" for b in bindings]]
-
-    sample = ["musiclm_jax.generate", "--gin_file=gin/sample/musiclm.gin", f"--gin.MULAN_CHECKPOINT='{d['mulan']}'",
-              f"--gin.CODEC_CHECKPOINT='{d['codec']}'", f"--gin.SEMANTIC_CHECKPOINT='{d['semantic']}'",
-              f"--gin.COARSE_CHECKPOINT='{d['coarse']}'", f"--gin.FINE_CHECKPOINT='{d['fine']}'",
-              f"--gin.SEMANTIC_TOKENIZER='{d['semantic_tokenizer']}'", f"--output_dir={d['samples']}",
-              f"--duration={duration}", f"--seed={seed}", f"--guidance={GUIDANCE}"] + [f"--prompt={p}" for p in prompts]
-    return [
-        ("codec", train("gin/codec/spectral_tiny.gin", d["codec"])),
-        ("w2v_bert", train("gin/w2v_bert/tiny_pitch.gin", d["w2v_bert"])),
-        ("semantic_tokens", ["musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
-                             f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",
-                             f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'"]),
-        ("mulan", train("gin/mulan/tiny.gin", d["mulan"])),
-        ("mulan_rvq", ["musiclm_jax.mulan", "fit-rvq", "--checkpoint", d["mulan"], "--clips", "1024",
-                       "--codes", str(RVQ_CODES)]),
-        ("tokenize", ["musiclm_jax.tokenize", "--gin_file=gin/tokenize/tiny.gin", f"--gin.OUTPUT_DIR='{d['tokens']}'",
-                      f"--gin.tokenize.tokenize_dataset.max_clips={TOKENIZED_CLIPS}",
-                      f"--gin.CODEC_CHECKPOINT='{d['codec']}'",
-                      f"--gin.SEMANTIC_CHECKPOINT='{d['semantic_tokenizer']}'",
-                      f"--gin.MULAN_CHECKPOINT='{d['mulan']}'"]),
-        *[(f"{stage}_stage", train(f"gin/stages/{stage}_tiny.gin", d[stage], f"TOKEN_DIR='{d['tokens']}'",
-                                   f"TRAIN_STEPS={STAGE_STEPS[stage]}")) for stage in ("semantic", "coarse", "fine")],
-        ("generate", sample),
-    ]
-
-
-# The directory each step writes (relative to the demo's output directory): `--redo STEP` removes it first, so
-# the step starts over (a training step would otherwise resume its finished run and change nothing). mulan_rvq
-# writes into the MuLan run directory and replaces its own files; evaluate writes quality.json.
-STEP_OUTPUTS = {"codec": "codec", "w2v_bert": "w2v_bert", "semantic_tokens": "semantic_tokenizer", "mulan": "mulan",
-                "tokenize": "tokens", "semantic_stage": "semantic", "coarse_stage": "coarse", "fine_stage": "fine",
-                "generate": "samples"}
-
-
-def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str) -> None:
-    """Runs `python -m argv...` from the repository root, echoing its output (and saving it to log_path)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-u", "-m", *argv]
-    print(f"demo: [{index}/{total}] {name}: python {' '.join(cmd[2:])}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if _worth_showing(line):
-                print(f"  [{name}] {line.rstrip()}", flush=True)
-        code = proc.wait()
-    if code != 0:
-        raise SystemExit(f"demo: step {name} failed (exit {code}); its whole output is in {log_path}")
-
-
-def _worth_showing(line: str) -> bool:
-    """Drops TensorFlow/absl start-up noise from the echoed output (it stays in the step's log file)."""
-    noise = ("cuda", "cuInit", "oneDNN", "TF-TRT", "absl::InitializeLog", "computation placer", "AVX",
-             "rebuild TensorFlow", "uncached FunctionDataset", "Unable to register", "E0000", "I0000", "W0000",
-             "TPU", "InitGoogle", "Source Location Trace", "learning/", ".cc:", "libtpu")
-    return bool(line.strip()) and not any(n in line for n in noise)
+    """The demo's command steps: recipe.training_steps on the embedded music, then generation for `prompts`:
+    (name, argv of `python -m ...`)."""
+    sample = ["musiclm_jax.generate", "--gin_file=gin/sample/musiclm.gin", *recipe.checkpoints_gin(out),
+              f"--output_dir={os.path.join(out, 'samples')}", f"--duration={duration}", f"--seed={seed}",
+              f"--guidance={GUIDANCE}"] + [f"--prompt={p}" for p in prompts]
+    tokenize = [f"--gin.tokenize.tokenize_dataset.max_clips={TOKENIZED_CLIPS}"]
+    return recipe.training_steps(out, [], [], tokenize, STAGE_STEPS) + [("generate", sample)]
 
 
 def permutation_p_value(similarity: np.ndarray, max_exact: int = 8, samples: int = 100_000, seed: int = 0) -> float:
@@ -278,41 +222,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--prompt", action="append", default=None, help="a caption to generate (repeatable)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of audio per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", action="append", default=[], help="start this step over even if done, its output directory removed first (repeatable)")
+    parser.add_argument("--redo", action="append", default=[],
+                        help="start this step over even if done, its output directory removed first (repeatable)")
+    parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
+    parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    plan = steps(out, prompts, args.duration, args.seed) + [("evaluate", [])]
-    names = [name for name, _ in plan]
-    unknown = set(args.redo) - set(names)
-    if unknown:
-        raise SystemExit(f"demo: --redo {sorted(unknown)}: no such step (steps: {', '.join(names)})")
-    done_dir, log_dir = os.path.join(out, ".done"), os.path.join(out, "logs")
-    os.makedirs(done_dir, exist_ok=True)
-    os.makedirs(log_dir, exist_ok=True)
-    start, timings = time.time(), {}
-    for index, (name, argv_step) in enumerate(plan, 1):
-        marker = os.path.join(done_dir, name)
-        if os.path.exists(marker) and name not in args.redo:
-            print(f"demo: [{index}/{len(plan)}] {name}: done earlier, skipped ({marker})", flush=True)
-            continue
-        step_start = time.time()
-        if name in args.redo and name in STEP_OUTPUTS and os.path.exists(os.path.join(out, STEP_OUTPUTS[name])):
-            shutil.rmtree(os.path.join(out, STEP_OUTPUTS[name]))
-            print(f"demo: --redo {name}: removed {os.path.join(out, STEP_OUTPUTS[name])}, starting it over", flush=True)
-        if name == "evaluate":
-            quality = evaluate(out, args.seed)
-            quality["melody"] = melody_following(out, args.duration, args.seed)
-            quality["key"] = key_accuracy(out)
-            with open(os.path.join(out, "quality.json"), "w") as f:
-                json.dump(quality, f, indent=1)
-        else:
-            run_step(name, argv_step, index, len(plan), os.path.join(log_dir, name + ".log"))
-        timings[name] = round(time.time() - step_start, 1)
-        open(marker, "w").write(json.dumps({"seconds": timings[name]}))
-        print(f"demo: [{index}/{len(plan)}] {name}: {timings[name]:.0f} s (total {time.time() - start:.0f} s)",
-              flush=True)
-    timings["total"] = round(time.time() - start, 1)
+    def evaluate_step(out_dir: str) -> None:
+        quality = evaluate(out_dir, args.seed)
+        quality["melody"] = melody_following(out_dir, args.duration, args.seed)
+        quality["key"] = key_accuracy(out_dir)
+        with open(os.path.join(out_dir, "quality.json"), "w") as f:
+            json.dump(quality, f, indent=1)
+
+    plan = recipe.apply_bindings(steps(out, prompts, args.duration, args.seed), args.bind)
+    timings = recipe.run_plan(plan + [("evaluate", evaluate_step)], out, args.redo, "demo", args.in_process)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
     with open(os.path.join(out, "quality.json")) as f:

@@ -218,16 +218,23 @@ class MuLan:
 
 
 def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: Optional[str] = None):
-    """Yields up to num_clips mono clips [samples] of the train split: the synthetic music, or AUDIO_DIR's files
-    (first `seconds` of each; bad files counted and skipped)."""
+    """Yields up to num_clips mono clips [samples] of the train split: the synthetic music, or every whole
+    `seconds` window of AUDIO_DIR's files in turn (a file shorter than one window gives itself; bad files
+    counted and skipped), so a folder of long recordings fits the RVQ on all of its music."""
     from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
     if audio_dir is None:
         for i in range(num_clips):
             yield synthetic_music.generate_clip(i, seed=0, seconds=seconds, sample_rate=sample_rate)["audio"]
         return
     paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get("train", [])
-    for path in paths[:num_clips]:
-        yield audio_io.load_audio(path, sample_rate, max_seconds=seconds)
+    window, count = int(round(seconds * sample_rate)), 0
+    for path in paths:
+        audio = audio_io.load_audio(path, sample_rate)
+        for start in range(0, max(len(audio) - window, 0) + 1, window):
+            if count == num_clips:
+                return
+            count += 1
+            yield audio[start:start + window]
 
 
 def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 2048, levels: int = 12,

@@ -1,0 +1,110 @@
+"""The recipe (`python -m musiclm_jax.recipe`) on a folder of real-format files: mixed sample rates and formats,
+stereo, bad files, and captions without a `split` field. The whole chain runs at tiny size with a few steps per
+job (`--bind`), in this process (`--in_process`); quality.json holds the held-out measures and the data counts."""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from musiclm_jax import recipe
+from musiclm_jax.data import audio_io, synthetic_music
+
+FILES = 27  # named so that the hash carve holds out 1 validation and 2 test files
+TRAINED = ("codec", "w2v_bert", "mulan", "semantic_stage", "coarse_stage", "fine_stage")
+FAST = [f"{step}:{binding}" for step in TRAINED for binding in ("TRAIN_STEPS=3", "WARMUP_STEPS=1")]
+FAST += [f"{step}:train_lib.train.eval_period=0" for step in ("codec", "w2v_bert", "mulan")]
+FAST += ["semantic_tokens:semantic.fit_semantic_tokenizer.num_steps=2", "mulan_rvq:steps=2", "mulan_rvq:clips=64",
+         "eval_generation:MAX_EXAMPLES=4", "eval_generation:BATCH_SIZE=2"]
+
+
+def _folder(root) -> dict:
+    """FILES synthetic pieces written as a user's folder would hold them, plus bad files; captions.jsonl rows
+    carry no split. Returns what was written."""
+    root.mkdir()
+    rates = (16000, 22050, 44100, 48000)
+    rows = []
+    for i in range(FILES):
+        clip = synthetic_music.generate_clip(i, seed=7, seconds=8.5, sample_rate=24000)  # two MuLan windows
+        rate = rates[i % len(rates)]
+        audio = audio_io.resample(clip["audio"], 24000, rate)
+        if i % 3 == 0:  # stereo, the channels slightly different
+            audio = np.stack([audio, 0.8 * audio], axis=1)
+        name = f"track_{i:02d}.{'flac' if i % 5 == 0 else 'wav'}"
+        soundfile.write(str(root / name), audio, rate)
+        rows.append({"audio_path": name, "caption": clip["caption"]})
+    (root / "empty.wav").write_bytes(b"")
+    (root / "notes.wav").write_text("not audio")
+    soundfile.write(str(root / "silence.wav"), np.zeros(5 * 16000, np.float32), 16000)
+    rows += [{"audio_path": n, "caption": "a broken file"} for n in ("empty.wav", "notes.wav", "silence.wav")]
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"rows": rows}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    _folder(root / "music")
+    out = root / "out"
+    result = recipe.main(["--output_dir", str(out), "--audio_dir", str(root / "music"), "--in_process"]
+                         + [f"--bind={b}" for b in FAST])
+    return out, result
+
+
+def test_the_recipe_runs_on_a_real_format_folder_and_reports(recipe_run):
+    out, result = recipe_run
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality == result["quality"]
+    assert [name for name, _ in recipe.folder_steps(str(out), recipe.DataSource("audio_dir", "/x"))] == list(
+        json.loads((out / "quality.json").read_text())["timings"])[:-1]
+    # The held-out measures of the three evaluations, on the 2 carved test clips.
+    assert {"si_snr_db", "mel_distance", "pitch_class_agreement", "bitrate_kbps"} <= set(quality["codec"])
+    assert {"text_to_audio_recall_at_1", "audio_to_text_recall_at_1"} <= set(quality["mulan"])
+    assert {"fad_mulan", "kld_mulan_zero_shot", "mulan_cycle_consistency"} <= set(quality["generation"])
+    assert quality["codec"]["num_examples"] == quality["mulan"]["num_examples"] == 2
+    # The data counts of every prepared dataset (one per sample rate the jobs read at): the 3 bad files skipped
+    # by reason, 9 stereo files downmixed, and validation and test carved from rows without a split.
+    assert len(quality["data"]) >= 2, quality["data"]
+    for name, metadata in quality["data"].items():
+        assert metadata["bad_input"]["skipped"] == {"empty": 1, "silent": 1, "undecodable": 1}, name
+        notes = metadata["bad_input"]["notes"]
+        assert notes["carved_validation"] == 1 and notes["carved_test"] == 2 and notes["downmixed"] == 9, name
+        # Records before decoding: the 27 pieces and the 3 bad files, 3 of them carved out of train.
+        assert metadata["held_out"]["records"] == {"train": FILES + 3 - 3, "validation": 1, "test": 2}, name
+    assert (out / "eval" / "generation" / "report.html").is_file()
+
+
+def test_a_second_run_skips_every_step_and_redo_starts_one_over(recipe_run, capsys):
+    out, _ = recipe_run
+    recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--in_process"])
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipped") == len(recipe.folder_steps(str(out), recipe.DataSource("a", "b")))
+
+
+def test_bad_arguments_name_what_is_wrong(tmp_path):
+    with pytest.raises(SystemExit, match="captions.jsonl is missing"):
+        (tmp_path / "music").mkdir()
+        recipe.main(["--output_dir", str(tmp_path / "out"), "--audio_dir", str(tmp_path / "music")])
+    (tmp_path / "music" / "captions.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no command step 'fine'"):
+        recipe.main(["--output_dir", str(tmp_path / "out"), "--audio_dir", str(tmp_path / "music"),
+                     "--bind", "fine:TRAIN_STEPS=2"])
+    with pytest.raises(SystemExit, match="expected STEP:NAME=VALUE"):
+        recipe.main(["--output_dir", str(tmp_path / "out"), "--audio_dir", str(tmp_path / "music"),
+                     "--bind", "fine_stage"])
+    with pytest.raises(SystemExit, match="is not a directory"):
+        recipe.main(["--output_dir", str(tmp_path / "out"), "--musiccaps_dir", str(tmp_path / "none")])
+
+
+def test_an_evaluation_that_cannot_run_is_stated_and_the_rest_goes_on(tmp_path, capsys):
+    def too_few(out):
+        raise ValueError("MuLan evaluation needs at least 2 captioned clips in split 'test'; found 1")
+    ran = []
+    plan = [("eval_mulan", too_few), ("report", lambda out: ran.append("report"))]
+    recipe.run_plan(plan, str(tmp_path))
+    assert ran == ["report"]
+    marker = json.loads((tmp_path / ".done" / "eval_mulan").read_text())
+    assert "found 1" in marker["failed"] and "goes on without it" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="boom"):  # any other step stops the recipe
+        recipe.run_plan([("tokenize", lambda out: (_ for _ in ()).throw(ValueError("boom")))], str(tmp_path))
