@@ -285,6 +285,8 @@ def run_plan(plan: Sequence[Step], out: str, redo: Sequence[str] = (), prefix: s
             continue
         step_start = time.time()
         output = os.path.join(out, STEP_OUTPUTS[name]) if name in STEP_OUTPUTS else None
+        if os.path.exists(marker):  # a step run again is not done until it finishes
+            os.remove(marker)
         if name in redo and output and os.path.exists(output):
             shutil.rmtree(output)
             print(f"{prefix}: --redo {name}: removed {output}, starting it over", flush=True)
