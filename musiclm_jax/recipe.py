@@ -142,10 +142,10 @@ def folder_steps(out: str, source: DataSource, seed: int = 0) -> list[Step]:
     plan = training_steps(out, source.gin(), rvq, source.gin())
     plan += [
         ("eval_codec", ["musiclm_jax.eval", "--gin_file=gin/eval/codec.gin",
-                        f"--gin.CHECKPOINT_DIR='{os.path.join(out, 'codec')}'", *source.gin(musiccaps_macro=False),
+                        f"--gin.CHECKPOINT_DIR='{d['codec']}'", *source.gin(musiccaps_macro=False),
                         f"--gin.OUTPUT_DIR='{d['eval_codec']}'"]),
         ("eval_mulan", ["musiclm_jax.eval", "--gin_file=gin/eval/mulan.gin",
-                        f"--gin.CHECKPOINT_DIR='{os.path.join(out, 'mulan')}'", *source.gin(),
+                        f"--gin.CHECKPOINT_DIR='{d['mulan']}'", *source.gin(),
                         f"--gin.OUTPUT_DIR='{d['eval_mulan']}'"]),
         ("eval_generation", ["musiclm_jax.eval", "--gin_file=gin/eval/generation.gin", *checkpoints_gin(out),
                              f"--gin.EVAL_DATA='{source.eval_data}'", f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}",
@@ -188,10 +188,14 @@ def write_quality(out: str) -> None:
         if os.path.isfile(path):
             with open(path) as f:
                 quality[name] = json.load(f)
-        elif os.path.isfile(marker) and "failed" in json.load(open(marker)):
-            quality[name] = {"skipped": json.load(open(marker))["failed"]}
-        else:
+            continue
+        failed = None
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                failed = json.load(f).get("failed")
+        if failed is None:
             raise SystemExit(f"recipe: report: {path} is missing (run the eval_{name} step)")
+        quality[name] = {"skipped": failed}
     quality["data"] = prepared_datasets(data_root(out))
     with open(os.path.join(out, "quality.json"), "w") as f:
         json.dump(quality, f, indent=1)

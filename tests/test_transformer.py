@@ -20,13 +20,14 @@ VARIANTS = [
 
 
 def _stepwise_logits(model, params, batch):
-    """Logits from the KV cache: prefill the prompt (BOS + prefix), then one input token per step."""
+    """Logits from the KV cache: prefill the prompt (BOS + prefix; placed by time for a time-aligned model), then
+    one input token per step."""
     inputs = jnp.asarray(batch["decoder_input_tokens"])
     prompt_len = model.prefix_length + 1
     cache = model.init_cache(inputs.shape[0], inputs.shape[1])
     prefix_mask = jnp.asarray(batch["decoder_causal_attention"][:, :prompt_len])
-    decode_step = jax.jit(model.decode_step)
-    logits, cache = decode_step(params, inputs[:, :prompt_len], cache, prefix_mask)
+    decode_step = jax.jit(model.decode_step, static_argnames="prefill")
+    logits, cache = decode_step(params, inputs[:, :prompt_len], cache, prefix_mask, prefill=True)
     out = [logits]
     for t in range(prompt_len, inputs.shape[1]):
         step_logits, cache = decode_step(params, inputs[:, t:t + 1], cache)
@@ -202,7 +203,7 @@ def test_time_aligned_positions_place_conditioning_with_its_targets_and_decode_e
     full = model.logits(params, batch)
     plain = _coarse_like(position_encoding)
     assert not np.allclose(plain.logits(params, batch), full, atol=1e-3)  # the positions change the model
-    cached = _stepwise_logits_prefill(model, params, batch)
+    cached = _stepwise_logits(model, params, batch)
     np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
     # Sampling goes through the same prefill: greedy tokens equal the full recompute's argmax.
     prefix = batch["decoder_target_tokens"][:, :8]
@@ -215,19 +216,6 @@ def test_time_aligned_positions_place_conditioning_with_its_targets_and_decode_e
     for j in range(6):
         low, high = ranges[j % 2]
         np.testing.assert_array_equal(np.asarray(tokens)[:, j], low + np.argmax(logits[:, j, low:high], axis=-1))
-
-
-def _stepwise_logits_prefill(model, params, batch):
-    inputs = jnp.asarray(batch["decoder_input_tokens"])
-    prompt_len = model.prefix_length + 1
-    cache = model.init_cache(inputs.shape[0], inputs.shape[1])
-    prefix_mask = jnp.asarray(batch["decoder_causal_attention"][:, :prompt_len])
-    logits, cache = model.decode_step(params, inputs[:, :prompt_len], cache, prefix_mask, prefill=True)
-    out = [logits]
-    for t in range(prompt_len, inputs.shape[1]):
-        step_logits, cache = model.decode_step(params, inputs[:, t:t + 1], cache)
-        out.append(step_logits)
-    return jnp.concatenate(out, axis=1)
 
 
 def test_time_aligned_groups_errors_name_the_setting():

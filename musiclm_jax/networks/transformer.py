@@ -314,7 +314,8 @@ class DecoderOnlyTransformer(nn.Module):
                                                       (0, cache_index))
             mask = (causal[None] | (query_prefix[:, :, None] & key_prefix[:, None, :]))[:, None]
         else:
-            # The causal mask is the same for every example: fold it into the additive bias [1, h|1, q, k].
+            # The causal mask is the same for every example: fold it into the additive bias [1|b, h|1, q, k]
+            # (per example with explicit positions).
             base = bias if bias is not None else jnp.zeros((1, 1, length, capacity), jnp.float32)
             bias, mask = jnp.where(causal[None, None], base, layers.MASK_VALUE), None
         if not explicit:
