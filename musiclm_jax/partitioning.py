@@ -281,6 +281,20 @@ class Partitioner:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(v)), np.asarray(v))
                 for k, v in local_batch.items()}
 
+    def pad_and_shard(self, rows: np.ndarray) -> tuple[jax.Array, int]:
+        """Inference batches of any size (one process): rows [n, ...] -> (a global array [n', ...] laid over the
+        data axes, n), with zero rows appended up to n', the next multiple of data_parallel_size. The caller
+        drops the outputs of rows n and after."""
+        if jax.process_count() > 1:
+            raise NotImplementedError("pad_and_shard lays one process's rows out; with several processes use "
+                                      "shard_batch with a batch each process holds a slice of")
+        rows = np.asarray(rows)
+        n = rows.shape[0]
+        pad = -n % self.data_parallel_size
+        if pad:
+            rows = np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], rows.dtype)])
+        return jax.device_put(rows, self.batch_sharding(rows.ndim)), n
+
     # -- logical -> mesh ---------------------------------------------------------------------------------
     def logical_specs(self, boxed_tree: Any, what: str = "parameter") -> Any:
         """PartitionSpecs of logical names for a tree holding nn.LogicallyPartitioned boxes.

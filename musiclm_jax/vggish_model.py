@@ -70,8 +70,11 @@ class VGGishEmbedder:
     """A loaded VGGish: embeds clips at any rate (resampled to 16 kHz with audio_io.resample, a polyphase filter;
     the reference resamples with resampy, so the embeddings of other rates differ slightly from it)."""
 
-    def __init__(self, model: VGGishModel, params, pca: Optional[dict] = None):
-        self.model, self.params, self.pca = model, params, pca
+    def __init__(self, model: VGGishModel, params, pca: Optional[dict] = None, partitioner=None):
+        from musiclm_jax import partitioning
+        self.partitioner = partitioner or partitioning.Partitioner(partitioning.create_mesh())
+        self.model, self.pca = model, pca
+        self.params = jax.device_put(params, self.partitioner.replicated())
         self._embed = jax.jit(model.embed)
 
     @classmethod
@@ -90,6 +93,18 @@ class VGGishEmbedder:
     def sample_rate(self) -> int:
         return self.model.sample_rate
 
+    def embed_batch(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        """audio [batch, samples] at sample_rate (equal lengths) -> [batch, examples, 128] float32, the batch padded
+        to a multiple of the mesh's data-parallel size and laid over the devices (parameters replicated)."""
+        from musiclm_jax.data import audio_io
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 2:
+            raise ValueError(f"VGGishEmbedder.embed_batch takes [batch, samples]; got shape {audio.shape}")
+        if sample_rate != self.sample_rate:
+            audio = audio_io.resample(audio, sample_rate, self.sample_rate)
+        rows, n = self.partitioner.pad_and_shard(audio)
+        return np.asarray(self._embed(self.params, rows))[:n]
+
     def embed(self, audio: np.ndarray, sample_rate: int, postprocess: bool = False) -> np.ndarray:
         """audio [samples] at sample_rate -> [examples, 128] float32 (one per whole 0.96 s; a clip shorter than
         0.975 s is an error naming its length). postprocess=True applies the AudioSet PCA, whitening and 8-bit
@@ -98,9 +113,7 @@ class VGGishEmbedder:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise ValueError(f"VGGishEmbedder.embed takes one mono clip [samples]; got shape {audio.shape}")
-        if sample_rate != self.sample_rate:
-            audio = audio_io.resample(audio, sample_rate, self.sample_rate)
-        embeddings = np.asarray(self._embed(self.params, jnp.asarray(audio)[None]))[0]
+        embeddings = self.embed_batch(audio[None], sample_rate)[0]
         if postprocess:
             if self.pca is None:
                 raise ValueError(f"this VGGish has no PCA ({PCA_FILE}); convert it with --pca")

@@ -116,3 +116,19 @@ def adam_steps(model, params, mutables: dict, batch: dict, steps: int, learning_
         params, opt_state, mutables, metrics = step(params, opt_state, mutables, jax.random.key(i))
         history.append(metrics)
     return params, mutables, history
+
+
+TINY_VGGISH = ["vggish.VGGishConfig.hidden_size = 32"]
+TINY_PASST = ["passt.PaSSTConfig.embed_dim = 48", "passt.PaSSTConfig.depth = 1", "passt.PaSSTConfig.num_heads = 4"]
+
+
+def write_tiny_evaluation_models(root) -> dict[str, str]:
+    """Random-init run directories of the field's evaluation models at tiny widths (no torch needed): VGGish
+    (gin/eval/vggish.gin, 32-wide dense layers, the released front end and 128-d output) and PaSST
+    (gin/eval/passt.gin, one 48-wide block, the released front end and 527 classes), as `convert` writes them.
+    Returns {'vggish': dir, 'passt': dir} under `root` (a pathlib.Path)."""
+    from musiclm_jax import checkpoint_loading
+    dirs = {"vggish": str(root / "vggish"), "passt": str(root / "passt")}
+    checkpoint_loading.write_run_directory(dirs["vggish"], "gin/eval/vggish.gin", TINY_VGGISH, seed=7)
+    checkpoint_loading.write_run_directory(dirs["passt"], "gin/eval/passt.gin", TINY_PASST, seed=8)
+    return dirs

@@ -12,7 +12,7 @@ import scipy.special
 import scipy.stats
 import soundfile
 
-from helpers import write_tiny_run_directories
+from helpers import write_tiny_evaluation_models, write_tiny_run_directories
 from musiclm_jax import eval as eval_lib
 from musiclm_jax.data import audio_io, synthetic_music, token_cache
 from musiclm_jax.evaluation import generation_eval
@@ -86,7 +86,13 @@ def planted_cache(tmp_path_factory, musiclm):
 
 
 @pytest.fixture(scope="module")
-def cli_run(model_dirs, planted_cache, tmp_path_factory):
+def evaluation_models(tmp_path_factory):
+    """Tiny random-init VGGish and PaSST run directories."""
+    return write_tiny_evaluation_models(tmp_path_factory.mktemp("evaluation_models"))
+
+
+@pytest.fixture(scope="module")
+def cli_run(model_dirs, planted_cache, evaluation_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("generation_eval_out")
     argv = ["--gin_file=gin/eval/generation.gin", f"--gin.OUTPUT_DIR='{out}'", f"--gin.TOKEN_DIR='{planted_cache}'",
             f"--gin.MAX_EXAMPLES={NUM_CAPTIONS}", f"--gin.DURATION_S={DURATION_S}", f"--gin.BATCH_SIZE={BATCH_SIZE}",
@@ -94,6 +100,8 @@ def cli_run(model_dirs, planted_cache, tmp_path_factory):
             f"--gin.generation_eval.evaluate_generation.continuation_seconds={CONTINUATION_SECONDS}",
             "--gin.generation_eval.evaluate_generation.report_samples=2"]
     argv += [f"--gin.{m}='{model_dirs / n}'" for m, n in zip(MACROS, CHECKPOINTS)]
+    argv += [f"--gin.CLAP_CHECKPOINT='{model_dirs / 'mulan'}'",  # any MuLan run directory loads as a CLAP does
+             f"--gin.PASST_CHECKPOINT='{evaluation_models['passt']}'"]
     result = eval_lib.main(argv)
     return out, result
 
@@ -105,7 +113,8 @@ def test_the_entry_point_writes_metrics_clips_and_a_report(cli_run, model_dirs):
     assert metrics == json.loads(json.dumps(result))
     assert metrics["name"] == "generation" and metrics["checkpoint_dir"] == str(model_dirs / "semantic")
     assert metrics["num_examples"] == NUM_CAPTIONS and metrics["num_skipped"] == 0
-    for key in ("fad_mulan", "kld_mulan_zero_shot", "mulan_cycle_consistency", "memorization_exact_match_fraction",
+    for key in ("fad_mulan", "kld_mulan_zero_shot", "kl_passt", "mulan_cycle_consistency", "clap_score",
+                "memorization_exact_match_fraction",
                 "memorization_approximate_match_fraction", "memorization_mean_token_agreement"):
         assert np.isfinite(metrics[key]), key
     assert metrics["fad_mulan"] >= 0 and metrics["kld_mulan_zero_shot"] >= 0
@@ -154,6 +163,61 @@ def test_mcc_is_the_mean_mulan_score_of_the_generated_audio(cli_run, musiclm):
     captions, generated, _ = _generated_and_reference(out, musiclm.sample_rate)
     expected = float(np.mean(musiclm.mulan_scores(captions, generated)))
     assert metrics["mulan_cycle_consistency"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_clap_score_is_the_mean_caption_audio_cosine_at_the_claps_rate(cli_run, model_dirs, musiclm):
+    """audiocraft's CLAP score: clip i resampled to the CLAP's rate (16 kHz for this tiny one, 48 kHz for
+    LAION-CLAP), cosine of its unit-norm audio embedding with caption i's text embedding, averaged."""
+    from musiclm_jax.mulan import MuLan
+    out, metrics = cli_run
+    captions, generated, _ = _generated_and_reference(out, musiclm.sample_rate)
+    clap = MuLan.from_checkpoint(str(model_dirs / "mulan"))
+    audio = clap.embed_audio(np.stack([audio_io.to_mono_at_rate(a, 24000, clap.sample_rate) for a in generated]))
+    text = clap.embed_text(captions)
+    expected = float(np.mean(np.sum(audio * text, axis=1) / np.linalg.norm(audio, axis=1)
+                             / np.linalg.norm(text, axis=1)))
+    assert metrics["clap_score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_passt_is_audiocrafts_kl_of_the_passt_posteriors(cli_run, musiclm, evaluation_models):
+    """kl_passt: both clips at 32 kHz, one softmax row per clip (1 s: one segment), KL(reference || generated +
+    1e-6) summed over the 527 classes (audiocraft's torch formula, written out here), averaged."""
+    from musiclm_jax.passt_model import PaSSTClassifier
+    out, metrics = cli_run
+    _, generated, reference = _generated_and_reference(out, musiclm.sample_rate)
+    classifier = PaSSTClassifier.from_checkpoint(evaluation_models["passt"])
+    p = np.stack([classifier.probabilities(a, musiclm.sample_rate) for a in reference]).astype(np.float64)
+    q = np.stack([classifier.probabilities(a, musiclm.sample_rate) for a in generated]).astype(np.float64)
+    assert p.shape == (NUM_CAPTIONS, 527)
+    expected = float(np.mean(np.sum(p * (np.log(p) - np.log(q + 1e-6)), axis=1)))
+    assert metrics["kl_passt"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert metrics["kl_passt"] > 1e-4  # generated and reference posteriors differ
+
+
+def test_passt_rows_of_long_clips_are_audiocrafts_segments(evaluation_models):
+    """A 23 s clip: segments of 10, 10 and 3 s, each its own row (segment-major), as audiocraft cuts them; a tail
+    of at most 0.15 s is dropped."""
+    from musiclm_jax.passt_model import PaSSTClassifier
+    classifier = PaSSTClassifier.from_checkpoint(evaluation_models["passt"])
+    rng = np.random.RandomState(0)
+    audio = (0.1 * rng.randn(2, 23 * 16000)).astype(np.float32)
+    rows = generation_eval.passt_segment_probabilities(classifier, audio, 16000, batch_size=2)
+    assert rows.shape == (6, 527)
+    at_32k = audio_io.resample(audio, 16000, 32000)
+    np.testing.assert_allclose(rows[3], classifier.probabilities(at_32k[1, 320000:640000], 32000), atol=1e-5)
+    np.testing.assert_allclose(rows[4], classifier.probabilities(at_32k[0, 640000:], 32000), atol=1e-5)
+    tail = np.concatenate([audio, np.zeros((2, 2000), np.float32)], axis=1)[:, :20 * 16000 + 2000]  # 0.125 s tail
+    assert generation_eval.passt_segment_probabilities(classifier, tail, 16000, 2).shape == (4, 527)
+
+
+def test_clap_score_is_skipped_with_its_reason_without_a_clap(musiclm, tmp_path):
+    metrics = generation_eval.evaluate_generation(
+        "unused", str(tmp_path), musiclm=musiclm, max_examples=2, batch_size=2, duration_s=DURATION_S,
+        report_samples=0)
+    assert "clap_score" not in metrics
+    assert "CLAP_CHECKPOINT" in metrics["skipped_metrics"]["clap_score"]
+    assert "PASST_CHECKPOINT" in metrics["skipped_metrics"]["kl_passt"]
+    assert "TOKEN_DIR" in metrics["skipped_metrics"]["memorization"]
 
 
 class BandEnergies:

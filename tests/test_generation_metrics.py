@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import scipy.stats
 
 from musiclm_jax.evaluation.generation_metrics import (Classifier, embedding_statistics, frechet_audio_distance,
@@ -177,6 +178,27 @@ class MeanBandClassifier:
         chunks = np.stack([c.mean(axis=1) for c in np.array_split(audio, 3, axis=1)], axis=1) * 10.0
         e = np.exp(chunks - chunks.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+
+
+def test_audiocraft_kl_matches_its_torch_formula_on_fixed_posteriors():
+    """audiocraft/metrics/kld.py: kl_div((pred + 1e-6).log(), target, reduction='none').sum(-1), averaged over the
+    rows, with target the reference posteriors; softmax rows of 527 classes, some reference classes exactly 0."""
+    torch = pytest.importorskip("torch")
+    from musiclm_jax.evaluation.generation_metrics import audiocraft_kl
+    rng = np.random.RandomState(0)
+    ref = scipy.special.softmax(3 * rng.randn(6, 527), axis=1)
+    gen = scipy.special.softmax(3 * rng.randn(6, 527), axis=1)
+    ref[0, :5] = 0.0  # kl_div counts target 0 as 0
+    gen[1, :5] = 0.0  # eps keeps log(0) away
+    want = torch.nn.functional.kl_div((torch.tensor(gen) + 1e-6).log(), torch.tensor(ref),
+                                      reduction="none").sum(-1).mean().item()
+    got = audiocraft_kl(ref, gen)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got > 1.0  # two unrelated posteriors
+    assert -1e-3 < audiocraft_kl(ref, ref) < 0  # the eps on the generated side only: slightly negative
+    assert audiocraft_kl(ref, ref) != pytest.approx(audiocraft_kl(gen, ref))  # not symmetric
+    with pytest.raises(ValueError, match="same"):
+        audiocraft_kl(ref, gen[:, :10])
 
 
 def test_kld_from_audio_with_a_fake_classifier():

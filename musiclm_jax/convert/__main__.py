@@ -14,6 +14,10 @@ Kinds:
             --pca with the PCA postprocessor's file (vggish_pca_params-970ea276.pth) -> a run directory of
             gin/eval/vggish.gin (frozen; vggish_model.VGGishEmbedder), the PCA as vggish_pca.npz beside it.
             --final_relu keeps torchvggish's ReLU on the embedding (FAD uses the embedding without it).
+  passt     a torch state dict file of hear21passt's PaSST (the released passt-s-f128-p16-s10-ap.476-swa.pt, the
+            state dict of get_basic_model(mode="logits").net, or of the whole wrapper: `net.` stripped,
+            `device_proxy` dropped) -> a run directory of gin/eval/passt.gin (frozen;
+            passt_model.PaSSTClassifier) with config.gin describing the converted sizes.
 """
 from __future__ import annotations
 
@@ -131,10 +135,25 @@ def convert_vggish_file(source: str, model_dir: str, pca: Optional[str] = None, 
     return model_dir
 
 
+def convert_passt_file(source: str, model_dir: str) -> str:
+    """Converts the hear21passt PaSST state dict file `source` into run directory `model_dir`."""
+    import torch
+
+    from musiclm_jax.convert.passt import config_from_state_dict, convert_passt, gin_bindings, strip_wrapper
+
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source!r} is not a file (expected a torch state dict saved with torch.save)")
+    state_dict = strip_wrapper(torch.load(source, map_location="cpu", weights_only=True))
+    config = config_from_state_dict(state_dict)
+    params = convert_passt(state_dict, config)
+    return checkpoint_loading.write_run_directory(model_dir, "gin/eval/passt.gin", gin_bindings(config), params,
+                                                  "PaSST")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["encodec", "hubert", "clap", "vggish"])
-    parser.add_argument("--from", dest="source", required=True, help="checkpoint folder (vggish: file) to import")
+    parser.add_argument("kind", choices=["encodec", "hubert", "clap", "vggish", "passt"])
+    parser.add_argument("--from", dest="source", required=True, help="checkpoint folder (vggish, passt: file)")
     parser.add_argument("--to", dest="model_dir", required=True, help="run directory to write")
     parser.add_argument("--pca", default=None, help="vggish: the PCA postprocessor's parameter file")
     parser.add_argument("--final_relu", action="store_true", help="vggish: keep torchvggish's ReLU on the embedding")
@@ -149,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         convert_clap_dir(args.source, args.model_dir)
     elif args.kind == "vggish":
         convert_vggish_file(args.source, args.model_dir, args.pca, args.final_relu)
+    elif args.kind == "passt":
+        convert_passt_file(args.source, args.model_dir)
     print(f"convert: {args.kind} {args.source} -> {args.model_dir}", file=sys.stderr)
 
 

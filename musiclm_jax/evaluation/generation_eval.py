@@ -40,9 +40,23 @@ Metrics (names carry the embedding model / classifier so values of different one
   over the cosines between the clip's MuLan audio embedding and the text embeddings of `class_labels`
   (default `DEFAULT_LABELS`: genres, instruments, moods, tempi), divided by `classifier_temperature`. The paper
   used an AudioSet (LEAF) classifier, which this project does not ship; plug one in through the interface.
+- `kl_passt` (only with `passt_checkpoint`, a PaSST converted by `python -m musiclm_jax.convert passt`;
+  otherwise listed in `skipped_metrics`): audiocraft's PaSST KL, the KL figure MusicGen and audiocraft report
+  (audiocraft/metrics/kld.py, `PasstKLDivergenceMetric`): both clips resampled to 32 kHz, cut into consecutive
+  10 s segments (the last one shorter, unpadded; segments of at most 0.15 s dropped), each segment's softmax over
+  PaSST's 527 AudioSet logits a row, and `generation_metrics.audiocraft_kl` (KL(reference || generated + 1e-6),
+  summed over classes, averaged over all segment pairs). A 10 s clip is one row.
 - `mulan_cycle_consistency`: mean cosine between each caption's MuLan text embedding and the MuLan audio
   embedding of the clip generated from it (generation_metrics.mulan_cycle_consistency); `mcc_mulan_checkpoint`
   scores with another MuLan than the generating one (the generating one also conditions, so it is biased).
+- `clap_score` (only with `clap_checkpoint`, a CLAP converted by `python -m musiclm_jax.convert clap`; otherwise
+  listed in `skipped_metrics`): the same cosine with CLAP's text and audio towers, as audiocraft's
+  `TextConsistencyMetric` (audiocraft/metrics/clap_consistency.py) computes the CLAP score MusicGen reports: each
+  generated clip resampled to the CLAP's rate (48 kHz for LAION-CLAP) and downmixed, its unit-norm audio
+  embedding against its caption's unit-norm text embedding, the cosines averaged over all clips. Clips shorter
+  than CLAP's 10 s window are repeat-padded as LAION-CLAP and transformers' ClapFeatureExtractor do; longer ones
+  are the normalised mean of 1 s-stride windows (mulan.MuLan.embed_audio), where LAION-CLAP's non-fused model
+  embeds one random 10 s crop, so only clips of at most 10 s (MusicCaps') score exactly as audiocraft's.
 - `memorization_*` (only with `token_dir`, a token cache of the training data written by musiclm_jax.tokenize;
   otherwise listed in `skipped_metrics` with the reason): the MusicLM paper's study of the semantic stage. For up
   to `memorization_examples` chunks of the cache's `memorization_split`, the stage is given the chunk's MuLan
@@ -194,7 +208,7 @@ class VGGishFrameEmbedder:
         self.embedder, self.name = VGGishEmbedder.from_checkpoint(checkpoint), name
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        return np.stack([self.embedder.embed(clip, sample_rate) for clip in np.asarray(audio, np.float32)])
+        return self.embedder.embed_batch(audio, sample_rate)  # the batch over the mesh's devices
 
 
 class MuLanZeroShotClassifier:
@@ -313,6 +327,48 @@ def _probs(classifier, audio: np.ndarray, sample_rate: int, batch_size: int) -> 
         raise ValueError(f"the classifier returned shape {probs.shape} for {len(audio)} clips; expected "
                          f"[{len(audio)}, C]")
     return probs
+
+
+def passt_segment_probabilities(classifier, audio: np.ndarray, sample_rate: int, batch_size: int) -> np.ndarray:
+    """audiocraft's PaSST rows of equal-length clips: audio [N, samples] at sample_rate Hz -> [S * N, 527]
+    softmax probabilities, rows s * N + i for segment s (passt_model.audiocraft_segments, at 32 kHz) of clip i.
+    classifier: a passt_model.PaSSTClassifier; `batch_size` clips per forward pass."""
+    from musiclm_jax.passt_model import audiocraft_segments
+    at_rate = audio_io.resample(np.asarray(audio, np.float32), sample_rate, classifier.sample_rate)
+    rows = []
+    for segment in audiocraft_segments(at_rate, classifier.sample_rate):
+        for i in range(0, len(segment), batch_size):
+            logits = classifier.batch_logits(segment[i:i + batch_size], classifier.sample_rate).astype(np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            rows.append(probs / probs.sum(axis=1, keepdims=True))
+    if not rows:
+        raise ValueError(f"kl_passt: clips of {audio.shape[1]} samples at {sample_rate} Hz have no segment longer "
+                         f"than 0.15 s")
+    return np.concatenate(rows)
+
+
+def passt_kl(classifier, reference: np.ndarray, generated: np.ndarray, sample_rate: int, batch_size: int) -> float:
+    """audiocraft's PaSST KL (module docstring) of paired clips reference and generated [N, samples] at
+    sample_rate Hz: `generation_metrics.audiocraft_kl` of their segment rows, in nats."""
+    if reference.shape != generated.shape:
+        raise ValueError(f"kl_passt pairs clips of equal length: reference {reference.shape}, generated "
+                         f"{generated.shape}")
+    return generation_metrics.audiocraft_kl(passt_segment_probabilities(classifier, reference, sample_rate, batch_size),
+                                            passt_segment_probabilities(classifier, generated, sample_rate, batch_size))
+
+
+def clap_score(clap, captions: Sequence[str], audio: np.ndarray, sample_rate: int, batch_size: int) -> float:
+    """audiocraft's CLAP score (module docstring): the mean over clips of the cosine between caption i's text
+    embedding and clip i's audio embedding. clap: a mulan.MuLan loaded from a converted CLAP run directory;
+    audio [N, samples] at sample_rate Hz, resampled to the CLAP's rate in batches of `batch_size` clips."""
+    if len(captions) != len(audio):
+        raise ValueError(f"clap_score: {len(captions)} captions for {len(audio)} clips")
+    text = np.asarray(clap.embed_text(list(captions)), np.float64)
+    embeddings = np.concatenate([
+        np.asarray(clap.embed_audio(audio_io.resample(audio[i:i + batch_size], sample_rate, clap.sample_rate)),
+                   np.float64) for i in range(0, len(audio), batch_size)])
+    return generation_metrics.mulan_cycle_consistency(text, embeddings)
 
 
 def _name(component) -> str:
@@ -454,15 +510,46 @@ def generate_all(musiclm, captions: Sequence[str], batch_size: int, seed: int, l
     return np.concatenate(out)
 
 
+# Published figures on MusicCaps, shown beside ours in the report of a MusicCaps evaluation: (our metric, system,
+# value as published, source). Only the FAD_VGG, PaSST KL and CLAP rows are computed the same way as ours;
+# MusicLM's KLD used a LEAF AudioSet classifier and its MCC Google's MuLan.
+PUBLISHED_MUSICCAPS = (
+    ("fad_vggish", "MusicLM", "4.0", "arXiv 2301.11325, Table 1 (FAD_VGG)"),
+    ("fad_vggish", "MusicGen (300M-3.3B)", "3.1-3.8", "arXiv 2306.05284, Table 1 (FAD_vgg)"),
+    ("fad_vggish", "audiocraft's released MusicGen checkpoints", "4.88 / 5.14 / 5.48",
+     "audiocraft MusicGen model card"),
+    ("kl_passt", "MusicLM", "1.01", "arXiv 2301.11325, Table 1 (KLD, LEAF classifier: not PaSST)"),
+    ("kl_passt", "MusicGen (300M-3.3B)", "1.22-1.28", "arXiv 2306.05284, Table 1 (KL, PaSST)"),
+    ("kl_passt", "audiocraft's released MusicGen checkpoints", "1.42 / 1.38 / 1.37", "audiocraft MusicGen model card"),
+    ("clap_score", "MusicGen (300M-3.3B)", "0.31-0.32", "arXiv 2306.05284, Table 1 (CLAP score)"),
+    ("clap_score", "audiocraft's released MusicGen checkpoints", "0.27-0.28", "audiocraft MusicGen model card"),
+    ("mulan_cycle_consistency", "MusicLM", "0.51", "arXiv 2301.11325, Table 1 (MCC, Google's MuLan: not ours)"),
+)
+
+
+def _published_table(metrics: dict) -> str:
+    """The report's comparison: each PUBLISHED_MUSICCAPS row beside our value of the same metric ('-' if not
+    computed)."""
+    rows = []
+    for metric, system, value, source in PUBLISHED_MUSICCAPS:
+        ours = metrics.get(metric)
+        shown = f"{ours:.4g}" if isinstance(ours, float) else "-"
+        rows.append(f"<tr><td>{html.escape(metric)}</td><td>{shown}</td><td>{html.escape(system)}</td>"
+                    f"<td>{html.escape(value)}</td><td>{html.escape(source)}</td></tr>")
+    return ("<h2>Published figures on MusicCaps</h2><table>\n<tr><th>metric</th><th>ours</th><th>system</th>"
+            "<th>published</th><th>source</th></tr>\n" + "\n".join(rows) + "\n</table>")
+
+
 def _metric_row(name: str, value: Any) -> str:
     shown = f"{value:.6g}" if isinstance(value, float) else html.escape(str(value))
     return f"<tr><td>{html.escape(name)}</td><td>{shown}</td></tr>"
 
 
 def write_report(output_dir: str, metrics: dict, settings: dict, samples: Sequence[dict],
-                 title: str = "musiclm_jax generation evaluation") -> str:
-    """Writes output_dir/report.html: the settings, the metrics table and the samples that have `spectrogram`
-    entries (their generated and reference players); file names are relative to output_dir. Returns its path."""
+                 title: str = "musiclm_jax generation evaluation", published: bool = False) -> str:
+    """Writes output_dir/report.html: the settings, the metrics table (with published=True, the published
+    MusicCaps figures beside ours) and the samples that have `spectrogram` entries (their generated and reference
+    players); file names are relative to output_dir. Returns its path."""
     metric_rows = "\n".join(_metric_row(k, v) for k, v in sorted(metrics.items()) if k != "skipped_metrics")
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
                       for k, v in metrics.get("skipped_metrics", {}).items())
@@ -495,6 +582,7 @@ td{{padding:0 1em 0 0}}</style>
 {metric_rows}
 </table>
 {f'<p>Skipped:</p><ul>{skipped}</ul>' if skipped else ''}
+{_published_table(metrics) if published else ''}
 <h2>Samples ({len(sections)} of {len(samples)})</h2>
 {chr(10).join(sections)}
 </body></html>
@@ -522,6 +610,7 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
                         classifier: Union[str, Callable] = "mulan_zero_shot",
                         classifier_checkpoint: Optional[str] = None, class_labels: Sequence[str] = DEFAULT_LABELS,
                         classifier_temperature: float = 0.1, mcc_mulan_checkpoint: Optional[str] = None,
+                        clap_checkpoint: Optional[str] = None, passt_checkpoint: Optional[str] = None,
                         token_dir: Optional[str] = None, memorization_examples: int = 256,
                         memorization_split: str = "train", prompt_seconds: float = 10.0,
                         continuation_seconds: float = 5.0, memorization_temperature: Optional[float] = None,
@@ -539,6 +628,8 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
       embedding_model, embedding_checkpoint, embedding_layer: FAD's embedding model (module docstring).
       classifier, classifier_checkpoint, class_labels, classifier_temperature: KLD's classifier.
       mcc_mulan_checkpoint: the MuLan of the cycle consistency (None: the generating one).
+      clap_checkpoint: a converted CLAP run directory for `clap_score` (None: skipped).
+      passt_checkpoint: a converted PaSST run directory for `kl_passt` (None: skipped).
       token_dir, memorization_*, prompt_seconds, continuation_seconds, approximate_threshold: memorization.
       report_samples: how many samples the report shows with players and spectrograms.
     """
@@ -589,10 +680,22 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
         for i in range(0, len(generated), batch_size)])
     metrics["mulan_cycle_consistency"] = generation_metrics.mulan_cycle_consistency(text, audio_embeddings)
     cosines = np.sum(text * audio_embeddings, axis=1)
-    if token_dir is None:
-        metrics["skipped_metrics"] = {"memorization": "no TOKEN_DIR given (set --gin.TOKEN_DIR to the token cache "
-                                                      "of the training data)"}
+    skipped = {}
+    if passt_checkpoint is None:
+        skipped["kl_passt"] = "no PASST_CHECKPOINT given (a PaSST converted by python -m musiclm_jax.convert passt)"
     else:
+        from musiclm_jax.passt_model import PaSSTClassifier
+        metrics["kl_passt"] = passt_kl(PaSSTClassifier.from_checkpoint(passt_checkpoint), reference, generated,
+                                       rate, batch_size)
+    if clap_checkpoint is None:
+        skipped["clap_score"] = "no CLAP_CHECKPOINT given (a CLAP converted by python -m musiclm_jax.convert clap)"
+    else:
+        metrics["clap_score"] = clap_score(mulans.get(clap_checkpoint), captions, generated, rate, batch_size)
+    if token_dir is None:
+        skipped["memorization"] = "no TOKEN_DIR given (set --gin.TOKEN_DIR to the token cache of the training data)"
+    if skipped:
+        metrics["skipped_metrics"] = skipped
+    if token_dir is not None:
         metrics.update(memorization_from_cache(musiclm, token_dir, prompt_seconds, continuation_seconds,
                                                memorization_examples, memorization_split, memorization_temperature,
                                                approximate_threshold, seed, batch_size))
@@ -619,8 +722,10 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
                 "embedding_model": _name(embedder), "embedding_checkpoint": embedding_checkpoint or "generating MuLan",
                 "classifier": _name(clf), "class_labels": ", ".join(labels) if labels else "-",
                 "classifier_temperature": classifier_temperature,
-                "mcc_mulan_checkpoint": mcc_mulan_checkpoint or "generating MuLan", "token_dir": token_dir or "-"}
-    write_report(output_dir, metrics, settings, samples)
+                "mcc_mulan_checkpoint": mcc_mulan_checkpoint or "generating MuLan",
+                "clap_checkpoint": clap_checkpoint or "-", "passt_checkpoint": passt_checkpoint or "-",
+                "token_dir": token_dir or "-"}
+    write_report(output_dir, metrics, settings, samples, published=parse_eval_data(eval_data)[0] == "musiccaps")
     print(f"generation eval: wrote {len(samples)} clips, samples.jsonl and report.html to {output_dir}",
           file=sys.stderr)
     return metrics

@@ -173,6 +173,31 @@ def kl_divergence(reference_probs: np.ndarray, generated_probs: np.ndarray, eps:
     return float(np.mean(terms.sum(axis=1)))
 
 
+def audiocraft_kl(reference_probs: np.ndarray, generated_probs: np.ndarray, eps: float = DEFAULT_KL_EPS) -> float:
+    """audiocraft's PaSST KL ('kld', the figure MusicGen and audiocraft's model cards report), in nats: the mean
+    over the N rows of sum_c p_c * (log p_c - log(q_c + eps)), with p the reference row and q the generated one,
+    as audiocraft/metrics/kld.py's `kl_divergence(pred_probs=q, target_probs=p)` computes it with
+    `torch.nn.functional.kl_div((q + eps).log(), p, reduction='none').sum(-1)`, averaged by
+    `KLDivergenceMetric.compute` ('kld_pq'). Unlike `kl_divergence`, nothing is renormalised: only the generated
+    side gets eps, and terms with p_c = 0 count 0 (kl_div's convention), so the value can be slightly negative
+    where q already gives p's classes their mass. Rows are the classifier's softmax outputs (PaSST's 527 classes;
+    audiocraft scores each <= 10 s segment of a clip as its own row, passt_model.audiocraft_segments).
+
+    Args:
+      reference_probs, generated_probs: [N, C] probabilities; row i of each is one (reference, generated) pair.
+      eps: audiocraft's epsilon, 1e-6.
+    """
+    p = _check_probs(reference_probs, "reference_probs")
+    q = _check_probs(generated_probs, "generated_probs")
+    if p.shape != q.shape:
+        raise ValueError(f"reference_probs and generated_probs must have the same [N, C] shape, got {p.shape} and "
+                         f"{q.shape}")
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q + eps)), 0.0)
+    return float(np.mean(terms.sum(axis=1)))
+
+
 @runtime_checkable
 class Classifier(Protocol):
     """An audio classifier: `classifier(audio [B, samples] float, sample_rate Hz) -> probs [B, C]`.
