@@ -1,7 +1,7 @@
 """`python -m musiclm_jax.demo`: text -> music end to end on the embedded synthetic music, on a CPU.
 
     python -m musiclm_jax.demo [--output_dir /tmp/musiclm_jax/demo] [--prompt "..."]... [--duration 4]
-        [--redo STEP]... [--bind STEP:NAME=VALUE]...
+        [--redo STEP]... [--bind STEP:NAME=VALUE]... [--init_from STEP=DIR]...
 
 The recipe (`python -m musiclm_jax.recipe`, the same orchestration, which runs it for `--embedded`) on the embedded
 procedural music (data/synthetic_music.py), with its own prompts and measures: trains the tiny version of every
@@ -225,6 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--redo", action="append", default=[],
                         help="start this step over even if done, its output directory removed first (repeatable)")
     parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
+    parser.add_argument("--init_from", action="append", default=[],
+                        help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
     parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
@@ -236,7 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         with open(os.path.join(out_dir, "quality.json"), "w") as f:
             json.dump(quality, f, indent=1)
 
-    plan = recipe.apply_bindings(steps(out, prompts, args.duration, args.seed), args.bind)
+    plan = steps(out, prompts, args.duration, args.seed)
+    plan = recipe.apply_bindings(plan, args.bind + recipe.init_from_bindings(plan, args.init_from))
     timings = recipe.run_plan(plan + [("evaluate", evaluate_step)], out, args.redo, "demo", args.in_process)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)

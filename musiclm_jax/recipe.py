@@ -1,7 +1,7 @@
 """The MusicLM chain on your own music, step by step: `python -m musiclm_jax.recipe`.
 
     python -m musiclm_jax.recipe --output_dir OUT (--audio_dir DIR | --musiccaps_dir DIR | --embedded)
-        [--size tiny] [--redo STEP]... [--bind STEP:NAME=VALUE]... [--in_process]
+        [--size tiny] [--redo STEP]... [--bind STEP:NAME=VALUE]... [--init_from STEP=DIR]... [--in_process]
 
 `--audio_dir DIR`: a folder of audio files (any format libsndfile/audioread reads, any rate, mono or stereo)
 with a `captions.jsonl` (one {"audio_path", "caption"[, "split"]} per line; MuLan needs the captions). Rows
@@ -20,7 +20,11 @@ Steps (each the project's own command line, its output in OUT/<dir>, its whole l
 A finished step leaves OUT/.done/<step> and is skipped when the recipe runs again; an interrupted training step
 resumes from its last checkpoint. `--redo STEP` starts one step over (its output directory removed first).
 `--bind STEP:NAME=VALUE` adds `--gin.NAME=VALUE` to a step's command (e.g. `--bind coarse_stage:TRAIN_STEPS=2000`;
-for mulan_rvq, whose command takes flags, `--bind mulan_rvq:steps=20` adds `--steps 20`). `--in_process` runs
+for mulan_rvq, whose command takes flags, `--bind mulan_rvq:steps=20` adds `--steps 20`). `--init_from STEP=DIR`
+fine-tunes a training step from another run directory, as t5x's initial checkpoint does (`--gin.INIT_CHECKPOINT`:
+the parameters are restored by name from DIR's latest checkpoint at any mesh, the names not found are reported in
+the step's MODEL_DIR/init_checkpoint.json; the optimizer starts fresh; a resumed step keeps its own checkpoint,
+and a finished one is not redone unless named in --redo). `--in_process` runs
 the commands' `main` in this Python process instead of a subprocess each (quicker to start; the tests use it).
 
 quality.json: {"codec": gin/eval/codec.gin's metrics (SI-SNR, mel distance, pitch-class agreement, bitrate),
@@ -220,6 +224,24 @@ def apply_bindings(plan: list[Step], binds: Sequence[str]) -> list[Step]:
     return plan
 
 
+def init_from_bindings(plan: Sequence[Step], init_from: Sequence[str]) -> list[str]:
+    """--init_from STEP=DIR -> the --bind STEP:INIT_CHECKPOINT='DIR' of a training step (`musiclm_jax.train`);
+    exits naming the argument if STEP is not one or DIR is not a directory."""
+    trains = [n for n, argv in plan if isinstance(argv, list) and argv and argv[0] == "musiclm_jax.train"]
+    binds = []
+    for item in init_from:
+        step, sep, directory = item.partition("=")
+        if not sep or not directory:
+            raise SystemExit(f"recipe: --init_from {item!r}: expected STEP=DIR")
+        if step not in trains:
+            raise SystemExit(f"recipe: --init_from {item!r}: {step!r} is not a training step (training steps: "
+                             f"{', '.join(trains)})")
+        if not os.path.isdir(directory):
+            raise SystemExit(f"recipe: --init_from {item!r}: {directory!r} is not a run directory")
+        binds.append(f"{step}:INIT_CHECKPOINT={os.path.abspath(directory)!r}")
+    return binds
+
+
 def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str, prefix: str = "recipe",
              in_process: bool = False) -> None:
     """Runs `python -m argv...` from the repository root, echoing its output (and saving it to log_path); with
@@ -328,18 +350,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--redo", action="append", default=[], help="start this step over (repeatable)")
     parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
+    parser.add_argument("--init_from", action="append", default=[],
+                        help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
     parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     if args.embedded:
         from musiclm_jax import demo
         forwarded = ["--output_dir", out, "--seed", str(args.seed)] + [f"--redo={r}" for r in args.redo]
-        forwarded += [f"--bind={b}" for b in args.bind] + (["--in_process"] if args.in_process else [])
-        return demo.main(forwarded)
+        forwarded += [f"--bind={b}" for b in args.bind] + [f"--init_from={i}" for i in args.init_from]
+        return demo.main(forwarded + (["--in_process"] if args.in_process else []))
     source = DataSource("audio_dir", os.path.abspath(args.audio_dir)) if args.audio_dir else DataSource(
         "musiccaps", os.path.abspath(args.musiccaps_dir))
     source.check()
-    plan = apply_bindings(folder_steps(out, source, args.seed), args.bind)
+    plan = folder_steps(out, source, args.seed)
+    plan = apply_bindings(plan, args.bind + init_from_bindings(plan, args.init_from))
     os.environ["MUSICLM_TFDS_DIR"] = data_root(out)  # the steps' prepared data, read back by the report
     timings = run_plan(plan, out, args.redo, in_process=args.in_process)
     with open(os.path.join(out, "quality.json")) as f:

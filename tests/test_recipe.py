@@ -97,6 +97,21 @@ def test_bad_arguments_name_what_is_wrong(tmp_path):
         recipe.main(["--output_dir", str(tmp_path / "out"), "--musiccaps_dir", str(tmp_path / "none")])
 
 
+def test_init_from_fine_tunes_a_training_step_from_a_run_directory(tmp_path):
+    """--init_from STEP=DIR binds INIT_CHECKPOINT (train's t5x-style fine-tuning, tested in test_train_cli) on that
+    training step only; a step that does not train, a missing directory and a malformed argument are named."""
+    (tmp_path / "music").mkdir()
+    (tmp_path / "prior").mkdir()
+    plan = recipe.folder_steps(str(tmp_path / "out"), recipe.DataSource("audio_dir", str(tmp_path / "music")))
+    plan = recipe.apply_bindings(plan, recipe.init_from_bindings(plan, [f"coarse_stage={tmp_path / 'prior'}"]))
+    binding = f"--gin.INIT_CHECKPOINT='{tmp_path / 'prior'}'"
+    assert [name for name, argv in plan if isinstance(argv, list) and binding in argv] == ["coarse_stage"]
+    for item, error in ((f"tokenize={tmp_path}", "not a training step"),
+                        (f"fine_stage={tmp_path / 'none'}", "not a run directory"), ("fine_stage", "expected STEP=DIR")):
+        with pytest.raises(SystemExit, match=error):
+            recipe.init_from_bindings(plan, [item])
+
+
 def test_an_evaluation_that_cannot_run_is_stated_and_the_rest_goes_on(tmp_path, capsys):
     def too_few(out):
         raise ValueError("MuLan evaluation needs at least 2 captioned clips in split 'test'; found 1")
