@@ -17,6 +17,14 @@ clips after 1,200 steps of the tiny configuration (see gin/codec/spectral_tiny.g
 * The 1/f weight gives each octave about equal weight; unweighted, the bins above 5 kHz, 60% of them, take most
   of the capacity, which pitch does not need.
 
+`pitch_latent_weight` > 0 adds pitch_latent_weight * mean((z[..., :12] - pitch_latent_scale * p)^2): the first 12
+dimensions of each code frame's encoder latent z are pulled towards the frame's pitch-class profile p
+(spectral.pitch_class_profile, 128 ms window centred on the frame), scaled so that they hold most of the latent's
+variance. The first RVQ level, whose k-means splits the largest variance first, then codes the pitch class, where
+otherwise the spectral envelope takes it and the pitch is left to the residual levels (a coarse stage that must
+infer the pitch from level 2 codes rarely does). A distillation of a known feature into the first level, as
+Mimi's first level distils WavLM's.
+
 `tone_fraction` > 0 replaces that fraction of the training examples, drawn per step, with a pure tone of random
 frequency (log-uniform over [tone_min_hz, tone_max_hz]), amplitude (0.05 to 0.5) and phase: real music has
 isolated partials anywhere in that range, which a small or synthetic training set may lack.
@@ -30,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax import spectral
 from musiclm_jax.codec_model import CodecModel
 from musiclm_jax.networks.spectral_codec import SpectralCodec, SpectralCodecConfig
 from musiclm_jax.quantizers import STATE, RVQConfig
@@ -44,11 +53,14 @@ class SpectralCodecModel(CodecModel):
       commitment_weight: weight of the quantizer's commitment loss.
       weighting_min_hz: the loss weight of bin f is 1 / max(f, weighting_min_hz) (None: every bin weighs 1).
       tone_fraction, tone_min_hz, tone_max_hz: the tone augmentation (see the module docstring; 0: off).
+      pitch_latent_weight, pitch_latent_scale: the pitch-class target of the latent's first 12 dimensions (see
+        the module docstring; weight 0: off).
     """
 
     def __init__(self, network: SpectralCodecConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
                  commitment_weight: float = 1.0, weighting_min_hz: Optional[float] = 100.0,
-                 tone_fraction: float = 0.0, tone_min_hz: float = 40.0, tone_max_hz: float = 8000.0):
+                 tone_fraction: float = 0.0, tone_min_hz: float = 40.0, tone_max_hz: float = 8000.0,
+                 pitch_latent_weight: float = 0.0, pitch_latent_scale: float = 1.0):
         self.network, self.rvq = network, rvq
         self.sample_rate = int(sample_rate)
         self.segment_samples = int(segment_samples)
@@ -63,6 +75,10 @@ class SpectralCodecModel(CodecModel):
             raise ValueError(f"SpectralCodecModel: tones from {tone_min_hz} to {tone_max_hz} Hz must lie in "
                              f"(0, {self.sample_rate / 2}) Hz")
         self.tone_fraction, self.tone_min_hz, self.tone_max_hz = float(tone_fraction), tone_min_hz, tone_max_hz
+        if pitch_latent_weight < 0 or (pitch_latent_weight and network.dimension < 12):
+            raise ValueError(f"SpectralCodecModel.pitch_latent_weight {pitch_latent_weight} must be >= 0 and needs a "
+                             f"latent of at least 12 dimensions (dimension {network.dimension})")
+        self.pitch_latent_weight, self.pitch_latent_scale = float(pitch_latent_weight), float(pitch_latent_scale)
         frequencies = network.bin_frequencies(self.sample_rate)
         if weighting_min_hz is None:
             weights = np.ones_like(frequencies)
@@ -105,6 +121,13 @@ class SpectralCodecModel(CodecModel):
         reconstruction = jnp.mean(jnp.square(error) * jnp.asarray(self.bin_weights))
         commitment = aux["commitment_loss"]
         loss = reconstruction + self.commitment_weight * commitment
+        extra = {}
+        if self.pitch_latent_weight:
+            latents = aux["latents"].astype(jnp.float32)
+            profile = spectral.pitch_class_profile(audio, self.sample_rate, latents.shape[1], self.network.hop_length)
+            pitch = jnp.mean(jnp.square(latents[..., :12] - self.pitch_latent_scale * profile))
+            loss = loss + self.pitch_latent_weight * pitch
+            extra["pitch_latent_loss"] = pitch
         metrics = {
             "loss": loss,
             "reconstruction_loss": reconstruction,
@@ -113,6 +136,7 @@ class SpectralCodecModel(CodecModel):
             **{f"codebook_perplexity_{level}": aux["perplexity"][level] for level in range(self.rvq.num_quantizers)},
             "mean_levels": jnp.mean(aux["num_levels"].astype(jnp.float32)),
             "loss_weight": jnp.float32(audio.shape[0]),
+            **extra,
         }
         return loss, metrics, updated
 

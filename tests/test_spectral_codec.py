@@ -73,6 +73,8 @@ def test_configuration_errors_name_the_setting():
         SpectralCodecModel(CONFIG, RVQ, RATE, RATE, tone_fraction=1.5)
     with pytest.raises(ValueError, match="weighting_min_hz"):
         SpectralCodecModel(CONFIG, RVQ, RATE, RATE, weighting_min_hz=0.0)
+    with pytest.raises(ValueError, match="pitch_latent_weight"):
+        SpectralCodecModel(SpectralCodecConfig(dimension=8), RVQConfig(dim=8), RATE, RATE, pitch_latent_weight=1.0)
 
 
 def test_bin_weights_give_octaves_equal_weight_above_the_floor_and_average_one():
@@ -106,6 +108,26 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     _, eval_metrics = model.loss_fn(params, {"audio": audio}, None, state)
     assert set(eval_metrics) >= {"reconstruction_loss", "log_magnitude_l1", "commitment_loss",
                                  "codebook_perplexity_0", "codebook_perplexity_3"}
+
+
+def test_pitch_latent_target_is_the_pitch_class_profile_and_training_reaches_it():
+    """pitch_latent_weight: the loss adds weight * mean((z[..., :12] - scale * pitch_class_profile)^2) over the code
+    frames; a few steps on a fixed batch pull the latents' first 12 dimensions to the scaled profile."""
+    model = SpectralCodecModel(CONFIG, RVQ, RATE, 12000, pitch_latent_weight=2.0, pitch_latent_scale=3.0)
+    audio = jnp.asarray(np.stack([synthetic_music.generate_clip(i, seed=0, seconds=0.5)["audio"] for i in range(4)]))
+    variables = unbox(model.get_initial_variables(jax.random.key(0), {"audio": (4, 12000)}))
+    state = {"quantizer": variables["quantizer"]}
+    loss, metrics = model.loss_fn(variables["params"], {"audio": audio}, None, state)
+    (_, _, aux) = model.generator.apply({"params": variables["params"]["generator"], **state}, audio)
+    profile = spectral.pitch_class_profile(audio, RATE, aux["latents"].shape[1], CONFIG.hop_length)
+    want = float(jnp.mean(jnp.square(aux["latents"][..., :12] - 3.0 * profile)))
+    assert float(metrics["pitch_latent_loss"]) == pytest.approx(want, rel=1e-5)
+    plain = SpectralCodecModel(CONFIG, RVQ, RATE, 12000)
+    assert float(loss) == pytest.approx(float(plain.loss_fn(variables["params"], {"audio": audio}, None, state)[0])
+                                        + 2.0 * want, rel=1e-5)
+    _, _, history = adam_steps(model, variables["params"], state, {"audio": audio}, steps=40, learning_rate=3e-3)
+    pitch = [float(m["pitch_latent_loss"]) for m in history]
+    assert np.mean(pitch[-5:]) < 0.3 * np.mean(pitch[:5])
 
 
 # The codec of the demo's configuration, trained through the CLI for fewer steps than the demo's 3,000.

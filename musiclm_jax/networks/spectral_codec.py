@@ -245,10 +245,11 @@ class SpectralCodec(nn.Module):
                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict]:
         """audio [batch, samples] -> (decoded log-magnitudes [batch, stft frames, bins], codes [batch, code frames,
         N], aux): aux is the quantizer's (see ResidualVQ) plus 'log_magnitude', the input's `log_magnitude(audio)`
-        (the decoded one's target, of its shape; computed once for both)."""
+        (the decoded one's target, of its shape; computed once for both), and 'latents', the encoder's output
+        [batch, code frames, dimension] before quantization."""
         latents, frames = self._latents(audio)
         quantized, codes, aux = self.quantizer(latents, train=train, num_levels=num_levels, rng=rng)
-        return self._log_magnitude(quantized), codes, dict(aux, log_magnitude=frames)
+        return self._log_magnitude(quantized), codes, dict(aux, log_magnitude=frames, latents=latents)
 
     def encode(self, audio: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
         """audio [batch, samples] -> codes [batch, ceil(samples / hop_length), num_levels] int32."""
