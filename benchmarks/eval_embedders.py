@@ -5,7 +5,7 @@
 Each model at its released size with random weights (speed does not depend on the values), through the API the
 metrics and `python -m musiclm_jax.eval embed` use:
   vggish  VGGishConfig() (72M): 10 s at 16 kHz -> 10 examples -> [10, 128]; batch 1 `VGGishEmbedder.embed`,
-          batch 8 the jitted `VGGishModel.embed` on [8, 160000];
+          batch 8 `VGGishEmbedder.embed_batch` on [8, 160000] (laid over the devices);
   passt   PaSSTConfig() (passt_s_swa_p16_128_ap476, 86M): 10 s at 32 kHz -> [527] probabilities; batch 1
           `PaSSTClassifier.probabilities`, batch 8 `PaSSTClassifier.__call__`;
   clap    gin/mulan/clap.gin (laion/clap-htsat-unfused: HTSAT-base audio tower, 48 kHz, MLP projection to 512):
@@ -78,9 +78,7 @@ def vggish(repeats: int) -> dict:
     rate = model.sample_rate
 
     def embed(audio):
-        if len(audio) == 1:
-            return embedder.embed(audio[0], rate)
-        return np.asarray(embedder._embed(params, jnp.asarray(audio)))
+        return embedder.embed(audio[0], rate) if len(audio) == 1 else embedder.embed_batch(audio, rate)
     return _measure("vggish", _count(params), rate, lambda a: log_mel_examples(a, model.network), embed, repeats)
 
 

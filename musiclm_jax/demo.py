@@ -222,12 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--prompt", action="append", default=None, help="a caption to generate (repeatable)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of audio per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", action="append", default=[],
-                        help="start this step over even if done, its output directory removed first (repeatable)")
-    parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
-    parser.add_argument("--init_from", action="append", default=[],
-                        help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
-    parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
+    recipe.add_step_arguments(parser)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -238,8 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         with open(os.path.join(out_dir, "quality.json"), "w") as f:
             json.dump(quality, f, indent=1)
 
-    plan = steps(out, prompts, args.duration, args.seed)
-    plan = recipe.apply_bindings(plan, args.bind + recipe.init_from_bindings(plan, args.init_from))
+    plan = recipe.bind_plan(steps(out, prompts, args.duration, args.seed), args)
     timings = recipe.run_plan(plan + [("evaluate", evaluate_step)], out, args.redo, "demo", args.in_process)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)

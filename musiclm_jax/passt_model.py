@@ -17,7 +17,7 @@ Long clips: audiocraft (kld.py:172-185, `_process_audio`) resamples to 32 kHz, s
 10 s segments (`torch.split`, the last one shorter, not padded), drops segments of at most 0.15 s (4800 samples),
 and scores every kept segment as its own row: each segment of a generated clip is paired with the same segment of
 its reference clip in the KL (kld.py:209-218). `audiocraft_segments` cuts a clip that way and
-`segment_probabilities` gives those rows. The batched `__call__` returns one row per clip, as the Classifier
+`segment_rows` (`segment_probabilities` for one clip) gives those rows. The batched `__call__` returns one row per clip, as the Classifier
 protocol asks: for clips of at most 10 s it equals audiocraft's row; a longer clip's row is the mean of its
 segments' probabilities (audiocraft would instead count each segment as a separate pair).
 
@@ -154,14 +154,20 @@ class PaSSTClassifier:
         distribution audiocraft's PaSST KL compares; not the per-class sigmoid)."""
         return np.asarray(jax.nn.softmax(self.logits(audio, sample_rate)))
 
+    def segment_rows(self, audio: np.ndarray, sample_rate: int, batch_size: Optional[int] = None) -> np.ndarray:
+        """audiocraft's KL rows of equal-length clips: audio [N, samples] at sample_rate -> [S * N, 527] softmax
+        probabilities, row s * N + i for segment s of clip i (`audiocraft_segments`, cut after resampling to
+        32 kHz, as audiocraft does); `batch_size` clips per forward pass (None: all N). [0, 527] when no segment
+        is longer than 0.15 s."""
+        audio = self._at_rate(audio, sample_rate, 2)
+        step = batch_size or len(audio)
+        rows = [jax.nn.softmax(self.batch_logits(segment[i:i + step], self.sample_rate), axis=-1)
+                for segment in audiocraft_segments(audio, self.sample_rate) for i in range(0, len(segment), step)]
+        return np.concatenate(rows) if rows else np.zeros((0, self.config.num_classes), np.float32)
+
     def segment_probabilities(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        """audio [samples] of any length at sample_rate -> [segments, 527] softmax probabilities, one row per
-        segment of `audiocraft_segments` (resampled to 32 kHz first, as audiocraft does): audiocraft's KL rows.
-        [0, 527] when no segment is longer than 0.15 s."""
-        audio = self._at_rate(audio, sample_rate, 1)
-        segments = audiocraft_segments(audio, self.sample_rate)
-        rows = [self.probabilities(s, self.sample_rate) for s in segments]
-        return np.stack(rows) if rows else np.zeros((0, self.config.num_classes), np.float32)
+        """audio [samples] of any length at sample_rate -> [segments, 527]: `segment_rows` of the one clip."""
+        return self.segment_rows(self._at_rate(audio, sample_rate, 1)[None], self.sample_rate)
 
     def __call__(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """audio [batch, samples] at sample_rate -> softmax probabilities [batch, 527] (a

@@ -242,6 +242,22 @@ def init_from_bindings(plan: Sequence[Step], init_from: Sequence[str]) -> list[s
     return binds
 
 
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that steer a plan's steps, the recipe's and the demo's alike: --redo, --bind, --init_from,
+    --in_process."""
+    parser.add_argument("--redo", action="append", default=[],
+                        help="start this step over even if done, its output directory removed first (repeatable)")
+    parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
+    parser.add_argument("--init_from", action="append", default=[],
+                        help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
+    parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
+
+
+def bind_plan(plan: list[Step], args: argparse.Namespace) -> list[Step]:
+    """The plan with add_step_arguments' --bind and --init_from applied."""
+    return apply_bindings(plan, args.bind + init_from_bindings(plan, args.init_from))
+
+
 def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str, prefix: str = "recipe",
              in_process: bool = False) -> None:
     """Runs `python -m argv...` from the repository root, echoing its output (and saving it to log_path); with
@@ -348,11 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     source.add_argument("--embedded", action="store_true", help="the embedded procedural music (the demo)")
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", action="append", default=[], help="start this step over (repeatable)")
-    parser.add_argument("--bind", action="append", default=[], help="STEP:NAME=VALUE, a gin binding of one step")
-    parser.add_argument("--init_from", action="append", default=[],
-                        help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
-    parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
+    add_step_arguments(parser)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     if args.embedded:
@@ -363,8 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     source = DataSource("audio_dir", os.path.abspath(args.audio_dir)) if args.audio_dir else DataSource(
         "musiccaps", os.path.abspath(args.musiccaps_dir))
     source.check()
-    plan = folder_steps(out, source, args.seed)
-    plan = apply_bindings(plan, args.bind + init_from_bindings(plan, args.init_from))
+    plan = bind_plan(folder_steps(out, source, args.seed), args)
     os.environ["MUSICLM_TFDS_DIR"] = data_root(out)  # the steps' prepared data, read back by the report
     timings = run_plan(plan, out, args.redo, in_process=args.in_process)
     with open(os.path.join(out, "quality.json")) as f:

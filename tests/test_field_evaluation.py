@@ -113,6 +113,7 @@ def test_audio_sets_on_two_folders(models, tmp_path):
     sets = [np.concatenate([vggish.embed(a, 16000) for a in load(folder, names, 16000)])
             for folder, names in ((ref, ref_names), (gen, gen_names))]
     assert metrics["fad_vggish_frames"] == [len(sets[0]), len(sets[1])] == [9, 8]
+    assert metrics["fad_vggish_short_files"] == [0, 0]
     assert metrics["fad_vggish"] == pytest.approx(generation_metrics.frechet_audio_distance(*sets), rel=1e-6)
 
     passt = PaSSTClassifier.from_checkpoint(models["passt"])

@@ -201,13 +201,13 @@ def test_passt_rows_of_long_clips_are_audiocrafts_segments(evaluation_models):
     classifier = PaSSTClassifier.from_checkpoint(evaluation_models["passt"])
     rng = np.random.RandomState(0)
     audio = (0.1 * rng.randn(2, 23 * 16000)).astype(np.float32)
-    rows = generation_eval.passt_segment_probabilities(classifier, audio, 16000, batch_size=2)
+    rows = classifier.segment_rows(audio, 16000, batch_size=2)
     assert rows.shape == (6, 527)
     at_32k = audio_io.resample(audio, 16000, 32000)
     np.testing.assert_allclose(rows[3], classifier.probabilities(at_32k[1, 320000:640000], 32000), atol=1e-5)
     np.testing.assert_allclose(rows[4], classifier.probabilities(at_32k[0, 640000:], 32000), atol=1e-5)
     tail = np.concatenate([audio, np.zeros((2, 2000), np.float32)], axis=1)[:, :20 * 16000 + 2000]  # 0.125 s tail
-    assert generation_eval.passt_segment_probabilities(classifier, tail, 16000, 2).shape == (4, 527)
+    assert classifier.segment_rows(tail, 16000, 2).shape == (4, 527)
 
 
 def test_clap_score_is_skipped_with_its_reason_without_a_clap(musiclm, tmp_path):

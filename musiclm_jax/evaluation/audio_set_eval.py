@@ -9,7 +9,8 @@ For comparing systems other than this one (their output folders), with the same 
 evaluation (generation_eval's module docstring names the reference implementation of each):
 
 - `fad_vggish` (VGGISH_CHECKPOINT): Fréchet distance of the two sets of VGGish frame embeddings (every whole
-  0.96 s of every file is one sample, as frechet-audio-distance and fadtk pool them). Sets, not pairs: the
+  0.96 s of every file is one sample, as frechet-audio-distance and fadtk pool them; files shorter than one
+  0.975 s example give none and are counted in `fad_vggish_short_files`, reference then generated). Sets, not pairs: the
   folders may hold different numbers of files.
 - `kl_passt` (PASST_CHECKPOINT): audiocraft's PaSST KL over the *pairs*: a generated file and the reference file
   with the same relative path without its extension (`a/b.wav` pairs with `a/b.flac`). Both are cut to the
@@ -35,7 +36,7 @@ import numpy as np
 
 from musiclm_jax.data import audio_io, captioned_audio
 from musiclm_jax.data.bad_input import BadInputReport
-from musiclm_jax.evaluation import generation_eval, generation_metrics
+from musiclm_jax.evaluation import generation_metrics
 
 NO_CARVE = captioned_audio.HeldOutCarve(validation_fraction=0.0, test_fraction=0.0)
 
@@ -82,10 +83,13 @@ class _Clips:
         return {k: v for k, v in self._cache[rate].items() if k in self.records}
 
 
-def _vggish_frames(embedder, clips: dict[str, np.ndarray], rate: int) -> np.ndarray:
-    frames = [embedder.embed(clip, rate) for clip in clips.values()
-              if len(clip) >= embedder.model.network.example_samples * rate / embedder.sample_rate]
-    return np.concatenate(frames).astype(np.float64) if frames else np.zeros((0, 128))
+def _vggish_frames(embedder, clips: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """(the VGGish frames [n, 128] float64 of clips at the embedder's rate, how many clips were shorter than one
+    0.975 s example and gave none)."""
+    long_enough = [c for c in clips.values() if len(c) >= embedder.model.network.example_samples]
+    frames = [embedder.embed(clip, embedder.sample_rate) for clip in long_enough]
+    return (np.concatenate(frames).astype(np.float64) if frames else np.zeros((0, 128)),
+            len(clips) - len(long_enough))
 
 
 def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: str, reference_dir: str,
@@ -115,7 +119,10 @@ def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: 
         from musiclm_jax.vggish_model import VGGishEmbedder
         embedder = VGGishEmbedder.from_checkpoint(vggish_checkpoint)
         rate = embedder.sample_rate
-        sets = [_vggish_frames(embedder, clips.at(rate), rate) for clips in (reference, generated)]
+        (ref_frames, ref_short), (gen_frames, gen_short) = (_vggish_frames(embedder, clips.at(rate))
+                                                            for clips in (reference, generated))
+        sets = [ref_frames, gen_frames]
+        metrics["fad_vggish_short_files"] = [ref_short, gen_short]  # shorter than one example: no frame
         if min(len(s) for s in sets) < 2:
             skipped["fad_vggish"] = (f"fewer than 2 VGGish frames (0.96 s each) in a set: reference {len(sets[0])}, "
                                      f"generated {len(sets[1])}")
@@ -135,9 +142,7 @@ def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: 
         for key in pairs:
             length = min(len(ref[key]), len(gen[key]))
             for side, clips in ((rows_ref, ref), (rows_gen, gen)):
-                side.append(generation_eval.passt_segment_probabilities(classifier, clips[key][None, :length], rate,
-                                                                        batch_size)
-                            if length > int(0.15 * rate) else np.zeros((0, classifier.config.num_classes)))
+                side.append(classifier.segment_rows(clips[key][None, :length], rate, batch_size))
         rows = [np.concatenate(r) if r else np.zeros((0, 1)) for r in (rows_ref, rows_gen)]
         if not len(rows[0]):
             skipped["kl_passt"] = "no pair of files with the same name (without extension) longer than 0.15 s"

@@ -329,33 +329,18 @@ def _probs(classifier, audio: np.ndarray, sample_rate: int, batch_size: int) -> 
     return probs
 
 
-def passt_segment_probabilities(classifier, audio: np.ndarray, sample_rate: int, batch_size: int) -> np.ndarray:
-    """audiocraft's PaSST rows of equal-length clips: audio [N, samples] at sample_rate Hz -> [S * N, 527]
-    softmax probabilities, rows s * N + i for segment s (passt_model.audiocraft_segments, at 32 kHz) of clip i.
-    classifier: a passt_model.PaSSTClassifier; `batch_size` clips per forward pass."""
-    from musiclm_jax.passt_model import audiocraft_segments
-    at_rate = audio_io.resample(np.asarray(audio, np.float32), sample_rate, classifier.sample_rate)
-    rows = []
-    for segment in audiocraft_segments(at_rate, classifier.sample_rate):
-        for i in range(0, len(segment), batch_size):
-            logits = classifier.batch_logits(segment[i:i + batch_size], classifier.sample_rate).astype(np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            rows.append(probs / probs.sum(axis=1, keepdims=True))
-    if not rows:
-        raise ValueError(f"kl_passt: clips of {audio.shape[1]} samples at {sample_rate} Hz have no segment longer "
-                         f"than 0.15 s")
-    return np.concatenate(rows)
-
-
 def passt_kl(classifier, reference: np.ndarray, generated: np.ndarray, sample_rate: int, batch_size: int) -> float:
     """audiocraft's PaSST KL (module docstring) of paired clips reference and generated [N, samples] at
-    sample_rate Hz: `generation_metrics.audiocraft_kl` of their segment rows, in nats."""
+    sample_rate Hz: `generation_metrics.audiocraft_kl` of their segment rows (a passt_model.PaSSTClassifier's
+    `segment_rows`, `batch_size` clips per forward pass), in nats."""
     if reference.shape != generated.shape:
         raise ValueError(f"kl_passt pairs clips of equal length: reference {reference.shape}, generated "
                          f"{generated.shape}")
-    return generation_metrics.audiocraft_kl(passt_segment_probabilities(classifier, reference, sample_rate, batch_size),
-                                            passt_segment_probabilities(classifier, generated, sample_rate, batch_size))
+    rows = [classifier.segment_rows(clips, sample_rate, batch_size) for clips in (reference, generated)]
+    if not len(rows[0]):
+        raise ValueError(f"kl_passt: clips of {reference.shape[1]} samples at {sample_rate} Hz have no segment "
+                         f"longer than 0.15 s")
+    return generation_metrics.audiocraft_kl(*rows)
 
 
 def clap_score(clap, captions: Sequence[str], audio: np.ndarray, sample_rate: int, batch_size: int) -> float:
