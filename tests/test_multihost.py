@@ -302,8 +302,10 @@ def test_sigterm_to_one_worker_saves_on_all_and_relaunch_resumes(sigterm_run):
     assert max(losses(model_dir)) == step
     names = os.listdir(model_dir / "input_state" / str(step))
     assert any(n.startswith("process_0") for n in names) and any(n.startswith("process_1") for n in names), names
-    # Relaunch: both processes resume from that checkpoint and train on.
-    _, outputs = train_run(model_dir, step + 2, processes=2)
+    # Relaunch: both processes resume from that checkpoint and train on (no periodic checkpoint, as in the first
+    # run: with COMMON's period of 4, a step S + 1 that is a multiple of 4 would add a checkpoint between S and
+    # S + 2, depending on when SIGTERM landed).
+    _, outputs = train_run(model_dir, step + 2, "--gin.train_lib.train.checkpoint_period=100000", processes=2)
     for i in range(2):
         assert f"resumed from step {step}" in outputs[i], outputs[i][-2000:]
     assert sorted(losses(model_dir)) == list(range(1, step + 3))
