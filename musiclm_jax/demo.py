@@ -165,7 +165,10 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     synthetic test clips condition generation under their own captions; the generated audio's melody tokens are
     compared, on the frames where the melody has a pitch, with that melody ('agreement_with_melody'), and with
     the same captions generated without a melody ('agreement_without_melody') and with another clip's melody
-    ('agreement_with_other_melody', a derangement) as the baselines.
+    ('agreement_with_other_melody', a derangement) as the baselines. The independent measure beside them:
+    'chroma_cqt_agreement_*', librosa's chroma_cqt argmax of the generated audio against that of the melody's
+    audio on the melody's clear frames (evaluation/pitch_metrics.py), which shares none of the melody tokens'
+    analysis.
 
     Where the semantic tokenizer keeps pitch classes (SemanticTokenizer.token_pitch_classes), the same three are
     measured one step earlier, on the generated semantic tokens ('semantic_agreement_*': the pitch class most of a
@@ -174,6 +177,7 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     from the acoustic stages' and the codec's."""
     from musiclm_jax import melody
     from musiclm_jax.data import audio_io, synthetic_music
+    from musiclm_jax.evaluation import pitch_metrics
     from musiclm_jax.pipeline import MusicLM
     from musiclm_jax.semantic import SemanticTokenizer
     musiclm = MusicLM.from_checkpoints(*(os.path.join(out, n) for n in ("mulan", "codec", "semantic", "coarse",
@@ -198,6 +202,10 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
                  for name, result in results.items()}
     for name, tokens in generated.items():
         report[f"agreement_{name}"] = agreement(tokens)
+    for name, result in results.items():
+        agree, clear = pitch_metrics.chroma_cqt_agreement(tunes, result.audio[:, :tunes.shape[1]], rate)
+        report[f"chroma_cqt_agreement_{name}"] = agree / max(clear, 1)
+    report["chroma_cqt_frames"] = clear
     tokenizer = SemanticTokenizer.load(os.path.join(out, "semantic_tokenizer"))
     classes = tokenizer.token_pitch_classes()
     if classes is not None:
@@ -248,6 +256,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"demo: generated pitch classes agree with a given melody on {m['agreement_with_melody']:.0%} of its "
               f"pitched frames (without a melody {m['agreement_without_melody']:.0%}, with another clip's melody "
               f"{m['agreement_with_other_melody']:.0%}, chance {m['chance']:.0%})")
+        if "chroma_cqt_agreement_with_melody" in m:
+            print(f"demo: by librosa chroma_cqt, {m['chroma_cqt_agreement_with_melody']:.0%} of the melody's clear "
+                  f"frames (without a melody {m['chroma_cqt_agreement_without_melody']:.0%}, with another clip's "
+                  f"{m['chroma_cqt_agreement_with_other_melody']:.0%})")
         if "semantic_agreement_with_melody" in m:
             print(f"demo: the generated semantic tokens' pitch classes agree with it on "
                   f"{m['semantic_agreement_with_melody']:.0%} (without a melody "

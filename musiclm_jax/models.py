@@ -181,8 +181,9 @@ class TokenLMModel(BaseModel):
         the conditioning tokens of the same moment are then at relative distance 0 wherever they are in the
         sequence, so a small stage can find "the semantic token of this codec frame" (by sequence index that
         distance grows with the frame: 50 + 1.5 t tokens for the tiny coarse stage). Each group's tokens per
-        second follow from the lengths: a group of the prefix covers the targets' duration, every other prefix
-        group is one frame (its `levels` tokens, e.g. MuLan's 12).
+        second follow from the lengths: the time-aligned groups cover the targets' duration with the same number
+        of frames each (the coarse stage's melody and semantic tokens: one of each per semantic frame), every
+        other prefix group is one frame (its `levels` tokens, e.g. MuLan's 12).
     """
 
     feature_converter_name = "prefix_lm"
@@ -236,23 +237,23 @@ class TokenLMModel(BaseModel):
 
     @staticmethod
     def _ticks_per_frame(layout, prefix_groups, target_group, prefix_length, target_length, aligned):
-        """{aligned group: target tokens per frame of that group}, from the training lengths."""
+        """{aligned group: target tokens per frame of that group}, from the training lengths. Several aligned
+        groups have one frame each per time step (e.g. the melody token of each semantic frame beside it)."""
         for name in aligned:
             if name not in prefix_groups:
                 raise ValueError(f"time_aligned_groups: {name!r} is not a prefix group {prefix_groups}")
-        if len(aligned) > 1:
-            raise ValueError(f"time_aligned_groups={aligned}: one group can be placed from the lengths, not several")
+        if len(set(aligned)) != len(aligned):
+            raise ValueError(f"time_aligned_groups={aligned} names a group twice")
         if not aligned:
             return {}
-        name = aligned[0]
-        one_frame = sum(layout.group(g).levels for g in prefix_groups if g != name)
+        one_frame = sum(layout.group(g).levels for g in prefix_groups if g not in aligned)
         tokens = prefix_length - one_frame
-        levels = layout.group(name).levels
+        levels = sum(layout.group(g).levels for g in aligned)
         if tokens <= 0 or tokens % levels:
             raise ValueError(f"time_aligned_groups: prefix_length={prefix_length} leaves {tokens} tokens for "
-                             f"{name!r} after one frame of each other prefix group ({one_frame} tokens); it must be "
-                             f"a positive multiple of its {levels} levels")
-        return {name: target_length / (tokens // levels)}
+                             f"{aligned} after one frame of each other prefix group ({one_frame} tokens); it must be "
+                             f"a positive multiple of their {levels} levels per frame")
+        return {name: target_length / (tokens // levels) for name in aligned}
 
     def positions(self, tokens: jax.Array) -> Optional[jax.Array]:
         """Positions [batch, length] int32 of input tokens [batch, length] (PAD first, as fed to the decoder),

@@ -22,7 +22,8 @@ cross. Classifier-free guidance (guidance_scale != 1) applies to the stages trai
 `guidance_groups`: the MuLan tokens). Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody
 tokens in its prefix (gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the
 dominant pitch class per 200 ms) of each of the window's frames, PAD where the melody has ended or none was
-given. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan scores closest to the
+given; a coarse stage trained with them (gin/stages/coarse_melody_tiny.gin) gets the melody token of each
+semantic frame of its window the same way, beside the semantic tokens. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan scores closest to the
 caption. Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per example, so a seed
 gives the same audio.
 """
@@ -125,20 +126,28 @@ class Stage:
     """A trained stage: its TokenLMModel and parameters, and one jitted sampler per window shape.
 
     A window is sampled by `sample_window` from the model's prefill and step functions (`decoder_functions`),
-    the functions `python -m musiclm_jax.export` exports; a served stage swaps in the exported ones."""
+    the functions `python -m musiclm_jax.export` exports; a served stage swaps in the exported ones. With a
+    `partitioner` (what from_checkpoint gives: this process's devices on the data axes), a batch of at least as
+    many rows as the data axes hold is laid over them (rows padded to a multiple, parameters replicated), so
+    evaluation's batches of captions run on every device; smaller batches run on one device, as without one."""
 
-    def __init__(self, model, params, name: str):
+    def __init__(self, model, params, name: str, partitioner=None):
         self.model, self.params, self.name = model, params, name
+        self.partitioner = partitioner
         self._samplers: dict = {}
+        self._replicated = None  # the parameters on every device, made on the first sharded call
 
     @classmethod
     def from_checkpoint(cls, model_dir: str, name: str) -> "Stage":
-        from musiclm_jax import checkpoint_loading
+        from musiclm_jax import checkpoint_loading, partitioning
         from musiclm_jax.models import TokenLMModel
         loaded = checkpoint_loading.load_model(model_dir)
         if not isinstance(loaded.model, TokenLMModel):
             raise ValueError(f"{model_dir} holds a {type(loaded.model).__name__}, not a stage (TokenLMModel)")
-        return cls(loaded.model, jax.device_get(loaded.params), name)
+        partitioner = None
+        if jax.process_count() == 1 and jax.local_device_count() > 1:
+            partitioner = partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig()))
+        return cls(loaded.model, jax.device_get(loaded.params), name, partitioner)
 
     def decoder_functions(self):
         """(prefill, step) of the KV-cached decoder, as sample_window takes them (TokenLMModel.decoder_functions)."""
@@ -148,6 +157,17 @@ class Stage:
                temperature: float) -> np.ndarray:
         """prefix [B, P] global ids (conditioning, then `prompt_length` known targets) -> [B, steps] global ids."""
         guidance = params.guidance_scale if self.model.guidance_groups else 1.0
+        prefix = np.asarray(prefix)
+        batch = prefix.shape[0]
+        shard = self.partitioner is not None and batch >= self.partitioner.data_parallel_size > 1
+        weights = self.params
+        if shard:
+            if self._replicated is None:
+                self._replicated = jax.device_put(self.params, self.partitioner.replicated())
+            weights = self._replicated
+            prefix, _ = self.partitioner.pad_and_shard(prefix)
+            key_data, _ = self.partitioner.pad_and_shard(np.asarray(jax.random.key_data(keys)))
+            keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys))
         signature = (prefix.shape, steps, prompt_length, temperature, params.top_k, params.top_p, guidance)
         if signature not in self._samplers:
             prefill, step = self.decoder_functions()
@@ -155,7 +175,7 @@ class Stage:
                 sample_window, prefill, step, spec=StageSpec.of(self.model), steps=steps,
                 prompt_length=prompt_length, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
                 guidance_scale=guidance))
-        return np.asarray(self._samplers[signature](self.params, prefix, keys))
+        return np.asarray(self._samplers[signature](weights, prefix, keys))[:batch]
 
 
 class MusicLM:
@@ -181,14 +201,24 @@ class MusicLM:
             raise ValueError(f"coarse ({self.coarse_levels}) + fine ({self.fine_levels}) levels do not make the "
                              f"codec's {codec.num_quantizers}")
         sem = semantic.model
-        self.melody_length = 0  # melody tokens in a semantic window (0: the stage takes no melody)
-        if "melody" in sem.prefix_groups:
-            # One melody token per semantic frame (tasks/tokenized.py): the analysis frames, repeated.
+        # Stages that take the melody: one melody token per semantic frame (tasks/tokenized.py), the analysis
+        # frames repeated. melody_length: the semantic stage's melody tokens per window (0: it takes none).
+        self.melody_stages = tuple(name for name in ("semantic", "coarse")
+                                   if "melody" in self.stages[name].model.prefix_groups)
+        self.melody_length = 0
+        if "semantic" in self.melody_stages:
             self.melody_length = sem.prefix_length - sum(sem.layout.group(g).levels for g in sem.prefix_groups
                                                          if g != "melody")
             if self.melody_length != sem.target_length:
                 raise ValueError(f"the semantic stage has {self.melody_length} melody tokens for its window of "
                                  f"{sem.target_length} frames: it takes one per semantic frame")
+        if "coarse" in self.melody_stages:
+            cm = coarse.model
+            tokens = cm.prefix_length - cm.layout.group("mulan").levels
+            if set(cm.prefix_groups) != {"mulan", "melody", "semantic"} or tokens % 2:
+                raise ValueError(f"the coarse stage's prefix {cm.prefix_groups} of {cm.prefix_length} tokens is not "
+                                 f"MuLan + one melody and one semantic token per semantic frame")
+        if self.melody_stages:
             self.melody_rate = float(melody_rate)
             repeat = self.semantic_rate / self.melody_rate
             if abs(repeat - round(repeat)) > 1e-6:
@@ -286,14 +316,15 @@ class MusicLM:
         return out
 
     def _require_melody_stage(self) -> None:
-        if not self.melody_length:
-            raise ValueError("this semantic stage was not trained with melody tokens (its prefix groups are "
-                             f"{self.stages['semantic'].model.prefix_groups}); train one with "
-                             "gin/stages/semantic_tiny.gin or semantic_melody_paper.gin")
+        if not self.melody_stages:
+            raise ValueError("neither the semantic nor the coarse stage was trained with melody tokens (their prefix "
+                             f"groups are {self.stages['semantic'].model.prefix_groups} and "
+                             f"{self.stages['coarse'].model.prefix_groups}); train one with "
+                             "gin/stages/semantic_tiny.gin, semantic_melody_paper.gin or coarse_melody_tiny.gin")
 
     def melody_tokens(self, melody_audio: np.ndarray, batch: int) -> np.ndarray:
         """Melody audio [B or 1, samples] (or [samples]) at the codec's rate -> melody tokens [batch, frames] at the
-        semantic stage's melody rate (musiclm_jax.melody)."""
+        melody rate of the stages that take one (musiclm_jax.melody)."""
         from musiclm_jax import melody
         self._require_melody_stage()
         audio = np.atleast_2d(np.asarray(melody_audio, np.float32))
@@ -314,7 +345,7 @@ class MusicLM:
         mulan_tokens: [B, 12], or [B, S, 12] for S story segments whose semantic frames start at `segments`
           (S offsets, the first 0); default: the captions' tokens.
         semantic_prompt [B, k], codes_prompt [B, k * ratio, levels]: known first frames (continuation).
-        melody_tokens [B, frames] at `melody_rate` (melody_tokens()): the melody the semantic stage follows.
+        melody_tokens [B, frames] at `melody_rate` (melody_tokens()): the melody the stages that take one follow.
         params: this call's settings (default: the object's, set_generation_params).
         """
         params = params or self.params
@@ -351,11 +382,21 @@ class MusicLM:
         semantic = self._run_stage(
             "semantic", semantic_frames, sem.target_length, 1, semantic_conditioning,
             None if semantic_prompt is None else semantic_prompt[..., None], batch, params, segments[1:])[..., 0]
-        coarse_window = (coarse.prefix_length - coarse.layout.group("mulan").levels) * self.ratio
+        coarse_melody = "coarse" in self.melody_stages
+        coarse_window = ((coarse.prefix_length - coarse.layout.group("mulan").levels) // (1 + coarse_melody)
+                         * self.ratio)
 
-        def coarse_conditioning(begin, end, first_new):  # MuLan + the semantic tokens of codec frames [begin, end)
-            sem_ids = coarse.layout.to_global(semantic[:, begin // self.ratio:-(-end // self.ratio)], "semantic")
-            return np.concatenate([mulan_ids(coarse.layout, first_new // self.ratio), sem_ids], axis=1)
+        def coarse_conditioning(begin, end, first_new):  # MuLan (+ melody) + the semantic tokens of [begin, end)
+            first, last = begin // self.ratio, -(-end // self.ratio)
+            parts = [mulan_ids(coarse.layout, first_new // self.ratio)]
+            if coarse_melody:
+                tune = np.zeros((batch, last - first), np.int32)  # PAD: no melody
+                if frame_melody is not None:
+                    known = frame_melody[:, first:last]
+                    tune[:, :known.shape[1]] = coarse.layout.to_global(known, "melody")
+                parts.append(tune)
+            parts.append(coarse.layout.to_global(semantic[:, first:last], "semantic"))
+            return np.concatenate(parts, axis=1)
         prompt = None if codes_prompt is None else codes_prompt[..., :self.coarse_levels]
         coarse_codes = self._run_stage("coarse", codec_frames, coarse_window, self.coarse_levels,
                                        coarse_conditioning, prompt, batch, params,
@@ -435,7 +476,7 @@ class MusicLM:
         settings (default: the object's, set_generation_params).
 
         melody: audio [B or 1, samples] (or [samples]) at the codec's rate whose melody (the dominant pitch class
-        per 200 ms, musiclm_jax.melody) the semantic stage follows; past its end the stage runs without one.
+        per 200 ms, musiclm_jax.melody) the stages that take one follow; past its end they run without one.
 
         rerank: N > 1 samples N candidates per caption (one batch of B * N, each with its own random stream) and
         keeps, per caption, the one whose MuLan audio embedding is closest to the caption's text embedding (the

@@ -6,9 +6,11 @@
 
 optionally followed by `?seconds=S&coarse_levels=Lc&fine_levels=Lf&melody=1` (defaults: semantic the whole chunk,
 coarse 10 s, fine 3 s, each at most the chunk; Lc = min(4, levels // 2), Lf = the remaining levels; melody 0).
-`melody=1` (semantic stage, a cache with melody tokens): the inputs are the MuLan tokens followed by the melody
+`melody=1` (semantic or coarse stage, a cache with melody tokens): the MuLan tokens are followed by the melody
 token of each semantic frame of the crop (musiclm_jax.melody, 13 codes; the cache's tokens, e.g. 5 Hz, repeated to
-the semantic rate: 750 for 30 s), in the layout mulan, melody, semantic; the crop then starts on a melody frame.
+the semantic rate: 750 for 30 s), in the layout mulan, melody, semantic (, coarse), then, for the coarse stage,
+by the semantic crop; the crop then starts on a melody frame. (The coarse stage with melody is MusicGen's route
+of conditioning the acoustic-token model on the melody's chroma; MusicLM conditions only the semantic stage.)
 One melody token per semantic frame puts the melody of target frame t exactly `target_length` positions before
 it, whatever t: the relative position bias can attend to it by distance alone. With one token per 200 ms the
 distance varies with t and the model must find the frame's melody by content; measured on a cache whose semantic
@@ -86,8 +88,8 @@ def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_
     """The StageSpec of `stage` over the token cache `token_dir` (see the module docstring for defaults)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: must be one of {STAGES}")
-    if melody and stage != "semantic":
-        raise ValueError(f"melody=1 is an option of the semantic stage, not the {stage} stage")
+    if melody and stage == "fine":
+        raise ValueError("melody=1 is an option of the semantic and coarse stages, not the fine stage")
     manifest = token_cache.read_manifest(token_dir)
     chunk = float(manifest["chunk_seconds"])
     seconds = float(seconds if seconds is not None else (DEFAULT_SECONDS[stage] or chunk))
@@ -109,7 +111,7 @@ def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_
         input_length = mulan["levels"] * mulan["frames"]
         semantic_frames = _frames(semantic, seconds, token_dir, "semantic")
         if melody:
-            tune = token_cache.tokenizer_spec(manifest, "melody", token_dir, "a melody-conditioned semantic stage")
+            tune = token_cache.tokenizer_spec(manifest, "melody", token_dir, f"a melody-conditioned {stage} stage")
             ratio = semantic["frame_rate"] / tune["frame_rate"]
             if abs(ratio - round(ratio)) > 1e-6:
                 raise ValueError(f"{token_dir}: the semantic rate {semantic['frame_rate']} Hz is not a whole multiple "
@@ -174,16 +176,16 @@ def _make_preprocessor(spec: StageSpec, manifest: dict):
             per_melody = int(round(semantic["frame_rate"] / tokenizers["melody"]["frame_rate"])) if spec.melody else 1
             first = crop_start(seed, ex["num_samples"], semantic["frame_rate"], frames, semantic["frames"], per_melody)
             sem = tf.cast(ex["semantic"][first:first + frames], tf.int32) + layout.offset("semantic")
+            inputs = mulan
+            if spec.melody:
+                tune = tf.cast(ex["melody"][first // per_melody:(first + frames) // per_melody], tf.int32)
+                tune = tf.repeat(tune, per_melody)  # each semantic frame's melody token
+                inputs = tf.concat([mulan, tune + layout.offset("melody")], 0)
             if spec.stage == "semantic":
-                inputs = mulan
-                if spec.melody:
-                    tune = tf.cast(ex["melody"][first // per_melody:(first + frames) // per_melody], tf.int32)
-                    tune = tf.repeat(tune, per_melody)  # each semantic frame's melody token
-                    inputs = tf.concat([mulan, tune + layout.offset("melody")], 0)
                 return {"inputs": inputs, "targets": sem, "id": ex["id"], "text": ex["text"]}
             ratio = int(round(tokenizers["codec"]["frame_rate"] / semantic["frame_rate"]))
             targets = codec_window(ex, first * ratio, frames * ratio, 0, spec.coarse_levels, "coarse")
-            return {"inputs": tf.concat([mulan, sem], 0), "targets": targets, "id": ex["id"], "text": ex["text"]}
+            return {"inputs": tf.concat([inputs, sem], 0), "targets": targets, "id": ex["id"], "text": ex["text"]}
         codec = tokenizers["codec"]
         frames = int(round(spec.seconds * codec["frame_rate"]))
         first = crop_start(seed, ex["num_samples"], codec["frame_rate"], frames, codec["frames"])

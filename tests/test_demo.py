@@ -45,7 +45,8 @@ def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
         "matched_mean": 0.5, "shuffled_mean": 0.1, "prompts_above_shuffled": 4, "num_prompts": 4})
     monkeypatch.setattr(demo, "melody_following", lambda out, duration, seed: {
         "agreement_with_melody": 0.5, "agreement_without_melody": 0.2, "agreement_with_other_melody": 0.2,
-        "chance": 1 / 12})
+        "chance": 1 / 12, "chroma_cqt_agreement_with_melody": 0.4, "chroma_cqt_agreement_without_melody": 0.1,
+        "chroma_cqt_agreement_with_other_melody": 0.1})
     monkeypatch.setattr(demo, "key_accuracy", lambda out: {
         "num_prompts": 2, "key_accuracy": 0.5, "chance": 1 / 24, "estimator_accuracy_on_references": 0.9})
     result = demo.main(["--output_dir", str(tmp_path)])

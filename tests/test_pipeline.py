@@ -120,6 +120,69 @@ def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkey
         musiclm.generate(["x"], melody=np.stack([tune, tune]))
 
 
+def test_a_melody_coarse_stage_gets_the_melody_of_each_semantic_frame_of_its_window(model_dirs, monkeypatch):
+    """gin/stages/coarse_melody_tiny.gin: the coarse prefix is MuLan, the melody token of each semantic frame of the
+    window (PAD past the melody's end, or all PAD without one), then the window's semantic tokens."""
+    from musiclm_jax import checkpoint_loading
+    coarse_dir = model_dirs / "coarse_melody"
+    checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
+                                           ["TOKEN_DIR = '/unused'"], seed=9)
+    musiclm = MusicLM.from_checkpoints(*(str(model_dirs / n) for n in ("mulan", "codec", "semantic")),
+                                       str(coarse_dir), str(model_dirs / "fine"))
+    musiclm.log = None
+    assert musiclm.melody_stages == ("semantic", "coarse")
+    calls = []
+    original = Stage.sample
+
+    def spy(self, prefix, steps, prompt_length, keys, params, temperature):
+        if self.name == "coarse":
+            calls.append(np.array(prefix))
+        return original(self, prefix, steps, prompt_length, keys, params, temperature)
+    monkeypatch.setattr(Stage, "sample", spy)
+    musiclm.set_generation_params(duration_s=3.0, seed=4, guidance_scale=1.0)
+    t = np.arange(9600) / 24000
+    tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
+    result = musiclm.generate(["a flute melody"], melody=tune, return_details=True)
+    assert result.audio.shape == (1, 72000)
+    per_frame = np.repeat(np.repeat([0, 2, 4, 5, 7, 9], 2), 5)  # the melody of semantic frames 0-59
+    layout = musiclm.stages["coarse"].model.layout
+    # Coarse windows of 100 codec frames (50 semantic): 0-100, then 100-150 after 50 of context (window 50-150,
+    # semantic frames 25-75).
+    assert len(calls) == 2
+    for prefix, first in zip(calls, (0, 25)):
+        expected = np.zeros(50, np.int32)
+        known = per_frame[first:first + 50]
+        expected[:len(known)] = layout.to_global(known[None], "melody")[0]
+        np.testing.assert_array_equal(prefix[0, 12:62], expected)
+        np.testing.assert_array_equal(prefix[0, 62:112],
+                                      layout.to_global(result.tokens["semantic"][:, first:first + 50], "semantic")[0])
+    calls.clear()
+    musiclm.generate(["a flute melody"])
+    assert len(calls) == 2 and all(np.all(prefix[:, 12:62] == 0) for prefix in calls)
+
+
+def test_a_batch_of_windows_is_laid_over_every_device_and_samples_the_same_tokens(musiclm):
+    """Stage.from_checkpoint on this process's 8 (test) devices: a batch of at least 8 windows runs with its rows
+    over the data axes (padded to a multiple of 8, parameters replicated) and gives the tokens the same stage gives
+    on one device, row for row; a smaller batch runs on one device."""
+    import jax
+    stage = musiclm.stages["semantic"]
+    assert stage.partitioner is not None and stage.partitioner.data_parallel_size == 8
+    single = Stage(stage.model, stage.params, "semantic")
+    params = musiclm.generation_params(guidance_scale=3.0, seed=0)
+    for batch in (8, 10):
+        rng = np.random.RandomState(batch)
+        prefix = np.concatenate([stage.model.layout.to_global(rng.randint(0, 32, (batch, 12)), "mulan"),
+                                 np.zeros((batch, 50), np.int64)], axis=1).astype(np.int32)
+        keys = jax.random.split(jax.random.key(batch), batch)
+        sharded = stage.sample(prefix, 20, 0, keys, params, 1.0)
+        assert sharded.shape == (batch, 20)
+        np.testing.assert_array_equal(sharded, single.sample(prefix, 20, 0, keys, params, 1.0))
+    assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(stage._replicated))
+    signatures = [s[0] for s in stage._samplers]
+    assert (8, 62) in signatures and (16, 62) in signatures  # 10 rows padded to 16
+
+
 def test_continuation_keeps_the_prompt_tokens_as_prefix(musiclm):
     musiclm.set_generation_params(duration_s=2.0, seed=1, guidance_scale=1.0)
     prompt = synthetic_music.generate_clip(3, seed=7, seconds=1.0, sample_rate=24000)["audio"]

@@ -98,8 +98,29 @@ def test_semantic_stage_with_melody_layout(tmp_path):
     _write_cache(tmp_path / "plain")
     with pytest.raises(ValueError, match="no 'melody' tokens"):
         tokenized.stage_spec_from_name(f"semantic_stage:{tmp_path / 'plain'}?melody=1")
-    with pytest.raises(ValueError, match="option of the semantic stage"):
-        tokenized.stage_spec_from_name(f"coarse_stage:{tmp_path}?melody=1")
+    with pytest.raises(ValueError, match="option of the semantic and coarse stages, not the fine"):
+        tokenized.stage_spec_from_name(f"fine_stage:{tmp_path}?melody=1")
+
+
+def test_coarse_stage_with_melody_layout(tmp_path):
+    rows = _write_cache(tmp_path, dict(TOKENIZERS, melody=MELODY))
+    spec, batches = _batches(f"coarse_stage:{tmp_path}?seconds=2&coarse_levels=2&melody=1", 8)
+    # inputs: 3 MuLan + the melody of each of the 4 semantic frames + the 4 semantic tokens; targets: 2 s x 4 Hz
+    # x 2 levels; layout mulan (1..15), melody (16..28), semantic (29..35), coarse (36..57).
+    assert spec.task_feature_lengths == {"inputs": 11, "targets": 16} and spec.melody
+    assert [spec.layout.offset(g) for g in ("mulan", "melody", "semantic", "coarse")] == [1, 16, 29, 36]
+    starts = set()
+    for batch in batches:
+        inputs, targets = _split_prefix(batch, 11)
+        row = _row(rows, inputs[:3] - np.array([1, 6, 11]))
+        semantic = row["semantic"][:, 0]
+        start = [s for s in range(0, 5, 2) if np.array_equal(inputs[7:] - 29, semantic[s:s + 4])]
+        assert start, "the semantic tokens are not a melody-aligned window + 29"
+        np.testing.assert_array_equal(inputs[3:7] - 16, np.repeat(row["melody"][start[0] // 2:start[0] // 2 + 2, 0], 2))
+        expected = (row["codec"][2 * start[0]:2 * start[0] + 8, :2] + np.array([36, 47])).reshape(-1)
+        np.testing.assert_array_equal(targets, expected)
+        starts.add(start[0])
+    assert len(starts) > 1
 
 
 def test_coarse_stage_layout_and_aligned_crop(tmp_path):

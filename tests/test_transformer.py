@@ -1,5 +1,7 @@
 """The decoder-only Transformer: cached decoding equals full recompute, options agree, prefix-LM semantics."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from helpers import init_params, random_batch, tiny_model
 from musiclm_jax.models import cross_entropy
+from musiclm_jax.token_layout import TokenLayout
 
 VARIANTS = [
     dict(position_encoding="relative"),
@@ -218,13 +221,41 @@ def test_time_aligned_positions_place_conditioning_with_its_targets_and_decode_e
         np.testing.assert_array_equal(np.asarray(tokens)[:, j], low + np.argmax(logits[:, j, low:high], axis=-1))
 
 
+def test_several_time_aligned_groups_place_each_frame_with_its_targets():
+    """The coarse stage with melody: one melody and one semantic token per semantic frame, both placed with the
+    target tokens of their frame (relative distance 0), PAD keeping its index."""
+    from musiclm_jax.models import TokenLMModel
+    base = _coarse_like()
+    layout = TokenLayout.from_tuples((("mulan", 3, 8), ("melody", 1, 13), ("semantic", 1, 16), ("coarse", 2, 16)))
+    network = dataclasses.replace(base.network, vocab_size=None)
+    model = TokenLMModel(network, layout, ("mulan", "melody", "semantic"), "coarse", 13, 40,
+                         time_aligned_groups=("melody", "semantic"), optional_groups={"melody": 0.5})
+    assert model.ticks_per_frame == {"melody": 8.0, "semantic": 8.0}
+    rng = np.random.RandomState(0)
+    mulan = layout.to_global(rng.randint(0, 8, (2, 3)), "mulan")
+    tune = layout.to_global(rng.randint(0, 13, (2, 5)), "melody")
+    tune[1, 3:] = 0  # the second example's melody ends after 3 frames (PAD)
+    semantic = layout.to_global(rng.randint(0, 16, (2, 5)), "semantic")
+    targets = layout.to_global(rng.randint(0, 16, (2, 6)), "coarse")
+    seq = np.concatenate([np.zeros((2, 1), np.int32), mulan, tune, semantic, targets], axis=1).astype(np.int32)
+    positions = np.asarray(model.positions(jnp.asarray(seq)))
+    first = 14  # the index of the first target token
+    frames = first + 8 * np.arange(5)
+    np.testing.assert_array_equal(positions[0], np.concatenate([np.arange(4), frames, frames, np.arange(14, 20)]))
+    np.testing.assert_array_equal(positions[1, 4:9], [frames[0], frames[1], frames[2], 7, 8])
+    np.testing.assert_array_equal(positions[1, 9:14], frames)
+    with pytest.raises(ValueError, match="leaves 9 tokens for .'melody', 'semantic'. .* multiple of their 2 levels"):
+        TokenLMModel(network, layout, ("mulan", "melody", "semantic"), "coarse", 12, 40,
+                     time_aligned_groups=("melody", "semantic"))
+
+
 def test_time_aligned_groups_errors_name_the_setting():
     with pytest.raises(ValueError, match="'fine' is not a prefix group"):
         _coarse_like(time_aligned_groups=("fine",))
-    with pytest.raises(ValueError, match="one group can be placed"):
-        _coarse_like(time_aligned_groups=("mulan", "semantic"))
+    with pytest.raises(ValueError, match="names a group twice"):
+        _coarse_like(time_aligned_groups=("semantic", "semantic"))
     from musiclm_jax.models import TokenLMModel
     model = _coarse_like()
-    with pytest.raises(ValueError, match="prefix_length=3 leaves 0 tokens for 'semantic'"):
+    with pytest.raises(ValueError, match=r"prefix_length=3 leaves 0 tokens for \('semantic',\)"):
         TokenLMModel(model.network, model.layout, ("mulan", "semantic"), "coarse", 3, 40,
                      time_aligned_groups=("semantic",))
