@@ -123,3 +123,90 @@ def test_an_evaluation_that_cannot_run_is_stated_and_the_rest_goes_on(tmp_path, 
     assert "found 1" in marker["failed"] and "goes on without it" in capsys.readouterr().out
     with pytest.raises(ValueError, match="boom"):  # any other step stops the recipe
         recipe.run_plan([("tokenize", lambda out: (_ for _ in ()).throw(ValueError("boom")))], str(tmp_path))
+
+
+def test_the_paper_pod_plan_prints_each_step_through_tpu_run_with_valid_gin(tmp_path, capsys):
+    """`--size paper --dry-run --tpu --zone` on gs:// paths: each step is a launch/tpu_run.sh command of the paper's
+    gin files whose bindings parse (every REQUIRED macro set), after the steps it waits for; launch/tpu_run.sh takes
+    each command (its own --dry-run, against a stand-in gcloud that must not be called) and would run the step's
+    python command on every worker."""
+    import shlex
+    import subprocess
+    import sys
+
+    import gin
+
+    from musiclm_jax import gin_utils
+    result = recipe.main(["--output_dir", "gs://bkt/run", "--audio_dir", "gs://bkt/music", "--size", "paper",
+                          "--dry-run", "--tpu", "my-pod", "--zone", "us-central2-b", "--topology", "v5e:16x16"])
+    printed = capsys.readouterr().out
+    assert "topology v5e:16x16: 256 chips, 64 workers; outputs under gs://bkt/run" in printed
+    assert "# [7/13] semantic_stage after tokenize (reads gs://bkt/run/tokens)" in printed
+    assert "# [6/13] tokenize after codec, semantic_tokens, mulan_rvq (reads gs://bkt/run/codec, " in printed
+    assert printed.count("#   single-process so far (issue 20)") == 3
+    commands = [line for line in printed.splitlines() if line.startswith("bash launch/tpu_run.sh")]
+    plan = [(name, argv) for name, argv in result["plan"] if isinstance(argv, list)]
+    assert len(commands) == len(plan) == 12
+    gin_files = {name: next((a for a in argv if a.startswith("--gin_file=")), None) for name, argv in plan}
+    assert gin_files["codec"] == "--gin_file=gin/codec/spectral_paper.gin"
+    assert gin_files["semantic_stage"] == "--gin_file=gin/stages/semantic_melody_paper.gin"
+    assert gin_files["fine_stage"] == "--gin_file=gin/stages/fine_paper.gin"
+    for name, argv in plan:
+        args = argv[1:]
+        if name == "semantic_tokens":
+            args = args[1:]  # `fit`
+        if name == "mulan_rvq":
+            assert args[args.index("--codes") + 1] == "1024" and "gs://bkt/music" in args
+            continue
+        assert not any(a.startswith("--gin.TRAIN_STEPS") for a in args)  # the gin files' own schedules
+        __import__(argv[0])
+        flags = gin_utils.parse_flags(args, None)
+        try:
+            gin_utils.parse_gin(flags["gin_files"], flags["gin_bindings"], finalize=True)
+        finally:
+            gin.clear_config()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gcloud_was_called"
+    (bin_dir / "gcloud").write_text(f"#!{sys.executable}\nopen({str(marker)!r}, 'w').close()\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for line, (name, argv) in zip(commands, plan):
+        words = shlex.split(line)
+        assert words[:2] == ["bash", "launch/tpu_run.sh"] and words[words.index("--") + 1:] == ["python", "-m", *argv]
+        proc = subprocess.run(words[:2] + ["--dry-run"] + words[2:], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        run = [w for w in proc.stdout.splitlines() if " ssh my-pod " in w][-1]
+        assert "--worker=all" in run and "--zone=us-central2-b" in run and f"logs/recipe/{name}" in run
+        remote = next(w for w in shlex.split(run[2:]) if w.startswith("--command="))
+        step_command = remote[remote.index("{ ") + 2:remote.index(" ; }")]
+        assert shlex.split(step_command) == ["python", "-m", *argv], run  # what each worker's bash runs
+    assert not marker.exists()
+
+
+def test_pod_plans_are_printed_not_run_and_their_flags_are_checked(tmp_path):
+    music = tmp_path / "music"
+    music.mkdir()
+    (music / "captions.jsonl").write_text("")
+    base = ["--output_dir", str(tmp_path / "out"), "--audio_dir", str(music)]
+    with pytest.raises(SystemExit, match="printed with --dry-run, not run"):
+        recipe.main(base + ["--size", "paper"])
+    with pytest.raises(SystemExit, match="--tpu needs --zone"):
+        recipe.main(base + ["--tpu", "x", "--dry-run"])
+    with pytest.raises(SystemExit, match="--topology 'v5e': expected KIND:AxB"):
+        recipe.main(base + ["--size", "paper", "--tpu", "x", "--zone", "z", "--topology", "v5e", "--dry-run"])
+    assert recipe.slice_workers("v5e:2x4") == (8, 1) and recipe.slice_workers("v4:2x2x2") == (8, 2)
+    result = recipe.main(base + ["--dry-run", "--local", "2"])  # tiny, as 2 local processes
+    assert len(result["plan"]) == 13
+
+
+@pytest.mark.parametrize("step", ["codec", "w2v_bert", "mulan", "semantic_stage", "coarse_stage", "fine_stage"])
+def test_each_training_step_of_a_plan_compiles_for_the_slice_it_names(step, tmp_path):
+    """`--dry-run --aot`'s check at tiny size on a small slice: the step's own gin files and bindings (data and
+    token directories on gs://, never read) AOT-compile for v5e:2x2 and fit (aot.py's report)."""
+    source = recipe.DataSource("audio_dir", "gs://bkt/music")
+    plan = recipe.folder_steps("gs://bkt/run", source)
+    report = recipe.aot_report(plan, step, "v5e:2x2")
+    assert report["num_chips"] == 4 and report["fits"] and report["params"] > 0, report
