@@ -126,10 +126,9 @@ class DataSource:
                    if self.kind == "audio_dir" else "MusicCaps' caption table")
             raise SystemExit(f"recipe: {os.path.join(self.path, need)} is missing ({why})")
 
-    def gin(self, musiccaps_macro: bool = True) -> list[str]:
-        """The data binding of a command: AUDIO_DIR, or MUSICCAPS_DIR where the command reads MusicCaps (the
-        audio-only steps read a MusicCaps folder's clips as an audio folder)."""
-        macro = "MUSICCAPS_DIR" if self.kind == "musiccaps" and musiccaps_macro else "AUDIO_DIR"
+    def gin(self) -> list[str]:
+        """The data binding of a command: AUDIO_DIR, or MUSICCAPS_DIR (every step reads MusicCaps' splits)."""
+        macro = "MUSICCAPS_DIR" if self.kind == "musiccaps" else "AUDIO_DIR"
         return [f"--gin.{macro}='{self.path}'"]
 
     @property
@@ -163,7 +162,7 @@ def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], t
         ("semantic_tokens", ["musiclm_jax.semantic", "fit", f"--gin_file={gins['semantic_tokens']}",
                              f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",
                              f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'",
-                             *[b.replace("MUSICCAPS_DIR", "AUDIO_DIR") for b in data_gin]]),
+                             *data_gin]),
         ("mulan", train(gins["mulan"], d["mulan"], *data_gin)),
         ("mulan_rvq", ["musiclm_jax.mulan", "fit-rvq", "--checkpoint", d["mulan"], *rvq_size, *rvq_data]),
         ("tokenize", ["musiclm_jax.tokenize", f"--gin_file={gins['tokenize']}", f"--gin.OUTPUT_DIR='{d['tokens']}'",
@@ -192,7 +191,7 @@ def folder_steps(out: str, source: DataSource, seed: int = 0, size: str = "tiny"
     generation_size = [f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.DURATION_S={EVAL_SECONDS}"] if tiny else []
     plan += [
         ("eval_codec", ["musiclm_jax.eval", "--gin_file=gin/eval/codec.gin",
-                        f"--gin.CHECKPOINT_DIR='{d['codec']}'", *source.gin(musiccaps_macro=False),
+                        f"--gin.CHECKPOINT_DIR='{d['codec']}'", *source.gin(),
                         f"--gin.OUTPUT_DIR='{d['eval_codec']}'"]),
         ("eval_mulan", ["musiclm_jax.eval", "--gin_file=gin/eval/mulan.gin",
                         f"--gin.CHECKPOINT_DIR='{d['mulan']}'", *source.gin(),

@@ -194,16 +194,22 @@ def _nearest(points, centroids):
 # ------------------------------------------------------------------------------------------------- fitting
 
 def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_dir: Optional[str] = None,
-                  seed: int = 0, start_step: int = 0) -> Iterator[np.ndarray]:
+                  seed: int = 0, start_step: int = 0, musiccaps_dir: Optional[str] = None) -> Iterator[np.ndarray]:
     """Batches [batch_size, clip samples] of training audio, batch s fixed by (seed, s): the embedded synthetic
-    music's train split, or random crops of AUDIO_DIR's train files (cycled). Starts at batch `start_step`."""
+    music's train split, or random crops of the train clips of AUDIO_DIR or of MUSICCAPS_DIR (its rows that are
+    not is_audioset_eval; cycled). Starts at batch `start_step`."""
     from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
     length = int(round(clip_seconds * sample_rate))
     paths = None
-    if audio_dir is not None:
-        paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get("train", [])
+    if audio_dir and musiccaps_dir:
+        raise ValueError(f"set AUDIO_DIR ({audio_dir!r}) or MUSICCAPS_DIR ({musiccaps_dir!r}), not both")
+    if audio_dir is not None or musiccaps_dir is not None:
+        scan = (captioned_audio.scan_audio_folder(audio_dir, sample_rate) if audio_dir is not None
+                else captioned_audio.scan_musiccaps(musiccaps_dir, sample_rate))
+        paths = scan.get("train", [])
         if not paths:
-            raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable train files")
+            raise ValueError(f"{'AUDIO_DIR' if audio_dir else 'MUSICCAPS_DIR'} {audio_dir or musiccaps_dir!r} has "
+                             f"no decodable train files")
     step = start_step
     while True:
         rng = np.random.RandomState([seed, step])
@@ -225,7 +231,8 @@ def audio_batches(sample_rate: int, batch_size: int, clip_seconds: float, audio_
 def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int, num_clusters: int = 1024,
                            frame_pooling: int = 1, audio_dir: Optional[str] = None, batch_size: int = 8,
                            clip_seconds: float = 10.0, num_steps: int = 1000, normalization_batches: int = 10,
-                           save_every: int = 50, seed: int = 0, pitch_class_share: float = 0.0) -> SemanticTokenizer:
+                           save_every: int = 50, seed: int = 0, pitch_class_share: float = 0.0,
+                           musiccaps_dir: Optional[str] = None) -> SemanticTokenizer:
     """Fits the tokenizer's normalisation and k-means by streaming audio through the frozen feature model.
 
     Normalisation (per-dimension mean and std) comes from the first `normalization_batches` batches.
@@ -249,8 +256,9 @@ def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int,
         with np.load(norm_path) as norm:
             mean, std = norm["mean"], norm["std"]
     else:
-        stats = [features(a) for a, _ in zip(audio_batches(features.sample_rate, batch_size, clip_seconds,
-                                                           audio_dir, seed + 1), range(normalization_batches))]
+        stats = [features(a) for a, _ in zip(audio_batches(features.sample_rate, batch_size, clip_seconds, audio_dir,
+                                                           seed + 1, musiccaps_dir=musiccaps_dir),
+                                             range(normalization_batches))]
         flat = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats]).astype(np.float64)
         mean, std = flat.mean(axis=0).astype(np.float32), (flat.std(axis=0) + 1e-5).astype(np.float32)
         if pitch_class_share > 0:
@@ -267,7 +275,8 @@ def fit_semantic_tokenizer(feature_checkpoint: str, output_dir: str, layer: int,
     start = int(kmeans.state_dict()["step"])
     if start:
         print(f"semantic fit: resuming at step {start} of {num_steps}", file=sys.stderr)
-    batches = audio_batches(features.sample_rate, batch_size, clip_seconds, audio_dir, seed, start_step=start)
+    batches = audio_batches(features.sample_rate, batch_size, clip_seconds, audio_dir, seed, start_step=start,
+                            musiccaps_dir=musiccaps_dir)
     for step in range(start, num_steps):
         points = (features(next(batches)) - mean) / std
         metrics = kmeans.step(points.reshape(-1, points.shape[-1]))

@@ -210,3 +210,27 @@ def test_each_training_step_of_a_plan_compiles_for_the_slice_it_names(step, tmp_
     plan = recipe.folder_steps("gs://bkt/run", source)
     report = recipe.aot_report(plan, step, "v5e:2x2")
     assert report["num_chips"] == 4 and report["fits"] and report["params"] > 0, report
+
+
+def test_the_recipe_runs_on_a_musiccaps_folder(tmp_path):
+    """--musiccaps_dir: musiccaps-public.csv and the clips {ytid}.<ext> (MusicCaps' layout, built here): 24
+    training rows, 4 is_audioset_eval rows (the test split) and one row whose clip is missing (counted). The
+    chain runs end to end at tiny size and the held-out measures are on the eval rows."""
+    mc = tmp_path / "musiccaps"
+    mc.mkdir()
+    rows = ["ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,"
+            "is_audioset_eval"]
+    for i in range(29):
+        clip = synthetic_music.generate_clip(i, seed=11, seconds=8.5, sample_rate=24000)
+        rows.append(f"yt{i:03d},30,40,/m/0,\"['music']\",\"{clip['caption']}\",1,False,{i >= 24}")
+        if i != 28:  # a deleted video: its row stays, its clip is missing
+            soundfile.write(str(mc / f"yt{i:03d}.wav"), audio_io.resample(clip["audio"], 24000, 44100), 44100)
+    (mc / "musiccaps-public.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    result = recipe.main(["--output_dir", str(out), "--musiccaps_dir", str(mc), "--in_process"]
+                         + [f"--bind={b}" for b in FAST])
+    quality = result["quality"]
+    assert quality["codec"]["num_examples"] == quality["mulan"]["num_examples"] == 4, quality
+    assert {"fad_mulan", "mulan_cycle_consistency"} <= set(quality["generation"])
+    musiccaps = [m for name, m in quality["data"].items() if "musiccaps" in name]
+    assert musiccaps and all(m["bad_input"]["skipped"] == {"missing_clip": 1} for m in musiccaps), quality["data"]

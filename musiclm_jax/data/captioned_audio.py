@@ -337,8 +337,22 @@ def scan_audio_folder(audio_dir: str, sample_rate: int, bad_input: str = "skip",
     printed. Raises ValueError if nothing usable is left."""
     checks = AudioChecks(sample_rate, bad_input, held_out=held_out)
     report = BadInputReport(bad_input, f"audio_folder {audio_dir}")
+    return _decodable_by_split(read_audio_folder(audio_dir, checks, report), report, f"AUDIO_DIR {audio_dir!r}")
+
+
+def scan_musiccaps(musiccaps_dir: str, sample_rate: int, bad_input: str = "skip",
+                   held_out: HeldOutCarve = HeldOutCarve()) -> dict[str, list[str]]:
+    """scan_audio_folder for a MusicCaps folder (musiccaps-public.csv and the clips {ytid}.<ext>): the splits of
+    the prepared `musiccaps` dataset (is_audioset_eval rows are 'test', validation carved from the rest)."""
+    checks = AudioChecks(sample_rate, bad_input, held_out=held_out)
+    report = BadInputReport(bad_input, f"musiccaps {musiccaps_dir}")
+    records = read_musiccaps(os.path.join(musiccaps_dir, "musiccaps-public.csv"), musiccaps_dir, checks, report)
+    return _decodable_by_split(records, report, f"MUSICCAPS_DIR {musiccaps_dir!r}")
+
+
+def _decodable_by_split(records: Sequence[AudioRecord], report: BadInputReport, what: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for record in read_audio_folder(audio_dir, checks, report):
+    for record in records:
         try:
             audio_io.read_audio(record.path, max_seconds=0.1)
         except audio_io.AudioDecodeError as e:
@@ -348,5 +362,5 @@ def scan_audio_folder(audio_dir: str, sample_rate: int, bad_input: str = "skip",
     if report.num_skipped:
         report.print_summary()
     if not any(found.values()):
-        raise ValueError(f"AUDIO_DIR {audio_dir!r} holds no decodable audio files")
+        raise ValueError(f"{what} holds no decodable audio files")
     return found

@@ -12,7 +12,8 @@ decoded or are shorter than the longest mel window; each is printed with its rea
 `codec_sanity(codec)` is the signal-level check of a codec: pure tones, silence and the DC offset.
 
 Clips: the `split` files of an audio folder (captions.jsonl `split` fields; files without one count as
-'train'), or, with no folder, the embedded synthetic music's test clips. Each clip is mixed to mono, resampled
+'train'), the `split` clips of a MusicCaps folder (MUSICCAPS_DIR: is_audioset_eval rows are 'test'), or, with
+neither, the embedded synthetic music's test clips. Each clip is mixed to mono, resampled
 to the codec's rate, cut to its first `clip_seconds`, padded to whole frames for the codec and trimmed back.
 """
 from __future__ import annotations
@@ -35,9 +36,17 @@ SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks
 
 
 def evaluation_clips(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds: float,
-                     max_examples: int, min_samples: int):
+                     max_examples: int, min_samples: int, musiccaps_dir: Optional[str] = None):
     """Held-out clips (see the module docstring): yields (name, mono audio [samples] at sample_rate), or
     (path, the exception) for a file that cannot be used, which the caller counts and reports."""
+    if audio_dir and musiccaps_dir:
+        raise ValueError(f"set AUDIO_DIR ({audio_dir!r}) or MUSICCAPS_DIR ({musiccaps_dir!r}), not both")
+    if musiccaps_dir is not None:
+        paths = captioned_audio.scan_musiccaps(musiccaps_dir, sample_rate).get(split, [])
+        if not paths:
+            raise ValueError(f"MUSICCAPS_DIR {musiccaps_dir!r} has no decodable clips in split {split!r}")
+        yield from _load(paths[:max_examples], sample_rate, clip_seconds, min_samples)
+        return
     if audio_dir is None:
         if split != "test":
             raise ValueError(f"the synthetic evaluation clips are the test split; got split={split!r}")
@@ -49,7 +58,11 @@ def evaluation_clips(audio_dir: Optional[str], split: str, sample_rate: int, cli
     paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get(split, [])
     if not paths:
         raise ValueError(f"AUDIO_DIR {audio_dir!r} has no decodable files in split {split!r}")
-    for path in paths[:max_examples]:
+    yield from _load(paths[:max_examples], sample_rate, clip_seconds, min_samples)
+
+
+def _load(paths, sample_rate: int, clip_seconds: float, min_samples: int):
+    for path in paths:
         try:
             audio = audio_io.load_audio(path, sample_rate, max_seconds=clip_seconds)
         except audio_io.AudioDecodeError as e:
@@ -60,7 +73,8 @@ def evaluation_clips(audio_dir: Optional[str], split: str, sample_rate: int, cli
 
 
 def evaluation_batches(audio_dir: Optional[str], split: str, sample_rate: int, clip_seconds: float,
-                       max_examples: int, min_samples: int, batch_size: int, skipped: dict, label: str):
+                       max_examples: int, min_samples: int, batch_size: int, skipped: dict, label: str,
+                       *, musiccaps_dir: Optional[str] = None):
     """The clips of `evaluation_clips` in fixed-shape batches: yields (batch [batch_size, clip samples] float32,
     the clips [samples] it holds in its first rows, zero-padded to the window; the last batch may hold fewer).
     A file that cannot be used is counted in `skipped` by reason and printed on stderr after `label`. Every batch
@@ -74,7 +88,8 @@ def evaluation_batches(audio_dir: Optional[str], split: str, sample_rate: int, c
             batch[row, :len(audio)] = audio
         return batch, list(pending)
 
-    for _, audio in evaluation_clips(audio_dir, split, sample_rate, clip_seconds, max_examples, min_samples):
+    for _, audio in evaluation_clips(audio_dir, split, sample_rate, clip_seconds, max_examples, min_samples,
+                                     musiccaps_dir):
         if isinstance(audio, Exception):
             reason = type(audio).__name__
             skipped[reason] = skipped.get(reason, 0) + 1
@@ -90,7 +105,7 @@ def evaluation_batches(audio_dir: Optional[str], split: str, sample_rate: int, c
 
 def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: str = "test",
                    max_examples: int = 64, clip_seconds: float = 4.0, num_quantizers: Optional[int] = None,
-                   batch_size: int = 8, step: Optional[int] = None) -> dict:
+                   batch_size: int = 8, step: Optional[int] = None, musiccaps_dir: Optional[str] = None) -> dict:
     """Evaluates the codec of run directory `checkpoint_dir` (see the module docstring); returns the metrics.
 
     num_quantizers: levels used (bitrate scalability); None uses all.
@@ -103,7 +118,8 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
     agreement = {"melody": [0, 0], "chroma_cqt": [0, 0]}
     histograms = np.zeros((n_q, codec.codebook_size), np.int64)
     for batch, clips in evaluation_batches(audio_dir, split, codec.sample_rate, clip_seconds, max_examples,
-                                           max(mel.scales), batch_size, skipped, "codec eval"):
+                                           max(mel.scales), batch_size, skipped, "codec eval",
+                                           musiccaps_dir=musiccaps_dir):
         codes = codec.encode(batch, n_q)
         recon = codec.decode(codes)[..., :batch.shape[1]]
         for row, audio in enumerate(clips):
