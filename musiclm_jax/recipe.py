@@ -465,6 +465,7 @@ def print_plan(plan: Sequence[Step], out: str, size: str, launch: Optional[Launc
         chips, workers = slice_workers(topology)
         where = f"TPU {launch.tpu} in {launch.zone}, topology {topology}: {chips} chips, {workers} workers"
     print(f"recipe: plan at {size} size on {where}; outputs under {out}", file=file)
+    trains = training_step_names(plan)
     for index, (name, action) in enumerate(plan, 1):
         reads = STEP_READS.get(name, ())
         inputs = [os.path.join(out, STEP_OUTPUTS.get(r, "mulan")) for r in reads]
@@ -478,7 +479,7 @@ def print_plan(plan: Sequence[Step], out: str, size: str, launch: Optional[Launc
             print("#   single-process so far (issue 20): every process would fit or tokenize all of the data, so "
                   "run it in one process (one worker, or --local 1)", file=file)
         print(shlex.join(command), file=file)
-        if aot_topology and name in training_step_names(plan):
+        if aot_topology and name in trains:
             r = aot_report(plan, name, aot_topology)
             print(f"#   AOT on {aot_topology}: {'fits' if r['fits'] else 'DOES NOT FIT'}, "
                   f"{r['per_chip_bytes'] / 2**30:.2f} GiB per chip of {r['hbm_bytes_per_chip'] / 2**30:.0f} "

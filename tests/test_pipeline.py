@@ -86,19 +86,29 @@ def test_rerank_keeps_the_candidate_closest_to_the_caption(musiclm):
         musiclm.generate(texts, rerank=0)
 
 
-def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkeypatch):
+def _record_prefixes(monkeypatch, stage_name: str) -> list:
+    """Makes Stage.sample record (a copy of) each window prefix of stage `stage_name`; returns the list."""
     calls = []
     original = Stage.sample
 
     def spy(self, prefix, steps, prompt_length, keys, params, temperature):
-        if self.name == "semantic":
+        if self.name == stage_name:
             calls.append(np.array(prefix))
         return original(self, prefix, steps, prompt_length, keys, params, temperature)
     monkeypatch.setattr(Stage, "sample", spy)
-    musiclm.set_generation_params(duration_s=3.0, seed=4, guidance_scale=1.0)
-    # 2.4 s of melody: C D E F G A, 0.4 s each (12 frames at 5 Hz); the 3 s request has 15 melody frames.
+    return calls
+
+
+def _scale_melody() -> np.ndarray:
+    """2.4 s of melody at 24 kHz: C D E F G A, 0.4 s each (12 frames at 5 Hz)."""
     t = np.arange(9600) / 24000
-    tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
+    return np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
+
+
+def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkeypatch):
+    calls = _record_prefixes(monkeypatch, "semantic")
+    musiclm.set_generation_params(duration_s=3.0, seed=4, guidance_scale=1.0)
+    tune = _scale_melody()  # the 3 s request has 15 melody frames
     assert musiclm.melody_rate == 5.0 and musiclm.melody_length == 50 and musiclm.melody_repeat == 5
     result = musiclm.generate(["a flute melody"], melody=tune, return_details=True)
     assert result.audio.shape == (1, 72000)
@@ -131,17 +141,9 @@ def test_a_melody_coarse_stage_gets_the_melody_of_each_semantic_frame_of_its_win
                                        str(coarse_dir), str(model_dirs / "fine"))
     musiclm.log = None
     assert musiclm.melody_stages == ("semantic", "coarse")
-    calls = []
-    original = Stage.sample
-
-    def spy(self, prefix, steps, prompt_length, keys, params, temperature):
-        if self.name == "coarse":
-            calls.append(np.array(prefix))
-        return original(self, prefix, steps, prompt_length, keys, params, temperature)
-    monkeypatch.setattr(Stage, "sample", spy)
+    calls = _record_prefixes(monkeypatch, "coarse")
     musiclm.set_generation_params(duration_s=3.0, seed=4, guidance_scale=1.0)
-    t = np.arange(9600) / 24000
-    tune = np.concatenate([0.3 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in (60, 62, 64, 65, 67, 69)])
+    tune = _scale_melody()
     result = musiclm.generate(["a flute melody"], melody=tune, return_details=True)
     assert result.audio.shape == (1, 72000)
     per_frame = np.repeat(np.repeat([0, 2, 4, 5, 7, 9], 2), 5)  # the melody of semantic frames 0-59
