@@ -19,6 +19,7 @@ compiles the train step with its shardings, and prints one JSON line:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -41,8 +42,15 @@ TRAIN_ARGUMENTS = ("model", "optimizer", "train_dataset_cfg", "mesh_config", "lo
 
 
 def topology_devices(topology: str) -> list:
-    """Abstract devices of a TPU topology such as 'v5e:4x4' or 'v4:2x2x1' (needs libtpu)."""
+    """Abstract devices of a TPU topology such as 'v5e:4x4' or 'v4:2x2x1' (needs libtpu).
+
+    Describing a topology opens no chip, so libtpu's one-process-per-host lockfile (/tmp/libtpu_lockfile) is
+    waived for it: two compile jobs at once (parallel tests, `recipe --aot` beside a `python -m
+    musiclm_jax.aot`) would otherwise fail with "Internal error when accessing libtpu multi-process lockfile".
+    A value the caller has set for ALLOW_MULTIPLE_LIBTPU_LOAD is kept.
+    """
     from jax.experimental import topologies
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # libtpu missing or unknown name

@@ -68,3 +68,18 @@ def test_tiny_mulan_compiles_for_v5e_with_fsdp():
                        "--gin.ICI_PARALLELISM={'data': 2, 'fsdp': 2, 'model': 1}"])
     assert report["mesh"] == {"data": 2, "fsdp": 2, "model": 1} and report["batch_size"] == 32
     assert report["fits"] and report["params"] > 0 and report["per_chip_bytes"] > 0
+
+
+def test_two_compile_jobs_at_once_share_libtpu(tmp_path):
+    # libtpu lets one process per host hold it (/tmp/libtpu_lockfile); describing a topology opens no chip, so
+    # aot waives the lock: a second process describing a slice while this one holds libtpu must not fail
+    # (pytest -n 2 runs test_aot and test_recipe's --aot in two workers at once).
+    import os, subprocess, sys
+    aot.topology_devices("v5e:2x2")  # this process now holds libtpu
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    env["JAX_PLATFORMS"] = "cpu"
+    other = subprocess.run([sys.executable, "-c", "from musiclm_jax import aot; "
+                            "print(len(aot.topology_devices('v5e:2x2')))"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert other.stdout.split()[-1] == "4"
