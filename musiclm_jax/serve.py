@@ -2,16 +2,24 @@
 
     python -m musiclm_jax.serve --bundle DIR [--host 127.0.0.1] [--port 8000] [--max_concurrent 1] [--max_queue 4]
         [--max_duration 30] [--max_prompt_bytes 1000] [--max_body_bytes 16384] [--queue_timeout 600] [--grace 60]
+        [--warm_durations 4,10,30]
 
     curl -s localhost:8000/generate -d '{"prompt": "calm piano", "duration": 4, "seed": 0, "guidance": 3.0}' > a.wav
 
 API:
   GET  /health    200 {"status": "ok" | "shutting_down", "sample_rate", "running", "waiting", "max_concurrent",
-                  "max_queue", "max_duration_s", "defaults": the bundle's generation settings}
+                  "max_queue", "max_duration_s", "warm_durations_s", "defaults": the bundle's generation
+                  settings}
   POST /generate  a JSON object: "prompt" (string, required), "duration" (seconds), "seed" (int), "guidance",
                   "temperature" (one number or [semantic, coarse, fine]), "top_k", "top_p"; fields left out take
                   the bundle's defaults (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample
                   rate, exactly duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
+Warm durations (--warm_durations 4,10,30): each is generated once at start-up with the bundle's default settings,
+which compiles every function such a request runs, so the first request costs what the second does. A request
+is then generated at the shortest warm duration that covers it and cut to its own length (header
+X-Generated-Duration); one longer than every warm duration gets 400 with the list. Sampling settings are
+compiled into the samplers, so a temperature, top_k, top_p or guidance other than the defaults compiles on its
+first request (then is kept).
 Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a missing,
 non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or setting or a
 malformed chunked body; 404 another path; 405 another method (with Allow); 411 neither a Content-Length nor a
@@ -44,6 +52,7 @@ import numpy as np
 
 from musiclm_jax.data import audio_io
 
+WARM_UP_PROMPT = "warm-up"
 FIELDS = ("prompt", "duration", "seed", "guidance", "temperature", "top_k", "top_p")
 
 
@@ -141,14 +150,19 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 class Generator:
     """Admission control over the model instances: max_concurrent run, max_queue wait, the rest get 503."""
 
-    def __init__(self, model, limits: Limits):
+    def __init__(self, model, limits: Limits, warm_durations: Sequence[float] = (), log=None):
         self.limits = limits
         self.defaults = dict(getattr(model, "defaults", {}))
         self.sample_rate = int(model.sample_rate)
+        self.warm_durations = tuple(sorted({float(d) for d in warm_durations}))
+        for d in self.warm_durations:
+            if not 0 < d <= limits.max_duration_s:
+                raise ValueError(f"--warm_durations: {d} s is not in (0, max_duration={limits.max_duration_s}]")
+        self.warm_seconds = self._warm(model, log)
         self._models: queue.Queue = queue.Queue()
         self._models.put(model)
         for _ in range(limits.max_concurrent - 1):
-            self._models.put(model.fork())
+            self._models.put(model.fork())  # forks share the stages, so their compiled samplers too
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.running = self.waiting = 0
@@ -159,9 +173,40 @@ class Generator:
             return {"status": "shutting_down" if self.closing else "ok", "sample_rate": self.sample_rate,
                     "running": self.running, "waiting": self.waiting, "max_concurrent": self.limits.max_concurrent,
                     "max_queue": self.limits.max_queue, "max_duration_s": self.limits.max_duration_s,
-                    "defaults": self.defaults}
+                    "warm_durations_s": list(self.warm_durations), "defaults": self.defaults}
+
+    def _warm(self, model, log) -> dict[float, float]:
+        """Generates one clip of each warm duration with the bundle's default settings, so that every jitted
+        function those requests run is compiled before the first request: {duration: seconds it took}."""
+        seconds = {}
+        for d in self.warm_durations:
+            start = time.time()
+            model.set_generation_params(**{**self.defaults, "duration_s": d})
+            model.generate([WARM_UP_PROMPT])
+            seconds[d] = time.time() - start
+            if log is not None:
+                print(f"serve: warmed {d:g} s in {seconds[d]:.1f} s", file=log, flush=True)
+        return seconds
+
+    def bucket(self, duration_s: float) -> float:
+        """The duration generated for a request of `duration_s`: itself without warm durations, else the
+        shortest warm duration that covers it (the clip is then cut to duration_s). 400 if none does."""
+        if not self.warm_durations:
+            return duration_s
+        for d in self.warm_durations:
+            if d >= duration_s - 1e-9:
+                return d
+        raise RequestError(400, f"'duration'={duration_s:g} s is longer than the compiled durations "
+                                f"{list(self.warm_durations)} s (--warm_durations)")
 
     def generate(self, prompt: str, settings: dict) -> np.ndarray:
+        """Audio [duration_s * sample_rate] float32 of one prompt with `settings` over the bundle's defaults."""
+        settings = {**self.defaults, **settings}
+        duration = settings.get("duration_s")
+        if self.warm_durations:
+            if duration is None:
+                raise RequestError(400, "'duration' is required: the bundle names no default duration")
+            settings["duration_s"] = self.bucket(float(duration))
         with self._lock:
             if self.closing:
                 raise RequestError(503, "the server is shutting down")
@@ -182,8 +227,11 @@ class Generator:
             self.waiting -= 1
             self.running += 1
         try:
-            model.set_generation_params(**{**self.defaults, **settings})
-            return np.asarray(model.generate([prompt])[0], np.float32)
+            model.set_generation_params(**settings)
+            audio = np.asarray(model.generate([prompt])[0], np.float32)
+            if duration is not None and settings.get("duration_s") != duration:  # a longer bucket: cut
+                audio = audio[:int(round(float(duration) * self.sample_rate))]
+            return audio
         finally:
             self._models.put(model)
             with self._lock:
@@ -323,8 +371,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a failed generation: the server keeps serving
             raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
         seconds = time.time() - start
-        self._send(200, wav_bytes(audio, generator.sample_rate), "audio/wav",
-                   {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}"})
+        headers = {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}"}
+        if generator.warm_durations:
+            requested = settings.get("duration_s", generator.defaults.get("duration_s"))
+            headers["X-Generated-Duration"] = f"{generator.bucket(float(requested)):g}"
+        self._send(200, wav_bytes(audio, generator.sample_rate), "audio/wav", headers)
 
 
 class Server(ThreadingHTTPServer):
@@ -334,8 +385,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(), log=sys.stderr):
-        self.generator = Generator(model, limits)
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(), log=sys.stderr,
+                 warm_durations: Sequence[float] = ()):
+        self.generator = Generator(model, limits, warm_durations, log)
         self.log = log
         super().__init__((host, port), Handler)
 
@@ -366,7 +418,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--queue_timeout", type=float, default=600.0, help="longest wait for a free model (s)")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds running generations get at shutdown")
     parser.add_argument("--no_verify", action="store_true", help="skip the bundle's SHA-256 checks at load")
+    parser.add_argument("--warm_durations", default="",
+                        help="comma-separated seconds, e.g. 4,10,30: generated once at start-up (compiling their "
+                             "shapes); a request is then generated at the shortest that covers it and cut, and "
+                             "one longer than all of them gets 400")
     args = parser.parse_args(argv)
+    try:
+        warm = tuple(float(d) for d in args.warm_durations.split(",") if d.strip())
+    except ValueError:
+        parser.error(f"--warm_durations={args.warm_durations!r}: give seconds separated by commas, e.g. 4,10,30")
     limits = Limits(max_duration_s=args.max_duration, max_prompt_bytes=args.max_prompt_bytes,
                     max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
                     max_queue=args.max_queue, queue_timeout_s=args.queue_timeout)
@@ -374,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from musiclm_jax import serving
     start = time.time()
     model = serving.load(args.bundle, verify=not args.no_verify)
-    server = Server(model, args.host, args.port, limits)
+    server = Server(model, args.host, args.port, limits, warm_durations=warm)
     stopping = threading.Event()
 
     def stop(signum, frame):

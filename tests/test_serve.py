@@ -60,8 +60,9 @@ class SlowModel:
 class Running:
     """A serve.Server on a free port, in a thread."""
 
-    def __init__(self, model, **limits):
-        self.server = serve.Server(model, port=0, limits=serve.Limits(**limits), log=None)
+    def __init__(self, model, warm_durations=(), **limits):
+        self.server = serve.Server(model, port=0, limits=serve.Limits(**limits), log=None,
+                                   warm_durations=warm_durations)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.host, self.port = self.server.server_address[:2]
@@ -85,8 +86,8 @@ class Running:
 def running():
     servers = []
 
-    def start(model, **limits):
-        servers.append(Running(model, **limits))
+    def start(model, warm_durations=(), **limits):
+        servers.append(Running(model, warm_durations, **limits))
         return servers[-1]
     yield start
     for s in servers:
@@ -118,6 +119,42 @@ def test_generate_returns_the_bundles_audio_as_wav(bundle_dir, running):
     model.set_generation_params(duration_s=1.2, seed=3)
     want = np.round(np.clip(model.generate(["a calm piano melody"])[0], -1, 1) * 32767).astype(np.int16)
     np.testing.assert_array_equal(pcm, want)
+
+
+def _seconds(server, request) -> float:
+    status, headers, body = server.request("POST", "/generate", request)
+    assert status == 200, body
+    return float(headers["X-Generation-Seconds"])
+
+
+def test_warm_durations_compile_at_start_up_and_round_requests_up(bundle_dir, running):
+    # Without warm-up the first request compiles the chain (seconds on this CPU; later ones take ~0.1 s).
+    cold = running(serving.load(str(bundle_dir)))
+    cold_first = _seconds(cold, {"prompt": "drums", "duration": 0.8})
+    cold_later = float(np.median([_seconds(cold, {"prompt": "drums", "duration": 0.8, "seed": s})
+                                  for s in (1, 2, 3)]))
+    assert cold_first > 5 * cold_later
+    model = serving.load(str(bundle_dir))
+    server = running(model, warm_durations=(1.0, 2.0))
+    assert json.loads(server.request("GET", "/health")[2])["warm_durations_s"] == [1.0, 2.0]
+    request = {"prompt": "a calm piano melody", "duration": 0.8, "seed": 3}
+    first = _seconds(server, request)
+    later = float(np.median([_seconds(server, dict(request, seed=s)) for s in (4, 5, 6)]))
+    assert first <= 2 * later + 0.25, (first, later)  # no compile at request time (0.25 s: timer noise)
+    # 0.8 s is generated as the 1 s bucket and cut: exactly 0.8 s of the model's own 1 s clip.
+    status, headers, body = server.request("POST", "/generate", request)
+    rate, pcm = read_wav(body)
+    assert headers["X-Generated-Duration"] == "1" and len(pcm) == int(round(0.8 * rate))
+    model.reset_generation_params()
+    model.set_generation_params(duration_s=1.0, seed=3)
+    want = audio_io.pcm16(model.generate(["a calm piano melody"])[0])[:len(pcm)]
+    np.testing.assert_array_equal(pcm, want)
+    status, headers, _ = server.request("POST", "/generate", dict(request, duration=1.5))
+    assert status == 200 and headers["X-Generated-Duration"] == "2"
+    status, _, body = server.request("POST", "/generate", dict(request, duration=2.5))
+    assert status == 400 and "[1.0, 2.0]" in json.loads(body)["error"]
+    with pytest.raises(ValueError, match="not in"):
+        serve.Server(SlowModel(), port=0, limits=serve.Limits(max_duration_s=3.0), log=None, warm_durations=(4.0,))
 
 
 def test_served_wav_has_the_samples_save_audio_writes(tmp_path):

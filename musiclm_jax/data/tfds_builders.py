@@ -222,6 +222,7 @@ class PreparedTfdsSource(seqio.DataSource):
                 raise ValueError(f"split {split!r} of {self.builder.data_dir} has {self.num_input_examples(split)} "
                                  f"examples, fewer than the {shard_info.num_shards} processes reading it")
             tfds_split = tfds.even_splits(split, shard_info.num_shards)[shard_info.index]
-        read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True)
+        # No autocache: a small split cached in memory would be saved with every input position.
+        read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True, try_autocache=False)
         ds = self.builder.as_dataset(split=tfds_split, shuffle_files=shuffle, read_config=read_config)
         return ds.repeat(num_epochs) if num_epochs != 1 else ds
