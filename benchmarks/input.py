@@ -5,9 +5,8 @@
 Raw audio: a folder of `--clips` 10 s stereo 44.1 kHz FLAC files (made here) is prepared once as the
 `audio_folder` TFDS dataset at 24 kHz (preparation time reported), then the raw-audio task streams random 2 s
 crops, loudness normalised, in batches of 8 (SeqioInputPipeline, as training reads it); the embedded synthetic
-music task is measured the same way (rendered on the fly). seqio keeps a split of under 1,000 examples in memory
-after the first pass, as it does in training, so the folder figure for a small folder is that of the cached
-pipeline. Baseline in the same run: a per-example Python loader doing what a PyTorch `Dataset.__getitem__` does
+music task is measured the same way (rendered on the fly). Nothing is cached in memory (as in training: the
+cache would be saved with every input position), so every epoch reads the prepared records again. Baseline in the same run: a per-example Python loader doing what a PyTorch `Dataset.__getitem__` does
 (decode the file, downmix, resample to 24 kHz, crop, normalise).
 Tokenized: a paper-size token cache (30 s chunks: codec 1500 x 12, semantic 750, MuLan 12) of 512 chunks, read
 through each stage task with the prefix-LM feature converter (batches of 8); baseline: parsing the same
@@ -30,7 +29,7 @@ from musiclm_jax.data import audio_io, synthetic_music, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.tasks import tokenized
-from musiclm_jax.tokenize import _example
+
 
 RATE, CROP, BATCH = 24000, 48000, 8
 PAPER_TOKENIZERS = {
@@ -76,7 +75,7 @@ def write_paper_cache(root: str, examples: int) -> None:
         for i in range(examples):
             tokens = {n: rng.randint(0, t["codebook_size"], (t["frames"], t["levels"]))
                       for n, t in PAPER_TOKENIZERS.items()}
-            writer.write(_example(f"c{i}#0", "a caption", 30 * RATE, tokens))
+            writer.write(token_cache.encode_example(f"c{i}#0", "a caption", 30 * RATE, tokens))
     with open(base + ".json", "w") as f:
         json.dump({"examples": examples}, f)
     token_cache.write_manifest(root, {"source": "benchmark", "sample_rate": RATE, "chunk_seconds": 30.0,
