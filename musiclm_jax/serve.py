@@ -158,7 +158,7 @@ class Generator:
         for d in self.warm_durations:
             if not 0 < d <= limits.max_duration_s:
                 raise ValueError(f"--warm_durations: {d} s is not in (0, max_duration={limits.max_duration_s}]")
-        self.warm_seconds = self._warm(model, log)
+        self._warm(model, log)
         self._models: queue.Queue = queue.Queue()
         self._models.put(model)
         for _ in range(limits.max_concurrent - 1):
@@ -175,18 +175,15 @@ class Generator:
                     "max_queue": self.limits.max_queue, "max_duration_s": self.limits.max_duration_s,
                     "warm_durations_s": list(self.warm_durations), "defaults": self.defaults}
 
-    def _warm(self, model, log) -> dict[float, float]:
+    def _warm(self, model, log) -> None:
         """Generates one clip of each warm duration with the bundle's default settings, so that every jitted
-        function those requests run is compiled before the first request: {duration: seconds it took}."""
-        seconds = {}
+        function those requests run is compiled before the first request."""
         for d in self.warm_durations:
             start = time.time()
             model.set_generation_params(**{**self.defaults, "duration_s": d})
             model.generate([WARM_UP_PROMPT])
-            seconds[d] = time.time() - start
             if log is not None:
-                print(f"serve: warmed {d:g} s in {seconds[d]:.1f} s", file=log, flush=True)
-        return seconds
+                print(f"serve: warmed {d:g} s in {time.time() - start:.1f} s", file=log, flush=True)
 
     def bucket(self, duration_s: float) -> float:
         """The duration generated for a request of `duration_s`: itself without warm durations, else the
@@ -199,8 +196,9 @@ class Generator:
         raise RequestError(400, f"'duration'={duration_s:g} s is longer than the compiled durations "
                                 f"{list(self.warm_durations)} s (--warm_durations)")
 
-    def generate(self, prompt: str, settings: dict) -> np.ndarray:
-        """Audio [duration_s * sample_rate] float32 of one prompt with `settings` over the bundle's defaults."""
+    def generate(self, prompt: str, settings: dict) -> tuple[np.ndarray, Optional[float]]:
+        """(audio [duration_s * sample_rate] float32 of one prompt with `settings` over the bundle's defaults, the
+        duration generated before the cut: the warm duration used, or None without warm durations)."""
         settings = {**self.defaults, **settings}
         duration = settings.get("duration_s")
         if self.warm_durations:
@@ -229,9 +227,9 @@ class Generator:
         try:
             model.set_generation_params(**settings)
             audio = np.asarray(model.generate([prompt])[0], np.float32)
-            if duration is not None and settings.get("duration_s") != duration:  # a longer bucket: cut
-                audio = audio[:int(round(float(duration) * self.sample_rate))]
-            return audio
+            if not self.warm_durations:
+                return audio, None
+            return audio[:int(round(float(duration) * self.sample_rate))], settings["duration_s"]
         finally:
             self._models.put(model)
             with self._lock:
@@ -365,16 +363,15 @@ class Handler(BaseHTTPRequestHandler):
         prompt, settings = parse_request(self._read_body(), generator.limits)
         start = time.time()
         try:
-            audio = generator.generate(prompt, settings)
+            audio, generated_duration = generator.generate(prompt, settings)
         except RequestError:
             raise
         except Exception as e:  # a failed generation: the server keeps serving
             raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
         seconds = time.time() - start
         headers = {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}"}
-        if generator.warm_durations:
-            requested = settings.get("duration_s", generator.defaults.get("duration_s"))
-            headers["X-Generated-Duration"] = f"{generator.bucket(float(requested)):g}"
+        if generated_duration is not None:
+            headers["X-Generated-Duration"] = f"{generated_duration:g}"
         self._send(200, wav_bytes(audio, generator.sample_rate), "audio/wav", headers)
 
 
