@@ -124,3 +124,14 @@ def test_key_accuracy_compares_the_estimated_key_with_the_key_the_prompt_names(t
     assert key["chance"] == pytest.approx(1 / 24)
     # The estimator on the synthetic clips it is checked against (their rendered keys) is far above chance.
     assert key["estimator_accuracy_on_references"] >= 0.5
+
+
+def test_clip_standard_error_is_that_of_the_per_clip_agreements():
+    reference = np.zeros((3, 4), np.int32)
+    generated = np.array([[0, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])  # per clip: 1, 0.5, 0 over 4 frames
+    pitched = np.ones((3, 4), bool)
+    assert demo.clip_standard_error(generated, reference, pitched) == pytest.approx(0.5 / np.sqrt(3))
+    pitched[2] = False  # a clip without a pitched frame is left out: agreements 1 and 0.5
+    assert demo.clip_standard_error(generated, reference, pitched) == pytest.approx(np.std([1, 0.5], ddof=1) / 2 ** 0.5)
+    pitched[1] = False
+    assert np.isnan(demo.clip_standard_error(generated, reference, pitched))
