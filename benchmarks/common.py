@@ -76,6 +76,20 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+def streaming_bandwidth(nbytes: int, repeats: int = 7) -> dict:
+    """Bytes/s this machine streams through a float32 buffer of `nbytes` (medians of `repeats` jitted calls):
+    'read' (a sum: nbytes read), 'copy' (x + 1 into a new buffer: nbytes read and nbytes written) and 'best', the
+    larger, the bandwidth a decoder that reads nbytes of weights per token can at most use. A buffer that fits
+    a cache measures that cache (decode weights up to its size stay there too)."""
+    x = jnp.arange(max(nbytes // 4, 1), dtype=jnp.float32)
+    read = jax.jit(jnp.sum)
+    copy = jax.jit(lambda v: v + 1.0)
+    read_s, _ = median_seconds(lambda: read(x).block_until_ready(), repeats, warmup=2)
+    copy_s, _ = median_seconds(lambda: copy(x).block_until_ready(), repeats, warmup=2)
+    rates = {"read": x.nbytes / read_s, "copy": 2 * x.nbytes / copy_s}
+    return dict(rates, best=max(rates.values()), buffer_bytes=int(x.nbytes))
+
+
 def run_peer(peer_python: Optional[str], repeats: int, extra_args: Sequence[str] = ()) -> Optional[dict]:
     """Runs benchmarks/peer_audiolm.py under `peer_python` (a venv with torch + audiolm-pytorch); its JSON."""
     if not peer_python:

@@ -80,8 +80,8 @@ class TimedMusicLM(MusicLM):
     def _run_stage(self, name, *args, **kwargs):
         return self._timed(name, super()._run_stage, name, *args, **kwargs)
 
-    def _decode(self, codes):
-        return self._timed("decode", super()._decode, codes)
+    def _decode(self, codes, params):
+        return self._timed("decode", super()._decode, codes, params)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -125,15 +125,16 @@ def init_variables(model, seed: int):
     return jax.device_get(variables)
 
 
-def paper_musiclm(dtype) -> TimedMusicLM:
-    """The paper-size stages and codec, random-init in memory, chained without MuLan."""
+def in_memory_musiclm(size: str, dtype) -> TimedMusicLM:
+    """The stages (gin/stages/*_{size}.gin) and the codec (gin/codec/{size}.gin) of one size, random-init in
+    memory, chained without MuLan (fed MuLan tokens)."""
     from musiclm_jax.codec import Codec
     bindings = [f"transformer.TransformerConfig.dtype = '{dtype}'"] if dtype else []
     stages = []
     for i, name in enumerate(STAGES):
-        model = gin_model(f"gin/stages/{name}_paper.gin", bindings)
+        model = gin_model(f"gin/stages/{name}_{size}.gin", bindings)
         stages.append(Stage(model, init_variables(model, 3 + i)["params"], name))
-    model = gin_model("gin/codec/paper.gin", [])
+    model = gin_model(f"gin/codec/{size}.gin", [])
     variables = init_variables(model, 1)
     codec = Codec(model.generator, model.variables(variables["params"], variables), model.sample_rate)
     musiclm = TimedMusicLM(None, codec, *stages)
@@ -150,7 +151,7 @@ def generate_once(musiclm: TimedMusicLM, texts, mulan_tokens, seed: int) -> tupl
     if mulan_tokens is None:
         audio = musiclm.generate(texts)
     else:
-        audio = musiclm._decode(musiclm.generate_tokens(mulan_tokens=mulan_tokens)["codes"])
+        audio = musiclm._decode(musiclm.generate_tokens(mulan_tokens=mulan_tokens)["codes"], musiclm.params)
     return dict(musiclm.times, end_to_end=time.perf_counter() - start), audio
 
 
@@ -200,7 +201,7 @@ def main():
         musiclm = tiny_musiclm(root)
         texts, mulan_tokens = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], None
     else:
-        musiclm = paper_musiclm(args.dtype)
+        musiclm = in_memory_musiclm("paper", args.dtype)
         group = musiclm.stages["semantic"].model.layout.group("mulan")
         texts = []
         mulan_tokens = np.random.RandomState(args.seed).randint(0, group.codebook_size, (args.batch, group.levels))

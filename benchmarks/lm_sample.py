@@ -1,11 +1,19 @@
-"""Sampling speed of the stage LM (jitted, KV-cached, lax.scan) at the peer's configuration, on this CPU.
+"""Sampling speed of the stage LM (jitted, KV-cached, lax.scan) at the peer's configuration, against the
+memory-bandwidth bound, with float32, bfloat16 and int8 decoding weights.
 
     python benchmarks/lm_sample.py [--repeats 5] [--peer_python /tmp/peer_venv/bin/python]
+        [--precisions float32,bfloat16,int8]
 
-512 new tokens after a 1-token prompt, batch 1, temperature 1.0 sampling, fp32, dim 512, depth 6, heads 8,
-vocab 1024. Compilation is excluded (one warm-up call). Prints one JSON line last: tokens_per_s,
-sample_s_median and the peer's tokens/s with the ratio (measured in the same run with --peer_python, else the
-issue's figure; peer_source says which).
+512 new tokens after a 1-token prompt, batch 1, temperature 1.0 sampling, dim 512, depth 6, heads 8, vocab 1024,
+random weights. Compilation is excluded (one warm-up call). At batch 1 each step reads every weight once, so
+tokens/s is at most (bytes/s the machine streams) / (weight bytes): the bound is measured in the same run
+(common.streaming_bandwidth) on a buffer of the weights' size in each precision, so it is the bandwidth of the
+memory level those weights sit in (a cache, where they fit), and also on a 1 GiB buffer (main memory).
+
+Prints one JSON line last: per precision tokens_per_s, sample_s_median, weight_bytes,
+bandwidth_bound_tokens_per_s, fraction_of_bound (tokens_per_s over the bound) and speedup_vs_peer; the float32
+figures also at the top level (tokens_per_s, speedup_vs_peer) as before; the peer's tokens/s (measured in the
+same run with --peer_python, else the issue's figure; peer_source says which).
 """
 from __future__ import annotations
 
@@ -17,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from musiclm_jax import partitioning
+from musiclm_jax import partitioning, weight_precision
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--new_tokens", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precisions", default=",".join(weight_precision.PRECISIONS))
     common.add_common_flags(parser)
     args = parser.parse_args()
 
@@ -36,22 +45,39 @@ def main():
         return model.predict_batch(params, {"prefix_tokens": prompt}, rng, numdecode_steps=args.new_tokens,
                                    prompt_target_length=1, temperature=1.0)
 
+    main_memory = common.streaming_bandwidth(1 << 30)
     calls = iter(range(10**6))
-    seconds, times = common.median_seconds(
-        lambda: sample(params, prompt, jax.random.key(next(calls))).block_until_ready(), args.repeats, warmup=1)
-    tokens_per_s = args.batch * args.new_tokens / seconds
+    figures = {}
+    for precision in args.precisions.split(","):
+        weights = jax.device_put(weight_precision.for_decoding(params, precision))
+        nbytes = weight_precision.weight_bytes(weights)
+        seconds, times = common.median_seconds(
+            lambda: sample(weights, prompt, jax.random.key(next(calls))).block_until_ready(), args.repeats, warmup=1)
+        bandwidth = common.streaming_bandwidth(nbytes)
+        bound = bandwidth["best"] / nbytes
+        tokens_per_s = args.batch * args.new_tokens / seconds
+        figures[precision] = {
+            "tokens_per_s": tokens_per_s, "sample_s_median": seconds, "sample_s_all": times, "weight_bytes": nbytes,
+            "bandwidth_bytes_per_s": bandwidth, "bandwidth_bound_tokens_per_s": bound,
+            "fraction_of_bound": tokens_per_s / args.batch / bound,
+            "main_memory_bound_tokens_per_s": main_memory["best"] / nbytes}
     peer = common.run_peer(args.peer_python, args.repeats)
     peer_tokens = peer["generate_tokens_per_s"] if peer else common.PEER_REFERENCE["generate_tokens_per_s"]
+    for f in figures.values():
+        f["speedup_vs_peer"] = f["tokens_per_s"] / peer_tokens
+    first = figures[next(iter(figures))]
     print(json.dumps({
         "benchmark": "lm_sample",
         "config": dict(common.peer_config(args.kv_heads), vocab=common.PEER_VOCAB, batch=args.batch,
                        new_tokens=args.new_tokens),
-        "sample_s_median": seconds,
-        "sample_s_all": times,
-        "tokens_per_s": tokens_per_s,
+        "device": jax.devices()[0].device_kind,
+        "main_memory_bandwidth_bytes_per_s": main_memory,
+        "precisions": figures,
+        "tokens_per_s": first["tokens_per_s"],
+        "sample_s_median": first["sample_s_median"],
         "peer_tokens_per_s": peer_tokens,
         "peer_source": "measured in this run" if peer else "issue figure (audiolm-pytorch 2.4.0, this machine)",
-        "speedup_vs_peer": tokens_per_s / peer_tokens,
+        "speedup_vs_peer": first["speedup_vs_peer"],
     }))
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax import weight_precision
 from musiclm_jax.partitioning import constrain
 
 
@@ -56,8 +57,9 @@ class DenseGeneral(nn.Module):
                                                                    tuple(self.kernel_axes)),
                             shape, self.param_dtype)
         batch_shape = x.shape[:x.ndim - self.num_contract]
-        y = jnp.dot(x.reshape((-1, fan_in)).astype(self.dtype),
-                    kernel.reshape((fan_in, -1)).astype(self.dtype))
+        if isinstance(kernel, weight_precision.Int8Weight):  # decoding weights (weight_precision.for_decoding)
+            kernel = kernel.dequantize(jnp.bfloat16)
+        y = weight_precision.matmul(x.reshape((-1, fan_in)), kernel.reshape((fan_in, -1)), self.dtype)
         return y.reshape(batch_shape + features)
 
 
@@ -107,11 +109,18 @@ class Embed(nn.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [...] int32 -> embeddings [..., features] in `dtype`."""
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        table = self.embedding
+        if isinstance(table, weight_precision.Int8Weight):  # int8 rows scaled per feature
+            return (jnp.take(table.values, tokens, axis=0).astype(jnp.float32) * table.scale[0]).astype(self.dtype)
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (tied output projection): x [..., features] -> [..., vocab]."""
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        table = self.embedding
+        if weight_precision.is_narrow(table):
+            return jnp.einsum("...e,ve->...v", x.astype(jnp.bfloat16), weight_precision.as_operand(table, self.dtype),
+                              preferred_element_type=jnp.float32).astype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), table.astype(self.dtype))
 
 
 class RMSNorm(nn.Module):

@@ -34,7 +34,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -138,16 +138,21 @@ class Stage:
         self._replicated = None  # the parameters on every device, made on the first sharded call
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str, name: str) -> "Stage":
-        from musiclm_jax import checkpoint_loading, partitioning
+    def from_checkpoint(cls, model_dir: str, name: str, decode_weights: str = "float32") -> "Stage":
+        """The stage of a run directory; decode_weights: the precision its kernels and embedding tables are held
+        in for sampling ('float32', 'bfloat16', 'int8'; musiclm_jax.weight_precision)."""
+        from musiclm_jax import checkpoint_loading, partitioning, weight_precision
         from musiclm_jax.models import TokenLMModel
+        if decode_weights not in weight_precision.PRECISIONS:  # before reading the checkpoint
+            raise ValueError(f"decode_weights {decode_weights!r}: expected one of {weight_precision.PRECISIONS}")
         loaded = checkpoint_loading.load_model(model_dir)
         if not isinstance(loaded.model, TokenLMModel):
             raise ValueError(f"{model_dir} holds a {type(loaded.model).__name__}, not a stage (TokenLMModel)")
         partitioner = None
         if jax.process_count() == 1 and jax.local_device_count() > 1:
             partitioner = partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig()))
-        return cls(loaded.model, jax.device_get(loaded.params), name, partitioner)
+        params = weight_precision.for_decoding(jax.device_get(loaded.params), decode_weights)
+        return cls(loaded.model, params, name, partitioner)
 
     def decoder_functions(self):
         """(prefill, step) of the KV-cached decoder, as sample_window takes them (TokenLMModel.decoder_functions)."""
@@ -233,13 +238,16 @@ class MusicLM:
 
     @classmethod
     def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
-                         semantic_tokenizer: Optional[str] = None, semantic_rate: float = 25.0) -> "MusicLM":
+                         semantic_tokenizer: Optional[str] = None, semantic_rate: float = 25.0,
+                         decode_weights: str = "float32") -> "MusicLM":
         """Loads the run directories (MuLan with its RVQ, codec, the three stages, and optionally the semantic
-        tokenizer, which continuation needs)."""
+        tokenizer, which continuation needs); decode_weights: the stages' weight precision for sampling
+        ('float32', 'bfloat16' or 'int8' weight-only; Stage.from_checkpoint)."""
         from musiclm_jax.codec import Codec
         from musiclm_jax.mulan import MuLan
         from musiclm_jax.semantic import SemanticTokenizer
-        stages = [Stage.from_checkpoint(path, name) for path, name in zip((semantic, coarse, fine), STAGES)]
+        stages = [Stage.from_checkpoint(path, name, decode_weights)
+                  for path, name in zip((semantic, coarse, fine), STAGES)]
         tokenizer = SemanticTokenizer.load(semantic_tokenizer) if semantic_tokenizer else None
         return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages, semantic_rate=semantic_rate,
                    semantic_tokenizer=tokenizer)
@@ -276,22 +284,35 @@ class MusicLM:
 
     def _run_stage(self, name: str, total: int, window: int, levels: int, conditioning, known: Optional[np.ndarray],
                    batch: int, params: GenerationParams, boundaries: Sequence[int] = ()) -> np.ndarray:
-        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames.
+        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames (_stage_windows,
+        run to the end)."""
+        out = np.zeros((batch, total, levels), np.int32)
+        for _ in self._stage_windows(name, out, window, conditioning, known, params, boundaries):
+            pass
+        return out
+
+    def _stage_windows(self, name: str, out: np.ndarray, window: int, conditioning, known: Optional[np.ndarray],
+                       params: GenerationParams, boundaries: Sequence[int] = ()) -> Iterator[int]:
+        """Fills out [B, total, levels] (local codes of stage `name`) window by window of `window` frames, yielding
+        the number of frames filled: first after the known frames, then after each window.
 
         Each window after the first keeps `window - window // 2` frames of context and generates the frames after
         them; the last one ends at `total` with at least half that context (so no window is left with a handful of
         frames); a window's new frames never cross a conditioning
         boundary (story mode). conditioning(begin, end, first_new) -> [B, P] global ids for the window's frames
-        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames.
+        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames. Window w
+        draws with the keys of (seed, stage, w) whatever else runs between windows, so a caller may interleave
+        the stages (stream_tokens) and get the tokens of running them one after another.
         """
         stage = self.stages[name]
         group = stage.model.target_group
         temperature = params.temperature[STAGES.index(name)]
-        out = np.zeros((batch, total, levels), np.int32)
+        batch, total, levels = out.shape
         filled = 0
         if known is not None:
             filled = min(known.shape[1], total)
             out[:, :filled] = known[:, :filled]
+        yield filled
         context = window - max(1, window // 2)
         start_time, w = time.time(), 0
         while filled < total:
@@ -313,7 +334,7 @@ class MusicLM:
                 print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
                       f"{filled - begin} of context ({time.time() - start_time:.1f} s)", file=self.log)
             filled, w = end, w + 1
-        return out
+            yield filled
 
     def _require_melody_stage(self) -> None:
         if not self.melody_stages:

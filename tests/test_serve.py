@@ -322,3 +322,16 @@ def test_cli_serves_health_and_stops_on_sigterm(bundle_dir):
         proc.kill()
     with pytest.raises(SystemExit):
         serve.main(["--port", "1"])  # --bundle is required
+
+
+def test_serve_load_benchmark_gets_every_request_answered(bundle_dir):
+    """benchmarks/serve_load.py against the CLI server: 16 clients connecting at once, two generations at a time,
+    a queue that holds them all: every request gets its WAV, and the figures are there."""
+    command = [sys.executable, "benchmarks/serve_load.py", "--bundle", str(bundle_dir), "--clients", "16",
+               "--requests", "32", "--duration", "1", "--max_concurrent", "2", "--max_queue", "16"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status_counts"] == {"200": 32} and result["unexpected"] == 0
+    assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] and result["audio_seconds_per_s"] > 0
+    assert result["server_peak_rss_bytes"] > 50e6

@@ -1,0 +1,111 @@
+"""Weights held in a narrower precision for decoding: bfloat16, or int8 weight-only with a float32 scale.
+
+At batch 1 a decoding step reads every weight once and does little else, so its time is the weight bytes over the
+memory bandwidth (`benchmarks/lm_sample.py` prints that bound). Holding the matrices in 2 or 1 bytes instead of 4
+raises the bound 2x or 4x. `for_decoding(params, precision)` converts a stage's parameters once, at load time:
+
+* 'float32': unchanged.
+* 'bfloat16': every dense kernel and embedding table ([leaf named 'kernel' or 'embedding', at least 2-D) is
+  stored in bfloat16. A matmul then takes bfloat16 operands and accumulates in float32 (`matmul`), the way
+  TPUs and GPUs run bf16 inference; norms, attention softmax, position biases and the sampling distribution stay
+  float32 (they are computed from float32 activations by the modules as before).
+* 'int8': the same matrices as int8 values with one float32 scale per slice along the first axis
+  (max |w| / 127 over axis 0, symmetric, round to nearest), `Int8Weight`. A matmul dequantizes to bfloat16
+  operands (values * scale) and accumulates in float32. Embedding rows are looked up in int8 and scaled in
+  float32.
+
+Where the int8 dequantization runs (fused into the matmul that reads the weight, or hoisted out of the decoding
+loop) is XLA's choice per backend. On this project's 2-core CPU the narrow options decode at about float32's
+speed (`benchmarks/lm_sample.py`): the float32 step already runs below the bandwidth bound for other reasons.
+The layers accept all three forms (`layers.DenseGeneral`, `layers.Embed`); training never produces them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+# Parameter names of the matrices that are narrowed: DenseGeneral/Dense kernels and Embed tables.
+NARROWED_NAMES = ("kernel", "embedding")
+
+
+@flax.struct.dataclass
+class Int8Weight:
+    """A weight as int8 `values` (the weight's shape) and float32 `scale` [1, *shape[1:]]: w ~= values * scale."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """values * scale in `dtype` (the product is formed in float32)."""
+        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def quantize_int8(weight: np.ndarray) -> Int8Weight:
+    """weight [d0, ...] float -> Int8Weight with scale max |w| / 127 over axis 0 (1.0 where a slice is all zero)."""
+    weight = np.asarray(weight, np.float32)
+    scale = np.max(np.abs(weight), axis=0, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    values = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+    return Int8Weight(values=values, scale=scale)
+
+
+def is_narrow(weight: Any) -> bool:
+    """True for an Int8Weight or a bfloat16 array (a weight converted by for_decoding)."""
+    return isinstance(weight, Int8Weight) or jnp.dtype(weight.dtype) == jnp.bfloat16
+
+
+def as_operand(weight: Any, dtype) -> jax.Array:
+    """The weight as a matmul operand: an Int8Weight dequantized to bfloat16, a bfloat16 array as it is, any
+    other array cast to `dtype` (the module's compute dtype, as layers always did)."""
+    if isinstance(weight, Int8Weight):
+        return weight.dequantize(jnp.bfloat16)
+    if jnp.dtype(weight.dtype) == jnp.bfloat16:
+        return weight
+    return weight.astype(dtype)
+
+
+def matmul(x: jax.Array, weight: Any, dtype) -> jax.Array:
+    """x [m, k] @ weight [k, n] -> [m, n] in `dtype`. A narrow weight (bfloat16 or Int8Weight) multiplies a
+    bfloat16 copy of x with float32 accumulation; other weights are cast to `dtype` with x, as before."""
+    if is_narrow(weight):
+        product = jnp.dot(x.astype(jnp.bfloat16), as_operand(weight, dtype), preferred_element_type=jnp.float32)
+        return product.astype(dtype)
+    return jnp.dot(x.astype(dtype), weight.astype(dtype))
+
+
+def _narrow(path, leaf, precision: str):
+    name = getattr(path[-1], "key", None) if path else None
+    if name not in NARROWED_NAMES or np.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        return leaf
+    if precision == "bfloat16":
+        return jnp.asarray(leaf, jnp.bfloat16)
+    return quantize_int8(np.asarray(jax.device_get(leaf)))
+
+
+def for_decoding(params: Any, precision: str) -> Any:
+    """params (a stage's parameter tree, plain arrays) with its kernels and embedding tables held in `precision`
+    ('float32': returned as they are). Raises ValueError for an unknown precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"decode weights {precision!r}: expected one of {PRECISIONS}")
+    if precision == "float32":
+        return params
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _narrow(path, leaf, precision), params)
+
+
+def weight_bytes(params: Any) -> int:
+    """Bytes of every array in params (Int8Weight counts its values and scales)."""
+    return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
+                   for leaf in jax.tree_util.tree_leaves(params)))

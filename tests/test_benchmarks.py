@@ -1,0 +1,28 @@
+"""Benchmark scripts that must stay runnable where they cannot be timed here: benchmarks/accelerator.py (written
+for a GPU or TPU) at tiny sizes on 8 fake CPU devices. Figures are only checked to be present and positive."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_DIR, subprocess_env
+
+
+def test_accelerator_script_prints_every_figure_at_tiny_size():
+    command = [sys.executable, os.path.join("benchmarks", "accelerator.py"), "--size", "tiny", "--train_batch", "8",
+               "--decode_batches", "1,4", "--decode_tokens", "8", "--decode_weights", "bfloat16", "--seconds", "0.5",
+               "--repeats", "1", "--peak_matmul", "256"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "accelerator" and result["platform"] == "cpu" and result["devices"] == 8
+    train = result["train"]
+    assert train["batch"] == 8 and train["sequence_length"] > 0 and train["tokens_per_s"] > 0
+    assert train["mfu"] is None  # a CPU is not in the datasheet table
+    assert 0 < train["mfu_measured_peak"] and train["model_flops_per_step"] > 0
+    decode = result["decode"]
+    assert decode["decode_weights"] == "bfloat16" and decode["tokens"] == 8
+    assert decode["batch_1"]["tokens_per_s"] > 0 and decode["batch_4"]["tokens_per_s"] > 0
+    end = result["end_to_end"]
+    assert end["audio_s"] == 0.5 and end["guided_stages"] == ["semantic", "coarse"]
+    assert end["real_time_factor"] > 0 and abs(end["real_time_factor"] * end["audio_s_per_wall_s"] - 1) < 1e-9
