@@ -23,36 +23,79 @@ def mask_to_range(logits: jax.Array, low: jax.Array, high: jax.Array) -> jax.Arr
     return jnp.where((ids >= low) & (ids < high), logits, NEG_INF)
 
 
-def filter_top_k(logits: jax.Array, top_k: int) -> jax.Array:
-    """Keeps the top_k largest logits per row [B, V] (ties at the threshold kept); top_k <= 0 disables."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    threshold = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    return jnp.where(logits >= threshold, logits, NEG_INF)
+def _static(value) -> bool:
+    """True for a value known at trace time (a Python number or a concrete array), False for a tracer."""
+    return not isinstance(value, jax.core.Tracer)
 
 
-def filter_top_p(logits: jax.Array, top_p: float) -> jax.Array:
+def filter_top_k(logits: jax.Array, top_k) -> jax.Array:
+    """Keeps the top_k largest logits per row [B, V] (ties at the threshold kept); top_k <= 0 disables.
+
+    top_k may be traced (a jitted argument): then the rows are sorted only when the filter is on (lax.cond), so
+    one compiled program serves every value."""
+    vocab = logits.shape[-1]
+    if _static(top_k):
+        if top_k <= 0 or top_k >= vocab:
+            return logits
+        threshold = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
+        return jnp.where(logits >= threshold, logits, NEG_INF)
+
+    def apply(values):
+        descending = -jnp.sort(-values, axis=-1)
+        index = jnp.broadcast_to(jnp.clip(top_k, 1, vocab) - 1, values.shape[:-1] + (1,))
+        threshold = jnp.take_along_axis(descending, index.astype(jnp.int32), axis=-1)
+        return jnp.where(values >= threshold, values, NEG_INF)
+    return jax.lax.cond((top_k > 0) & (top_k < vocab), apply, lambda values: values, logits)
+
+
+def filter_top_p(logits: jax.Array, top_p) -> jax.Array:
     """Nucleus filtering: keeps the smallest set of largest logits whose probability reaches top_p.
 
-    The most likely token is always kept; top_p >= 1 disables.
+    The most likely token is always kept; top_p >= 1 disables. top_p may be traced, as top_k in filter_top_k.
     """
-    if top_p >= 1.0:
-        return logits
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, NEG_INF)
+    def apply(values):
+        sorted_logits = jnp.sort(values, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(values >= threshold, values, NEG_INF)
+    if _static(top_p):
+        return logits if top_p >= 1.0 else apply(logits)
+    return jax.lax.cond(top_p < 1.0, apply, lambda values: values, logits)
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-    """Draws one token per row of logits [B, V] with its own key (keys: [B] typed keys). temperature 0 = greedy."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+def _filtered_traced(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """filter_top_p(filter_top_k(logits, top_k), top_p) for traced settings, with one sort of the rows."""
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)
+    on = (top_k > 0) & (top_k < vocab)
+    index = jnp.broadcast_to(jnp.clip(top_k, 1, vocab) - 1, logits.shape[:-1] + (1,)).astype(jnp.int32)
+    kth = jnp.where(on, jnp.take_along_axis(descending, index, axis=-1), -jnp.inf)
+    descending = jnp.where(descending >= kth, descending, NEG_INF)  # the top-k survivors, still in order
+    probs = jax.nn.softmax(descending, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    nucleus = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    nucleus = jnp.where(top_p < 1.0, nucleus, -jnp.inf)
+    return jnp.where((logits >= kth) & (logits >= nucleus), logits, NEG_INF)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature, top_k=0, top_p=1.0) -> jax.Array:
+    """Draws one token per row of logits [B, V] with its own key (keys: [B] typed keys). temperature 0 = greedy.
+
+    The settings may be traced (one compiled program for every value): then the rows are sorted only when top-k
+    or top-p is on (one lax.cond), and the greedy token and the drawn one are both computed and one is kept."""
+    if _static(temperature) and _static(top_k) and _static(top_p):
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+        return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
+    scaled = jax.lax.cond(filtering, lambda v: _filtered_traced(v, top_k, top_p), lambda v: v, scaled)
+    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def per_example_keys(rng: Optional[jax.Array], batch_size: int) -> jax.Array:
@@ -122,7 +165,8 @@ ParamStepFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 def sample_after_prefix(prefill: PrefillFn, step: ParamStepFn, params: Any, prefix: jax.Array, keys: jax.Array, *,
                         num_steps: int, level_ranges: jax.Array, prompt_length: int = 0,
                         guidance_ranges: tuple[tuple[int, int], ...] = (), guidance_scale: float = 1.0,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        guided: Optional[bool] = None) -> tuple[jax.Array, jax.Array]:
     """Samples `num_steps` tokens after prefix [B, P] with a prefix LM's KV-cached decoder, optionally with
     classifier-free guidance. TokenLMModel.predict_batch_with_aux and the generation pipeline (including a stage
     served from exported functions, musiclm_jax.serving) all sample through this one function.
@@ -134,6 +178,9 @@ def sample_after_prefix(prefill: PrefillFn, step: ParamStepFn, params: Any, pref
     guidance_scale != 1: the batch runs twice, the second time with the conditioning tokens whose ids fall in
       `guidance_ranges` ([low, high) id ranges) set to PAD, and tokens are drawn from
       uncond + scale * (cond - uncond).
+    guided: whether the batch runs twice (default: guidance_scale != 1). Give it when guidance_scale, like
+      temperature, top_k and top_p, is a traced argument of a jitted caller (pipeline.Stage.sample), so that
+      one compiled program serves every value of them.
     Returns (tokens [B, num_steps], log-probabilities [B, num_steps] under the distribution sampled from).
     """
     if num_steps < 1:
@@ -142,7 +189,8 @@ def sample_after_prefix(prefill: PrefillFn, step: ParamStepFn, params: Any, pref
     prompt = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.asarray(prefix, jnp.int32)], axis=1)
     conditioning = prompt.shape[1] - prompt_length
     in_conditioning = jnp.arange(prompt.shape[1]) < conditioning
-    guided = guidance_scale != 1.0
+    if guided is None:
+        guided = guidance_scale != 1.0
     if guided:
         if not guidance_ranges:
             raise ValueError(f"guidance_scale={guidance_scale} needs a stage with guidance_groups")

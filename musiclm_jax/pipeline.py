@@ -107,18 +107,19 @@ class StageSpec:
                    int(d["prefix_length"]), int(d["target_length"]), tuple(d["guidance_groups"]))
 
 
-def sample_window(prefill, step, params, prefix: jax.Array, keys: jax.Array, *, spec: StageSpec, steps: int,
-                  prompt_length: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  guidance_scale: float = 1.0) -> jax.Array:
+def sample_window(prefill, step, params, prefix: jax.Array, keys: jax.Array, settings: dict, *, spec: StageSpec,
+                  steps: int, prompt_length: int, guided: bool) -> jax.Array:
     """Samples one window of a stage: prefix [B, P] global ids (conditioning, then `prompt_length` known targets),
     keys [B] -> [B, steps] global ids, through decoding.sample_after_prefix (what
     TokenLMModel.predict_batch_with_aux runs too). prefill and step are the model's (`decoder_functions`); a
     served stage (musiclm_jax.serving) gives the same functions exported with jax.export, so both run this one
-    driver."""
+    driver. settings: {'temperature', 'top_k', 'top_p', 'guidance_scale'} scalars, traced under jit (one program
+    serves all their values); guided (static): whether classifier-free guidance runs (the batch twice)."""
     tokens, _ = decoding.sample_after_prefix(
         prefill, step, params, prefix, keys, num_steps=steps, level_ranges=spec.layout.level_ranges(spec.target_group),
         prompt_length=prompt_length, guidance_ranges=tuple(spec.layout.id_range(g) for g in spec.guidance_groups),
-        guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        guidance_scale=settings["guidance_scale"], temperature=settings["temperature"], top_k=settings["top_k"],
+        top_p=settings["top_p"], guided=guided)
     return tokens
 
 
@@ -173,14 +174,16 @@ class Stage:
             prefix, _ = self.partitioner.pad_and_shard(prefix)
             key_data, _ = self.partitioner.pad_and_shard(np.asarray(jax.random.key_data(keys)))
             keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys))
-        signature = (prefix.shape, steps, prompt_length, temperature, params.top_k, params.top_p, guidance)
+        guided = guidance != 1.0
+        signature = (prefix.shape, steps, prompt_length, guided)  # the sampling settings are traced arguments
         if signature not in self._samplers:
             prefill, step = self.decoder_functions()
             self._samplers[signature] = jax.jit(partial(
                 sample_window, prefill, step, spec=StageSpec.of(self.model), steps=steps,
-                prompt_length=prompt_length, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
-                guidance_scale=guidance))
-        return np.asarray(self._samplers[signature](weights, prefix, keys))[:batch]
+                prompt_length=prompt_length, guided=guided))
+        settings = {"temperature": np.float32(temperature), "top_k": np.int32(params.top_k),
+                    "top_p": np.float32(params.top_p), "guidance_scale": np.float32(guidance)}
+        return np.asarray(self._samplers[signature](weights, prefix, keys, settings))[:batch]
 
 
 class MusicLM:

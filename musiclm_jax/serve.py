@@ -15,11 +15,12 @@ API:
                   the bundle's defaults (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample
                   rate, exactly duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
 Warm durations (--warm_durations 4,10,30): each is generated once at start-up with the bundle's default settings,
-which compiles every function such a request runs, so the first request costs what the second does. A request
-is then generated at the shortest warm duration that covers it and cut to its own length (header
-X-Generated-Duration); one longer than every warm duration gets 400 with the list. Sampling settings are
-compiled into the samplers, so a temperature, top_k, top_p or guidance other than the defaults compiles on its
-first request (then is kept).
+and once more without guidance when those have it, which compiles every function such a request runs, so the
+first request costs what the second does. A request is then generated at the shortest warm duration that covers
+it and cut to its own length (header X-Generated-Duration); one longer than every warm duration gets 400 with
+the list. Temperature, top_k, top_p and the guidance scale are arguments of the compiled samplers
+(pipeline.Stage.sample), so any of their values runs without compiling; only guidance on (scale != 1) or off
+is a different program, and the warm-up compiles both.
 Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a missing,
 non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or setting or a
 malformed chunked body; 404 another path; 405 another method (with Allow); 411 neither a Content-Length nor a
@@ -176,12 +177,17 @@ class Generator:
                     "warm_durations_s": list(self.warm_durations), "defaults": self.defaults}
 
     def _warm(self, model, log) -> None:
-        """Generates one clip of each warm duration with the bundle's default settings, so that every jitted
-        function those requests run is compiled before the first request."""
+        """Generates one clip of each warm duration with the bundle's default settings (and again without
+        guidance if they have it: the unguided samplers are other programs), so that every jitted function
+        those requests run is compiled before the first request."""
+        variants = [{}]
+        if self.defaults.get("guidance_scale", 1.0) != 1.0:
+            variants.append({"guidance_scale": 1.0})
         for d in self.warm_durations:
             start = time.time()
-            model.set_generation_params(**{**self.defaults, "duration_s": d})
-            model.generate([WARM_UP_PROMPT])
+            for variant in variants:
+                model.set_generation_params(**{**self.defaults, "duration_s": d, **variant})
+                model.generate([WARM_UP_PROMPT])
             if log is not None:
                 print(f"serve: warmed {d:g} s in {time.time() - start:.1f} s", file=log, flush=True)
 

@@ -37,6 +37,16 @@ def test_top_k_and_top_p_match_numpy():
         np.testing.assert_array_equal(decoding.filter_top_p(jnp.asarray(logits), p), _np_top_p(logits, p))
     np.testing.assert_array_equal(decoding.filter_top_k(jnp.asarray(logits), 0), logits)
     np.testing.assert_array_equal(decoding.filter_top_p(jnp.asarray(logits), 1.0), logits)
+    # Traced settings (jitted arguments), alone and together, filter as the static ones do.
+    logits[0, :3] = logits[0].max()  # ties at the top
+    traced_k = jax.jit(decoding.filter_top_k)
+    traced_p = jax.jit(decoding.filter_top_p)
+    both = jax.jit(decoding._filtered_traced)
+    for k, p in [(0, 1.0), (1, 1.0), (5, 1.0), (50, 1.0), (0, 0.5), (17, 0.9), (3, 0.05), (-1, 0.9)]:
+        static = decoding.filter_top_p(decoding.filter_top_k(jnp.asarray(logits), k), p)
+        np.testing.assert_array_equal(traced_k(jnp.asarray(logits), k), decoding.filter_top_k(jnp.asarray(logits), k))
+        np.testing.assert_array_equal(traced_p(jnp.asarray(logits), p), decoding.filter_top_p(jnp.asarray(logits), p))
+        np.testing.assert_array_equal(both(jnp.asarray(logits), k, p), static, err_msg=f"{k} {p}")
 
 
 def test_sampling_follows_the_filtered_softmax():
@@ -118,3 +128,31 @@ def test_decoding_sharded_on_a_mesh_equals_one_device():
 def test_rng_argument_errors():
     with pytest.raises(ValueError, match="one key or 3 keys"):
         decoding.per_example_keys(jax.random.split(jax.random.key(0), 2), 3)
+
+
+def test_traced_sampling_settings_draw_what_static_ones_draw_with_one_program():
+    """pipeline.Stage.sample passes temperature, top_k, top_p and the guidance scale as traced arguments (one
+    compiled program for all their values): its tokens equal predict_batch's, whose settings are constants."""
+    from helpers import TINY_LAYOUT
+    from musiclm_jax import pipeline
+    from musiclm_jax.models import TokenLMModel
+    network = tiny_model().network
+    model = TokenLMModel(network, TINY_LAYOUT, ("mulan",), "semantic", 12, 20, guidance_groups=("mulan",))
+    params = init_params(model)
+    prefix = random_batch(model, 3)["decoder_target_tokens"][:, :model.prefix_length]
+    keys = jax.random.split(jax.random.key(5), 3)
+    stage = pipeline.Stage(model, params, "semantic")
+    cases = [dict(temperature=0.0, top_k=0, top_p=1.0, guidance_scale=1.0),
+             dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0),
+             dict(temperature=0.7, top_k=5, top_p=1.0, guidance_scale=1.0),
+             dict(temperature=1.3, top_k=0, top_p=0.8, guidance_scale=1.0)]
+    cases += [dict(temperature=1.0, top_k=10, top_p=0.9, guidance_scale=3.0),
+              dict(temperature=0.9, top_k=0, top_p=1.0, guidance_scale=1.5),
+              dict(temperature=0.0, top_k=0, top_p=1.0, guidance_scale=2.0)]
+    for case in cases:
+        want = model.predict_batch(params, {"prefix_tokens": prefix}, keys, numdecode_steps=model.target_length,
+                                   **case)
+        got = stage.sample(prefix, model.target_length, 0, keys, pipeline.GenerationParams(
+            top_k=case["top_k"], top_p=case["top_p"], guidance_scale=case["guidance_scale"]), case["temperature"])
+        np.testing.assert_array_equal(got, np.asarray(want), err_msg=str(case))
+    assert len(stage._samplers) == 2  # guided or not: the only compiled variants

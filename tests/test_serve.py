@@ -151,6 +151,13 @@ def test_warm_durations_compile_at_start_up_and_round_requests_up(bundle_dir, ru
     np.testing.assert_array_equal(pcm, want)
     status, headers, _ = server.request("POST", "/generate", dict(request, duration=1.5))
     assert status == 200 and headers["X-Generated-Duration"] == "2"
+    # Other sampling settings, guidance off included, run the samplers the warm-up compiled.
+    compiled = {name: len(stage._samplers) for name, stage in model.musiclm.stages.items()}
+    for settings in ({"temperature": 0.7, "top_k": 20, "top_p": 0.9, "guidance": 1.5}, {"guidance": 1.0},
+                     {"temperature": [0.0, 0.5, 1.2]}):
+        status, _, body = server.request("POST", "/generate", dict(request, **settings))
+        assert status == 200, body
+    assert {name: len(stage._samplers) for name, stage in model.musiclm.stages.items()} == compiled
     status, _, body = server.request("POST", "/generate", dict(request, duration=2.5))
     assert status == 400 and "[1.0, 2.0]" in json.loads(body)["error"]
     with pytest.raises(ValueError, match="not in"):
