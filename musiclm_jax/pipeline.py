@@ -34,7 +34,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -287,35 +287,22 @@ class MusicLM:
 
     def _run_stage(self, name: str, total: int, window: int, levels: int, conditioning, known: Optional[np.ndarray],
                    batch: int, params: GenerationParams, boundaries: Sequence[int] = ()) -> np.ndarray:
-        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames (_stage_windows,
-        run to the end)."""
-        out = np.zeros((batch, total, levels), np.int32)
-        for _ in self._stage_windows(name, out, window, conditioning, known, params, boundaries):
-            pass
-        return out
-
-    def _stage_windows(self, name: str, out: np.ndarray, window: int, conditioning, known: Optional[np.ndarray],
-                       params: GenerationParams, boundaries: Sequence[int] = ()) -> Iterator[int]:
-        """Fills out [B, total, levels] (local codes of stage `name`) window by window of `window` frames, yielding
-        the number of frames filled: first after the known frames, then after each window.
+        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames.
 
         Each window after the first keeps `window - window // 2` frames of context and generates the frames after
         them; the last one ends at `total` with at least half that context (so no window is left with a handful of
         frames); a window's new frames never cross a conditioning
         boundary (story mode). conditioning(begin, end, first_new) -> [B, P] global ids for the window's frames
-        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames. Window w
-        draws with the keys of (seed, stage, w) whatever else runs between windows, so a caller may interleave
-        the stages (stream_tokens) and get the tokens of running them one after another.
+        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames.
         """
         stage = self.stages[name]
         group = stage.model.target_group
         temperature = params.temperature[STAGES.index(name)]
-        batch, total, levels = out.shape
+        out = np.zeros((batch, total, levels), np.int32)
         filled = 0
         if known is not None:
             filled = min(known.shape[1], total)
             out[:, :filled] = known[:, :filled]
-        yield filled
         context = window - max(1, window // 2)
         start_time, w = time.time(), 0
         while filled < total:
@@ -337,7 +324,7 @@ class MusicLM:
                 print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
                       f"{filled - begin} of context ({time.time() - start_time:.1f} s)", file=self.log)
             filled, w = end, w + 1
-            yield filled
+        return out
 
     def _require_melody_stage(self) -> None:
         if not self.melody_stages:
