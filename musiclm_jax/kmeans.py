@@ -269,17 +269,25 @@ class MiniBatchKMeans:
         self.seed = int(state.get("seed", self.seed))
         host = KMeansState(centroids, np.asarray(state["counts"], np.float32), np.asarray(state["step"], np.int32),
                            np.asarray(state["initialized"], np.bool_))
-        self.state = jax.device_put(host, self._replicated)
-        self._key = jax.device_put(jax.random.key(self.seed), self._replicated)
+        # Global arrays built from each process's identical host copy (device_put cannot place a sharding that
+        # spans other processes' devices).
+        self.state = jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, self._replicated, lambda index: x[index]), host)
+        seed = self.seed
+        self._key = jax.jit(lambda: jax.random.key(seed), out_shardings=self._replicated)()
         self._initialized = bool(host.initialized)
 
     def save(self, path: str) -> None:
-        """Writes `state_dict()` as one .npz file (local or cloud path; process 0 writes)."""
+        """Writes `state_dict()` as one .npz file (local or cloud path; process 0 writes). The file is written
+        beside `path` and renamed onto it, so a reader (or a kill) never sees half a file."""
         if jax.process_index() != 0:
             return
         buffer = io.BytesIO()
         np.savez(buffer, **self.state_dict())
-        epath.Path(path).write_bytes(buffer.getvalue())
+        target = epath.Path(path)
+        partial_file = target.parent / (target.name + ".partial")
+        partial_file.write_bytes(buffer.getvalue())
+        partial_file.replace(target)
 
     def restore(self, path: str) -> None:
         """Loads a file written by `save`; continuing gives the same result as a run never interrupted."""

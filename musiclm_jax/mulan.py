@@ -21,6 +21,7 @@ Command line:
     python -m musiclm_jax.mulan embed-text --checkpoint DIR --text "..." [--text "..."] --output e.npy
     python -m musiclm_jax.mulan tokens --checkpoint DIR (--input a.wav | --text "...") --output t.npy
     python -m musiclm_jax.mulan fit-rvq --checkpoint DIR [--audio_dir D] [--clips 2048] [--levels 12] [--codes 1024]
+        [--shards 8]   (also under launch/tpu_run.sh: each process embeds its own shards of the clips)
     python -m musiclm_jax.mulan train-vocab --output DIR/text_vocab/spm.model [--audio_dir D] [--vocab_size N]
 """
 from __future__ import annotations
@@ -63,6 +64,19 @@ def window_starts(num_samples: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def shard_bounds(total: int, num_shards: int) -> np.ndarray:
+    """Row boundaries [num_shards + 1] of `total` rows cut into contiguous shards of near-equal size."""
+    return np.asarray([s * total // num_shards for s in range(num_shards + 1)])
+
+
+def process_rows(total: int, num_shards: int) -> tuple[int, int]:
+    """(first row, row count) of this process's shards: process p of P holds shards [p S / P, (p + 1) S / P)."""
+    bounds = shard_bounds(total, num_shards)
+    processes, index = jax.process_count(), jax.process_index()
+    lo, hi = bounds[index * num_shards // processes], bounds[(index + 1) * num_shards // processes]
+    return int(lo), int(hi - lo)
+
+
 class ConditioningRVQ:
     """MuLan's conditioning quantizer: a residual VQ of embeddings with fixed codebooks [levels, codebook_size,
     dim], fitted by k-means level by level (fit) and applied with vq.rvq_encode."""
@@ -89,25 +103,56 @@ class ConditioningRVQ:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, levels: int, codebook_size: int, steps: int = 50, batch_size: int = 4096,
-            seed: int = 0) -> "ConditioningRVQ":
-        """Fits each level by mini-batch k-means (kmeans.MiniBatchKMeans, on all devices) on the residuals of the
-        previous levels; needs at least codebook_size embeddings."""
-        from musiclm_jax.kmeans import MiniBatchKMeans
+            seed: int = 0, num_shards: int = 8) -> "ConditioningRVQ":
+        """Fits each level by mini-batch k-means (kmeans.MiniBatchKMeans, on all devices of all processes) on
+        the residuals of the previous levels.
+
+        The N training embeddings, in their global order, form `num_shards` contiguous shards (shard s: rows
+        shard_bounds(N, num_shards)[s:s + 2]); each k-means batch takes about batch_size / num_shards rows of
+        every shard, drawn with replacement by a generator fixed by (seed, level, step, shard). With several
+        processes, process p holds shards [p S / P, (p + 1) S / P) and passes exactly their rows as
+        `embeddings` (`process_rows`); the batches, and so the centres, are the one-process fit's up to float
+        summation order. The residuals are updated by each process for its own rows.
+
+        Args:
+          embeddings: this process's rows [n, dim] (all N with one process); levels, codebook_size: the RVQ.
+          steps: k-means steps per level; batch_size: rows per step (at least codebook_size, at most N, rounded
+            up so the shards draw equally and the devices divide it); seed; num_shards: divisible by the
+            process count.
+        Raises:
+          ValueError if N < codebook_size or N < num_shards, or the process count does not divide num_shards.
+        """
+        from musiclm_jax import distributed
+        from musiclm_jax.kmeans import MiniBatchKMeans, assign
         residual = np.asarray(embeddings, np.float32)
-        if residual.shape[0] < codebook_size:
-            raise ValueError(f"fitting a {codebook_size}-code RVQ needs >= {codebook_size} embeddings, got "
-                             f"{residual.shape[0]}")
-        rng = np.random.RandomState(seed)
+        processes, index = jax.process_count(), jax.process_index()
+        if num_shards % processes:
+            raise ValueError(f"ConditioningRVQ.fit: num_shards={num_shards} must divide evenly over the "
+                             f"{processes} processes (mulan fit-rvq rounds --shards up)")
+        total = int(distributed.sum_over_processes(np.asarray([residual.shape[0]], np.float64))[0])
+        if total < max(codebook_size, num_shards):
+            raise ValueError(f"fitting a {codebook_size}-code RVQ on {num_shards} shards needs >= "
+                             f"{max(codebook_size, num_shards)} embeddings, got {total}")
+        first, count = process_rows(total, num_shards)
+        if residual.shape[0] != count:
+            raise ValueError(f"ConditioningRVQ.fit: process {index} passed {residual.shape[0]} rows; its shards "
+                             f"hold rows {first}..{first + count} of {total} (process_rows)")
+        bounds = shard_bounds(total, num_shards)
+        local_shards = range(index * num_shards // processes, (index + 1) * num_shards // processes)
+        nearest = jax.jit(assign)
         codebooks = []
         for level in range(levels):
             kmeans = MiniBatchKMeans(codebook_size, residual.shape[1], seed=seed + level)
             devices = kmeans.partitioner.data_parallel_size
-            batch = max(codebook_size, min(batch_size, residual.shape[0]))
-            batch = -(-batch // devices) * devices
+            per_shard = -(-max(codebook_size, min(batch_size, total)) // num_shards)
+            while (per_shard * num_shards) % devices:
+                per_shard += 1
             for step in range(steps):
-                kmeans.step(residual[rng.randint(0, residual.shape[0], batch)])
+                batch = [residual[bounds[s] - first + np.random.RandomState([seed, level, step, s]).randint(
+                    0, bounds[s + 1] - bounds[s], per_shard)] for s in local_shards]
+                kmeans.step(np.concatenate(batch))
             centroids = kmeans.centroids
-            residual = residual - centroids[kmeans.predict(residual)]
+            residual = residual - centroids[np.asarray(nearest(centroids, residual)[0])]
             codebooks.append(centroids)
         return cls(np.stack(codebooks))
 
@@ -238,20 +283,36 @@ def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: 
 
 
 def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 2048, levels: int = 12,
-            codebook_size: int = 1024, steps: int = 50, seed: int = 0) -> ConditioningRVQ:
-    """Fits the conditioning RVQ on audio embeddings of `num_clips` training clips; writes MODEL_DIR/mulan_rvq.npz."""
+            codebook_size: int = 1024, steps: int = 50, seed: int = 0, num_shards: int = 8) -> ConditioningRVQ:
+    """Fits the conditioning RVQ on audio embeddings of `num_clips` training clips; writes MODEL_DIR/mulan_rvq.npz.
+
+    With several processes (launch/tpu_run.sh) each embeds only the clips of its shards (ConditioningRVQ.fit) and
+    process 0 writes the file; the codebooks equal one process's up to float summation order. num_shards is
+    rounded up to a multiple of the process count (printed), and must not exceed the clips found."""
+    from musiclm_jax import distributed
     mulan = MuLan.from_checkpoint(model_dir)
     seconds = mulan.window_samples / mulan.sample_rate
     clips = list(training_clips(mulan.sample_rate, seconds, num_clips, audio_dir))
+    if num_shards % jax.process_count():
+        rounded = -(-num_shards // jax.process_count()) * jax.process_count()
+        print(f"mulan fit-rvq: --shards {num_shards} -> {rounded}, the next multiple of the {jax.process_count()} "
+              f"processes (each embeds its own shards)", file=sys.stderr)
+        num_shards = rounded
+    if len(clips) < num_shards:
+        raise ValueError(f"mulan fit-rvq: {len(clips)} training clips cannot fill --shards {num_shards}")
+    first, count = process_rows(len(clips), num_shards)
+    mine = clips[first:first + count]
     window, padding = mulan.window_samples, mulan.model.short_clip_padding
     embeddings = np.concatenate([mulan.embed_audio(np.stack(
-        [pad_to_window(c[None, :window], window, padding)[0] for c in clips[i:i + 64]]))
-        for i in range(0, len(clips), 64)])
-    rvq = ConditioningRVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed)
-    rvq.save(os.path.join(model_dir, RVQ_FILE))
-    error = np.mean(np.sum((embeddings - rvq.reconstruct(rvq.quantize(embeddings))) ** 2, axis=-1))
-    print(f"mulan fit-rvq: {levels} x {codebook_size} on {len(clips)} clips; mean squared error {error:.4f} "
-          f"-> {os.path.join(model_dir, RVQ_FILE)}", file=sys.stderr)
+        [pad_to_window(c[None, :window], window, padding)[0] for c in mine[i:i + 64]]))
+        for i in range(0, len(mine), 64)])
+    rvq = ConditioningRVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed, num_shards=num_shards)
+    squared = np.sum((embeddings - rvq.reconstruct(rvq.quantize(embeddings))) ** 2, axis=-1)
+    error = distributed.sum_over_processes(np.asarray([squared.sum(dtype=np.float64)]))[0] / len(clips)
+    if jax.process_index() == 0:
+        rvq.save(os.path.join(model_dir, RVQ_FILE))
+    print(f"mulan fit-rvq: {levels} x {codebook_size} on {len(clips)} clips ({count} embedded by this process); "
+          f"mean squared error {error:.4f} -> {os.path.join(model_dir, RVQ_FILE)}", file=sys.stderr)
     return rvq
 
 
@@ -273,6 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fit.add_argument("--levels", type=int, default=12)
     fit.add_argument("--codes", type=int, default=1024)
     fit.add_argument("--steps", type=int, default=50)
+    fit.add_argument("--shards", type=int, default=8,
+                     help="contiguous shards of the clips (the process count must divide it; ConditioningRVQ.fit)")
     vocab = sub.add_parser("train-vocab", help="train the caption SentencePiece model")
     vocab.add_argument("--output", required=True)
     vocab.add_argument("--audio_dir", default=None)
@@ -288,7 +351,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         text_vocab._main_train_vocab(args.output, task, args.vocab_size, args.max_captions)
         return
     if args.command == "fit-rvq":
-        fit_rvq(args.checkpoint, args.audio_dir, args.clips, args.levels, args.codes, args.steps)
+        from musiclm_jax import distributed
+        distributed.maybe_initialize()  # before any JAX computation (launch/tpu_run.sh)
+        fit_rvq(args.checkpoint, args.audio_dir, args.clips, args.levels, args.codes, args.steps,
+                num_shards=args.shards)
         return
     mulan = MuLan.from_checkpoint(args.checkpoint)
     if args.command == "tokens" and bool(args.input) == bool(args.text):
