@@ -22,7 +22,8 @@ comes:
   10. generate        python -m musiclm_jax.generate --gin_file=gin/sample/musiclm.gin       -> DIR/samples
   11. evaluate        MuLan similarity of each prompt to its own audio against shuffled pairs, how often the
                       pitch classes of audio generated with a melody agree with it, and how often the key
-                      estimated from the generated audio is the key the prompt names     -> DIR/quality.json
+                      estimated from the generated audio is the key the prompt names; the codec's round
+                      trips of pure tones and silence (codec_eval.codec_sanity)          -> DIR/quality.json
 
 A finished step leaves DIR/.done/<step>; running the demo again skips those (and an interrupted training step
 resumes from its last checkpoint), so delete DIR to start over, or pass --redo STEP to start one step over (its
@@ -253,6 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         quality = evaluate(out_dir, args.seed)
         quality["melody"] = melody_following(out_dir, args.duration, args.seed)
         quality["key"] = key_accuracy(out_dir)
+        from musiclm_jax.codec import Codec
+        from musiclm_jax.evaluation import codec_eval
+        quality["codec_sanity"] = codec_eval.codec_sanity(Codec.from_checkpoint(os.path.join(out_dir, "codec")))
         with open(os.path.join(out_dir, "quality.json"), "w") as f:
             json.dump(quality, f, indent=1)
 
@@ -287,6 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"demo: the key estimated from the generated audio is the prompt's key for {k['key_accuracy']:.0%} of "
               f"the {k['num_prompts']} prompts that name one (chance {k['chance']:.0%}; the estimator finds the key "
               f"of {k['estimator_accuracy_on_references']:.0%} of reference clips)")
+    if "codec_sanity" in quality:
+        c = quality["codec_sanity"]
+        print(f"demo: the codec returns pure tones of {c['tones_hz'][0]:.0f} Hz to {c['tones_hz'][-1]:.0f} Hz within "
+              f"{c['max_abs_cents']:.0f} cents, silence at {c['silence_dbfs']:.1f} dBFS, DC offset at most "
+              f"{c['dc_offset']:.1e}")
     print(f"demo: report {os.path.join(out, 'samples', 'report.html')}")
     print(f"demo: finished in {timings['total'] / 60:.1f} min (steps run now: "
           f"{', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total') or 'none'})")

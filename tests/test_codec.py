@@ -132,7 +132,7 @@ def test_adversarial_start_step_survives_a_resume(tmp_path):
 
 def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
-    assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 64)
+    assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 256)
     from musiclm_jax.data import synthetic_music
     audio = synthetic_music.generate_clip(7, seed=5, seconds=1.0, sample_rate=16000)["audio"]
     wav = str(tmp_path / "in.wav")
@@ -148,7 +148,7 @@ def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     assert decoded.shape == (24000,)
     np.testing.assert_allclose(decoded, np.clip(codec.decode(codes), -1, 1), atol=1.0 / 2**15 + 1e-6)
     with pytest.raises(ValueError, match="do not fit"):
-        codec.decode(np.full((5, 2), 64))
+        codec.decode(np.full((5, 2), 256))
 
 
 def test_bad_input_is_downmixed_resampled_padded_or_named(trained_tiny_codec, tmp_path):
@@ -205,12 +205,12 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["num_examples"] == 2 and metrics["num_skipped"] == 0  # nan.wav is dropped (counted) by the scan
-    assert metrics["bitrate_kbps"] == pytest.approx(4 * 6 * 50 / 1000)  # 4 levels x log2(64) bits x 50 Hz
+    assert metrics["bitrate_kbps"] == pytest.approx(4 * 8 * 50 / 1000)  # 4 levels x log2(256) bits x 50 Hz
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
     mel = MultiScaleMelLoss(24000)
     snrs, mels = [], []
     pitch = {"melody": np.zeros(2, int), "chroma_cqt": np.zeros(2, int)}
-    histogram = np.zeros(64, int)
+    histogram = np.zeros(256, int)
     for name in ("a.wav", "b.flac"):
         audio = audio_io.load_audio(str(clips / name), 24000, max_seconds=0.5)
         recon = codec.reconstruct(audio)
@@ -218,7 +218,7 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
         mels.append(float(mel.mel_distance(audio[None], recon[None])))
         pitch["melody"] += pitch_metrics.melody_token_agreement(audio[None], recon[None], 24000)
         pitch["chroma_cqt"] += pitch_metrics.chroma_cqt_agreement(audio[None], recon[None], 24000)
-        histogram += np.bincount(codec.encode(audio)[:, 0], minlength=64)
+        histogram += np.bincount(codec.encode(audio)[:, 0], minlength=256)
     assert metrics["si_snr_db"] == pytest.approx(np.mean(snrs), abs=1e-3)
     assert metrics["mel_distance"] == pytest.approx(np.mean(mels), rel=1e-4)
     # Pitch: pooled over the frames of both clips, by both measures (evaluation/pitch_metrics.py).
@@ -229,11 +229,12 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     p = histogram / histogram.sum()
     assert metrics["codebook_perplexity"][0] == pytest.approx(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))), rel=1e-3)
     assert len(metrics["codebook_perplexity"]) == 4
+    assert metrics["sanity"]["silence_dbfs"] < 0 and len(metrics["sanity"]["cents"]) == 8  # codec_sanity
     # Fewer levels: the bitrate follows; the embedded synthetic test clips are the default data.
     result = eval_lib.main(["--gin_file=gin/eval/codec.gin", f"--gin.CHECKPOINT_DIR='{trained_tiny_codec}'",
                             "--gin.NUM_QUANTIZERS=1", "--gin.codec_eval.evaluate_codec.max_examples=3",
                             "--gin.codec_eval.evaluate_codec.clip_seconds=0.5"])
-    assert result["bitrate_kbps"] == pytest.approx(0.3) and result["num_examples"] == 3
+    assert result["bitrate_kbps"] == pytest.approx(0.4) and result["num_examples"] == 3
     assert os.path.exists(os.path.join(trained_tiny_codec, "eval", "codec", "metrics.json"))
     assert np.isfinite(result["si_snr_db"]) and result["mel_distance"] > 0
 

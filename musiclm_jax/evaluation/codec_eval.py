@@ -105,10 +105,12 @@ def evaluation_batches(audio_dir: Optional[str], split: str, sample_rate: int, c
 
 def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: str = "test",
                    max_examples: int = 64, clip_seconds: float = 4.0, num_quantizers: Optional[int] = None,
-                   batch_size: int = 8, step: Optional[int] = None, musiccaps_dir: Optional[str] = None) -> dict:
+                   batch_size: int = 8, step: Optional[int] = None, musiccaps_dir: Optional[str] = None,
+                   sanity: bool = True) -> dict:
     """Evaluates the codec of run directory `checkpoint_dir` (see the module docstring); returns the metrics.
 
     num_quantizers: levels used (bitrate scalability); None uses all.
+    sanity: also report `codec_sanity` (pure tones and silence through all levels) as metrics['sanity'].
     """
     codec = Codec.from_checkpoint(checkpoint_dir, step)
     n_q = codec.num_quantizers if num_quantizers is None else int(num_quantizers)
@@ -149,7 +151,7 @@ def evaluate_codec(checkpoint_dir: str, audio_dir: Optional[str] = None, split: 
         "num_quantizers": n_q,
         "num_examples": len(si_snrs),
         "num_skipped": int(sum(skipped.values())),
-    }
+    } | ({"sanity": codec_sanity(codec)} if sanity else {})
 
 
 SANITY_TONES_HZ = (55.0, 110.0, 220.0, 440.0, 880.0, 1760.0, 3520.0, 4000.0)
@@ -160,9 +162,9 @@ def codec_sanity(codec: Codec, tones_hz=SANITY_TONES_HZ, seconds: float = 2.0, a
     """Round trips of pure tones and of silence through `codec` (all levels).
 
     Returns {'tones_hz', 'dominant_hz' (of each tone's round trip after `settle_seconds`, see
-    pitch_metrics.dominant_frequency), 'cents' (their error), 'silence_dbfs' (the level of the silence's round
-    trip), 'dc_offset' (the largest |mean| of any round trip, tones and silence)}. A tone is a sine of
-    `amplitude` (peak, full scale 1) lasting `seconds`.
+    pitch_metrics.dominant_frequency), 'cents' (their error), 'max_abs_cents' (the largest |error|),
+    'silence_dbfs' (the level of the silence's round trip), 'dc_offset' (the largest |mean| of any round trip,
+    tones and silence)}. A tone is a sine of `amplitude` (peak, full scale 1) lasting `seconds`.
     """
     rate = codec.sample_rate
     t = np.arange(int(seconds * rate)) / rate
@@ -170,7 +172,8 @@ def codec_sanity(codec: Codec, tones_hz=SANITY_TONES_HZ, seconds: float = 2.0, a
     out = codec.reconstruct(inputs)
     settle = int(settle_seconds * rate)
     dominant = [pitch_metrics.dominant_frequency(y[settle:], rate) for y in out[:-1]]
-    return {"tones_hz": list(tones_hz), "dominant_hz": [round(d, 2) for d in dominant],
-            "cents": [round(pitch_metrics.cents(d, f), 1) for d, f in zip(dominant, tones_hz)],
+    cents = [round(pitch_metrics.cents(d, f), 1) for d, f in zip(dominant, tones_hz)]
+    return {"tones_hz": list(tones_hz), "dominant_hz": [round(d, 2) for d in dominant], "cents": cents,
+            "max_abs_cents": max(abs(c) for c in cents),
             "silence_dbfs": round(pitch_metrics.level_dbfs(out[-1]), 2),
             "dc_offset": float(np.max(np.abs(out.mean(axis=1))))}
