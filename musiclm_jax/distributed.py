@@ -123,3 +123,11 @@ def value_of_process_0(value: int) -> int:
     import numpy as np
     from jax.experimental import multihost_utils
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier `name` (nothing with one process)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.vq import rvq_decode, rvq_encode
+from musiclm_jax.vq import rvq_decode, rvq_encode, rvq_encode_with_margins
 
 RVQ_FILE = "mulan_rvq.npz"
 
@@ -84,6 +84,8 @@ class ConditioningRVQ:
     def __init__(self, codebooks: np.ndarray):
         self.codebooks = np.asarray(codebooks, np.float32)
         self._quantize = jax.jit(partial(rvq_encode, codebooks=jnp.asarray(self.codebooks)))
+        self._quantize_with_margins = jax.jit(partial(rvq_encode_with_margins,
+                                                      codebooks=jnp.asarray(self.codebooks)))
 
     @property
     def levels(self) -> int:
@@ -96,6 +98,12 @@ class ConditioningRVQ:
     def quantize(self, embeddings) -> np.ndarray:
         """[batch, dim] -> codes [batch, levels] int32."""
         return np.asarray(self._quantize(jnp.asarray(embeddings, jnp.float32)))
+
+    def quantize_with_margins(self, embeddings) -> tuple[np.ndarray, np.ndarray]:
+        """[batch, dim] -> (codes [batch, levels] int32, margins [batch, levels] float32: per level, the squared
+        distance of the second-nearest code minus the nearest's; vq.rvq_encode_with_margins)."""
+        codes, margins = self._quantize_with_margins(jnp.asarray(embeddings, jnp.float32))
+        return np.asarray(codes), np.asarray(margins)
 
     def reconstruct(self, codes) -> np.ndarray:
         """codes [batch, n <= levels] -> the sum of their code vectors [batch, dim]."""

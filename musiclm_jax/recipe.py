@@ -34,8 +34,8 @@ Pod plans (`--dry-run`): each step printed as the command that runs it, through 
 names the steps it waits for and the directories of theirs it reads (gs:// paths when OUT is one). `--size paper`
 uses the paper's gin files (PAPER) with their own batch sizes, steps and meshes. `--aot` compiles each training
 step's train step for `--topology` here (`python -m musiclm_jax.aot`, libtpu) and prints its per-chip memory.
-Plans are printed, not run: tokenization is single-process so far (issue 20); the k-means and RVQ fits run on
-every process, each feeding its own rows.
+Plans are printed, not run. Every step runs on every process of the launch: the data jobs too (tokenization takes
+its own shards, the k-means and RVQ fits their own rows).
 
 quality.json: {"codec": gin/eval/codec.gin's metrics (SI-SNR, mel distance, pitch-class agreement, bitrate),
 "mulan": gin/eval/mulan.gin's (text <-> audio retrieval), "generation": gin/eval/generation.gin's (FAD and KL
@@ -87,9 +87,6 @@ STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}
 RVQ_CODES = 32  # the tiny stages' MuLan vocabulary (gin/models/*_tiny.gin: ('mulan', 12, 32))
 RVQ_CLIPS = 1024
 PAPER_RVQ_CODES = 1024  # the paper stages' (gin/models/*_paper.gin: ('mulan', 12, 1024)); clips: fit-rvq's default
-# The data jobs that run in one process only (issue 20): a pod plan says so. The k-means and RVQ fits run on
-# every process, each feeding its own rows (semantic.fit_semantic_tokenizer, mulan.fit_rvq).
-SINGLE_PROCESS_STEPS = ("tokenize",)
 # What each step reads of the earlier steps' outputs (the pod plan prints it: a step starts when these are done).
 STEP_READS = {"semantic_tokens": ("w2v_bert",), "mulan_rvq": ("mulan",),
               "tokenize": ("codec", "semantic_tokens", "mulan_rvq"), "semantic_stage": ("tokenize",),
@@ -476,9 +473,6 @@ def print_plan(plan: Sequence[Step], out: str, size: str, launch: Optional[Launc
             print(f"#   here, once the others are done: {action.__name__}({out!r})", file=file)
             continue
         command = launch.command(name, action) if launch else ["python", "-m", *action]
-        if launch and name in SINGLE_PROCESS_STEPS:
-            print("#   single-process so far (issue 20): every process would tokenize all of the data, so run it "
-                  "in one process (one worker, or --local 1)", file=file)
         print(shlex.join(command), file=file)
         if aot_topology and name in trains:
             r = aot_report(plan, name, aot_topology)

@@ -14,8 +14,11 @@ musiclm_jax.melody, at `melody_rate` Hz), each optional but the codec.
 
 Work is divided into shards of `clips_per_shard` clips; process p of P does the shards whose index is p mod P. A
 shard is written to a temporary file and renamed, then marked done by its .json, so a restarted job skips the
-finished shards and redoes at most the ones in flight. Process 0 writes the manifest; at the end it waits for every
-shard and records the totals (examples, skip counts by reason, and the dataset builder's bad-input report).
+finished shards and redoes at most the ones in flight. Process 0 prepares the source first (the others wait) and
+writes the manifest; at the end it waits for every shard and records the totals (examples, skip counts by reason,
+MuLan codes that were near ties, and the dataset builder's bad-input report). A near tie (margin below
+MULAN_NEAR_TIE) is a code that float rounding under another device layout may resolve the other way; each
+shard's .json lists their positions [example, frame, level].
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from musiclm_jax import distributed
 from musiclm_jax.data import audio_io, token_cache
 
 
@@ -44,6 +48,9 @@ class TokenSource:
     codebook_size: int
     checkpoint: str
     tokenize: Callable[[jax.Array], np.ndarray]
+    # Sources whose codes come with margins (tokenize returns (tokens, margins), both [batch, frames, levels]):
+    # a code whose margin is below this is a near tie, counted in the shard's summary with its position.
+    near_tie_margin: Optional[float] = None
 
     def spec(self, frames: int) -> dict:
         return {"sample_rate": self.sample_rate, "frame_rate": self.frame_rate, "levels": self.levels,
@@ -67,13 +74,23 @@ def semantic_source(checkpoint: str) -> TokenSource:
                        lambda audio: np.asarray(tokenizer.tokenize(audio))[..., None])
 
 
+# A MuLan code whose squared-distance margin over the second-nearest code is below this is a near tie. The
+# embeddings have unit norm (squared distances in [0, 4]); float32 rounding moves a distance by ~1e-7 per
+# dimension, so a margin of 1e-5 is where another device layout can choose the other code.
+MULAN_NEAR_TIE = 1e-5
+
+
 def mulan_source(checkpoint: str, chunk_seconds: float) -> TokenSource:
     """MuLan's conditioning tokens (its RVQ of the chunk's clip embedding): one frame of `levels` per chunk."""
     from musiclm_jax.mulan import MuLan
     mulan = MuLan.from_checkpoint(checkpoint)
     rvq = mulan._require_rvq()
+
+    def tokenize(audio):
+        codes, margins = rvq.quantize_with_margins(mulan.embed_audio(np.asarray(audio)))
+        return codes[:, None, :], margins[:, None, :]
     return TokenSource("mulan", mulan.sample_rate, 1.0 / chunk_seconds, rvq.levels, rvq.codebook_size, checkpoint,
-                       lambda audio: mulan.tokens_from_audio(np.asarray(audio))[:, None, :])
+                       tokenize, near_tie_margin=MULAN_NEAR_TIE)
 
 
 def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
@@ -85,7 +102,8 @@ def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
 
 
 class _DeviceBatcher:
-    """Lays a [batch, samples] numpy batch over this process's devices (batch padded to a multiple of them)."""
+    """Lays a [batch, samples] numpy batch over this process's devices (batch padded to a multiple of them) ->
+    (tokens [batch, frames, levels], near-tie mask of the same shape or None)."""
 
     def __init__(self):
         devices = np.array(jax.local_devices())
@@ -100,10 +118,14 @@ class _DeviceBatcher:
         if padded:
             audio = np.concatenate([audio, np.zeros((padded, audio.shape[1]), audio.dtype)])
         tokens = source.tokenize(jax.device_put(audio, self.sharding))
+        near = None
+        if source.near_tie_margin is not None:
+            tokens, margins = tokens
+            near = np.asarray(margins)[:rows] < source.near_tie_margin
         tokens = np.asarray(tokens)[:rows]
         if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= source.codebook_size:
             raise ValueError(f"{source.name} tokens outside [0, {source.codebook_size})")
-        return tokens
+        return tokens, near
 
 
 def chunk_clip(audio: np.ndarray, chunk_samples: int,
@@ -122,13 +144,18 @@ def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, 
                     chunk_samples: int, min_clip_samples: int, batch_size: int, frames: dict[str, int],
                     path: str) -> dict:
     import tensorflow as tf
-    counts = {"clips": 0, "examples": 0, "skipped": {}, "dropped_tail_seconds": 0.0}
+    counts = {"clips": 0, "examples": 0, "skipped": {}, "dropped_tail_seconds": 0.0, "near_ties": {}}
     pending: list[tuple[str, str, np.ndarray, int]] = []
     tmp = path + ".tfrecord.tmp"
     with tf.io.TFRecordWriter(tmp) as writer:
         def flush():
             audio = np.stack([chunk for _, _, chunk, _ in pending]).astype(np.float32)
-            tokens = {s.name: batcher(s, audio, sample_rate) for s in sources}
+            results = {s.name: batcher(s, audio, sample_rate) for s in sources}
+            tokens = {name: t for name, (t, _) in results.items()}
+            for name, (_, near) in results.items():
+                if near is not None:  # [example in this shard, frame, level] of each near tie
+                    ties = counts["near_ties"].setdefault(name, [])
+                    ties += [[counts["examples"] + int(r), int(f), int(l)] for r, f, l in np.argwhere(near)]
             for row, (clip_id, text, _, real) in enumerate(pending):
                 per_source = {}
                 for s in sources:
@@ -163,7 +190,7 @@ def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, 
 def _probe_frames(sources: list[TokenSource], batcher: _DeviceBatcher, chunk_samples: int, sample_rate: int):
     """Frames per chunk of each source (from one silent chunk, so the manifest states exact shapes)."""
     silent = np.zeros((1, chunk_samples), np.float32)
-    return {s.name: int(batcher(s, silent, sample_rate).shape[1]) for s in sources}
+    return {s.name: int(batcher(s, silent, sample_rate)[0].shape[1]) for s in sources}
 
 
 def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
@@ -195,7 +222,13 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
     frames = _probe_frames(sources, batcher, chunk_samples, sample_rate)
     max_clips = dict(max_clips or {})
     split_plan = {}
-    available = audio_tasks.register_raw_audio_task(source_task).source.splits
+    # Process 0 prepares the source (an audio folder's TFDS build) while the others wait, so that no two
+    # processes write the same prepared dataset.
+    if jax.process_index() == 0:
+        available = audio_tasks.register_raw_audio_task(source_task).source.splits
+    distributed.barrier("tokenize: source prepared")
+    if jax.process_index() != 0:
+        available = audio_tasks.register_raw_audio_task(source_task).source.splits
     for split in [s for s in splits if s not in available]:
         print(f"tokenize: {source_task!r} has no {split!r} split (splits: {sorted(available)}); it is left out of "
               f"the token cache", file=sys.stderr)
@@ -260,8 +293,8 @@ def _finalize(output_dir: str, manifest: dict, work, timeout_s: float = 24 * 360
     """Waits for every shard's marker, then writes the totals into the manifest (complete: true)."""
     from musiclm_jax.tasks import audio as audio_tasks
     deadline = time.time() + timeout_s
-    totals = {split: {"num_examples": 0, "num_clips_read": 0, "skipped": {}, "dropped_tail_seconds": 0.0}
-              for split in manifest["splits"]}
+    totals = {split: {"num_examples": 0, "num_clips_read": 0, "skipped": {}, "dropped_tail_seconds": 0.0,
+                      "near_tie_codes": {}} for split in manifest["splits"]}
     for split, index in work:
         marker = os.path.join(output_dir, token_cache.shard_name(split, index, manifest["splits"][split]["num_shards"]))
         while not os.path.exists(marker + ".json"):
@@ -276,6 +309,8 @@ def _finalize(output_dir: str, manifest: dict, work, timeout_s: float = 24 * 360
         t["dropped_tail_seconds"] += counts["dropped_tail_seconds"]
         for reason, n in counts["skipped"].items():
             t["skipped"][reason] = t["skipped"].get(reason, 0) + n
+        for name, ties in counts.get("near_ties", {}).items():
+            t["near_tie_codes"][name] = t["near_tie_codes"].get(name, 0) + len(ties)
     for split, t in totals.items():
         manifest["splits"][split].update(t)
     source = audio_tasks.register_raw_audio_task(manifest["source"]).source
@@ -285,8 +320,9 @@ def _finalize(output_dir: str, manifest: dict, work, timeout_s: float = 24 * 360
     manifest["complete"] = True
     token_cache.write_manifest(output_dir, manifest)
     skipped = {s: t["skipped"] for s, t in totals.items() if t["skipped"]}
+    ties = {s: t["near_tie_codes"] for s, t in totals.items() if t["near_tie_codes"]}
     print(f"tokenize: done: {output_dir}: " + ", ".join(f"{s} {t['num_examples']} chunks" for s, t in totals.items())
-          + f"; skipped {skipped or 'none'}", file=sys.stderr)
+          + f"; skipped {skipped or 'none'}; near-tie codes {ties or 'none'}", file=sys.stderr)
     return manifest
 
 

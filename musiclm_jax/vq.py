@@ -62,3 +62,23 @@ def rvq_decode(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
     for level in range(codes.shape[-1]):
         out = out + jnp.take(jnp.asarray(codebooks[level], jnp.float32), codes[..., level], axis=0)
     return out
+
+
+def rvq_encode_with_margins(x: jax.Array, codebooks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rvq_encode of x [..., D] with codebooks [N, K, D] (K >= 2), and each chosen code's margin: the squared
+    distance of the second-nearest code minus the nearest's, at that level's residual -> (codes [..., N] int32,
+    margins [..., N] float32 >= 0). A margin near 0 is a near tie, which float rounding elsewhere (another device
+    layout, another batch shape) may resolve the other way."""
+    residual = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    codes, margins = [], []
+    for level in range(codebooks.shape[0]):
+        book = jnp.asarray(codebooks[level], jnp.float32)
+        d = squared_distances(residual, book)
+        idx = jnp.argmin(d, axis=1).astype(jnp.int32)
+        best = jnp.take_along_axis(d, idx[:, None], axis=1)[:, 0]
+        second = jnp.min(jnp.where(jax.nn.one_hot(idx, d.shape[1], dtype=jnp.bool_), jnp.inf, d), axis=1)
+        residual = residual - book[idx]
+        codes.append(idx)
+        margins.append(second - best)
+    shape = x.shape[:-1] + (codebooks.shape[0],)
+    return jnp.stack(codes, axis=-1).reshape(shape), jnp.stack(margins, axis=-1).reshape(shape)
