@@ -239,6 +239,14 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     return report
 
 
+def codec_checks(out_dir: str) -> dict:
+    """The demo codec's round trips of pure tones (55 Hz to 4 kHz) and silence: codec_eval.codec_sanity of
+    DIR/codec."""
+    from musiclm_jax.codec import Codec
+    from musiclm_jax.evaluation import codec_eval
+    return codec_eval.codec_sanity(Codec.from_checkpoint(os.path.join(out_dir, "codec")))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
@@ -254,9 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         quality = evaluate(out_dir, args.seed)
         quality["melody"] = melody_following(out_dir, args.duration, args.seed)
         quality["key"] = key_accuracy(out_dir)
-        from musiclm_jax.codec import Codec
-        from musiclm_jax.evaluation import codec_eval
-        quality["codec_sanity"] = codec_eval.codec_sanity(Codec.from_checkpoint(os.path.join(out_dir, "codec")))
+        quality["codec_sanity"] = codec_checks(out_dir)
         with open(os.path.join(out_dir, "quality.json"), "w") as f:
             json.dump(quality, f, indent=1)
 

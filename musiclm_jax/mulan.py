@@ -69,12 +69,16 @@ def shard_bounds(total: int, num_shards: int) -> np.ndarray:
     return np.asarray([s * total // num_shards for s in range(num_shards + 1)])
 
 
-def process_rows(total: int, num_shards: int) -> tuple[int, int]:
-    """(first row, row count) of this process's shards: process p of P holds shards [p S / P, (p + 1) S / P)."""
-    bounds = shard_bounds(total, num_shards)
+def process_shards(num_shards: int) -> range:
+    """This process's shards: process p of P holds shards [p S / P, (p + 1) S / P)."""
     processes, index = jax.process_count(), jax.process_index()
-    lo, hi = bounds[index * num_shards // processes], bounds[(index + 1) * num_shards // processes]
-    return int(lo), int(hi - lo)
+    return range(index * num_shards // processes, (index + 1) * num_shards // processes)
+
+
+def process_rows(total: int, num_shards: int) -> tuple[int, int]:
+    """(first row, row count) of this process's shards (process_shards) of `total` rows."""
+    bounds, shards = shard_bounds(total, num_shards), process_shards(num_shards)
+    return int(bounds[shards.start]), int(bounds[shards.stop] - bounds[shards.start])
 
 
 class ConditioningRVQ:
@@ -146,7 +150,7 @@ class ConditioningRVQ:
             raise ValueError(f"ConditioningRVQ.fit: process {index} passed {residual.shape[0]} rows; its shards "
                              f"hold rows {first}..{first + count} of {total} (process_rows)")
         bounds = shard_bounds(total, num_shards)
-        local_shards = range(index * num_shards // processes, (index + 1) * num_shards // processes)
+        local_shards = process_shards(num_shards)
         nearest = jax.jit(assign)
         codebooks = []
         for level in range(levels):

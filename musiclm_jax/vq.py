@@ -39,20 +39,35 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
     return nearest_code_and_distance(x, codebook)[0]
 
 
+def _rvq_levels(x: jax.Array, codebooks: jax.Array, n: int, margins: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+    """The residual VQ loop of rvq_encode / rvq_encode_with_margins over the first n levels -> (codes [..., n],
+    margins [..., n] or None)."""
+    residual = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+    codes, gaps = [], []
+    for level in range(n):
+        book = jnp.asarray(codebooks[level], jnp.float32)
+        if margins:
+            d = squared_distances(residual, book)
+            idx = jnp.argmin(d, axis=1).astype(jnp.int32)
+            best = jnp.take_along_axis(d, idx[:, None], axis=1)[:, 0]
+            gaps.append(jnp.min(jnp.where(jax.nn.one_hot(idx, d.shape[1], dtype=jnp.bool_), jnp.inf, d), axis=1)
+                        - best)
+        else:
+            idx = nearest_code(residual, book)
+        residual = residual - book[idx]
+        codes.append(idx)
+    shape = x.shape[:-1] + (n,)
+    return (jnp.stack(codes, axis=-1).reshape(shape),
+            jnp.stack(gaps, axis=-1).reshape(shape) if margins else None)
+
+
 def rvq_encode(x: jax.Array, codebooks: jax.Array, num_levels: Optional[int] = None) -> jax.Array:
     """Residual VQ codes of x [..., D] with codebooks [N, K, D] -> [..., n] int32 (n = num_levels, default N):
     level l quantizes what levels 0..l-1 left."""
     n = codebooks.shape[0] if num_levels is None else int(num_levels)
     if not 0 < n <= codebooks.shape[0]:
         raise ValueError(f"num_levels={num_levels}: the residual VQ has {codebooks.shape[0]} levels")
-    residual = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
-    codes = []
-    for level in range(n):
-        book = jnp.asarray(codebooks[level], jnp.float32)
-        idx = nearest_code(residual, book)
-        residual = residual - book[idx]
-        codes.append(idx)
-    return jnp.stack(codes, axis=-1).reshape(x.shape[:-1] + (n,))
+    return _rvq_levels(x, codebooks, n, margins=False)[0]
 
 
 def rvq_decode(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
@@ -69,16 +84,4 @@ def rvq_encode_with_margins(x: jax.Array, codebooks: jax.Array) -> tuple[jax.Arr
     distance of the second-nearest code minus the nearest's, at that level's residual -> (codes [..., N] int32,
     margins [..., N] float32 >= 0). A margin near 0 is a near tie, which float rounding elsewhere (another device
     layout, another batch shape) may resolve the other way."""
-    residual = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
-    codes, margins = [], []
-    for level in range(codebooks.shape[0]):
-        book = jnp.asarray(codebooks[level], jnp.float32)
-        d = squared_distances(residual, book)
-        idx = jnp.argmin(d, axis=1).astype(jnp.int32)
-        best = jnp.take_along_axis(d, idx[:, None], axis=1)[:, 0]
-        second = jnp.min(jnp.where(jax.nn.one_hot(idx, d.shape[1], dtype=jnp.bool_), jnp.inf, d), axis=1)
-        residual = residual - book[idx]
-        codes.append(idx)
-        margins.append(second - best)
-    shape = x.shape[:-1] + (codebooks.shape[0],)
-    return jnp.stack(codes, axis=-1).reshape(shape), jnp.stack(margins, axis=-1).reshape(shape)
+    return _rvq_levels(x, codebooks, codebooks.shape[0], margins=True)

@@ -49,6 +49,8 @@ def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
         "chroma_cqt_agreement_with_other_melody": 0.1})
     monkeypatch.setattr(demo, "key_accuracy", lambda out: {
         "num_prompts": 2, "key_accuracy": 0.5, "chance": 1 / 24, "estimator_accuracy_on_references": 0.9})
+    monkeypatch.setattr(demo, "codec_checks", lambda out: {
+        "tones_hz": [55.0, 4000.0], "max_abs_cents": 20.0, "silence_dbfs": -80.0, "dc_offset": 1e-4})
     result = demo.main(["--output_dir", str(tmp_path)])
     assert ran == [name for name, _ in demo.steps(str(tmp_path), ["x"], 4.0, 0)] + ["evaluate"]
     assert set(result["timings"]) == set(ran) | {"total"}
@@ -63,6 +65,7 @@ def test_a_rerun_skips_finished_steps(tmp_path, monkeypatch):
     assert not (tmp_path / "fine").exists() and (tmp_path / "coarse").exists()  # starts over, the others kept
     assert {n for n, _ in demo.steps(str(tmp_path), ["x"], 4.0, 0)} - set(recipe.STEP_OUTPUTS) == {"mulan_rvq"}
     assert json.loads((tmp_path / "quality.json").read_text())["matched_mean"] == 0.5
+    assert json.loads((tmp_path / "quality.json").read_text())["codec_sanity"]["max_abs_cents"] == 20.0
     with pytest.raises(SystemExit, match="no such step"):
         demo.main(["--output_dir", str(tmp_path), "--redo", "fine"])
 
