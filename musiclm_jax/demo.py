@@ -18,7 +18,8 @@ comes:
    6. tokenize        python -m musiclm_jax.tokenize --gin_file=gin/tokenize/tiny.gin (2048 clips) -> DIR/tokens
    7-9. semantic_stage, coarse_stage, fine_stage
                       python -m musiclm_jax.train --gin_file=gin/stages/<stage>_tiny.gin     -> DIR/<stage>
-                      (1000, 800 and 600 steps)
+                      (1000, 800 and 600 steps; the coarse stage's gin is coarse_melody_tiny.gin: it takes the
+                      melody beside the semantic tokens)
   10. generate        python -m musiclm_jax.generate --gin_file=gin/sample/musiclm.gin       -> DIR/samples
   11. evaluate        MuLan similarity of each prompt to its own audio against shuffled pairs, how often the
                       pitch classes of audio generated with a melody agree with it, and how often the key

@@ -171,12 +171,16 @@ class TokenLMModel(BaseModel):
       target_group: the group the stage predicts, e.g. 'semantic' or 'coarse'.
       prefix_length, target_length: tokens of prefix and targets in a training sequence.
       z_loss, label_smoothing: regularisers of the loss.
-      guidance_groups: the prefix groups that classifier-free guidance drops (MuLan's tokens), e.g. ('mulan',).
+      guidance_groups: the prefix groups that conditioning_dropout drops in training (MuLan's tokens), e.g.
+        ('mulan',). Classifier-free guidance's unconditional input drops these and the optional groups
+        (`unconditional_groups`).
       conditioning_dropout: probability that a training example's guidance-group tokens are replaced by PAD
         (the "unconditional" input that guidance contrasts with), drawn per example from the dropout key.
       optional_groups: {prefix group: probability}: conditioning that may be absent at inference (the melody
         tokens), replaced by PAD in a training example with its own probability, drawn independently of the
-        guidance drop; generation without it gives PAD tokens in its place.
+        guidance drop; generation without it gives PAD tokens in its place. Guidance drops them too, as
+        MusicGen's drops its text and melody together: a given melody is then followed `guidance_scale` times
+        as strongly as it changes the model's logits (README, Generation).
       time_aligned_groups: prefix groups whose tokens are placed by time (see `positions`): a target token and
         the conditioning tokens of the same moment are then at relative distance 0 wherever they are in the
         sequence, so a small stage can find "the semantic token of this codec frame" (by sequence index that
@@ -234,6 +238,12 @@ class TokenLMModel(BaseModel):
     @property
     def vocab_size(self) -> int:
         return self.layout.vocab_size
+
+    @property
+    def unconditional_groups(self) -> tuple[str, ...]:
+        """The prefix groups set to PAD in classifier-free guidance's unconditional input: the guidance groups,
+        then the optional groups (both are dropped in training, so the model knows the input without them)."""
+        return self.guidance_groups + tuple(g for g in self.optional_groups if g not in self.guidance_groups)
 
     @staticmethod
     def _ticks_per_frame(layout, prefix_groups, target_group, prefix_length, target_length, aligned):
@@ -411,7 +421,7 @@ class TokenLMModel(BaseModel):
           numdecode_steps: new tokens to draw (default: target_length - prompt_target_length).
           temperature, top_k, top_p: sampling settings; temperature 0 is greedy.
           guidance_scale: classifier-free guidance. 1 is plain conditional sampling (no extra compute); otherwise
-            the batch runs twice, with and without the guidance-group tokens (PAD instead), and tokens are drawn
+            the batch runs twice, with and without the `unconditional_groups` tokens (PAD instead), and tokens are drawn
             from logits_uncond + guidance_scale * (logits_cond - logits_uncond).
         Returns:
           (tokens [B, numdecode_steps] global ids, {'logprobs': [B, numdecode_steps]} under the distribution
@@ -424,6 +434,6 @@ class TokenLMModel(BaseModel):
         tokens, logprobs = decoding.sample_after_prefix(
             prefill, step, params, jnp.asarray(batch["prefix_tokens"], jnp.int32), rng, num_steps=steps,
             level_ranges=self.layout.level_ranges(self.target_group), prompt_length=prompt_target_length,
-            guidance_ranges=tuple(self.layout.id_range(g) for g in self.guidance_groups),
+            guidance_ranges=tuple(self.layout.id_range(g) for g in self.unconditional_groups),
             guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         return tokens, {"logprobs": logprobs}

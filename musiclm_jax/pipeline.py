@@ -19,7 +19,8 @@ half window of frames already generated as its prompt and generates the rest, so
 (the paper's semantic recipe: 30 s windows, 15 s stride, 15 s prompt). Continuation puts a clip's own semantic
 tokens and codes first; story mode changes the MuLan tokens at segment boundaries, which no window's new frames
 cross. Classifier-free guidance (guidance_scale != 1) applies to the stages trained with conditioning dropout (their
-`guidance_groups`: the MuLan tokens). Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody
+`guidance_groups`: the MuLan tokens); its unconditional input drops the melody too (`unconditional_groups`), so a
+given melody is followed more strongly as the scale rises, and without one both inputs have PAD there. Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody
 tokens in its prefix (gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the
 dominant pitch class per 200 ms) of each of the window's frames, PAD where the melody has ended or none was
 given; a coarse stage trained with them (gin/stages/coarse_melody_tiny.gin) gets the melody token of each
@@ -93,7 +94,7 @@ class StageSpec:
     @classmethod
     def of(cls, model) -> "StageSpec":
         return cls(model.layout, tuple(model.prefix_groups), model.target_group, int(model.prefix_length),
-                   int(model.target_length), tuple(model.guidance_groups))
+                   int(model.target_length), tuple(model.unconditional_groups))
 
     def to_json(self) -> dict:
         return {"layout": [[g.name, g.levels, g.codebook_size] for g in self.layout.groups],

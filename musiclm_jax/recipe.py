@@ -70,9 +70,10 @@ TINY = {
     "mulan": "gin/mulan/tiny.gin",
     "tokenize": "gin/tokenize/tiny.gin",
     "stages": "gin/stages/{stage}_tiny.gin",
+    "coarse_stage": "gin/stages/coarse_melody_tiny.gin",
 }
 # The paper's sizes (a TPU pod): the same design as the tiny chain (spectral codec, w2v-BERT with the pitch target,
-# the melody-conditioned semantic stage), each gin file's own batch size, steps and mesh.
+# the melody-conditioned semantic and coarse stages), each gin file's own batch size, steps and mesh.
 PAPER = {
     "codec": "gin/codec/spectral_paper.gin",
     "w2v_bert": "gin/w2v_bert/paper_pitch.gin",
@@ -81,6 +82,7 @@ PAPER = {
     "tokenize": "gin/tokenize/paper.gin",
     "stages": "gin/stages/{stage}_paper.gin",
     "semantic_stage": "gin/stages/semantic_melody_paper.gin",
+    "coarse_stage": "gin/stages/coarse_melody_paper.gin",
 }
 SIZES = {"tiny": TINY, "paper": PAPER}
 STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}

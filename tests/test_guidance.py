@@ -7,6 +7,7 @@ import pytest
 from musiclm_jax import partitioning
 from musiclm_jax.models import TokenLMModel
 from musiclm_jax.networks.transformer import TransformerConfig
+from musiclm_jax.pipeline import GenerationParams, Stage, StageSpec
 from musiclm_jax.token_layout import TokenLayout
 
 LAYOUT = TokenLayout.from_tuples((("mulan", 3, 8), ("semantic", 1, 16), ("coarse", 2, 8)))
@@ -14,9 +15,10 @@ NET = TransformerConfig(embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp
                         position_encoding="relative")
 
 
-def _model(dropout=0.0):
+def _model(dropout=0.0, optional=None):
     return TokenLMModel(NET, LAYOUT, prefix_groups=("mulan", "semantic"), target_group="coarse", prefix_length=7,
-                        target_length=8, guidance_groups=("mulan",), conditioning_dropout=dropout)
+                        target_length=8, guidance_groups=("mulan",), conditioning_dropout=dropout,
+                        optional_groups=optional)
 
 
 def _params(model):
@@ -96,15 +98,20 @@ def test_guidance_scale_one_is_plain_conditional_sampling():
     np.testing.assert_allclose(aux["logprobs"], aux_same["logprobs"])
 
 
-def test_guided_logits_are_the_extrapolation_of_conditional_and_unconditional():
-    model = _model()
+@pytest.mark.parametrize("optional", [False, True], ids=["mulan_dropped", "optional_group_dropped_too"])
+def test_guided_logits_are_the_extrapolation_of_conditional_and_unconditional(optional):
+    # With an optional group ('semantic' plays the melody), the unconditional input has PAD in its place too, so
+    # guidance strengthens a given melody as it does the caption (MusicGen drops text and melody together).
+    model = _model(optional={"semantic": 0.2} if optional else None)
+    assert model.unconditional_groups == (("mulan", "semantic") if optional else ("mulan",))
+    assert StageSpec.of(model).guidance_groups == model.unconditional_groups  # what generation and serving drop
     params, prefix = _params(model), _prefix()
     scale = 3.0
     # Greedy decoding of one token: the guided argmax, computed by hand from two teacher-forced passes.
     tokens, aux = model.predict_batch_with_aux(params, {"prefix_tokens": prefix}, jax.random.key(0),
                                                temperature=0.0, guidance_scale=scale, numdecode_steps=4)
     unconditional = prefix.copy()
-    unconditional[:, :3] = 0
+    unconditional[:, :7 if optional else 3] = 0
     for step in range(4):
         so_far = np.asarray(tokens[:, :step])
 
@@ -122,6 +129,11 @@ def test_guided_logits_are_the_extrapolation_of_conditional_and_unconditional():
                                          guided, -1e30), axis=-1)
         np.testing.assert_allclose(aux["logprobs"][:, step], np.take_along_axis(lp, want[:, None], 1)[:, 0],
                                    atol=1e-4)
+    # The generation pipeline's sampler (pipeline.Stage.sample, through StageSpec) draws the same tokens.
+    stage = Stage(model, params, "coarse")
+    settings = GenerationParams(temperature=(0.0, 0.0, 0.0), guidance_scale=scale)
+    np.testing.assert_array_equal(stage.sample(prefix, 4, 0, jax.random.split(jax.random.key(0), 3), settings, 0.0),
+                                  tokens)
 
 
 def test_guidance_needs_guidance_groups():

@@ -150,6 +150,7 @@ def test_the_paper_pod_plan_prints_each_step_through_tpu_run_with_valid_gin(tmp_
     gin_files = {name: next((a for a in argv if a.startswith("--gin_file=")), None) for name, argv in plan}
     assert gin_files["codec"] == "--gin_file=gin/codec/spectral_paper.gin"
     assert gin_files["semantic_stage"] == "--gin_file=gin/stages/semantic_melody_paper.gin"
+    assert gin_files["coarse_stage"] == "--gin_file=gin/stages/coarse_melody_paper.gin"
     assert gin_files["fine_stage"] == "--gin_file=gin/stages/fine_paper.gin"
     for name, argv in plan:
         args = argv[1:]
