@@ -28,6 +28,25 @@ def _static(value) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
+def _cutoff(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """[B, 1]: the smallest logit of each row [B, V] that top-k and then top-p keep, from one descending sort.
+    top_k <= 0 or >= V and top_p >= 1 leave their part off (-inf); the settings may be traced."""
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)
+    index = jnp.broadcast_to(jnp.clip(top_k, 1, vocab) - 1, logits.shape[:-1] + (1,)).astype(jnp.int32)
+    kth = jnp.where((top_k > 0) & (top_k < vocab), jnp.take_along_axis(descending, index, axis=-1), -jnp.inf)
+    descending = jnp.where(descending >= kth, descending, NEG_INF)  # the top-k survivors, still in order
+    probs = jax.nn.softmax(descending, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the most likely token always: nothing before it
+    nucleus = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.maximum(kth, jnp.where(top_p < 1.0, nucleus, -jnp.inf))
+
+
+def _filtered(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """filter_top_p(filter_top_k(logits, top_k), top_p) with one sort of the rows (ties at a cutoff kept)."""
+    return jnp.where(logits >= _cutoff(logits, top_k, top_p), logits, NEG_INF)
+
+
 def filter_top_k(logits: jax.Array, top_k) -> jax.Array:
     """Keeps the top_k largest logits per row [B, V] (ties at the threshold kept); top_k <= 0 disables.
 
@@ -39,13 +58,7 @@ def filter_top_k(logits: jax.Array, top_k) -> jax.Array:
             return logits
         threshold = jax.lax.top_k(logits, int(top_k))[0][..., -1:]
         return jnp.where(logits >= threshold, logits, NEG_INF)
-
-    def apply(values):
-        descending = -jnp.sort(-values, axis=-1)
-        index = jnp.broadcast_to(jnp.clip(top_k, 1, vocab) - 1, values.shape[:-1] + (1,))
-        threshold = jnp.take_along_axis(descending, index.astype(jnp.int32), axis=-1)
-        return jnp.where(values >= threshold, values, NEG_INF)
-    return jax.lax.cond((top_k > 0) & (top_k < vocab), apply, lambda values: values, logits)
+    return jax.lax.cond((top_k > 0) & (top_k < vocab), lambda v: _filtered(v, top_k, 1.0), lambda v: v, logits)
 
 
 def filter_top_p(logits: jax.Array, top_p) -> jax.Array:
@@ -53,31 +66,9 @@ def filter_top_p(logits: jax.Array, top_p) -> jax.Array:
 
     The most likely token is always kept; top_p >= 1 disables. top_p may be traced, as top_k in filter_top_k.
     """
-    def apply(values):
-        sorted_logits = jnp.sort(values, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(values >= threshold, values, NEG_INF)
     if _static(top_p):
-        return logits if top_p >= 1.0 else apply(logits)
-    return jax.lax.cond(top_p < 1.0, apply, lambda values: values, logits)
-
-
-def _filtered_traced(logits: jax.Array, top_k, top_p) -> jax.Array:
-    """filter_top_p(filter_top_k(logits, top_k), top_p) for traced settings, with one sort of the rows."""
-    vocab = logits.shape[-1]
-    descending = -jnp.sort(-logits, axis=-1)
-    on = (top_k > 0) & (top_k < vocab)
-    index = jnp.broadcast_to(jnp.clip(top_k, 1, vocab) - 1, logits.shape[:-1] + (1,)).astype(jnp.int32)
-    kth = jnp.where(on, jnp.take_along_axis(descending, index, axis=-1), -jnp.inf)
-    descending = jnp.where(descending >= kth, descending, NEG_INF)  # the top-k survivors, still in order
-    probs = jax.nn.softmax(descending, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-    nucleus = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
-    nucleus = jnp.where(top_p < 1.0, nucleus, -jnp.inf)
-    return jnp.where((logits >= kth) & (logits >= nucleus), logits, NEG_INF)
+        return logits if top_p >= 1.0 else _filtered(logits, 0, top_p)
+    return jax.lax.cond(top_p < 1.0, lambda v: _filtered(v, 0, top_p), lambda v: v, logits)
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature, top_k=0, top_p=1.0) -> jax.Array:
@@ -93,7 +84,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature, top_k=0, t
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
     filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
-    scaled = jax.lax.cond(filtering, lambda v: _filtered_traced(v, top_k, top_p), lambda v: v, scaled)
+    scaled = jax.lax.cond(filtering, lambda v: _filtered(v, top_k, top_p), lambda v: v, scaled)
     drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))
 

@@ -116,11 +116,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (tied output projection): x [..., features] -> [..., vocab]."""
-        table = self.embedding
-        if weight_precision.is_narrow(table):
-            return jnp.einsum("...e,ve->...v", x.astype(jnp.bfloat16), weight_precision.as_operand(table, self.dtype),
-                              preferred_element_type=jnp.float32).astype(self.dtype)
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), table.astype(self.dtype))
+        return weight_precision.matmul(x, self.embedding, self.dtype, "...e,ve->...v")
 
 
 class RMSNorm(nn.Module):

@@ -21,7 +21,8 @@ The layers accept all three forms (`layers.DenseGeneral`, `layers.Embed`); train
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import flax
 import jax
@@ -77,13 +78,15 @@ def as_operand(weight: Any, dtype) -> jax.Array:
     return weight.astype(dtype)
 
 
-def matmul(x: jax.Array, weight: Any, dtype) -> jax.Array:
-    """x [m, k] @ weight [k, n] -> [m, n] in `dtype`. A narrow weight (bfloat16 or Int8Weight) multiplies a
+def matmul(x: jax.Array, weight: Any, dtype, equation: Optional[str] = None) -> jax.Array:
+    """x [m, k] @ weight [k, n] -> [m, n] in `dtype`, or jnp.einsum(equation, x, weight) when an equation is given
+    (the tied output projection's '...e,ve->...v'). A narrow weight (bfloat16 or Int8Weight) multiplies a
     bfloat16 copy of x with float32 accumulation; other weights are cast to `dtype` with x, as before."""
+    product = jnp.dot if equation is None else functools.partial(jnp.einsum, equation)
     if is_narrow(weight):
-        product = jnp.dot(x.astype(jnp.bfloat16), as_operand(weight, dtype), preferred_element_type=jnp.float32)
-        return product.astype(dtype)
-    return jnp.dot(x.astype(dtype), weight.astype(dtype))
+        return product(x.astype(jnp.bfloat16), as_operand(weight, dtype),
+                       preferred_element_type=jnp.float32).astype(dtype)
+    return product(x.astype(dtype), weight.astype(dtype))
 
 
 def _narrow(path, leaf, precision: str):

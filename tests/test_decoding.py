@@ -41,7 +41,7 @@ def test_top_k_and_top_p_match_numpy():
     logits[0, :3] = logits[0].max()  # ties at the top
     traced_k = jax.jit(decoding.filter_top_k)
     traced_p = jax.jit(decoding.filter_top_p)
-    both = jax.jit(decoding._filtered_traced)
+    both = jax.jit(decoding._filtered)
     for k, p in [(0, 1.0), (1, 1.0), (5, 1.0), (50, 1.0), (0, 0.5), (17, 0.9), (3, 0.05), (-1, 0.9)]:
         static = decoding.filter_top_p(decoding.filter_top_k(jnp.asarray(logits), k), p)
         np.testing.assert_array_equal(traced_k(jnp.asarray(logits), k), decoding.filter_top_k(jnp.asarray(logits), k))
