@@ -93,6 +93,9 @@ class StageSpec:
 
     @classmethod
     def of(cls, model) -> "StageSpec":
+        """The spec of a TokenLMModel (a served stage's model is already its spec)."""
+        if isinstance(model, StageSpec):
+            return model
         return cls(model.layout, tuple(model.prefix_groups), model.target_group, int(model.prefix_length),
                    int(model.target_length), tuple(model.unconditional_groups))
 

@@ -137,6 +137,19 @@ def test_bundle_audio_is_bit_identical_to_musiclm_generate(musiclm, bundle, tmp_
     np.testing.assert_array_equal(np.load(served_file), audio)
 
 
+def test_a_bundle_follows_a_melody_as_musiclm_generate_does(musiclm, bundle):
+    """The served semantic stage (its spec read back from the bundle's layouts) gets the melody of each frame and
+    drops it in guidance's unconditional input, as the native one does: the same audio for the same seed."""
+    from musiclm_jax.data import synthetic_music
+    served = serving.load(str(bundle))
+    tune = synthetic_music.generate_clip(3, seconds=SETTINGS["duration_s"], sample_rate=24000)["audio"]
+    for model in (served, musiclm):
+        model.set_generation_params(temperature=(1.0, 0.95, 0.4), top_k=0, top_p=1.0, **SETTINGS)
+    audio = musiclm.generate(PROMPTS[:1], melody=tune)
+    np.testing.assert_array_equal(served.generate(PROMPTS[:1], melody=tune), audio)
+    assert not np.array_equal(audio, musiclm.generate(PROMPTS[:1]))  # the melody changed the music
+
+
 def test_exported_functions_have_a_symbolic_batch(musiclm, bundle):
     served = serving.load(str(bundle))
     for name in serving.function_parts():
@@ -192,6 +205,7 @@ def test_bundle_holds_parameters_only(musiclm, bundle, stage_dirs):
     assert (bundle / manifest["mulan"]["tokenizer"]).exists()
     layouts = json.loads((bundle / serving.LAYOUTS_FILE).read_text())
     assert layouts["coarse"]["guidance_groups"] == ["mulan"] and layouts["fine"]["target_group"] == "fine"
+    assert layouts["semantic"]["guidance_groups"] == ["mulan", "melody"]  # guidance drops the optional melody too
 
 
 def test_load_names_a_wrong_version_and_a_missing_or_corrupt_file(bundle, tmp_path):
