@@ -178,9 +178,9 @@ class TokenLMModel(BaseModel):
         (the "unconditional" input that guidance contrasts with), drawn per example from the dropout key.
       optional_groups: {prefix group: probability}: conditioning that may be absent at inference (the melody
         tokens), replaced by PAD in a training example with its own probability, drawn independently of the
-        guidance drop; generation without it gives PAD tokens in its place. Guidance drops them too, as
-        MusicGen's drops its text and melody together: a given melody is then followed `guidance_scale` times
-        as strongly as it changes the model's logits (README, Generation).
+        guidance drop; generation without it gives PAD tokens in its place. Guidance's unconditional input drops
+        them too, as MusicGen's drops its text and melody together, so guidance amplifies a given melody's effect
+        on the logits as it does the caption's (README, Generation).
       time_aligned_groups: prefix groups whose tokens are placed by time (see `positions`): a target token and
         the conditioning tokens of the same moment are then at relative distance 0 wherever they are in the
         sequence, so a small stage can find "the semantic token of this codec frame" (by sequence index that
@@ -242,8 +242,8 @@ class TokenLMModel(BaseModel):
     @property
     def unconditional_groups(self) -> tuple[str, ...]:
         """The prefix groups set to PAD in classifier-free guidance's unconditional input: the guidance groups,
-        then the optional groups (both are dropped in training, so the model knows the input without them)."""
-        return self.guidance_groups + tuple(g for g in self.optional_groups if g not in self.guidance_groups)
+        then the optional groups (disjoint, both dropped in training, so the model knows the input without them)."""
+        return self.guidance_groups + tuple(self.optional_groups)
 
     @staticmethod
     def _ticks_per_frame(layout, prefix_groups, target_group, prefix_length, target_length, aligned):

@@ -20,13 +20,14 @@ half window of frames already generated as its prompt and generates the rest, so
 tokens and codes first; story mode changes the MuLan tokens at segment boundaries, which no window's new frames
 cross. Classifier-free guidance (guidance_scale != 1) applies to the stages trained with conditioning dropout (their
 `guidance_groups`: the MuLan tokens); its unconditional input drops the melody too (`unconditional_groups`), so a
-given melody is followed more strongly as the scale rises, and without one both inputs have PAD there. Melody (`generate(texts, melody=audio)`): a semantic stage trained with melody
-tokens in its prefix (gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the
-dominant pitch class per 200 ms) of each of the window's frames, PAD where the melody has ended or none was
-given; a coarse stage trained with them (gin/stages/coarse_melody_tiny.gin) gets the melody token of each
-semantic frame of its window the same way, beside the semantic tokens. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan scores closest to the
-caption. Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per example, so a seed
-gives the same audio.
+given melody is followed more strongly as the scale rises, and without one both inputs have PAD there. Melody
+(`generate(texts, melody=audio)`): a semantic stage trained with melody tokens in its prefix
+(gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the dominant pitch class per
+200 ms) of each of the window's frames, PAD where the melody has ended or none was given; a coarse stage trained
+with them (gin/stages/coarse_melody_tiny.gin) gets the melody token of each semantic frame of its window the same
+way, beside the semantic tokens. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan
+scores closest to the caption. Randomness: stage s, window w draws from fold_in(key(seed), 1000 s + w), split per
+example, so a seed gives the same audio.
 """
 from __future__ import annotations
 
