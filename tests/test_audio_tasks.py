@@ -52,6 +52,31 @@ def test_synthetic_music_crops_normalises_and_resumes(tmp_path):
     assert example["text"].numpy().decode().strip() and example["id"].numpy().decode().startswith("synthetic-")
 
 
+def test_a_synthetic_clip_gives_as_many_crops_as_fit_each_drawn_at_its_own_offset():
+    """SYNTHETIC_CROPS_PER_CLIP: a 4 s clip (64,000 samples at 16 kHz) gives 4 crops of 0.5 s, 3 of 1.25 s and 1
+    of 4 s, consecutive before shuffling, each a scaled copy of the clip at its own offset."""
+    from musiclm_jax.data import synthetic_music
+    name = raw_audio_task_name(RATE)
+    task = audio_tasks.register_raw_audio_task(name)
+    clip = synthetic_music.generate_clip(0, seed=1, seconds=audio_tasks.SYNTHETIC_CLIP_SECONDS,
+                                         sample_rate=RATE)["audio"]
+    for length, count in ((8000, 4), (20000, 3), (64000, 1)):
+        examples = list(task.get_dataset({"audio": length}, "validation", shuffle=False, seed=0).take(count + 1))
+        ids = [ex["id"].numpy().decode() for ex in examples]
+        assert ids == ["synthetic-1-0"] * count + ["synthetic-1-1"], (length, ids)
+        offsets = []
+        for ex in examples[:count]:
+            crop = ex["audio"].numpy()
+            assert crop.shape == (length,)
+            scores = np.correlate(clip, crop, mode="valid")
+            start = int(np.argmax(np.abs(scores)))
+            window = clip[start:start + length]
+            gain = np.dot(crop, window) / np.dot(window, window)
+            np.testing.assert_allclose(crop, gain * window, atol=1e-4)
+            offsets.append(start)
+        assert len(set(offsets)) == count, offsets  # not one crop repeated
+
+
 def _find_crop(crop, clip):
     """The offset at which `crop` is a scaled copy of clip[offset:offset + len(crop)] (None if nowhere)."""
     for start in range(len(clip) - len(crop) + 1):

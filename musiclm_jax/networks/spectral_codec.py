@@ -57,7 +57,8 @@ class SpectralCodecConfig:
       log_eps: added to |STFT| before the logarithm (|STFT| of a full-scale sine peaks near n_fft / 4).
       dimension: latent channels (the quantizer's input).
       width: channels of the residual branches; blocks: their units; kernel_size: their convolution (code frames).
-      griffin_lim_iters, griffin_lim_momentum: phase reconstruction at decoding.
+      griffin_lim_iters, griffin_lim_momentum, griffin_lim_init: phase reconstruction at decoding (see
+        `griffin_lim`; 'peaks' starts each partial at its own frequency, `peak_phases`).
       dtype: compute dtype of the encoder and decoder (spectra and Griffin-Lim run in float32).
     """
 
@@ -71,6 +72,7 @@ class SpectralCodecConfig:
     kernel_size: int = 3
     griffin_lim_iters: int = 64
     griffin_lim_momentum: float = 0.99
+    griffin_lim_init: str = "peaks"
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -79,6 +81,9 @@ class SpectralCodecConfig:
         if self.frames_per_code < 1 or self.griffin_lim_iters < 0:
             raise ValueError(f"SpectralCodecConfig: frames_per_code {self.frames_per_code} must be >= 1 and "
                              f"griffin_lim_iters {self.griffin_lim_iters} >= 0")
+        if self.griffin_lim_init not in ("peaks", "random"):
+            raise ValueError(f"SpectralCodecConfig.griffin_lim_init {self.griffin_lim_init!r} must be 'peaks' or "
+                             f"'random'")
 
     @property
     def hop_length(self) -> int:
@@ -142,15 +147,62 @@ def istft(spec: jax.Array, n_fft: int, hop: int, num_samples: int) -> jax.Array:
     return out.reshape(batch, -1)[:, start:start + num_samples]
 
 
+PEAK_REACH_BINS = 2  # the main lobe of a periodic Hann window spans 2 bins on each side of a partial
+
+
+def peak_phases(magnitude: jax.Array, n_fft: int, hop: int) -> jax.Array:
+    """Phases [batch, frames, bins] (radians) for magnitude [batch, frames, bins] in which each partial advances
+    at its own frequency: Griffin-Lim's start for tonal audio (a phase vocoder's peak-locked phase propagation,
+    Laroche & Dolson 1999, without the analysis phases the vocoder would have).
+
+    In each frame a peak is a bin whose magnitude exceeds its lower neighbour and is at least its upper one; its
+    frequency, in bins, is refined by the quadratic through the log-magnitudes of the peak and its neighbours.
+    Every bin takes the frequency of the strongest peak within PEAK_REACH_BINS of it (its own centre frequency
+    when there is none) and its phase advances by 2 pi f hop / n_fft per frame from 0 at the first frame, so
+    the bins of one partial move together at the partial's frequency, which the STFT's overlap keeps.
+
+    Why: from a random start, 64 Griffin-Lim iterations return a 55 Hz tone's true magnitudes (n_fft 960, hop
+    240 at 24 kHz) 51 cents flat, and tones up to 110 Hz up to 29 cents off; from this start 32 iterations
+    return each of 55 Hz to 4 kHz within 11 cents, at any starting phase of the tone.
+    """
+    magnitude = magnitude.astype(jnp.float32)
+    bins = magnitude.shape[-1]
+    log_m = jnp.log(magnitude + 1e-6)
+    low, mid, high = log_m[..., :-2], log_m[..., 1:-1], log_m[..., 2:]
+    curvature = low - 2 * mid + high
+    is_peak = (mid > low) & (mid >= high) & (curvature < 0)
+    offset = jnp.where(is_peak, 0.5 * (low - high) / jnp.where(is_peak, curvature, -1.0), 0.0)
+    centre = jnp.arange(bins, dtype=jnp.float32)
+    frequency = centre + jnp.pad(offset, ((0, 0), (0, 0), (1, 1)))  # [batch, frames, bins], in bins
+    strength = jnp.pad(jnp.where(is_peak, magnitude[..., 1:-1], -1.0), ((0, 0), (0, 0), (1, 1)),
+                       constant_values=-1.0)
+    reach = PEAK_REACH_BINS
+    padded_strength = jnp.pad(strength, ((0, 0), (0, 0), (reach, reach)), constant_values=-1.0)
+    padded_frequency = jnp.pad(frequency, ((0, 0), (0, 0), (reach, reach)))
+    candidates = jnp.stack([padded_strength[..., s:s + bins] for s in range(2 * reach + 1)])  # [2r+1, ...]
+    choice = jnp.argmax(candidates, axis=0)
+    chosen = jnp.take_along_axis(jnp.stack([padded_frequency[..., s:s + bins] for s in range(2 * reach + 1)]),
+                                 choice[None], axis=0)[0]
+    frequency = jnp.where(jnp.max(candidates, axis=0) > 0, chosen, centre)
+    advance = 2 * math.pi * frequency * (hop / n_fft)  # radians per frame
+    return jnp.cumsum(advance, axis=1) - advance[:, :1]
+
+
 def griffin_lim(magnitude: jax.Array, n_fft: int, hop: int, num_samples: int, iters: int, momentum: float,
-                seed: int = 0) -> jax.Array:
+                seed: int = 0, init: str = "random") -> jax.Array:
     """Audio [batch, num_samples] whose centred STFT magnitude approaches magnitude [batch, frames, bins].
 
     Fast Griffin-Lim (Perraudin, Balazs & Sondergaard 2013; librosa.griffinlim's update): `iters` projections
-    with `momentum`, from a random phase drawn with `seed` (the same for every call: decoding is deterministic).
+    with `momentum`, from the phases `init` names: 'peaks' (`peak_phases`) or 'random' (uniform, drawn with
+    `seed`, the same for every call). Both make decoding deterministic.
     """
     magnitude = magnitude.astype(jnp.float32)
-    phase = jax.random.uniform(jax.random.PRNGKey(seed), magnitude.shape, jnp.float32, 0.0, 2 * math.pi)
+    if init == "peaks":
+        phase = peak_phases(magnitude, n_fft, hop)
+    elif init == "random":
+        phase = jax.random.uniform(jax.random.PRNGKey(seed), magnitude.shape, jnp.float32, 0.0, 2 * math.pi)
+    else:
+        raise ValueError(f"griffin_lim: init {init!r} is not 'peaks' or 'random'")
     angles = jnp.exp(1j * phase).astype(jnp.complex64)
     length = (magnitude.shape[1] - 1) * hop
 
@@ -271,4 +323,4 @@ def synthesize(log_magnitudes: jax.Array, config: SpectralCodecConfig) -> jax.Ar
     magnitude = jnp.concatenate([magnitude, magnitude[:, -1:]], axis=1)
     samples = log_magnitudes.shape[1] * config.stft_hop
     return griffin_lim(magnitude, config.n_fft, config.stft_hop, samples, config.griffin_lim_iters,
-                       config.griffin_lim_momentum)
+                       config.griffin_lim_momentum, init=config.griffin_lim_init)
