@@ -55,6 +55,12 @@ class Codec:
         return self.sample_rate / self.hop_length
 
     @property
+    def causal(self) -> bool:
+        """Whether no decoded sample depends on later frames (a SoundStream with causal SEANet padding), so a
+        prefix of the codes decodes to the first samples of the whole (pipeline.MusicLM.generate_stream)."""
+        return bool(getattr(getattr(self.network, "seanet", None), "causal", False))
+
+    @property
     def num_quantizers(self) -> int:
         return self.network.rvq.num_quantizers
 

@@ -6,17 +6,21 @@
 gin/sample/musiclm.gin names the five run directories and the default generation settings (generate.load_musiclm);
 the bundle holds what generation needs and nothing else:
   - parameters only (params/*.npz): the three stages, the codec's decoder and codebooks, MuLan's text tower and
-    its conditioning RVQ; no optimizer state, no encoders, no training statistics. Which leaves a function reads is
-    found by exporting it once at a fixed shape (jax.export keeps only the arguments the module uses);
+    its conditioning RVQ (and the encoders below, each in its own part); no optimizer state, no training
+    statistics. Which leaves a function reads is found by exporting it once at a fixed shape (jax.export keeps
+    only the arguments the module uses);
   - exported/*.jaxexp: jax.export serializations, for a symbolic batch size `b` (and symbolic prompt length,
     cache capacity and codec frames), lowered for every platform in --platforms (default cpu, cuda, tpu):
     MuLan's text embedding and RVQ, the codec decoder, and each stage's prefill and decoding step, the functions
     pipeline.Stage samples with (pipeline.sample_window);
   - the caption vocabulary, the stages' token layouts, the resolved gin config, the generation settings and
-    bundle.json (format version, every file's size and SHA-256).
---saved_model also writes TF SavedModels (jax2tf, from the same exported functions) of every part under
-saved_model/<part>/: signatures `embed_text` (mulan), `quantize` (mulan_rvq), `decode` (codec), `prefill` and
-`step` (each stage).
+    bundle.json (format version, every file's size and SHA-256);
+  - the audio encoders that continuation and reranking need (export_encoders; --no_encoders leaves them out):
+    the codec encoder, MuLan's audio tower and, when gin names a semantic tokenizer (SEMANTIC_TOKENIZER), its
+    feature model's layer and k-means centres.
+--saved_model also writes TF SavedModels (jax2tf, from the same exported functions) of every generation part
+under saved_model/<part>/: signatures `embed_text` (mulan), `quantize` (mulan_rvq), `decode` (codec), `prefill` and
+`step` (each stage); not of the encoders.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from musiclm_jax import gin_utils, pipeline, serving
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 FLAGS = {"output_dir": None, "platforms": ",".join(DEFAULT_PLATFORMS)}
-BOOLEAN_FLAGS = ("saved_model",)
+BOOLEAN_FLAGS = ("saved_model", "no_encoders")
 
 
 @dataclasses.dataclass
@@ -119,6 +123,63 @@ def export_codec(codec, platforms: Sequence[str]) -> tuple[dict[str, Function], 
     return {"codec_decode": Function(exported, "codec", ("codes",), ("audio",))}, {"codec": params}
 
 
+def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tuple[dict[str, Function], dict[str, dict]]:
+    """What continuation and reranking need (serving.ENCODER_FUNCTIONS): the codec encoder (all levels), MuLan's
+    audio tower, and with a semantic tokenizer its features (the feature model's layer, pooled, with the
+    pitch-class profile if it has one) and k-means assignment. The normalisation between them (mean, std) is
+    stored as the 'semantic_normalization' part, applied in numpy as SemanticTokenizer does."""
+    from jax import export
+    functions, params = {}, {}
+    b, = export.symbolic_shape("b")
+    codec, mulan = musiclm.codec, musiclm.mulan
+    levels, hop = codec.num_quantizers, codec.hop_length
+    network = codec.network
+
+    def encode(variables, audio):
+        return network.apply(variables, audio, levels, method=type(network).encode)
+    used, encode = used_params(encode, _plain(codec.variables), jax.ShapeDtypeStruct((1, 4 * hop), jnp.float32))
+    b, s = export.symbolic_shape("b, s")
+    functions["codec_encode"] = Function(export.export(jax.jit(encode), platforms=platforms)(
+        _spec(used), jax.ShapeDtypeStruct((b, s), jnp.float32)), "codec_encoder", ("audio",), ("codes",))
+    params["codec_encoder"] = used
+    window = mulan.window_samples
+    used, embed = used_params(mulan.model.embed_audio, _plain(mulan.params),
+                              jax.ShapeDtypeStruct((1, window), jnp.float32))
+    b, = export.symbolic_shape("b")
+    functions["mulan_embed_audio"] = Function(export.export(jax.jit(embed), platforms=platforms)(
+        _spec(used), jax.ShapeDtypeStruct((b, window), jnp.float32)), "mulan_audio", ("audio",), ("embeddings",))
+    params["mulan_audio"] = used
+    tokenizer = musiclm.semantic_tokenizer
+    if tokenizer is None:
+        return functions, params
+    features = tokenizer.features
+    # FeatureExtractor._embed: the jitted layer features (pooled, with pitch classes) of (params, audio).
+    # Audio of k >= 1 whole semantic frames (what continuation gives it): the feature model's framing decides
+    # its shapes in Python, which a symbolic length of samples leaves inconclusive; a multiple of the frame does not.
+    per_frame = tokenizer.sample_rate / tokenizer.frame_rate
+    if abs(per_frame - round(per_frame)) > 1e-6:
+        raise ValueError(f"the semantic tokenizer's frame ({tokenizer.sample_rate} Hz / {tokenizer.frame_rate} "
+                         f"frames/s) is not a whole number of samples")
+    constraints = ("k >= 1",)
+    b, k = export.symbolic_shape("b, k", constraints=constraints)
+    feature_params = _plain(features.params)
+    functions["semantic_features"] = Function(export.export(features._embed, platforms=platforms)(
+        _spec(feature_params), jax.ShapeDtypeStruct((b, int(round(per_frame)) * k), jnp.float32)),
+        "semantic_features", ("audio",), ("features",), constraints)
+    params["semantic_features"] = feature_params
+    from musiclm_jax.semantic import _nearest
+    kmeans = {"centroids": np.asarray(tokenizer.centroids, np.float32)}
+    b, t = export.symbolic_shape("b, t")
+    functions["semantic_assign"] = Function(export.export(jax.jit(lambda p, x: _nearest(x, p["centroids"])),
+                                                          platforms=platforms)(
+        _spec(kmeans), jax.ShapeDtypeStruct((b, t, kmeans["centroids"].shape[1]), jnp.float32)),
+        "semantic_kmeans", ("features",), ("ids",))
+    params["semantic_kmeans"] = kmeans
+    params["semantic_normalization"] = {"mean": np.asarray(tokenizer.mean, np.float32),
+                                        "std": np.asarray(tokenizer.std, np.float32)}
+    return functions, params
+
+
 def export_stage(stage: pipeline.Stage, platforms: Sequence[str]) -> tuple[dict[str, Function], dict[str, dict]]:
     """A stage's prefill (symbolic batch b, prompt length p, cache capacity c >= p) and step (b, c)."""
     from jax import export
@@ -184,10 +245,13 @@ def write_saved_model(path: str, functions: dict[str, Function], params: dict, p
 
 # ------------------------------------------------------------------------------------------------ the bundle
 def write_bundle(musiclm: pipeline.MusicLM, output_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                 gin_config: Optional[str] = None, saved_model: bool = False, log=sys.stderr) -> dict:
+                 gin_config: Optional[str] = None, saved_model: bool = False, encoders: bool = True,
+                 log=sys.stderr) -> dict:
     """Writes the serving bundle of `musiclm` (its stages, codec and MuLan, and its current generation settings)
-    to output_dir and returns its manifest (bundle.json). The bundle is written next to output_dir and moved in
-    place at the end; an existing output_dir must be an earlier bundle (replaced) or empty."""
+    to output_dir and returns its manifest (bundle.json). encoders: also the audio encoders continuation and
+    reranking need (export_encoders; the semantic tokenizer's only if `musiclm` has one). The bundle is written
+    next to output_dir and moved in place at the end; an existing output_dir must be an earlier bundle (replaced)
+    or empty."""
     platforms = tuple(platforms)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and \
             not os.path.exists(os.path.join(output_dir, serving.MANIFEST)):
@@ -196,6 +260,10 @@ def write_bundle(musiclm: pipeline.MusicLM, output_dir: str, platforms: Sequence
     functions, params = export_mulan(musiclm.mulan, platforms)
     for part_functions, part_params in [export_codec(musiclm.codec, platforms)] + [
             export_stage(musiclm.stages[name], platforms) for name in pipeline.STAGES]:
+        functions.update(part_functions)
+        params.update(part_params)
+    if encoders:
+        part_functions, part_params = export_encoders(musiclm, platforms)
         functions.update(part_functions)
         params.update(part_params)
     if log is not None:
@@ -235,15 +303,21 @@ def write_bundle(musiclm: pipeline.MusicLM, output_dir: str, platforms: Sequence
             "sample_rate": int(codec.sample_rate), "semantic_rate": float(musiclm.semantic_rate),
             "melody_rate": float(getattr(musiclm, "melody_rate", 0.0)),  # 0: the semantic stage takes no melody
             "codec": {"hop_length": int(codec.hop_length), "num_quantizers": int(codec.num_quantizers),
-                      "codebook_size": int(codec.codebook_size)},
+                      "codebook_size": int(codec.codebook_size), "causal": bool(getattr(codec, "causal", False))},
             "mulan": {"tokenizer": tokenizer, "text_length": int(mulan.model.text_length),
-                      "levels": int(mulan.rvq.levels), "codebook_size": int(mulan.rvq.codebook_size)},
+                      "levels": int(mulan.rvq.levels), "codebook_size": int(mulan.rvq.codebook_size),
+                      "sample_rate": int(mulan.sample_rate), "window_samples": int(mulan.window_samples),
+                      "stride": int(mulan.stride), "batch_size": int(mulan.batch_size),
+                      "short_clip_padding": str(mulan.model.short_clip_padding)},
             "functions": {name: {"file": serving.function_file(name), "params": serving.params_file(fn.part),
                                  "args": list(fn.args), "outputs": list(fn.outputs),
                                  "in_shapes": [str(a) for a in fn.exported.in_avals[
                                      len(jax.tree.leaves(params[fn.part])):]]}
                           for name, fn in functions.items()},
             "saved_model": sorted(os.listdir(os.path.join(work, "saved_model"))) if saved_model else [],
+            "semantic_tokenizer": None if musiclm.semantic_tokenizer is None or not encoders else {
+                "sample_rate": int(musiclm.semantic_tokenizer.sample_rate),
+                "frame_rate": float(musiclm.semantic_tokenizer.frame_rate)},
         }
         files = {}
         for dirpath, _, names in os.walk(work):
@@ -288,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         musiclm = gin.get_configurable(generate.load_musiclm)()
         musiclm.log = None
         return write_bundle(musiclm, flags["output_dir"], platforms=platforms, gin_config=config,
-                            saved_model=booleans["saved_model"])
+                            saved_model=booleans["saved_model"], encoders=not booleans["no_encoders"])
     return gin_utils.run(go, extra_flags=FLAGS, argv=rest)
 
 

@@ -64,6 +64,34 @@ def window_starts(num_samples: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def embed_in_batches(windows: np.ndarray, batch_size: int, embed_batch) -> np.ndarray:
+    """windows [n, window] -> [n, dim] through embed_batch([batch_size, window]) -> [batch_size, dim], the last
+    batch padded with zeros (one compiled shape)."""
+    out = []
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), np.float32)])
+        out.append(np.asarray(embed_batch(padded))[:len(chunk)])
+    return np.concatenate(out)
+
+
+def embed_clips(audio, window: int, stride: int, short_clip_padding: str, embed_windows) -> np.ndarray:
+    """Clip embeddings: audio [batch, samples] (or [samples]) -> [batch, dim] (or [dim]), unit norm: the mean of
+    the embeddings of the windows that cover each clip (every `stride` samples; a clip shorter than one window
+    padded to it), embedded by embed_windows([n, window]) -> [n, dim]. MuLan.embed_audio, and the served audio
+    tower (musiclm_jax.serving)."""
+    audio = np.asarray(audio, np.float32)
+    squeeze = audio.ndim == 1
+    audio = audio[None] if squeeze else audio
+    if audio.shape[1] < window:
+        audio = pad_to_window(audio, window, short_clip_padding)
+    starts = window_starts(audio.shape[1], window, stride)
+    windows = np.stack([clip[s:s + window] for clip in audio for s in starts])
+    embeddings = embed_windows(windows).reshape(audio.shape[0], len(starts), -1).mean(axis=1)
+    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+    return embeddings[0] if squeeze else embeddings
+
+
 def shard_bounds(total: int, num_shards: int) -> np.ndarray:
     """Row boundaries [num_shards + 1] of `total` rows cut into contiguous shards of near-equal size."""
     return np.asarray([s * total // num_shards for s in range(num_shards + 1)])
@@ -208,26 +236,11 @@ class MuLan:
 
     def _windows(self, windows: np.ndarray) -> np.ndarray:
         """[n, window] -> [n, dim], in fixed-size batches (one compiled shape)."""
-        out = []
-        for start in range(0, len(windows), self.batch_size):
-            chunk = windows[start:start + self.batch_size]
-            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), chunk.shape[1]), np.float32)])
-            out.append(np.asarray(self._embed_audio(self.params, jnp.asarray(padded)))[:len(chunk)])
-        return np.concatenate(out)
+        return embed_in_batches(windows, self.batch_size, lambda x: self._embed_audio(self.params, jnp.asarray(x)))
 
     def embed_audio(self, audio) -> np.ndarray:
         """audio [batch, samples] (or [samples]) at sample_rate -> clip embeddings [batch, dim] (or [dim])."""
-        audio = np.asarray(audio, np.float32)
-        squeeze = audio.ndim == 1
-        audio = audio[None] if squeeze else audio
-        window = self.window_samples
-        if audio.shape[1] < window:
-            audio = pad_to_window(audio, window, self.model.short_clip_padding)
-        starts = window_starts(audio.shape[1], window, self.stride)
-        windows = np.stack([clip[s:s + window] for clip in audio for s in starts])
-        embeddings = self._windows(windows).reshape(audio.shape[0], len(starts), -1).mean(axis=1)
-        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
-        return embeddings[0] if squeeze else embeddings
+        return embed_clips(audio, self.window_samples, self.stride, self.model.short_clip_padding, self._windows)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """captions -> [len(texts), dim] unit-norm embeddings."""

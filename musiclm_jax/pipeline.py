@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from functools import partial
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +58,10 @@ class GenerationParams:
     top_p: float = 1.0
     guidance_scale: float = 1.0
     seed: int = 0
+
+
+class PromptError(ValueError):
+    """A continuation prompt that cannot be continued (too short, or not shorter than the duration asked)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +296,26 @@ class MusicLM:
 
     def _run_stage(self, name: str, total: int, window: int, levels: int, conditioning, known: Optional[np.ndarray],
                    batch: int, params: GenerationParams, boundaries: Sequence[int] = ()) -> np.ndarray:
-        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames.
+        """Local codes [B, total, levels] of stage `name` over sliding windows of `window` frames (all of
+        `_stage_windows`' windows, run now)."""
+        out, windows = self._stage_windows(name, total, window, levels, conditioning, known, batch, params, boundaries)
+        for _ in windows:
+            pass
+        return out
+
+    def _stage_windows(self, name: str, total: int, window: int, levels: int, conditioning,
+                       known: Optional[np.ndarray], batch: int, params: GenerationParams,
+                       boundaries: Sequence[int] = ()) -> tuple[np.ndarray, Iterator[int]]:
+        """(out: local codes [B, total, levels] of stage `name`, an iterator that samples one sliding window of
+        `window` frames per step into `out` and yields the frames filled so far after it).
 
         Each window after the first keeps `window - window // 2` frames of context and generates the frames after
         them; the last one ends at `total` with at least half that context (so no window is left with a handful of
         frames); a window's new frames never cross a conditioning
         boundary (story mode). conditioning(begin, end, first_new) -> [B, P] global ids for the window's frames
-        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames.
+        [begin, end) whose new frames start at first_new. `known` [B, k, levels]: given first frames. Window w
+        draws from its own key (_keys), so running the windows later, interleaved with other stages', samples
+        the same codes.
         """
         stage = self.stages[name]
         group = stage.model.target_group
@@ -309,27 +326,30 @@ class MusicLM:
             filled = min(known.shape[1], total)
             out[:, :filled] = known[:, :filled]
         context = window - max(1, window // 2)
-        start_time, w = time.time(), 0
-        while filled < total:
-            if filled == 0:
-                begin = 0
-            elif total - filled <= window - context // 2:  # the last window: all the rest, at least half the context
-                begin = max(0, total - window)
-            else:
-                begin = filled - context
-            end = min(begin + window, total, min([b for b in boundaries if b > filled], default=total))
-            if end <= filled:  # a window cannot reach past the context: give it fewer context frames
-                begin, end = filled - (window - 1), filled + 1
-            prompt = stage.model.layout.to_global(out[:, begin:filled].reshape(batch, -1), group)
-            prefix = np.concatenate([conditioning(begin, end, filled), prompt], axis=1).astype(np.int32)
-            new = stage.sample(prefix, (end - filled) * levels, (filled - begin) * levels,
-                               self._keys(params, STAGES.index(name), w, batch), params, temperature)
-            out[:, filled:end] = stage.model.layout.to_local(new, group).reshape(batch, end - filled, levels)
-            if self.log is not None:
-                print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
-                      f"{filled - begin} of context ({time.time() - start_time:.1f} s)", file=self.log)
-            filled, w = end, w + 1
-        return out
+
+        def windows(filled: int) -> Iterator[int]:
+            start_time, w = time.time(), 0
+            while filled < total:
+                if filled == 0:
+                    begin = 0
+                elif total - filled <= window - context // 2:  # the last window: the rest, at least half the context
+                    begin = max(0, total - window)
+                else:
+                    begin = filled - context
+                end = min(begin + window, total, min([b for b in boundaries if b > filled], default=total))
+                if end <= filled:  # a window cannot reach past the context: give it fewer context frames
+                    begin, end = filled - (window - 1), filled + 1
+                prompt = stage.model.layout.to_global(out[:, begin:filled].reshape(batch, -1), group)
+                prefix = np.concatenate([conditioning(begin, end, filled), prompt], axis=1).astype(np.int32)
+                new = stage.sample(prefix, (end - filled) * levels, (filled - begin) * levels,
+                                   self._keys(params, STAGES.index(name), w, batch), params, temperature)
+                out[:, filled:end] = stage.model.layout.to_local(new, group).reshape(batch, end - filled, levels)
+                if self.log is not None:
+                    print(f"generate: {name} stage window {w + 1}: frames {filled}-{end} of {total} after "
+                          f"{filled - begin} of context ({time.time() - start_time:.1f} s)", file=self.log)
+                filled, w = end, w + 1
+                yield filled
+        return out, windows(filled)
 
     def _require_melody_stage(self) -> None:
         if not self.melody_stages:
@@ -365,6 +385,20 @@ class MusicLM:
         params: this call's settings (default: the object's, set_generation_params).
         """
         params = params or self.params
+        outputs: dict[str, np.ndarray] = {}
+        mulan_tokens, jobs = self._stage_jobs(texts, mulan_tokens, semantic_prompt, codes_prompt, segments,
+                                              melody_tokens, params, outputs, need=lambda name, frames: None)
+        for name in STAGES:  # each stage whole, in turn: the conditioning a window reads is there already
+            outputs[name] = self._run_stage(name, **jobs[name])
+        return {"mulan": mulan_tokens, "melody": melody_tokens, "semantic": outputs["semantic"][..., 0],
+                "codes": np.concatenate([outputs["coarse"], outputs["fine"]], axis=-1)}
+
+    def _stage_jobs(self, texts, mulan_tokens, semantic_prompt, codes_prompt, segments, melody_tokens,
+                    params: GenerationParams, outputs: dict, need) -> tuple[np.ndarray, dict[str, dict]]:
+        """(the MuLan tokens, {stage: the keyword arguments of its _run_stage / _stage_windows}) of
+        generate_tokens' arguments. The coarse and fine stages' conditioning read outputs['semantic'] and
+        outputs['coarse'] (local codes [B, frames, levels]) after need(stage, frames): that stage must have
+        filled its first `frames` frames by then."""
         if mulan_tokens is None:
             mulan_tokens = self.mulan.tokens_from_text(list(texts))
         schedule = mulan_tokens if mulan_tokens.ndim == 3 else mulan_tokens[:, None]
@@ -395,15 +429,13 @@ class MusicLM:
                 known = frame_melody[:, begin:begin + self.melody_length]
                 tune[:, :known.shape[1]] = sem.layout.to_global(known, "melody")
             return np.concatenate([ids, tune], axis=1)
-        semantic = self._run_stage(
-            "semantic", semantic_frames, sem.target_length, 1, semantic_conditioning,
-            None if semantic_prompt is None else semantic_prompt[..., None], batch, params, segments[1:])[..., 0]
         coarse_melody = "coarse" in self.melody_stages
         coarse_window = ((coarse.prefix_length - coarse.layout.group("mulan").levels) // (1 + coarse_melody)
                          * self.ratio)
 
         def coarse_conditioning(begin, end, first_new):  # MuLan (+ melody) + the semantic tokens of [begin, end)
             first, last = begin // self.ratio, -(-end // self.ratio)
+            need("semantic", last)
             parts = [mulan_ids(coarse.layout, first_new // self.ratio)]
             if coarse_melody:
                 tune = np.zeros((batch, last - first), np.int32)  # PAD: no melody
@@ -411,21 +443,87 @@ class MusicLM:
                     known = frame_melody[:, first:last]
                     tune[:, :known.shape[1]] = coarse.layout.to_global(known, "melody")
                 parts.append(tune)
-            parts.append(coarse.layout.to_global(semantic[:, first:last], "semantic"))
+            parts.append(coarse.layout.to_global(outputs["semantic"][:, first:last, 0], "semantic"))
             return np.concatenate(parts, axis=1)
-        prompt = None if codes_prompt is None else codes_prompt[..., :self.coarse_levels]
-        coarse_codes = self._run_stage("coarse", codec_frames, coarse_window, self.coarse_levels,
-                                       coarse_conditioning, prompt, batch, params,
-                                       [b * self.ratio for b in segments[1:]])
         fine_window = fine.target_length // self.fine_levels
 
         def fine_conditioning(begin, end, first_new):
-            return fine.layout.to_global(coarse_codes[:, begin:end].reshape(batch, -1), "coarse")
-        prompt = None if codes_prompt is None else codes_prompt[..., self.coarse_levels:]
-        fine_codes = self._run_stage("fine", codec_frames, fine_window, self.fine_levels, fine_conditioning, prompt,
-                                     batch, params)
-        return {"mulan": mulan_tokens, "melody": melody_tokens, "semantic": semantic,
-                "codes": np.concatenate([coarse_codes, fine_codes], axis=-1)}
+            need("coarse", end)
+            return fine.layout.to_global(outputs["coarse"][:, begin:end].reshape(batch, -1), "coarse")
+        common = {"batch": batch, "params": params}
+        return mulan_tokens, {
+            "semantic": dict(total=semantic_frames, window=sem.target_length, levels=1,
+                             conditioning=semantic_conditioning,
+                             known=None if semantic_prompt is None else semantic_prompt[..., None],
+                             boundaries=segments[1:], **common),
+            "coarse": dict(total=codec_frames, window=coarse_window, levels=self.coarse_levels,
+                           conditioning=coarse_conditioning,
+                           known=None if codes_prompt is None else codes_prompt[..., :self.coarse_levels],
+                           boundaries=[b * self.ratio for b in segments[1:]], **common),
+            "fine": dict(total=codec_frames, window=fine_window, levels=self.fine_levels,
+                         conditioning=fine_conditioning,
+                         known=None if codes_prompt is None else codes_prompt[..., self.coarse_levels:], **common)}
+
+    def _codes_stream(self, texts: Sequence[str], params: GenerationParams, **token_args) -> Iterator[np.ndarray]:
+        """generate_tokens(texts, params=params, **token_args)'s codes as the fine stage makes them: yields codes
+        [B, f, levels] of the first f codec frames after each fine window (f grows to the last frame; the last
+        array is generate_tokens' 'codes'). Each fine window runs the semantic and coarse windows it needs first,
+        so the first codes come after one window of each stage instead of after the whole semantic stage."""
+        outputs: dict[str, np.ndarray] = {}
+        runs: dict[str, list] = {}
+
+        def need(name, frames):
+            run = runs[name]
+            while run[0] < frames:
+                run[0] = next(run[1])
+        _, jobs = self._stage_jobs(texts, token_args.get("mulan_tokens"), token_args.get("semantic_prompt"),
+                                   token_args.get("codes_prompt"), token_args.get("segments"),
+                                   token_args.get("melody_tokens"), params, outputs, need)
+        for name in STAGES:
+            job = jobs[name]
+            outputs[name], windows = self._stage_windows(name, **job)
+            known = 0 if job["known"] is None else min(job["known"].shape[1], job["total"])
+            runs[name] = [known, windows]
+        for filled in runs["fine"][1]:
+            yield np.concatenate([outputs["coarse"][:, :filled], outputs["fine"][:, :filled]], axis=-1)
+
+    def _audio_stream(self, codes: Iterator[np.ndarray], params: GenerationParams) -> Iterator[np.ndarray]:
+        """Codes as _codes_stream yields them -> consecutive audio chunks [B, n] float32 whose concatenation is
+        _decode(the last codes): [B, duration_s * codec rate]. With a causal codec decoder (`codec.causal`: no
+        sample depends on later frames) each codes prefix is decoded as it comes, padded with code 0 to the
+        whole's frames so that it runs the very program of the final decode (a prefix decoded at its own shape
+        differed from it by one 16-bit step in places on CPU), and its new samples yielded: the whole decode's,
+        bit for bit (tests/test_serve.py). Otherwise the audio comes in one chunk at the end, from the one full
+        decode. The cost: one full-length decode per fine window."""
+        samples = int(round(params.duration_s * self.codec.sample_rate))
+        frames = self.semantic_frames(params) * self.ratio
+        causal = bool(getattr(self.codec, "causal", False))
+        sent, whole = 0, None
+        for prefix in codes:
+            if prefix.shape[1] >= frames:
+                whole = prefix
+            elif causal:  # the prefix decoded at the whole's shape (code 0 after it): the same program
+                padded = np.zeros(prefix.shape[:1] + (frames,) + prefix.shape[2:], np.int32)
+                padded[:, :prefix.shape[1]] = prefix
+                audio = self.codec.decode(padded)[:, :min(samples, prefix.shape[1] * self.codec.hop_length)]
+                if audio.shape[1] > sent:
+                    yield audio[:, sent:]
+                    sent = audio.shape[1]
+        audio = self._decode(whole, params)
+        if audio.shape[1] > sent or sent == 0:
+            yield audio[:, sent:]
+
+    def generate_stream(self, texts: Sequence[str], melody: Optional[np.ndarray] = None, *,
+                        params: Optional[GenerationParams] = None) -> Iterator[np.ndarray]:
+        """generate(texts, melody=melody, params=params)'s audio in consecutive chunks [len(texts), n] float32 (n
+        varies; they concatenate to [len(texts), duration_s * codec rate], the same samples as generate's for the
+        same seed and settings), one per fine-stage window as it completes when the codec is causal (else one at
+        the end; _audio_stream). No reranking: it needs every candidate's whole audio."""
+        if isinstance(texts, str):
+            raise TypeError("generate_stream takes a list of captions")
+        texts, params = list(texts), params or self.params
+        tune = None if melody is None else self.melody_tokens(melody, len(texts))
+        return self._audio_stream(self._codes_stream(texts, params, melody_tokens=tune), params)
 
     def _decode(self, codes: np.ndarray, params: GenerationParams) -> np.ndarray:
         """Codes [B, frames, levels] -> audio [B, duration_s * codec rate] (the frames cover the duration)."""
@@ -435,13 +533,11 @@ class MusicLM:
         audio = self._decode(tokens["codes"], params)
         return GenerationResult(audio, tokens, params) if return_details else audio
 
-    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str], *,
-                              params: Optional[GenerationParams] = None, return_details: bool = False):
-        """Continues prompt_audio [B, samples] (or [samples]) at the codec's rate under the captions: its semantic
-        tokens (needs `semantic_tokenizer`) and codec codes are the first frames of every stage. Returns
-        [B, duration_s * codec rate], the prompt's whole frames included (a GenerationResult with
-        return_details). params: this call's settings (default: the object's)."""
-        params = params or self.params
+    def _continuation_prompts(self, prompt_audio: np.ndarray, texts: Sequence[str],
+                              params: GenerationParams) -> tuple[np.ndarray, np.ndarray]:
+        """prompt_audio [B or 1, samples] (or [samples]) at the codec's rate -> (semantic tokens [B, k], codec codes
+        [B, k * ratio, levels]) of its whole semantic frames k. PromptError if it is shorter than one frame or not
+        shorter than duration_s; ValueError without a semantic tokenizer."""
         if self.semantic_tokenizer is None:
             raise ValueError("continuation needs the semantic tokenizer (MusicLM(..., semantic_tokenizer=...))")
         from musiclm_jax.data import audio_io
@@ -450,16 +546,36 @@ class MusicLM:
             audio = np.repeat(audio, len(texts), axis=0)
         frames = int(audio.shape[1] / self.codec.sample_rate * self.semantic_rate)
         if frames < 1:
-            raise ValueError(f"the prompt ({audio.shape[1]} samples) is shorter than one semantic frame")
+            raise PromptError(f"the prompt ({audio.shape[1]} samples) is shorter than one semantic frame")
         if frames >= self.semantic_frames(params):
-            raise ValueError(f"the prompt ({audio.shape[1] / self.codec.sample_rate:.2f} s) is not shorter than "
-                             f"duration_s={params.duration_s}")
+            raise PromptError(f"the prompt ({audio.shape[1] / self.codec.sample_rate:.2f} s) is not shorter than "
+                              f"duration_s={params.duration_s}")
         audio = audio[:, :int(round(frames / self.semantic_rate * self.codec.sample_rate))]
         resampled = audio_io.resample(audio, self.codec.sample_rate, self.semantic_tokenizer.sample_rate)
         semantic = np.asarray(self.semantic_tokenizer.tokenize(resampled))[:, :frames]
         codes = np.asarray(self.codec.encode(audio))[:, :frames * self.ratio]
+        return semantic, codes
+
+    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str], *,
+                              params: Optional[GenerationParams] = None, return_details: bool = False):
+        """Continues prompt_audio [B, samples] (or [samples]) at the codec's rate under the captions: its semantic
+        tokens (needs `semantic_tokenizer`) and codec codes are the first frames of every stage. Returns
+        [B, duration_s * codec rate], the prompt's whole frames included (a GenerationResult with
+        return_details). params: this call's settings (default: the object's)."""
+        params = params or self.params
+        semantic, codes = self._continuation_prompts(prompt_audio, texts, params)
         tokens = self.generate_tokens(texts, semantic_prompt=semantic, codes_prompt=codes, params=params)
         return self._result(tokens, params, return_details)
+
+    def generate_continuation_stream(self, prompt_audio: np.ndarray, texts: Sequence[str], *,
+                                     params: Optional[GenerationParams] = None) -> Iterator[np.ndarray]:
+        """generate_continuation's audio in consecutive chunks [B, n] float32, as generate_stream (the prompt's
+        own frames come in the first chunk, decoded with the first new window)."""
+        params = params or self.params
+        texts = list(texts)
+        semantic, codes = self._continuation_prompts(prompt_audio, texts, params)
+        return self._audio_stream(self._codes_stream(texts, params, semantic_prompt=semantic, codes_prompt=codes),
+                                  params)
 
     def generate_story(self, story: Sequence[tuple[str, float]], *, params: Optional[GenerationParams] = None,
                        return_details: bool = False):

@@ -2,59 +2,90 @@
 
     python -m musiclm_jax.serve --bundle DIR [--host 127.0.0.1] [--port 8000] [--max_concurrent 1] [--max_queue 4]
         [--max_duration 30] [--max_prompt_bytes 1000] [--max_body_bytes 16384] [--queue_timeout 600] [--grace 60]
-        [--warm_durations 4,10,30]
+        [--warm_durations 4,10,30] [--max_prompt_audio_bytes 2000000] [--max_prompt_audio_s 10] [--max_rerank 8]
 
     curl -s localhost:8000/generate -d '{"prompt": "calm piano", "duration": 4, "seed": 0, "guidance": 3.0}' > a.wav
+    curl -sN localhost:8000/generate -d '{"prompt": "calm piano", "duration": 10, "stream": true}' | ffplay -
+    curl -s localhost:8000/continue -d "{\"prompt\": \"piano\", \"duration\": 10, \"audio\": \"$(base64 -w0 a.wav)\"}"
 
 API:
   GET  /health    200 {"status": "ok" | "shutting_down", "sample_rate", "running", "waiting", "max_concurrent",
                   "max_queue", "max_duration_s", "warm_durations_s", "defaults": the bundle's generation
-                  settings}
+                  settings, "serves": {"continuation": bool, "rerank": bool}}
   POST /generate  a JSON object: "prompt" (string, required), "duration" (seconds), "seed" (int), "guidance",
-                  "temperature" (one number or [semantic, coarse, fine]), "top_k", "top_p"; fields left out take
-                  the bundle's defaults (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample
-                  rate, exactly duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
+                  "temperature" (one number or [semantic, coarse, fine]), "top_k", "top_p", "stream" (bool),
+                  "rerank" (int N in [1, max_rerank]); fields left out take the bundle's defaults
+                  (generation.json). 200: audio/wav, 16-bit PCM mono at the bundle's sample rate, exactly
+                  duration * rate samples (headers X-Sample-Rate, X-Generation-Seconds).
+                  "rerank": N > 1 samples N candidates (one batch) and returns the one whose MuLan audio embedding
+                  is closest to the prompt's text embedding (MusicLM.generate(rerank=N); headers X-Rerank-Scores:
+                  the N cosines as a JSON list, X-Rerank-Choice: the index returned). Needs the bundle's MuLan
+                  audio tower; it cannot stream (400 with "stream").
+  POST /continue  the fields of /generate but "rerank", plus "audio" (required): a prompt audio file (WAV, FLAC or
+                  OGG; any rate and channels: mixed to mono and resampled to the bundle's rate), base64. 200: the
+                  continuation, as MusicLM.generate_continuation: duration * rate samples, the prompt's whole
+                  semantic frames first (the prompt must be at least one semantic frame and shorter than
+                  duration). Needs the bundle's codec encoder and semantic tokenizer.
+Streaming ("stream": true, both endpoints): HTTP/1.1 chunked transfer coding, the same bytes as without it for the
+same seed and settings. The status line and headers are sent when the first audio is ready, with
+X-Time-To-First-Audio-Ms (milliseconds from the parsed request to that audio), then one chunk holding the WAV
+header (its sizes those of the whole duration * rate samples) and that audio's PCM, then one chunk per piece of
+audio as the pipeline makes it (MusicLM.generate_stream: one per fine-stage window with a causal codec, else one),
+then the last chunk with a trailer: X-Generation-Seconds and X-Time-To-First-Audio-Ms again. An error before the
+first audio is the usual JSON error; a failure after it ends the connection without the last chunk (the client
+sees a truncated chunked body).
 Warm durations (--warm_durations 4,10,30): each is generated once at start-up with the bundle's default settings,
-and once more without guidance when those have it, which compiles every function such a request runs, so the
-first request costs what the second does. A request is then generated at the shortest warm duration that covers
-it and cut to its own length (header X-Generated-Duration); one longer than every warm duration gets 400 with
-the list. Temperature, top_k, top_p and the guidance scale are arguments of the compiled samplers
-(pipeline.Stage.sample), so any of their values runs without compiling; only guidance on (scale != 1) or off
-is a different program, and the warm-up compiles both.
+and once more without guidance when those have it, which compiles every function such a request runs (streamed
+or not), so the first request costs what the second does. A request is then generated at the shortest warm
+duration that covers it and cut to its own length (header X-Generated-Duration); one longer than every warm
+duration gets 400 with the list. Temperature, top_k, top_p and the guidance scale are arguments of the compiled
+samplers (pipeline.Stage.sample), so any of their values runs without compiling; only guidance on (scale != 1) or
+off is a different program, and the warm-up compiles both. Reranking (N times the batch) and continuation (the
+prompt's length is a shape) compile on their first request of each shape.
 Errors are JSON {"error": message, "status": code}: 400 malformed JSON, not an object, an unknown field, a missing,
-non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or setting or a
+non-string or empty prompt, a duration that is not a number in (0, max_duration], a bad seed or setting, a
+non-boolean stream, a rerank out of [1, max_rerank] or with stream, a missing or non-base64 audio, audio that does
+not decode or that the pipeline cannot continue (shorter than one semantic frame, not shorter than duration), or a
 malformed chunked body; 404 another path; 405 another method (with Allow); 411 neither a Content-Length nor a
-chunked body; 413 a body over max_body_bytes or a prompt over max_prompt_bytes (UTF-8); 503 busy (max_concurrent
-generations running and max_queue waiting: refused at once, with Retry-After), a queue wait over queue_timeout, or
-shutting down; 500 a failed generation.
+chunked body; 413 a body over max_body_bytes (/continue: plus the base64 of max_prompt_audio_bytes), a prompt over
+max_prompt_bytes (UTF-8), audio over max_prompt_audio_bytes or max_prompt_audio_s; 501 continuation or rerank from
+a bundle without the encoders they need (exported without them, or before they existed: the message names the
+missing files); 503 busy (max_concurrent generations running and max_queue waiting: refused at once, with
+Retry-After), a queue wait over queue_timeout, or shutting down; 500 a failed generation.
 
-Concurrency: the bundle is loaded once; max_concurrent generations run at a time (each on its own
-serving.ServingModel.fork(), sharing the loaded functions and parameters; 1 by default: one model under a lock),
-at most max_queue more wait for one, and any request beyond that gets 503 immediately. Shutdown (SIGTERM,
-SIGINT): stop accepting, refuse new generations, let the admitted ones finish (up to --grace seconds), exit 0.
+Concurrency: the bundle is loaded once; max_concurrent generations, continuations and streams (a stream holds its
+model until its last chunk is written) run at a time (each on its own serving.ServingModel.fork(), sharing the
+loaded functions and parameters; 1 by default: one model under a lock), at most max_queue more wait for one, and
+any request beyond that gets 503 immediately. Shutdown (SIGTERM, SIGINT): stop accepting, refuse new generations,
+let the admitted ones finish (up to --grace seconds), exit 0.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
 import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from musiclm_jax.data import audio_io
 
 WARM_UP_PROMPT = "warm-up"
-FIELDS = ("prompt", "duration", "seed", "guidance", "temperature", "top_k", "top_p")
+FIELDS = ("prompt", "duration", "seed", "guidance", "temperature", "top_k", "top_p", "stream", "rerank")
+CONTINUE_FIELDS = tuple(f for f in FIELDS if f != "rerank") + ("audio",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +96,14 @@ class Limits:
     max_concurrent: int = 1
     max_queue: int = 4
     queue_timeout_s: float = 600.0
+    max_prompt_audio_bytes: int = 2_000_000  # a /continue prompt file, decoded from base64
+    max_prompt_audio_s: float = 10.0
+    max_rerank: int = 8
+
+    @property
+    def max_continue_body_bytes(self) -> int:
+        """A /continue body: max_body_bytes of fields plus the base64 of the largest prompt file."""
+        return self.max_body_bytes + 4 * -(-self.max_prompt_audio_bytes // 3)
 
     def __post_init__(self):
         if self.max_concurrent < 1 or self.max_queue < 0:
@@ -94,17 +133,19 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
     return value
 
 
-def parse_request(body: bytes, limits: Limits) -> tuple[str, dict[str, Any]]:
-    """A /generate body -> (prompt, generation settings given: pipeline.GenerationParams fields)."""
+def parse_request(body: bytes, limits: Limits, fields: Sequence[str] = FIELDS) -> tuple[str, dict[str, Any], dict]:
+    """A /generate (or, with CONTINUE_FIELDS, /continue) body -> (prompt, generation settings given:
+    pipeline.GenerationParams fields, options: {'stream': bool, 'rerank': int, 'audio': the prompt file's bytes
+    (or None)})."""
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(FIELDS))
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; known fields: {list(FIELDS)}")
+        raise RequestError(400, f"unknown field(s) {unknown}; known fields: {list(fields)}")
     if "prompt" not in data:
         raise RequestError(400, "missing field 'prompt' (a string)")
     prompt = data["prompt"]
@@ -133,7 +174,68 @@ def parse_request(body: bytes, limits: Limits) -> tuple[str, dict[str, Any]]:
         settings["top_k"] = int(_number(data, "top_k", 0, 1_000_000, integer=True))
     if "top_p" in data:
         settings["top_p"] = float(_number(data, "top_p", 0.0, 1.0, low_open=True))
-    return prompt, settings
+    options = {"stream": False, "rerank": 1, "audio": None}
+    if "stream" in data:
+        if not isinstance(data["stream"], bool):
+            raise RequestError(400, f"'stream' must be true or false, got {json.dumps(data['stream'])[:40]}")
+        options["stream"] = data["stream"]
+    if "rerank" in data:
+        options["rerank"] = int(_number(data, "rerank", 1, limits.max_rerank, integer=True))
+        if options["rerank"] > 1 and options["stream"]:
+            raise RequestError(400, "'rerank' > 1 cannot stream: reranking needs every candidate's whole audio; "
+                                    "leave out 'stream' or 'rerank'")
+    if "audio" in fields:
+        options["audio"] = _prompt_audio_bytes(data, limits)
+    return prompt, settings, options
+
+
+def _prompt_audio_bytes(data: dict, limits: Limits) -> bytes:
+    """The 'audio' field of a /continue body: the prompt file, base64 (standard alphabet) -> its bytes."""
+    if "audio" not in data:
+        raise RequestError(400, "missing field 'audio' (the prompt audio file, base64-encoded)")
+    if not isinstance(data["audio"], str):
+        raise RequestError(400, f"'audio' must be a base64 string, got {type(data['audio']).__name__}")
+    try:
+        audio = base64.b64decode(data["audio"], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"'audio' is not valid base64: {e}") from None
+    if len(audio) > limits.max_prompt_audio_bytes:
+        raise RequestError(413, f"'audio' is {len(audio)} bytes; the limit is {limits.max_prompt_audio_bytes} "
+                                f"(--max_prompt_audio_bytes)")
+    if not audio:
+        raise RequestError(400, "'audio' is empty")
+    return audio
+
+
+def decode_prompt_audio(data: bytes, sample_rate: int, limits: Limits) -> np.ndarray:
+    """A prompt file (WAV, FLAC, OGG: what libsndfile reads) -> mono float32 [samples] at sample_rate. 400 if it
+    does not decode, 413 if it is longer than max_prompt_audio_s."""
+    import soundfile
+    try:
+        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError by format
+        raise RequestError(400, f"'audio' is not a decodable audio file (WAV, FLAC or OGG): {e}") from None
+    seconds = audio.shape[0] / rate
+    if seconds > limits.max_prompt_audio_s:
+        raise RequestError(413, f"'audio' is {seconds:.2f} s long; the limit is {limits.max_prompt_audio_s:g} s "
+                                f"(--max_prompt_audio_s)")
+    if audio.shape[0] == 0:
+        raise RequestError(400, "'audio' holds no samples")
+    return audio_io.to_mono_at_rate(audio, rate, sample_rate)
+
+
+def wav_header(num_samples: int, sample_rate: int) -> bytes:
+    """The 44-byte header of a mono 16-bit PCM WAV file of num_samples samples (what wave writes, so
+    wav_header(n, rate) + PCM == wav_bytes(audio of n samples, rate))."""
+    data = 2 * int(num_samples)
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + data, b"WAVE", b"fmt ", 16, 1, 1, int(sample_rate),
+                       2 * int(sample_rate), 2, 16, b"data", data)
+
+
+def pcm_bytes(audio: np.ndarray) -> bytes:
+    """Mono float audio in [-1, 1] -> little-endian 16-bit PCM (audio_io.pcm16: sample for sample, so chunks
+    converted one by one concatenate to the whole's)."""
+    return audio_io.pcm16(audio).astype("<i2").tobytes()
 
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -160,6 +262,7 @@ class Generator:
             if not 0 < d <= limits.max_duration_s:
                 raise ValueError(f"--warm_durations: {d} s is not in (0, max_duration={limits.max_duration_s}]")
         self._warm(model, log)
+        self._first = model
         self._models: queue.Queue = queue.Queue()
         self._models.put(model)
         for _ in range(limits.max_concurrent - 1):
@@ -174,12 +277,15 @@ class Generator:
             return {"status": "shutting_down" if self.closing else "ok", "sample_rate": self.sample_rate,
                     "running": self.running, "waiting": self.waiting, "max_concurrent": self.limits.max_concurrent,
                     "max_queue": self.limits.max_queue, "max_duration_s": self.limits.max_duration_s,
-                    "warm_durations_s": list(self.warm_durations), "defaults": self.defaults}
+                    "warm_durations_s": list(self.warm_durations), "defaults": self.defaults,
+                    "serves": {f: hasattr(self._first, "missing") and not self._first.missing(f)
+                               for f in ("continuation", "rerank")}}
 
     def _warm(self, model, log) -> None:
         """Generates one clip of each warm duration with the bundle's default settings (and again without
         guidance if they have it: the unguided samplers are other programs), so that every jitted function
-        those requests run is compiled before the first request."""
+        those requests run is compiled before the first request. A model that streams is warmed through
+        generate_stream: its windows are generate's, and its codec decodes each prefix as well as the whole."""
         variants = [{}]
         if self.defaults.get("guidance_scale", 1.0) != 1.0:
             variants.append({"guidance_scale": 1.0})
@@ -187,7 +293,11 @@ class Generator:
             start = time.time()
             for variant in variants:
                 model.set_generation_params(**{**self.defaults, "duration_s": d, **variant})
-                model.generate([WARM_UP_PROMPT])
+                if hasattr(model, "generate_stream"):
+                    for _ in model.generate_stream([WARM_UP_PROMPT]):
+                        pass
+                else:
+                    model.generate([WARM_UP_PROMPT])
             if log is not None:
                 print(f"serve: warmed {d:g} s in {time.time() - start:.1f} s", file=log, flush=True)
 
@@ -202,15 +312,22 @@ class Generator:
         raise RequestError(400, f"'duration'={duration_s:g} s is longer than the compiled durations "
                                 f"{list(self.warm_durations)} s (--warm_durations)")
 
-    def generate(self, prompt: str, settings: dict) -> tuple[np.ndarray, Optional[float]]:
-        """(audio [duration_s * sample_rate] float32 of one prompt with `settings` over the bundle's defaults, the
-        duration generated before the cut: the warm duration used, or None without warm durations)."""
+    def _settings(self, settings: dict) -> tuple[dict, int, Optional[float]]:
+        """(the settings a request runs with: its own over the bundle's defaults, the duration bucketed; the samples
+        it returns: the requested duration * sample_rate; the duration generated, None without warm durations)."""
         settings = {**self.defaults, **settings}
         duration = settings.get("duration_s")
+        if duration is None:
+            raise RequestError(400, "'duration' is required: the bundle names no default duration")
         if self.warm_durations:
-            if duration is None:
-                raise RequestError(400, "'duration' is required: the bundle names no default duration")
             settings["duration_s"] = self.bucket(float(duration))
+        return (settings, int(round(float(duration) * self.sample_rate)),
+                settings["duration_s"] if self.warm_durations else None)
+
+    @contextlib.contextmanager
+    def _slot(self):
+        """A free model for one request, under the bound: 503 at once when max_concurrent run and max_queue
+        wait, or after queue_timeout waiting; released (and waiters woken) when the block ends."""
         with self._lock:
             if self.closing:
                 raise RequestError(503, "the server is shutting down")
@@ -231,16 +348,77 @@ class Generator:
             self.waiting -= 1
             self.running += 1
         try:
-            model.set_generation_params(**settings)
-            audio = np.asarray(model.generate([prompt])[0], np.float32)
-            if not self.warm_durations:
-                return audio, None
-            return audio[:int(round(float(duration) * self.sample_rate))], settings["duration_s"]
+            yield model
         finally:
             self._models.put(model)
             with self._lock:
                 self.running -= 1
                 self._idle.notify_all()
+
+    def _require(self, feature: str) -> None:
+        """501 when the model cannot serve `feature` ('continuation', 'rerank'): a bundle without its encoders."""
+        if not hasattr(self._first, "missing"):
+            raise RequestError(501, f"this model does not serve {feature}")
+        missing = self._first.missing(feature)
+        if missing:
+            raise RequestError(501, f"this bundle cannot serve {feature}: it has no "
+                                    f"{', '.join(f'exported/{m}.jaxexp' for m in missing)} (export it again with "
+                                    f"this musiclm_jax, without --no_encoders"
+                                    f"{', with a SEMANTIC_TOKENIZER' if 'semantic_features' in missing else ''})")
+
+    def generate(self, prompt: str, settings: dict, rerank: int = 1) -> tuple[np.ndarray, Optional[float], dict]:
+        """(audio [duration_s * sample_rate] float32 of one prompt with `settings` over the bundle's defaults, the
+        duration generated before the cut: the warm duration used, or None without warm durations, headers to
+        add: with rerank = N > 1 the best of N candidates by MuLan score, X-Rerank-Scores (the N cosines, JSON)
+        and X-Rerank-Choice (the index kept))."""
+        if rerank > 1:
+            self._require("rerank")
+        settings, samples, generated = self._settings(settings)
+        with self._slot() as model:
+            model.set_generation_params(**settings)
+            headers = {}
+            if rerank > 1:
+                result = model.generate([prompt], rerank=rerank, return_details=True)
+                audio = result.audio
+                headers = {"X-Rerank-Scores": json.dumps([round(float(x), 6) for x in result.scores[0]]),
+                           "X-Rerank-Choice": str(int(result.choice[0]))}
+            else:
+                audio = model.generate([prompt])
+            return np.asarray(audio[0], np.float32)[:samples], generated, headers
+
+    def continue_audio(self, prompt: str, settings: dict, audio: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
+        """(audio [duration_s * sample_rate] float32: the prompt audio [samples] at sample_rate continued under
+        the prompt, its whole semantic frames included, the duration generated before the cut)."""
+        self._require("continuation")
+        settings, samples, generated = self._settings(settings)
+        with self._slot() as model:
+            model.set_generation_params(**settings)
+            out = _prompt_errors(lambda: model.generate_continuation(audio, [prompt]))
+            return np.asarray(out[0], np.float32)[:samples], generated
+
+    def stream(self, prompt: str, settings: dict, audio: Optional[np.ndarray] = None) -> tuple[Iterator[np.ndarray],
+                                                                                               int, Optional[float]]:
+        """(an iterator of consecutive audio chunks [n] float32 of the generation (or, with `audio`, the
+        continuation), the samples they add up to: duration * sample_rate, the duration generated). The model
+        is held from the first next() until the iterator ends or is closed (a client that goes away)."""
+        if audio is not None:
+            self._require("continuation")
+        settings, samples, generated = self._settings(settings)
+
+        def chunks() -> Iterator[np.ndarray]:
+            with self._slot() as model:
+                model.set_generation_params(**settings)
+                if audio is None:
+                    parts = model.generate_stream([prompt])
+                else:
+                    parts = _prompt_errors(lambda: model.generate_continuation_stream(audio, [prompt]))
+                sent = 0
+                for part in parts:
+                    part = np.asarray(part[0], np.float32)[:samples - sent]
+                    if part.size:
+                        sent += part.size
+                        yield part
+        return chunks(), samples, generated
 
     def close(self, timeout: float) -> bool:
         """Refuses new generations and waits (up to timeout seconds) for the admitted ones: True if none is left."""
@@ -255,8 +433,19 @@ class Generator:
         return True
 
 
+def _prompt_errors(call):
+    """call(), a prompt the pipeline cannot continue (pipeline.PromptError: too short, or not shorter than the
+    duration) answered with 400."""
+    from musiclm_jax import pipeline
+    try:
+        return call()
+    except pipeline.PromptError as e:
+        raise RequestError(400, f"'audio': {e}") from None
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "musiclm_jax.serve"
+    protocol_version = "HTTP/1.1"  # chunked responses ("stream": true); every response closes its connection
     timeout = 60  # seconds a client may take to send its request
 
     # ------------------------------------------------------------------------------------------ responses
@@ -282,19 +471,20 @@ class Handler(BaseHTTPRequestHandler):
             print(f"serve: {self.address_string()} {format % args}", file=self.server.log, flush=True)
 
     # ------------------------------------------------------------------------------------------ routing
-    ROUTES = {"/health": "GET", "/generate": "POST"}
+    ROUTES = {"/health": "GET", "/generate": "POST", "/continue": "POST"}
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path not in self.ROUTES:
-                raise RequestError(404, f"no such path {path!r}; paths: GET /health, POST /generate")
+                raise RequestError(404, f"no such path {path!r}; paths: GET /health, POST /generate, "
+                                        f"POST /continue")
             if method != self.ROUTES[path]:
                 raise RequestError(405, f"{method} {path}: use {self.ROUTES[path]}", {"Allow": self.ROUTES[path]})
             if path == "/health":
                 self._json(200, self.server.generator.status())
             else:
-                self._generate()
+                self._generate(path == "/continue")
         except RequestError as e:
             self.close_connection = True
             self._error(e)
@@ -317,12 +507,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):
         self._route("HEAD")
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, max_bytes: int) -> bytes:
         """The request body: Content-Length bytes, or a chunked body (HTTP/1.1 chunked transfer coding) decoded;
-        either over max_body_bytes is refused with 413, a request with neither framing with 411."""
-        limits = self.server.generator.limits
+        either over max_bytes is refused with 413, a request with neither framing with 411."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked(limits.max_body_bytes)
+            return self._read_chunked(max_bytes)
         if self.headers.get("Content-Length") is None:
             raise RequestError(411, "a Content-Length header (or a chunked body) is required")
         try:
@@ -331,8 +520,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"bad Content-Length {self.headers['Content-Length']!r}") from None
         if length < 0:
             raise RequestError(400, f"bad Content-Length {length}")
-        if length > limits.max_body_bytes:
-            raise RequestError(413, f"the body is {length} bytes; the limit is {limits.max_body_bytes}")
+        if length > max_bytes:
+            raise RequestError(413, f"the body is {length} bytes; the limit is {max_bytes}")
         body = self.rfile.read(length)
         if len(body) != length:
             raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
@@ -364,21 +553,73 @@ class Handler(BaseHTTPRequestHandler):
                 return bytes(body)
         raise RequestError(400, "more than 100 trailer lines after the chunked body")
 
-    def _generate(self) -> None:
+    def _generate(self, continuation: bool = False) -> None:
+        """POST /generate, or /continue (continuation: the body's 'audio' is the prompt)."""
         generator = self.server.generator
-        prompt, settings = parse_request(self._read_body(), generator.limits)
+        limits = generator.limits
+        body = self._read_body(limits.max_continue_body_bytes if continuation else limits.max_body_bytes)
+        prompt, settings, options = parse_request(body, limits, CONTINUE_FIELDS if continuation else FIELDS)
+        audio = None
+        if continuation:
+            audio = decode_prompt_audio(options["audio"], generator.sample_rate, limits)
         start = time.time()
         try:
-            audio, generated_duration = generator.generate(prompt, settings)
+            if options["stream"]:
+                chunks, samples, generated = generator.stream(prompt, settings, audio)
+                return self._stream(chunks, samples, generated, start)
+            extra = {}
+            if continuation:
+                audio, generated = generator.continue_audio(prompt, settings, audio)
+            else:
+                audio, generated, extra = generator.generate(prompt, settings, options["rerank"])
         except RequestError:
             raise
         except Exception as e:  # a failed generation: the server keeps serving
             raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
         seconds = time.time() - start
-        headers = {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}"}
-        if generated_duration is not None:
-            headers["X-Generated-Duration"] = f"{generated_duration:g}"
+        headers = {"X-Sample-Rate": str(generator.sample_rate), "X-Generation-Seconds": f"{seconds:.3f}", **extra}
+        if generated is not None:
+            headers["X-Generated-Duration"] = f"{generated:g}"
         self._send(200, wav_bytes(audio, generator.sample_rate), "audio/wav", headers)
+
+    def _stream(self, chunks: Iterator[np.ndarray], samples: int, generated: Optional[float], start: float) -> None:
+        """A chunked 200 response: sent when the first audio chunk is ready (an error before it is a JSON
+        error as usual), the WAV header (with the final data size: samples) with that chunk's PCM, then each
+        chunk's PCM as it comes, then the trailer (X-Generation-Seconds, X-Time-To-First-Audio-Ms). A failure
+        after the headers ends the connection without the last chunk: the client sees a truncated body."""
+        generator = self.server.generator
+        try:
+            first = next(chunks)
+        except RequestError:
+            raise
+        except Exception as e:
+            raise RequestError(500, f"generation failed: {type(e).__name__}: {e}") from None
+        first_ms = f"{1000 * (time.time() - start):.1f}"
+        self.send_response(200)
+        headers = {"Content-Type": "audio/wav", "Transfer-Encoding": "chunked", "Connection": "close",
+                   "X-Sample-Rate": str(generator.sample_rate), "X-Time-To-First-Audio-Ms": first_ms,
+                   "Trailer": "X-Generation-Seconds, X-Time-To-First-Audio-Ms"}
+        if generated is not None:
+            headers["X-Generated-Duration"] = f"{generated:g}"
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            self._chunk(wav_header(samples, generator.sample_rate) + pcm_bytes(first))
+            for chunk in chunks:
+                self._chunk(pcm_bytes(chunk))
+        except Exception as e:  # the client went away, or the generation failed: no last chunk
+            chunks.close()
+            self.close_connection = True
+            self.log_message("stream ended early: %s: %s", type(e).__name__, e)
+            return
+        self.wfile.write(f"0\r\nX-Generation-Seconds: {time.time() - start:.3f}\r\n"
+                         f"X-Time-To-First-Audio-Ms: {first_ms}\r\n\r\n".encode())
+        self.wfile.flush()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
 
 class Server(ThreadingHTTPServer):
@@ -421,7 +662,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max_queue", type=int, default=4, help="requests that may wait; more get 503 at once")
     parser.add_argument("--max_duration", type=float, default=30.0, help="longest duration a request may ask (s)")
     parser.add_argument("--max_prompt_bytes", type=int, default=1000)
-    parser.add_argument("--max_body_bytes", type=int, default=16384)
+    parser.add_argument("--max_body_bytes", type=int, default=16384, help="a /generate body (a /continue body "
+                        "may hold the base64 of --max_prompt_audio_bytes more)")
+    parser.add_argument("--max_prompt_audio_bytes", type=int, default=2_000_000,
+                        help="a /continue prompt file (decoded); larger gets 413")
+    parser.add_argument("--max_prompt_audio_s", type=float, default=10.0,
+                        help="seconds of a /continue prompt; longer gets 413")
+    parser.add_argument("--max_rerank", type=int, default=8, help="most candidates 'rerank' may ask for")
     parser.add_argument("--queue_timeout", type=float, default=600.0, help="longest wait for a free model (s)")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds running generations get at shutdown")
     parser.add_argument("--no_verify", action="store_true", help="skip the bundle's SHA-256 checks at load")
@@ -436,7 +683,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--warm_durations={args.warm_durations!r}: give seconds separated by commas, e.g. 4,10,30")
     limits = Limits(max_duration_s=args.max_duration, max_prompt_bytes=args.max_prompt_bytes,
                     max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
-                    max_queue=args.max_queue, queue_timeout_s=args.queue_timeout)
+                    max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
+                    max_prompt_audio_bytes=args.max_prompt_audio_bytes, max_prompt_audio_s=args.max_prompt_audio_s,
+                    max_rerank=args.max_rerank)
 
     from musiclm_jax import serving
     start = time.time()

@@ -4,6 +4,9 @@
     model = serving.load("/bundles/musiclm")
     model.set_generation_params(duration_s=4.0, guidance_scale=3.0, seed=0)
     audio = model.generate(["calm piano", "loud rock drums"])     # [2, 4 s * model.sample_rate] float32
+    for chunk in model.generate_stream(["calm piano"]): ...       # [1, n] float32 chunks, the same samples
+    audio = model.generate(["calm piano"], rerank=4)              # the best of 4 by MuLan score
+    audio = model.generate_continuation(clip, ["calm piano"])     # clip [samples] at model.sample_rate
 
 The bundle's functions, exported with jax.export for a symbolic batch size, are plugged into the driver of
 pipeline.MusicLM (sliding windows, guidance and sampling: pipeline.sample_window), so a bundle gives the audio of
@@ -19,7 +22,9 @@ Bundle layout (FORMAT_VERSION 1; every file is listed in bundle.json with its si
     vocab/token_layouts.json    each stage's token layout, prefix/target groups, lengths, guidance groups
     params/<part>.npz           parameters only (no optimizer state, no training statistics), flattened to
                                 'a/b/c' keys; parts: mulan (text tower), mulan_rvq (codebooks), codec (decoder
-                                and codebooks), semantic, coarse, fine
+                                and codebooks), semantic, coarse, fine; optional (ENCODER_PARTS): codec_encoder,
+                                mulan_audio (audio tower), semantic_features (the feature model),
+                                semantic_kmeans (centres), semantic_normalization (mean, std)
     exported/<function>.jaxexp  jax.export serializations (symbolic batch 'b'); arguments (params, ...):
                                   mulan_embed_text(params, tokens [b, L] int32, mask [b, L] int32) -> [b, D]
                                   mulan_quantize(params, embeddings [b, D]) -> codes [b, levels] int32
@@ -27,10 +32,17 @@ Bundle layout (FORMAT_VERSION 1; every file is listed in bundle.json with its si
                                   <stage>_prefill(params, tokens [b, p], prefix_mask [b, p] bool,
                                                   slots int8 [c]) -> (logits [b, V], KV cache of capacity c)
                                   <stage>_step(params, tokens [b, 1], cache) -> (logits [b, V], cache)
+                                optional, for continuation and reranking (ENCODER_FUNCTIONS):
+                                  codec_encode(params, audio [b, s] float32) -> codes [b, ceil(s / hop), levels]
+                                  mulan_embed_audio(params, audio [b, window] float32) -> [b, D] at mulan's rate
+                                  semantic_features(params, audio [b, s] float32 at the tokenizer's rate)
+                                      -> features [b, t, d]
+                                  semantic_assign(params, normalised features [b, t, d]) -> ids [b, t] int32
     saved_model/<part>/         (with --saved_model) TF SavedModels of the same functions (jax2tf)
 
 Loading checks the format and version, then that every listed file exists and has its size and checksum, and
-names the file (or version) that does not.
+names the file (or version) that does not. The encoders are optional within format 1: a bundle without them (an
+older one, or `--no_encoders`) generates, and ServingModel.missing('continuation' | 'rerank') names what it lacks.
 """
 from __future__ import annotations
 
@@ -53,6 +65,13 @@ CONFIG_FILE = "config.gin"
 LAYOUTS_FILE = "vocab/token_layouts.json"
 TEXT_VOCAB_DIR = "vocab/text"
 PARTS = ("mulan", "mulan_rvq", "codec") + pipeline.STAGES
+ENCODER_PARTS = ("codec_encoder", "mulan_audio", "semantic_features", "semantic_kmeans", "semantic_normalization")
+# The optional functions: {function: the params part it takes first}.
+ENCODER_FUNCTIONS = {"codec_encode": "codec_encoder", "mulan_embed_audio": "mulan_audio",
+                     "semantic_features": "semantic_features", "semantic_assign": "semantic_kmeans"}
+# What each served feature needs beyond generation.
+FEATURE_FUNCTIONS = {"continuation": ("codec_encode", "semantic_features", "semantic_assign"),
+                     "rerank": ("mulan_embed_audio",)}
 
 
 def params_file(part: str) -> str:
@@ -186,12 +205,38 @@ def load_function(bundle_dir: str, name: str):
 
 # ------------------------------------------------------------------------------------------------ served parts
 class ServedMuLan:
-    """MuLan's text side from a bundle: captions -> conditioning tokens (what pipeline.MusicLM uses)."""
+    """MuLan from a bundle: captions -> conditioning tokens (what pipeline.MusicLM uses), and with the audio tower
+    (`audio`: {'params', 'function', and the manifest's sample_rate, window_samples, stride, batch_size,
+    short_clip_padding}) clip embeddings for reranking (pipeline.MusicLM.mulan_scores)."""
 
-    def __init__(self, tokenizer, text_length: int, params, rvq_params, embed_text, quantize):
+    def __init__(self, tokenizer, text_length: int, params, rvq_params, embed_text, quantize,
+                 audio: Optional[dict] = None):
         self.tokenizer, self.text_length = tokenizer, int(text_length)
         self.params, self.rvq_params = params, rvq_params
         self._embed_text, self._quantize = jax.jit(embed_text.call), jax.jit(quantize.call)
+        self.audio = audio
+        if audio is not None:
+            self._embed_windows = jax.jit(audio["function"].call)
+
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the audio embed_audio takes."""
+        return int(self._require_audio()["sample_rate"])
+
+    def _require_audio(self) -> dict:
+        if self.audio is None:
+            raise BundleError("this bundle has no MuLan audio tower (exported/mulan_embed_audio.jaxexp): export it "
+                              "again without --no_encoders")
+        return self.audio
+
+    def embed_audio(self, audio) -> np.ndarray:
+        """audio [batch, samples] (or [samples]) at sample_rate -> unit-norm clip embeddings [batch, D] (or [D]),
+        as mulan.MuLan.embed_audio (mulan.embed_clips: the mean over windows)."""
+        from musiclm_jax import mulan
+        a = self._require_audio()
+        return mulan.embed_clips(audio, a["window_samples"], a["stride"], a["short_clip_padding"],
+                                 lambda windows: mulan.embed_in_batches(
+                                     windows, a["batch_size"], lambda x: self._embed_windows(a["params"], x)))
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """captions -> [len(texts), dim] unit-norm embeddings."""
@@ -208,10 +253,22 @@ class ServedMuLan:
 class ServedCodec:
     """The codec's decoder from a bundle, with the attributes of codec.Codec that pipeline.MusicLM reads."""
 
-    def __init__(self, params, decode, sample_rate: int, hop_length: int, num_quantizers: int, codebook_size: int):
+    def __init__(self, params, decode, sample_rate: int, hop_length: int, num_quantizers: int, codebook_size: int,
+                 causal: bool = False, encoder_params=None, encode=None):
         self.params, self._decode = params, jax.jit(decode.call)
         self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
         self.num_quantizers, self.codebook_size = int(num_quantizers), int(codebook_size)
+        self.causal = bool(causal)  # a prefix of codes decodes to the whole's first samples (codec.Codec.causal)
+        self.encoder_params = encoder_params
+        self._encode = None if encode is None else jax.jit(encode.call)
+
+    def encode(self, audio) -> np.ndarray:
+        """audio [batch, samples] at sample_rate -> codes [batch, ceil(samples / hop_length), num_quantizers]
+        int32 (codec.Codec.encode with every level)."""
+        if self._encode is None:
+            raise BundleError("this bundle has no codec encoder (exported/codec_encode.jaxexp): export it again "
+                              "without --no_encoders")
+        return np.asarray(self._encode(self.encoder_params, np.asarray(audio, np.float32)))
 
     @property
     def frame_rate(self) -> float:
@@ -227,6 +284,24 @@ class ServedCodec:
         return np.asarray(self._decode(self.params, codes))
 
 
+class ServedSemanticTokenizer:
+    """The semantic tokenizer from a bundle (semantic.SemanticTokenizer.tokenize): the feature model's layer
+    features, normalised per dimension (numpy, as SemanticTokenizer), then the nearest k-means centre."""
+
+    def __init__(self, feature_params, features, normalization: dict, kmeans_params, assign, sample_rate: int,
+                 frame_rate: float):
+        self.feature_params, self.kmeans_params = feature_params, kmeans_params
+        self._features, self._assign = jax.jit(features.call), jax.jit(assign.call)
+        self.mean = np.asarray(normalization["mean"], np.float32)
+        self.std = np.asarray(normalization["std"], np.float32)
+        self.sample_rate, self.frame_rate = int(sample_rate), float(frame_rate)
+
+    def tokenize(self, audio) -> np.ndarray:
+        """audio [batch, samples] at sample_rate -> tokens [batch, frames] int32 at frame_rate."""
+        features = np.asarray(self._features(self.feature_params, np.asarray(audio, np.float32)))
+        return np.asarray(self._assign(self.kmeans_params, (features - self.mean) / self.std))
+
+
 class ServedStage(pipeline.Stage):
     """A stage from a bundle: its StageSpec as `model`, and the exported prefill and step as decoder functions."""
 
@@ -240,10 +315,11 @@ class ServedStage(pipeline.Stage):
 
 # ------------------------------------------------------------------------------------------------ the model
 class ServingModel:
-    """Text -> music from a bundle: generate(texts), set_generation_params(**kwargs), sample_rate.
+    """Text -> music from a bundle: generate(texts), generate_stream(texts), generate_continuation(audio, texts),
+    set_generation_params(**kwargs), sample_rate.
 
-    `musiclm` is the pipeline.MusicLM driving the served parts (story mode and melody work through it too;
-    continuation and reranking need the audio encoders, which a bundle does not hold)."""
+    `musiclm` is the pipeline.MusicLM driving the served parts (story mode and melody work through it too);
+    continuation and reranking need the bundle's audio encoders (missing() names what a bundle lacks)."""
 
     def __init__(self, musiclm: pipeline.MusicLM, manifest: dict, defaults: dict, bundle_dir: str):
         self.musiclm, self.manifest, self.bundle_dir = musiclm, manifest, bundle_dir
@@ -259,6 +335,19 @@ class ServingModel:
     def params(self) -> pipeline.GenerationParams:
         return self.musiclm.params
 
+    def missing(self, feature: str) -> list[str]:
+        """The exported functions `feature` ('continuation' or 'rerank') needs that this bundle does not hold
+        (empty: it can serve it)."""
+        return [f for f in FEATURE_FUNCTIONS[feature] if f not in self.manifest.get("functions", {})]
+
+    def _require(self, feature: str) -> None:
+        missing = self.missing(feature)
+        if missing:
+            raise BundleError(f"{self.bundle_dir}: {feature} needs {', '.join(function_file(f) for f in missing)}, "
+                              f"which this bundle does not hold; export it again with this musiclm_jax (without "
+                              f"--no_encoders"
+                              f"{', with a SEMANTIC_TOKENIZER' if 'semantic_features' in missing else ''})")
+
     def set_generation_params(self, **kwargs) -> None:
         """Sets fields of pipeline.GenerationParams (duration_s, temperature, top_k, top_p, guidance_scale,
         seed)."""
@@ -269,16 +358,37 @@ class ServingModel:
         self.musiclm.params = pipeline.GenerationParams()
         self.musiclm.set_generation_params(**self.defaults)
 
-    def generate(self, texts: Sequence[str], melody: Optional[np.ndarray] = None) -> np.ndarray:
-        """Captions -> audio [len(texts), duration_s * sample_rate] float32 (pipeline.MusicLM.generate)."""
-        return self.musiclm.generate(texts, melody=melody)
+    def generate(self, texts: Sequence[str], melody: Optional[np.ndarray] = None, rerank: int = 1,
+                 return_details: bool = False):
+        """Captions -> audio [len(texts), duration_s * sample_rate] float32 (pipeline.MusicLM.generate; rerank=N
+        keeps the best of N candidates by MuLan score, which needs the audio tower; return_details: the
+        pipeline.GenerationResult with the scores [B, N] and choice [B])."""
+        if rerank != 1:
+            self._require("rerank")
+        return self.musiclm.generate(texts, rerank=rerank, melody=melody, return_details=return_details)
+
+    def generate_stream(self, texts: Sequence[str], melody: Optional[np.ndarray] = None):
+        """generate's audio as consecutive chunks [len(texts), n] float32 (pipeline.MusicLM.generate_stream)."""
+        return self.musiclm.generate_stream(texts, melody=melody)
+
+    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """prompt_audio [B or 1, samples] (or [samples]) at sample_rate continued under the captions -> audio
+        [B, duration_s * sample_rate] float32 (pipeline.MusicLM.generate_continuation)."""
+        self._require("continuation")
+        return self.musiclm.generate_continuation(prompt_audio, texts)
+
+    def generate_continuation_stream(self, prompt_audio: np.ndarray, texts: Sequence[str]):
+        """generate_continuation's audio as consecutive chunks [B, n] float32."""
+        self._require("continuation")
+        return self.musiclm.generate_continuation_stream(prompt_audio, texts)
 
     def fork(self) -> "ServingModel":
         """Another model sharing the loaded functions and parameters, with its own generation settings (one per
         concurrent request)."""
         m = self.musiclm
         stages = [m.stages[name] for name in pipeline.STAGES]
-        musiclm = pipeline.MusicLM(m.mulan, m.codec, *stages, log=None, **_rates(self.manifest))
+        musiclm = pipeline.MusicLM(m.mulan, m.codec, *stages, log=None, semantic_tokenizer=m.semantic_tokenizer,
+                                   **_rates(self.manifest))
         forked = ServingModel(musiclm, self.manifest, self.defaults, self.bundle_dir)
         musiclm.set_generation_params(**dataclasses.asdict(m.params))
         return forked
@@ -297,19 +407,35 @@ def load(bundle_dir: str, verify: bool = True, log=None) -> ServingModel:
             return jax.device_put(load_tree(path(params_file(part))))
         except Exception as e:
             raise BundleError(f"{path(params_file(part))}: cannot read the parameters ({e})") from None
-    functions = {name: load_function(bundle_dir, name) for name in function_parts()}
+    listed = manifest.get("functions", {})
+    functions = {name: load_function(bundle_dir, name)
+                 for name in list(function_parts()) + [n for n in ENCODER_FUNCTIONS if n in listed]}
     with open(path(LAYOUTS_FILE)) as f:
         specs = {name: pipeline.StageSpec.from_json(d) for name, d in json.load(f).items()}
     with open(path(GENERATION_FILE)) as f:
         defaults = json.load(f)
     m, c = manifest["mulan"], manifest["codec"]
+    audio_tower = None
+    if "mulan_embed_audio" in functions:
+        audio_tower = {"params": params("mulan_audio"), "function": functions["mulan_embed_audio"],
+                       **{k: m[k] for k in ("sample_rate", "window_samples", "stride", "batch_size",
+                                            "short_clip_padding")}}
     mulan = ServedMuLan(text_vocab.TextTokenizer(path(m["tokenizer"])), m["text_length"], params("mulan"),
-                        params("mulan_rvq"), functions["mulan_embed_text"], functions["mulan_quantize"])
+                        params("mulan_rvq"), functions["mulan_embed_text"], functions["mulan_quantize"], audio_tower)
+    encode = functions.get("codec_encode")
     codec = ServedCodec(params("codec"), functions["codec_decode"], manifest["sample_rate"], c["hop_length"],
-                        c["num_quantizers"], c["codebook_size"])
+                        c["num_quantizers"], c["codebook_size"], c.get("causal", False),
+                        None if encode is None else params("codec_encoder"), encode)
+    tokenizer = None
+    if "semantic_features" in functions and "semantic_assign" in functions:
+        t = manifest["semantic_tokenizer"]
+        tokenizer = ServedSemanticTokenizer(params("semantic_features"), functions["semantic_features"],
+                                            load_tree(path(params_file("semantic_normalization"))),
+                                            params("semantic_kmeans"), functions["semantic_assign"],
+                                            t["sample_rate"], t["frame_rate"])
     stages = [ServedStage(specs[name], params(name), name, functions[f"{name}_prefill"], functions[f"{name}_step"])
               for name in pipeline.STAGES]
-    musiclm = pipeline.MusicLM(mulan, codec, *stages, log=log, **_rates(manifest))
+    musiclm = pipeline.MusicLM(mulan, codec, *stages, log=log, semantic_tokenizer=tokenizer, **_rates(manifest))
     return ServingModel(musiclm, manifest, defaults, bundle_dir)
 
 

@@ -40,7 +40,9 @@ def frame(audio: jax.Array, frame_length: int, hop: int) -> jax.Array:
         chunks = num_frames - 1 + ratio
         blocks = audio[:, :chunks * hop].reshape(audio.shape[0], chunks, hop)
         return jnp.concatenate([blocks[:, j:j + num_frames] for j in range(ratio)], axis=-1)
-    index = np.arange(num_frames)[:, None] * hop + np.arange(frame_length)[None, :]
+    # A symbolic number of frames (a length-polymorphic jax.export) needs jnp.arange; a known one keeps the constant.
+    arange = np.arange if isinstance(num_frames, (int, np.integer)) else jnp.arange
+    index = arange(num_frames)[:, None] * hop + np.arange(frame_length)[None, :]
     return audio[:, index]
 
 

@@ -1,7 +1,8 @@
 """Export bundles (musiclm_jax.export) and generation from them (musiclm_jax.serving) on tiny random-init models:
 the bundle's audio is bit-identical to MusicLM.generate's (sliding windows, guidance 3, several prompts), served
 from another process that imports neither Flax, gin, orbax nor TensorFlow; the exported functions take any batch
-size; the bundle holds parameters only; a wrong format version, a missing or corrupt file fail at load naming it;
+size; continuation and reranking through the exported encoders are MusicLM's too; the bundle holds parameters
+only; a wrong format version, a missing or corrupt file fail at load naming it;
 the TF SavedModels (--saved_model) match JAX."""
 import json
 import os
@@ -68,7 +69,20 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
             shapes = jax.eval_shape(lambda: partitioning.unbox(model.get_initial_variables(
                 jax.random.key(0), model.input_shapes(1))))
             stages.append(pipeline.Stage(model, random_like(shapes["params"], 3 + i), name))
-    return pipeline.MusicLM(mulan, codec, *stages, log=None)
+    return pipeline.MusicLM(mulan, codec, *stages, log=None, semantic_tokenizer=tiny_semantic_tokenizer())
+
+
+def tiny_semantic_tokenizer():
+    """The tiny w2v-BERT (random weights), layer 3 with the pitch-class profile, and 64 random k-means centres
+    (the tiny semantic stage's vocabulary), as gin/semantic/kmeans_tiny.gin fits them: what continuation needs."""
+    from musiclm_jax import semantic
+    model = gin_model("gin/w2v_bert/tiny.gin")
+    shapes = jax.eval_shape(lambda: partitioning.unbox(model.get_initial_variables(jax.random.key(0),
+                                                                                   model.input_shapes(1))))
+    features = semantic.FeatureExtractor(model, random_like(shapes["params"], 6), 3, pitch_classes=True)
+    dim, rng = model.network.embed_dim + 12, np.random.RandomState(7)
+    return semantic.SemanticTokenizer(features, rng.standard_normal(dim) * 0.1, 1 + rng.random_sample(dim),
+                                      rng.standard_normal((64, dim)), pitch_class_share=0.75)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +164,31 @@ def test_a_bundle_follows_a_melody_as_musiclm_generate_does(musiclm, bundle):
     assert not np.array_equal(audio, musiclm.generate(PROMPTS[:1]))  # the melody changed the music
 
 
+def test_a_bundle_continues_and_reranks_as_musiclm_does(musiclm, bundle):
+    """The exported encoders (codec encoder, w2v-BERT layer + k-means, MuLan audio tower): a continuation and a
+    reranked generation give MusicLM's audio bit for bit, and the same MuLan scores and choice."""
+    from musiclm_jax.data import synthetic_music
+    served = serving.load(str(bundle))
+    assert all(not served.missing(f) for f in ("continuation", "rerank"))
+    clip = synthetic_music.generate_clip(4, seconds=0.9, sample_rate=24000)["audio"]
+    for model in (served, musiclm):
+        model.set_generation_params(temperature=(1.0, 0.95, 0.4), top_k=0, top_p=1.0, **SETTINGS)
+    want = musiclm.generate_continuation(clip, PROMPTS[:2])
+    np.testing.assert_array_equal(served.generate_continuation(clip, PROMPTS[:2]), want)
+    audio = np.stack([clip, clip[::-1]])
+    np.testing.assert_array_equal(served.musiclm.codec.encode(audio), musiclm.codec.encode(audio))
+    tokenizer = served.musiclm.semantic_tokenizer
+    resampled = np.random.RandomState(0).uniform(-0.5, 0.5, (2, 640 * 23)).astype(np.float32)
+    np.testing.assert_array_equal(tokenizer.tokenize(resampled), musiclm.semantic_tokenizer.tokenize(resampled))
+    np.testing.assert_array_equal(served.musiclm.mulan.embed_audio(audio[:, :16000]),
+                                  musiclm.mulan.embed_audio(audio[:, :16000]))
+    want = musiclm.generate(PROMPTS[:2], rerank=2, return_details=True)
+    got = served.generate(PROMPTS[:2], rerank=2, return_details=True)
+    np.testing.assert_array_equal(got.audio, want.audio)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.choice, want.choice)
+
+
 def test_exported_functions_have_a_symbolic_batch(musiclm, bundle):
     served = serving.load(str(bundle))
     for name in serving.function_parts():
@@ -198,6 +237,12 @@ def test_bundle_holds_parameters_only(musiclm, bundle, stage_dirs):
         assert "quantizer/quantizer/codebook" in keys
     with np.load(bundle / serving.params_file("mulan")) as f:  # the text tower only
         assert f.files and not any("audio" in k or "logit_scale" in k for k in f.files)
+    with np.load(bundle / serving.params_file("mulan_audio")) as f:  # the audio tower apart
+        assert f.files and not any("text" in k for k in f.files)
+    with np.load(bundle / serving.params_file("codec_encoder")) as f:  # the encoder and codebooks, no decoder
+        keys = [k for k in f.files if k != "__dtypes__"]
+        assert keys and all(k.startswith("params/encoder/") or k.startswith("quantizer/") for k in keys)
+    assert set(serving.ENCODER_FUNCTIONS) <= set(manifest["functions"])
     for path in manifest["files"]:
         assert not any(word in path for word in ("opt_state", "checkpoint", "discriminator"))
     assert json.loads((bundle / serving.GENERATION_FILE).read_text())["duration_s"] == 2.4

@@ -1,6 +1,8 @@
 """The HTTP server (musiclm_jax.serve): a WAV of the bundle's audio at its rate and the requested length, every
 class of bad request answered 4xx with a JSON message, the concurrency bound (a request past it refused with 503
-at once), graceful shutdown, and the command line (health, SIGTERM)."""
+at once), graceful shutdown, and the command line (health, SIGTERM); streamed responses (chunked, the same bytes),
+continuation and reranking from the bundle (the model's audio), and a bundle without the encoders (501)."""
+import base64
 import http.client
 import io
 import json
@@ -342,3 +344,156 @@ def test_serve_load_benchmark_gets_every_request_answered(bundle_dir):
     assert result["status_counts"] == {"200": 32} and result["unexpected"] == 0
     assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] and result["audio_seconds_per_s"] > 0
     assert result["server_peak_rss_bytes"] > 50e6
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def raw_chunked(server, path: str, request: dict):
+    """POST over a raw socket -> (status, headers {name: value}, [chunk payloads], trailers {name: value}),
+    the chunked body read chunk by chunk as sent."""
+    body = json.dumps(request).encode()
+    with socket.create_connection((server.host, server.port), timeout=300) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        f = sock.makefile("rb")
+        status = int(f.readline().split()[1])
+        headers = {}
+        for line in iter(f.readline, b"\r\n"):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip()] = value.strip()
+        chunks, trailers = [], {}
+        if headers.get("Transfer-Encoding") != "chunked":
+            return status, headers, [f.read(int(headers["Content-Length"]))], trailers
+        while True:
+            size = int(f.readline().split(b";")[0], 16)
+            if size == 0:
+                break
+            chunks.append(f.read(size))
+            assert f.read(2) == b"\r\n"
+        for line in iter(f.readline, b"\r\n"):
+            name, _, value = line.decode().partition(":")
+            trailers[name.strip()] = value.strip()
+        return status, headers, chunks, trailers
+
+
+def prompt_wav(seconds: float, rate: int = 24000) -> tuple[str, np.ndarray]:
+    """(a base64 16-bit WAV of a synthetic clip, the float audio soundfile reads back from it)."""
+    from musiclm_jax.data import synthetic_music
+    clip = synthetic_music.generate_clip(5, seconds=seconds, sample_rate=rate)["audio"]
+    data = serve.wav_bytes(clip, rate)
+    return base64.b64encode(data).decode(), soundfile.read(io.BytesIO(data), dtype="float32")[0]
+
+
+def test_streamed_wav_is_the_whole_wav_in_chunks(bundle_dir, running):
+    """2.4 s: 120 codec frames, fine windows ending at frames 50, 75, 100 and 120, so 4 chunks of PCM (the tiny
+    codec is causal); the bytes are those of the non-streamed response for the same seed, generation and
+    continuation alike, and the first audio comes before the whole."""
+    model = serving.load(str(bundle_dir))
+    server = running(model)
+    request = {"prompt": "a calm piano melody", "duration": 2.4, "seed": 3}
+    status, headers, whole = server.request("POST", "/generate", request)
+    assert status == 200
+    status, headers, chunks, trailers = raw_chunked(server, "/generate", dict(request, stream=True))
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
+    assert headers["Content-Type"] == "audio/wav" and headers["X-Sample-Rate"] == "24000"
+    assert [len(c) for c in chunks] == [44 + 2 * 24000, 2 * 12000, 2 * 12000, 2 * 9600]
+    assert b"".join(chunks) == whole  # the header's sizes are the whole clip's; every sample the same
+    first_ms, total_s = float(headers["X-Time-To-First-Audio-Ms"]), float(trailers["X-Generation-Seconds"])
+    assert trailers["X-Time-To-First-Audio-Ms"] == headers["X-Time-To-First-Audio-Ms"]
+    assert 0 < first_ms < 1000 * total_s
+    # http.client reads the chunked body as one WAV.
+    status, headers, body = server.request("POST", "/generate", dict(request, stream=True))
+    assert status == 200 and body == whole
+    # Continuation (0.8 s: 40 known codec frames; fine windows end at 65, 90, 120): the prompt's frames decode
+    # with the first new window.
+    request = {"prompt": "the same, louder", "duration": 2.4, "seed": 4, "audio": prompt_wav(0.8)[0]}
+    status, _, whole = server.request("POST", "/continue", request)
+    assert status == 200, whole
+    status, headers, chunks, _ = raw_chunked(server, "/continue", dict(request, stream=True))
+    assert status == 200 and [len(c) for c in chunks] == [44 + 2 * 65 * 480, 2 * 25 * 480, 2 * 30 * 480]
+    assert b"".join(chunks) == whole
+    assert json.loads(server.request("GET", "/health")[2])["running"] == 0
+
+
+def test_continue_and_rerank_give_the_models_audio(bundle_dir, running):
+    model = serving.load(str(bundle_dir))
+    server = running(model, max_rerank=4)
+    health = json.loads(server.request("GET", "/health")[2])
+    assert health["serves"] == {"continuation": True, "rerank": True}
+    encoded, audio = prompt_wav(0.9)
+    status, headers, body = server.request("POST", "/continue", {"prompt": "the same, louder", "duration": 2.0,
+                                                                 "seed": 5, "audio": encoded})
+    assert status == 200, body
+    rate, pcm = read_wav(body)
+    model.reset_generation_params()
+    model.set_generation_params(duration_s=2.0, seed=5)
+    want = model.generate_continuation(audio, ["the same, louder"])
+    assert len(pcm) == 2 * 24000
+    np.testing.assert_array_equal(pcm, audio_io.pcm16(want[0]))
+    # The prompt's 22 whole semantic frames (0.88 s) come back as the codec reconstructs them, not as silence.
+    assert np.std(pcm[:int(0.88 * 24000)]) > 0
+    status, headers, body = server.request("POST", "/generate", {"prompt": "loud rock drums", "duration": 1.0,
+                                                                 "seed": 6, "rerank": 3})
+    assert status == 200, body
+    model.reset_generation_params()
+    model.set_generation_params(duration_s=1.0, seed=6)
+    result = model.generate(["loud rock drums"], rerank=3, return_details=True)
+    np.testing.assert_array_equal(read_wav(body)[1], audio_io.pcm16(result.audio[0]))
+    scores = json.loads(headers["X-Rerank-Scores"])
+    np.testing.assert_allclose(scores, result.scores[0], rtol=0, atol=1e-6)  # 6 decimals in the header
+    assert int(headers["X-Rerank-Choice"]) == int(result.choice[0]) == int(np.argmax(scores))
+    # A prompt not shorter than the duration is the pipeline's 400.
+    status, _, body = server.request("POST", "/continue", {"prompt": "x", "duration": 0.5, "audio": encoded})
+    assert status == 400 and "'audio': the prompt (0.90 s) is not shorter than duration_s=0.5" in \
+        json.loads(body)["error"]
+
+
+def test_a_bundle_without_encoders_generates_and_answers_501(bundle_dir, running, tmp_path):
+    """An older bundle (or one exported with --no_encoders): its manifest lists no encoder functions."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(bundle_dir, old)
+    manifest = json.loads((old / "bundle.json").read_text())
+    for name in serving.ENCODER_FUNCTIONS:
+        del manifest["functions"][name]
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    server = running(serving.load(str(old)))
+    assert json.loads(server.request("GET", "/health")[2])["serves"] == {"continuation": False, "rerank": False}
+    status, _, body = server.request("POST", "/continue", {"prompt": "x", "duration": 1.0,
+                                                           "audio": prompt_wav(0.5)[0]})
+    assert status == 501 and "exported/codec_encode.jaxexp, exported/semantic_features.jaxexp" in \
+        json.loads(body)["error"]
+    status, _, body = server.request("POST", "/generate", {"prompt": "x", "duration": 1.0, "rerank": 2})
+    assert status == 501 and "exported/mulan_embed_audio.jaxexp" in json.loads(body)["error"]
+    status, _, body = server.request("POST", "/generate", {"prompt": "x", "duration": 0.5})
+    assert status == 200 and len(read_wav(body)[1]) == 12000
+
+
+def test_bad_continue_and_stream_requests_name_the_field(running):
+    server = running(SlowModel(), max_prompt_audio_bytes=60000, max_prompt_audio_s=1.0, max_rerank=4)
+    encoded, _ = prompt_wav(0.5, 16000)  # 16044 bytes
+    long_clip, _ = prompt_wav(1.5, 16000)  # 48044 bytes, 1.5 s
+    big = base64.b64encode(b"\0" * 60001).decode()
+    cases = [
+        ("/continue", {"prompt": "x"}, 400, "missing field 'audio'"),
+        ("/continue", {"prompt": "x", "audio": 3}, 400, "'audio' must be a base64 string"),
+        ("/continue", {"prompt": "x", "audio": "no base64!"}, 400, "'audio' is not valid base64"),
+        ("/continue", {"prompt": "x", "audio": base64.b64encode(b"RIFF....WAVEjunk").decode()}, 400,
+         "'audio' is not a decodable audio file"),
+        ("/continue", {"prompt": "x", "audio": big}, 413, "'audio' is 60001 bytes; the limit is 60000"),
+        ("/continue", {"prompt": "x", "audio": long_clip}, 413, "'audio' is 1.50 s long; the limit is 1 s"),
+        ("/continue", {"prompt": "x", "audio": encoded, "rerank": 2}, 400, r"unknown field\(s\) \['rerank'\]"),
+        ("/continue", {"audio": encoded}, 400, "missing field 'prompt'"),
+        ("/generate", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be true or false"),
+        ("/generate", {"prompt": "x", "rerank": 5}, 400, r"'rerank'=5 is out of range: it must be in \[1, 4\]"),
+        ("/generate", {"prompt": "x", "rerank": 2, "stream": True}, 400, "'rerank' > 1 cannot stream"),
+        ("/generate", {"prompt": "x", "audio": "AAAA"}, 400, r"unknown field\(s\) \['audio'\]"),
+        ("/continue", {"prompt": "x", "audio": encoded}, 501, "this model does not serve continuation"),
+    ]
+    for path, request, want_status, message in cases:
+        status, _, data = server.request("POST", path, request)
+        reply = json.loads(data)
+        assert (status, reply["status"]) == (want_status, want_status), (path, str(request)[:60], reply)
+        assert re.search(message, reply["error"]), (message, reply["error"])
+    # The /continue body limit makes room for the base64 of the largest prompt file; /generate's does not.
+    assert serve.Limits(max_prompt_audio_bytes=60000).max_continue_body_bytes == 16384 + 80000
+    status, _, data = server.request("POST", "/continue", json.dumps({"prompt": "x", "audio": "A" * 100000}))
+    assert status == 413 and "the limit is 96384" in json.loads(data)["error"]
