@@ -130,7 +130,6 @@ def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tupl
     stored as the 'semantic_normalization' part, applied in numpy as SemanticTokenizer does."""
     from jax import export
     functions, params = {}, {}
-    b, = export.symbolic_shape("b")
     codec, mulan = musiclm.codec, musiclm.mulan
     levels, hop = codec.num_quantizers, codec.hop_length
     network = codec.network

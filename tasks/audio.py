@@ -47,23 +47,11 @@ _CHECK_OPTIONS = {"bad_input": str, "require_captions": lambda v: v.lower() in (
 _CARVE_OPTIONS = ("validation_fraction", "test_fraction")
 
 
-def random_crop(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
-    """Crops 'audio' to sequence_length['audio'] samples at a seeded random offset (zero-pads short clips)."""
-    length = sequence_length["audio"]
-
-    @seqio.map_over_dataset(num_seeds=1)
-    def crop(ex, seed):
-        audio = ex["audio"]
-        audio = tf.pad(audio, [[0, tf.maximum(0, length - tf.shape(audio)[0])]])
-        start = tf.random.stateless_uniform([], seed, 0, tf.shape(audio)[0] - length + 1, tf.int32)
-        return dict(ex, audio=audio[start:start + length])
-    return crop(dataset)
-
-
 def random_crops(dataset: tf.data.Dataset, sequence_length, max_crops: int) -> tf.data.Dataset:
     """Each clip -> k examples, k = clamp(clip samples // sequence_length['audio'], 1, max_crops), each cropped
-    to sequence_length['audio'] samples at its own seeded random offset (uniform, as `random_crop`'s; crops may
-    overlap; a short clip is zero-padded and gives one). The other features are repeated."""
+    to sequence_length['audio'] samples at its own seeded random offset (uniform; crops may overlap; a short clip
+    is zero-padded and gives one). The other features are repeated. With max_crops 1 (folders, MusicCaps) the
+    crop is the one a scalar draw from the same seed gives: stateless_uniform([1]) starts as stateless_uniform([])."""
     length = sequence_length["audio"]
 
     @seqio.map_over_dataset(num_seeds=1)
@@ -171,9 +159,8 @@ def register_raw_audio_task(name: str) -> seqio.Task:
         source, preprocessors = _synthetic_source(rate), []
     else:
         source, preprocessors = _tfds_source(kind, rate, path, dict(options)), [pcm_to_float]
-    crop = random_crop
-    if kind == "synthetic_music":
-        crop = functools.partial(random_crops, max_crops=SYNTHETIC_CROPS_PER_CLIP)
+    crops_per_clip = SYNTHETIC_CROPS_PER_CLIP if kind == "synthetic_music" else 1
+    crop = functools.partial(random_crops, max_crops=crops_per_clip)
     preprocessors += [seqio.CacheDatasetPlaceholder(), crop, normalize_loudness]
     return seqio.TaskRegistry.add(registered, source=source, output_features=_audio_features(),
                                   preprocessors=preprocessors, shuffle_buffer_size=64)

@@ -173,16 +173,16 @@ def peak_phases(magnitude: jax.Array, n_fft: int, hop: int) -> jax.Array:
     is_peak = (mid > low) & (mid >= high) & (curvature < 0)
     offset = jnp.where(is_peak, 0.5 * (low - high) / jnp.where(is_peak, curvature, -1.0), 0.0)
     centre = jnp.arange(bins, dtype=jnp.float32)
-    frequency = centre + jnp.pad(offset, ((0, 0), (0, 0), (1, 1)))  # [batch, frames, bins], in bins
-    strength = jnp.pad(jnp.where(is_peak, magnitude[..., 1:-1], -1.0), ((0, 0), (0, 0), (1, 1)),
-                       constant_values=-1.0)
     reach = PEAK_REACH_BINS
-    padded_strength = jnp.pad(strength, ((0, 0), (0, 0), (reach, reach)), constant_values=-1.0)
-    padded_frequency = jnp.pad(frequency, ((0, 0), (0, 0), (reach, reach)))
-    candidates = jnp.stack([padded_strength[..., s:s + bins] for s in range(2 * reach + 1)])  # [2r+1, ...]
-    choice = jnp.argmax(candidates, axis=0)
-    chosen = jnp.take_along_axis(jnp.stack([padded_frequency[..., s:s + bins] for s in range(2 * reach + 1)]),
-                                 choice[None], axis=0)[0]
+    # Bins 1..bins-2 padded to span bin -reach..bins-1+reach; outside them nothing is a peak (strength -1).
+    pad = ((0, 0), (0, 0), (1 + reach, 1 + reach))
+    strength = jnp.pad(jnp.where(is_peak, magnitude[..., 1:-1], -1.0), pad, constant_values=-1.0)
+    frequency = jnp.pad(centre[1:-1] + offset, pad)  # in bins
+
+    def neighbours(x):  # [..., bins + 2 reach] -> [2 reach + 1, ..., bins]: x at bin + s - reach
+        return jnp.stack([x[..., s:s + bins] for s in range(2 * reach + 1)])
+    candidates = neighbours(strength)
+    chosen = jnp.take_along_axis(neighbours(frequency), jnp.argmax(candidates, axis=0)[None], axis=0)[0]
     frequency = jnp.where(jnp.max(candidates, axis=0) > 0, chosen, centre)
     advance = 2 * math.pi * frequency * (hop / n_fft)  # radians per frame
     return jnp.cumsum(advance, axis=1) - advance[:, :1]
