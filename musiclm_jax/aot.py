@@ -18,6 +18,7 @@ compiles the train step with its shardings, and prints one JSON line:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -64,11 +65,7 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
     """Compiles the train step for `topology` and returns the report (see module docstring)."""
     from musiclm_jax.train import make_train_setup
 
-    devices = topology_devices(topology)
-    kind = devices[0].device_kind
-    if kind not in TPU_CHIPS:
-        raise ValueError(f"no chip specification for device kind {kind!r}; known: {sorted(TPU_CHIPS)}")
-    chips = len({tuple(d.coords) for d in devices})
+    devices, kind, chips = _chip_layout(topology)
     devices_per_chip = len(devices) // chips
     mesh = partitioning.create_mesh(mesh_config, devices)
     partitioner = partitioning.Partitioner(mesh, logical_axis_rules)
@@ -120,11 +117,146 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
     }
 
 
+def _chip_layout(topology: str):
+    devices = topology_devices(topology)
+    kind = devices[0].device_kind
+    if kind not in TPU_CHIPS:
+        raise ValueError(f"no chip specification for device kind {kind!r}; known: {sorted(TPU_CHIPS)}")
+    chips = len({tuple(d.coords) for d in devices})
+    return devices, kind, chips
+
+
+def _semantic_fit_settings(fit_gin: str) -> dict[str, Any]:
+    """layer, frame_pooling, num_clusters and pitch_class_share of a semantic fit gin file."""
+    from musiclm_jax import semantic  # noqa: F401  (registers the configurable the file binds)
+    with gin_utils.private_config():
+        gin_utils.parse_gin([fit_gin], ["FEATURE_CHECKPOINT = None", "OUTPUT_DIR = None"], finalize=False)
+        return gin_utils.bound_arguments(
+            "semantic.fit_semantic_tokenizer", ("layer", "frame_pooling", "num_clusters", "pitch_class_share"),
+            {"frame_pooling": 1, "pitch_class_share": 0.0})
+
+
+def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: partitioning.Partitioner):
+    """(TokenizationForward, abstract variables with their shardings on the partitioner's mesh, parameter counts
+    {tokenizer: n}) of a tokenize_forward.aot_setup. Parameters are laid out by each model's logical axis rules; the
+    k-means centres, normalisation and RVQ codebooks are replicated."""
+    from musiclm_jax import checkpoint_loading, semantic, tokenize_forward
+
+    def abstract(model):
+        return checkpoint_loading.abstract_variables(model, partitioner)
+
+    def replicated(shape):
+        return jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=partitioner.replicated())
+
+    def count(tree):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+    codec_model = tokenize_forward.model_from_gin(setup["codec_gin"])
+    codec_abstract = abstract(codec_model)
+    variables = {"codec": codec_model.variables(codec_abstract["params"], codec_abstract)}
+    params = {"codec_encoder_and_decoder": count(variables["codec"]["params"])}
+    features = mulan_model = None
+    stride = 16000
+    if setup["semantic_gin"]:
+        if not setup["semantic_fit_gin"]:
+            raise ValueError("tokenize_forward.aot_setup: semantic_gin needs semantic_fit_gin (its layer and clusters)")
+        fit = _semantic_fit_settings(setup["semantic_fit_gin"])
+        feature_model = tokenize_forward.model_from_gin(setup["semantic_gin"])
+        feature_params = abstract(feature_model)["params"]
+        features = semantic.FeatureExtractor(feature_model, None, fit["layer"], fit["frame_pooling"],
+                                             pitch_classes=fit["pitch_class_share"] > 0)
+        shapes = tokenize_forward.semantic_variables_shapes(features, feature_params, fit["num_clusters"])
+        variables["semantic"] = {"params": feature_params,
+                                 **{k: replicated(shapes[k].shape) for k in ("mean", "std", "centroids")}}
+        params["semantic"] = count(feature_params)
+    if setup["mulan_gin"]:
+        mulan_model = tokenize_forward.model_from_gin(setup["mulan_gin"])
+        mulan_params = tokenize_forward.mulan_audio_params(abstract(mulan_model)["params"])
+        stride = int(round(mulan_model.sample_rate))  # MuLan's 1 s window hop (mulan.MuLan's stride_seconds)
+        variables["mulan"] = {"params": mulan_params, "codebooks": replicated(
+            (setup["mulan_rvq_levels"], setup["mulan_rvq_codebook_size"], mulan_model.network.embed_dim))}
+        params["mulan_audio_tower"] = count(mulan_params)
+    forward = tokenize_forward.TokenizationForward(codec_model.generator, codec_model.sample_rate, features,
+                                                   mulan_model, stride)
+    return forward, variables, params
+
+
+def compile_tokenization_for_topology(*, setup: dict[str, Any], topology: str) -> dict[str, Any]:
+    """Compiles the tokenization job's device work (tokenize_forward.TokenizationForward) on a global batch of
+    chunks laid over the data axes of `topology`, and returns its report (see the module docstring)."""
+    from musiclm_jax import flops as flops_lib
+
+    devices, kind, chips = _chip_layout(topology)
+    mesh = partitioning.create_mesh(setup["mesh_config"], devices)
+    partitioner = partitioning.Partitioner(mesh, setup["logical_axis_rules"])
+    batch_size, chunk_seconds = int(setup["batch_size"]), float(setup["chunk_seconds"])
+    partitioner.check_global_batch(batch_size, "tokenize_forward.aot_setup.batch_size")
+    forward, variables, params = tokenization_forward_and_variables(setup, partitioner)
+    audio = {rate: jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=partitioner.batch_sharding(2))
+             for rate, shape in forward.input_shapes(batch_size, chunk_seconds).items()}
+    with partitioner.activate():
+        flops_by = {"total": flops_lib.matmul_flops(forward, variables, audio)}
+        if forward.features is not None or forward.mulan_model is not None:
+            codec_only = dataclasses.replace(forward, features=None, mulan_model=None)
+            flops_by["codec"] = flops_lib.matmul_flops(codec_only, variables, audio)
+        if forward.features is not None:
+            flops_by["semantic"] = flops_lib.matmul_flops(
+                dataclasses.replace(forward, mulan_model=None), variables, audio) - flops_by["codec"]
+        if forward.mulan_model is not None:
+            flops_by["mulan"] = flops_lib.matmul_flops(
+                dataclasses.replace(forward, features=None), variables, audio) - flops_by["codec"]
+        start = time.perf_counter()
+        compiled = jax.jit(forward).lower(variables, audio).compile()
+    compile_seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                  - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
+    per_chip = int(per_device * (len(devices) // chips))
+    chip = TPU_CHIPS[kind]
+    min_batch_seconds = flops_by["total"] / chips / chip["peak_bf16_flops"]
+    audio_seconds_per_second = batch_size * chunk_seconds / min_batch_seconds
+    return {
+        "job": "tokenize",
+        "topology": topology,
+        "device_kind": kind,
+        "num_chips": chips,
+        "num_devices": len(devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "batch_size": batch_size,
+        "chunk_seconds": chunk_seconds,
+        "inputs": {f"{rate}Hz": list(a.shape) for rate, a in audio.items()},
+        "params": params,
+        "per_chip_bytes": per_chip,
+        "per_chip_breakdown": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                               "temporaries": int(mem.temp_size_in_bytes), "aliased": int(mem.alias_size_in_bytes)},
+        "hbm_bytes_per_chip": chip["hbm_bytes"],
+        "fits": per_chip <= chip["hbm_bytes"],
+        "headroom": 1.0 - per_chip / chip["hbm_bytes"],
+        "matmul_flops_per_chunk": {k: v / batch_size for k, v in flops_by.items()},
+        "min_batch_seconds": min_batch_seconds,
+        "audio_seconds_per_second_floor": audio_seconds_per_second,
+        "dataset_hours": setup["dataset_hours"],
+        "dataset_floor_hours": setup["dataset_hours"] * 3600.0 / audio_seconds_per_second / 3600.0,
+        "compile_seconds": round(compile_seconds, 2),
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Entry point; prints the report as one JSON line and returns it."""
     def run(flags):
         if not flags["topology"]:
             raise gin_utils.FlagError("--topology is required, e.g. --topology=v5e:4x4")
+        if flags["job"] not in ("train", "tokenize"):
+            raise gin_utils.FlagError(f"--job={flags['job']!r}: 'train' (a run's train step) or 'tokenize' (the "
+                                      f"tokenization job's forward, tokenize_forward.aot_setup)")
+        if flags["job"] == "tokenize":
+            import gin
+
+            from musiclm_jax import tokenize_forward
+            report = compile_tokenization_for_topology(setup=gin.get_configurable(tokenize_forward.aot_setup)(),
+                                                       topology=flags["topology"])
+            print(json.dumps(report), flush=True)
+            return report
         defaults = {"mesh_config": partitioning.MeshConfig(), "logical_axis_rules": None, "num_microbatches": 1}
         args = gin_utils.bound_arguments("train", TRAIN_ARGUMENTS, defaults)
         report = compile_for_topology(
@@ -134,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(json.dumps(report), flush=True)
         return report
 
-    return gin_utils.run(run, extra_flags={"topology": None}, argv=argv, finalize=False)
+    return gin_utils.run(run, extra_flags={"topology": None, "job": "train"}, argv=argv, finalize=False)
 
 
 if __name__ == "__main__":

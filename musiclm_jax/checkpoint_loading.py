@@ -59,8 +59,9 @@ def abstract_variables(model: Any, partitioner: partitioning.Partitioner) -> dic
     """{collection: tree of jax.ShapeDtypeStruct} of `model`'s Flax variables, each with its sharding on the
     partitioner's mesh (the model's logical axis rules), computed without allocating them."""
     init_shapes = model.input_shapes(partitioner.data_parallel_size)
+    rng = jax.random.key(0)  # made before the mesh is active: an abstract (AOT) mesh cannot run it
     with partitioner.activate():
-        boxed = jax.eval_shape(lambda rng: model.get_initial_variables(rng, init_shapes), jax.random.key(0))
+        boxed = jax.eval_shape(lambda rng: model.get_initial_variables(rng, init_shapes), rng)
         shardings = partitioner.logical_to_sharding(partitioner.logical_specs(boxed, "parameter"))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         partitioning.unbox(boxed), shardings)

@@ -97,6 +97,7 @@ class FeatureExtractor:
                                                    int(round(samples_per_frame)))
             return jnp.concatenate([features, profile], axis=-1)
 
+        self.embed_fn = embed  # (params, audio [batch, samples]) -> [batch, frames, dim], pure (tokenize_forward)
         self._embed = jax.jit(embed)
 
     @property

@@ -61,7 +61,11 @@ class TokenSource:
 def codec_source(checkpoint: str) -> TokenSource:
     """All RVQ levels of the codec run directory `checkpoint`."""
     from musiclm_jax.codec import Codec
-    codec = Codec.from_checkpoint(checkpoint)
+    return codec_token_source(Codec.from_checkpoint(checkpoint), checkpoint)
+
+
+def codec_token_source(codec, checkpoint: str = "") -> TokenSource:
+    """All RVQ levels of a loaded codec.Codec (`checkpoint`: where it came from, for the manifest)."""
     return TokenSource("codec", codec.sample_rate, codec.frame_rate, codec.num_quantizers, codec.codebook_size,
                        checkpoint, lambda audio: np.asarray(codec.encode(audio)))
 
@@ -69,7 +73,11 @@ def codec_source(checkpoint: str) -> TokenSource:
 def semantic_source(checkpoint: str) -> TokenSource:
     """The semantic tokenizer directory `checkpoint` (written by `python -m musiclm_jax.semantic fit`)."""
     from musiclm_jax.semantic import SemanticTokenizer
-    tokenizer = SemanticTokenizer.load(checkpoint)
+    return semantic_token_source(SemanticTokenizer.load(checkpoint), checkpoint)
+
+
+def semantic_token_source(tokenizer, checkpoint: str = "") -> TokenSource:
+    """A loaded semantic.SemanticTokenizer's tokens."""
     return TokenSource("semantic", tokenizer.sample_rate, tokenizer.frame_rate, 1, tokenizer.num_tokens, checkpoint,
                        lambda audio: np.asarray(tokenizer.tokenize(audio))[..., None])
 
@@ -83,7 +91,11 @@ MULAN_NEAR_TIE = 1e-5
 def mulan_source(checkpoint: str, chunk_seconds: float) -> TokenSource:
     """MuLan's conditioning tokens (its RVQ of the chunk's clip embedding): one frame of `levels` per chunk."""
     from musiclm_jax.mulan import MuLan
-    mulan = MuLan.from_checkpoint(checkpoint)
+    return mulan_token_source(MuLan.from_checkpoint(checkpoint), chunk_seconds, checkpoint)
+
+
+def mulan_token_source(mulan, chunk_seconds: float, checkpoint: str = "") -> TokenSource:
+    """A loaded mulan.MuLan's conditioning tokens (it needs its RVQ), one frame per chunk of chunk_seconds."""
     rvq = mulan._require_rvq()
 
     def tokenize(audio):

@@ -83,3 +83,29 @@ def test_two_compile_jobs_at_once_share_libtpu(tmp_path):
                            capture_output=True, text=True, env=env, timeout=120)
     assert other.returncode == 0, other.stderr[-2000:]
     assert other.stdout.split()[-1] == "4"
+
+
+def test_tokenization_forward_compiles_for_v5e_with_its_floor():
+    """--job=tokenize on gin/tokenize/aot_paper.gin with the demo's tiny tokenizers (the paper sizes take this
+    CPU minutes; README has their figures): per-chip memory, FLOPs by tokenizer and the floor they imply."""
+    report = aot.main(["--job=tokenize", "--gin_file=gin/tokenize/aot_paper.gin", "--topology=v5e:2x2",
+                       "--gin.tokenize_forward.aot_setup.codec_gin='gin/models/codec_spectral_tiny.gin'",
+                       "--gin.tokenize_forward.aot_setup.semantic_gin='gin/models/w2v_bert_tiny.gin'",
+                       "--gin.tokenize_forward.aot_setup.semantic_fit_gin='gin/semantic/kmeans_tiny.gin'",
+                       "--gin.tokenize_forward.aot_setup.mulan_gin='gin/models/mulan_tiny.gin'",
+                       "--gin.tokenize_forward.aot_setup.mulan_rvq_codebook_size=32",
+                       "--gin.tokenize_forward.aot_setup.chunk_seconds=4.0",
+                       "--gin.tokenize_forward.aot_setup.batch_size=8"])
+    assert report["job"] == "tokenize" and report["num_chips"] == 4 and report["mesh"]["data"] == 4
+    assert report["inputs"] == {"16000Hz": [8, 64000], "24000Hz": [8, 96000]}
+    assert report["fits"] and 0 < report["per_chip_bytes"] < 2**30
+    flops = report["matmul_flops_per_chunk"]
+    assert flops["codec"] + flops["semantic"] + flops["mulan"] == pytest.approx(flops["total"])
+    assert report["min_batch_seconds"] == pytest.approx(flops["total"] * 8 / 4 / 197e12)
+    assert report["dataset_floor_hours"] == pytest.approx(
+        280000 * 3600 / (8 * 4.0 / report["min_batch_seconds"]) / 3600)
+    with pytest.raises(partitioning.MeshShapeError, match="aot_setup.batch_size=6"):
+        aot.main(["--job=tokenize", "--gin_file=gin/tokenize/aot_paper.gin", "--topology=v5e:2x2",
+                  "--gin.tokenize_forward.aot_setup.batch_size=6"])
+    with pytest.raises(Exception, match="--job='serve'"):
+        aot.main(["--job=serve", "--gin_file=gin/tokenize/aot_paper.gin", "--topology=v5e:2x2"])

@@ -1,5 +1,6 @@
-"""Benchmark scripts that must stay runnable where they cannot be timed here: benchmarks/accelerator.py (written
-for a GPU or TPU) at tiny sizes on 8 fake CPU devices. Figures are only checked to be present and positive."""
+"""Benchmark scripts that must stay runnable where they are not timed: benchmarks/accelerator.py (written for a GPU
+or TPU) at tiny sizes on 8 fake CPU devices, and benchmarks/tokenize.py at its tiny size. Figures are only
+checked to be present and positive."""
 import json
 import os
 import subprocess
@@ -26,3 +27,15 @@ def test_accelerator_script_prints_every_figure_at_tiny_size():
     end = result["end_to_end"]
     assert end["audio_s"] == 0.5 and end["guided_stages"] == ["semantic", "coarse"]
     assert end["real_time_factor"] > 0 and abs(end["real_time_factor"] * end["audio_s_per_wall_s"] - 1) < 1e-9
+
+
+def test_tokenize_benchmark_prints_its_figures_at_tiny_size():
+    """benchmarks/tokenize.py (shares its name with the standard library's module, which it must not shadow)."""
+    command = [sys.executable, os.path.join("benchmarks", "tokenize.py"), "--sizes", "tiny", "--repeats", "1",
+               "--tiny_batch", "2"]
+    result = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])["tiny"]
+    assert set(report["per_tokenizer"]) == {"codec", "semantic", "mulan", "melody"}
+    assert report["audio_seconds_per_batch"] == 8.0
+    assert report["job_audio_seconds_per_second"] > 0 and report["forward_speedup_over_job_path"] > 0

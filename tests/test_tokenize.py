@@ -185,3 +185,39 @@ def test_killed_job_resumes_without_redoing_finished_shards(frozen, clips, tmp_p
         "shard-00002-of-00004.tfrecord"]  # the unmarked shard was redone
     manifest = token_cache.read_manifest(str(out))
     assert manifest["complete"] and manifest["splits"]["train"]["num_examples"] == 12
+
+
+def test_one_function_forward_equals_the_jobs_tokenizers(frozen):
+    """tokenize_forward (what `aot --job=tokenize` compiles and benchmarks/tokenize.py times) gives the job's
+    tokens: codec and semantic tokens equal, MuLan's embeddings within 1e-5 and its codes equal except at the
+    near ties the job itself counts (the random tiny MuLan's deeper levels are ties)."""
+    import jax
+
+    from musiclm_jax import flops, tokenize_forward
+    codec, tokenizer = Codec.from_checkpoint(frozen["codec"]), SemanticTokenizer.load(frozen["semantic"])
+    mulan = MuLan.from_checkpoint(frozen["mulan"])
+    forward, variables = tokenize_forward.from_tokenizers(codec, tokenizer, mulan)
+    assert forward.sample_rates == [16000, 24000]
+    # 6 s chunks: three MuLan windows of 4 s (at 0, 1 and 2 s) are averaged.
+    audio = np.stack([synthetic_music.generate_clip(i, seed=5, seconds=6.0, sample_rate=RATE)["audio"]
+                      for i in range(3)]).astype(np.float32)
+    inputs = {rate: audio_io.resample(audio, RATE, rate).astype(np.float32) for rate in forward.sample_rates}
+    out = jax.jit(forward)(variables, inputs)
+    batcher = tokenize._DeviceBatcher()
+    job = {s.name: batcher(s, audio, RATE) for s in (tokenize.codec_token_source(codec),
+                                                     tokenize.semantic_token_source(tokenizer),
+                                                     tokenize.mulan_token_source(mulan, 6.0))}
+    np.testing.assert_array_equal(np.asarray(out["codec"]), job["codec"][0])
+    np.testing.assert_array_equal(np.asarray(out["semantic"]), job["semantic"][0][..., 0])
+    mulan_codes, near = job["mulan"][0][:, 0], job["mulan"][1][:, 0]
+    assert (~near).sum() >= 6  # the first levels are decided
+    np.testing.assert_array_equal(np.asarray(out["mulan"])[~near], mulan_codes[~near])
+    embeddings = jax.jit(forward._mulan_embeddings)(variables["mulan"]["params"], inputs[16000])
+    np.testing.assert_allclose(np.asarray(embeddings), mulan.embed_audio(inputs[16000]), atol=1e-5)
+
+    # The FLOP count adds up by tokenizer and is the codec's alone without the others.
+    import dataclasses
+    total = flops.matmul_flops(forward, variables, inputs)
+    parts = [flops.matmul_flops(dataclasses.replace(forward, **kw), variables, inputs) for kw in
+             ({"features": None, "mulan_model": None}, {"mulan_model": None}, {"features": None})]
+    assert 0 < parts[0] < parts[1] < total and parts[1] + parts[2] - parts[0] == total
