@@ -5,7 +5,8 @@
 Raw audio: a folder of `--clips` 10 s stereo 44.1 kHz FLAC files (made here) is prepared once as the
 `audio_folder` TFDS dataset at 24 kHz (preparation time reported), then the raw-audio task streams random 2 s
 crops, loudness normalised, in batches of 8 (SeqioInputPipeline, as training reads it); the embedded synthetic
-music task is measured the same way (rendered on the fly). Nothing is cached in memory (as in training: the
+music task is measured the same way (rendered on the fly), and again in 1 s crops (the demo codec's segments) with
+SYNTHETIC_CROPS_PER_CLIP crops per rendered clip against one. Nothing is cached in memory (as in training: the
 cache would be saved with every input position), so every epoch reads the prepared records again. Baseline in the same run: a per-example Python loader doing what a PyTorch `Dataset.__getitem__` does
 (decode the file, downmix, resample to 24 kHz, crop, normalise).
 Tokenized: a paper-size token cache (30 s chunks: codec 1500 x 12, semantic 750, MuLan 12) of 512 chunks, read
@@ -128,6 +129,25 @@ def main() -> None:
     results["folder_examples_per_s"] = examples_per_second(audio_pipeline(name), args.batches, args.repeats)
     results["synthetic_examples_per_s"] = examples_per_second(audio_pipeline(raw_audio_task_name(RATE)),
                                                               args.batches // 3, args.repeats)
+    # The synthetic music at the demo codec's 1 s segments: crops per rendered clip as configured
+    # (tasks/audio.SYNTHETIC_CROPS_PER_CLIP) against one crop per clip, in the same run.
+    import seqio
+    configured = audio_tasks.SYNTHETIC_CROPS_PER_CLIP
+    for label, crops in (("one_crop", 1), ("crops", configured)):
+        audio_tasks.SYNTHETIC_CROPS_PER_CLIP = crops
+        if raw_audio_task_name(RATE) in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(raw_audio_task_name(RATE))
+        results[f"synthetic_1s_{label}_examples_per_s"] = examples_per_second(
+            lambda: SeqioInputPipeline(DatasetConfig(raw_audio_task_name(RATE), {"audio": RATE}, "train", BATCH,
+                                                     seed=0), "audio"), args.batches // 3, args.repeats)
+    audio_tasks.SYNTHETIC_CROPS_PER_CLIP = configured
+    results["synthetic_1s_crops_per_clip"] = configured
+    results["synthetic_1s_crops_vs_one_crop"] = (results["synthetic_1s_crops_examples_per_s"]
+                                                 / results["synthetic_1s_one_crop_examples_per_s"])
+    print(f"synthetic music, 1 s crops: {configured} per rendered clip "
+          f"{results['synthetic_1s_crops_examples_per_s']:.1f} examples/s, one per clip "
+          f"{results['synthetic_1s_one_crop_examples_per_s']:.1f}/s (x{results['synthetic_1s_crops_vs_one_crop']:.2f})",
+          file=sys.stderr)
     results["baseline_loader_examples_per_s"] = baseline_loader_rate(paths, args.batches * BATCH // 3, args.repeats)
     results["folder_vs_baseline"] = results["folder_examples_per_s"] / results["baseline_loader_examples_per_s"]
     print(f"raw audio: folder {results['folder_examples_per_s']:.1f} examples/s, synthetic "

@@ -1,6 +1,7 @@
 """Ahead-of-time compile of a run's real train step for a TPU topology, on this (CPU) machine.
 
     python -m musiclm_jax.aot --gin_file=gin/stages/semantic_paper.gin --topology=v5e:4x4 [--gin.BATCH_SIZE=...]
+    python -m musiclm_jax.aot --job=tokenize --gin_file=gin/tokenize/aot_paper.gin --topology=v5e:16x16
 
 Uses the same gin files as training (the `train` bindings: model, optimizer, batch size, mesh, rules,
 microbatches), builds the mesh from the topology's abstract devices (libtpu, from the `tpu` extra), lowers and
@@ -15,6 +16,12 @@ compiles the train step with its shardings, and prints one JSON line:
                         (libtpu's cost_analysis() counts a scanned layer once, so it is not used)
   largest_replicated_param_bytes / _name   MaxText's check that parameters are sharded enough
   compile_seconds
+
+`--job=tokenize` compiles the tokenization job's device work instead (tokenize_forward.TokenizationForward, set
+up by gin's tokenize_forward.aot_setup: the tokenizers' model gin files, chunk length, global batch) on a batch
+laid over the data axes, and reports per-chip memory as above, matmul_flops_per_chunk by tokenizer (counted from
+the jaxpr, musiclm_jax.flops), min_batch_seconds (those FLOPs at the chips' peak), audio_seconds_per_second_floor
+and dataset_floor_hours (the hours of compute-bound work for `dataset_hours` of audio).
 """
 from __future__ import annotations
 
@@ -141,6 +148,7 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
     {tokenizer: n}) of a tokenize_forward.aot_setup. Parameters are laid out by each model's logical axis rules; the
     k-means centres, normalisation and RVQ codebooks are replicated."""
     from musiclm_jax import checkpoint_loading, semantic, tokenize_forward
+    from musiclm_jax import mulan as mulan_lib
 
     def abstract(model):
         return checkpoint_loading.abstract_variables(model, partitioner)
@@ -154,9 +162,9 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
     codec_model = tokenize_forward.model_from_gin(setup["codec_gin"])
     codec_abstract = abstract(codec_model)
     variables = {"codec": codec_model.variables(codec_abstract["params"], codec_abstract)}
-    params = {"codec_encoder_and_decoder": count(variables["codec"]["params"])}
+    params = {"codec": count(variables["codec"]["params"])}  # encoder and decoder (the network's variables)
     features = mulan_model = None
-    stride = 16000
+    stride = 1  # MuLan's window hop in samples (unused without MuLan)
     if setup["semantic_gin"]:
         if not setup["semantic_fit_gin"]:
             raise ValueError("tokenize_forward.aot_setup: semantic_gin needs semantic_fit_gin (its layer and clusters)")
@@ -165,14 +173,14 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
         feature_params = abstract(feature_model)["params"]
         features = semantic.FeatureExtractor(feature_model, None, fit["layer"], fit["frame_pooling"],
                                              pitch_classes=fit["pitch_class_share"] > 0)
-        shapes = tokenize_forward.semantic_variables_shapes(features, feature_params, fit["num_clusters"])
-        variables["semantic"] = {"params": feature_params,
-                                 **{k: replicated(shapes[k].shape) for k in ("mean", "std", "centroids")}}
+        dim = tokenize_forward.feature_dim(features, feature_params)
+        variables["semantic"] = {"params": feature_params, "mean": replicated((dim,)), "std": replicated((dim,)),
+                                 "centroids": replicated((fit["num_clusters"], dim))}
         params["semantic"] = count(feature_params)
     if setup["mulan_gin"]:
         mulan_model = tokenize_forward.model_from_gin(setup["mulan_gin"])
         mulan_params = tokenize_forward.mulan_audio_params(abstract(mulan_model)["params"])
-        stride = int(round(mulan_model.sample_rate))  # MuLan's 1 s window hop (mulan.MuLan's stride_seconds)
+        stride = int(round(mulan_lib.STRIDE_SECONDS * mulan_model.sample_rate))
         variables["mulan"] = {"params": mulan_params, "codebooks": replicated(
             (setup["mulan_rvq_levels"], setup["mulan_rvq_codebook_size"], mulan_model.network.embed_dim))}
         params["mulan_audio_tower"] = count(mulan_params)

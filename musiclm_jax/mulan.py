@@ -109,6 +109,10 @@ def process_rows(total: int, num_shards: int) -> tuple[int, int]:
     return int(bounds[shards.start]), int(bounds[shards.stop] - bounds[shards.start])
 
 
+# The hop of the windows a clip embedding averages (MuLan's default).
+STRIDE_SECONDS = 1.0
+
+
 class ConditioningRVQ:
     """MuLan's conditioning quantizer: a residual VQ of embeddings with fixed codebooks [levels, codebook_size,
     dim], fitted by k-means level by level (fit) and applied with vq.rvq_encode."""
@@ -214,7 +218,8 @@ class MuLan:
       stride_seconds: the hop of the clip-embedding windows.
     """
 
-    def __init__(self, model, params, tokenizer, rvq: Optional[ConditioningRVQ] = None, stride_seconds: float = 1.0,
+    def __init__(self, model, params, tokenizer, rvq: Optional[ConditioningRVQ] = None,
+                 stride_seconds: float = STRIDE_SECONDS,
                  batch_size: int = 8):
         self.model, self.params, self.tokenizer, self.rvq = model, params, tokenizer, rvq
         self.stride = int(round(stride_seconds * model.sample_rate))

@@ -3,7 +3,7 @@
 `python -m musiclm_jax.tokenize` runs each frozen tokenizer through its own inference object (Codec,
 SemanticTokenizer, MuLan). This module writes the same computation as one function of (variables, audio), so that
 it can be compiled ahead of time for a pod (`python -m musiclm_jax.aot --job=tokenize`), counted in FLOPs
-(musiclm_jax.flops) and benchmarked (benchmarks/tokenize.py) without checkpoints. tests/test_tokenize_forward.py
+(musiclm_jax.flops) and benchmarked (benchmarks/tokenize_throughput.py) without checkpoints. tests/test_tokenize_forward.py
 holds it equal to the job's tokens.
 
     forward = TokenizationForward(codec_network, codec_rate, features, mulan_model, mulan_stride_samples)
@@ -41,14 +41,14 @@ class TokenizationForward:
       codec_network: the codec's generator (SoundStream or SpectralCodec); codec_rate: its sample rate in Hz.
       features: the semantic tokenizer's semantic.FeatureExtractor (its params are not used), or None.
       mulan_model: mulan_model.MuLanModel, or None; mulan_stride_samples: hop of MuLan's clip windows (samples
-        at MuLan's rate; MuLan.stride).
+        at MuLan's rate; MuLan.stride; unused without MuLan).
     """
 
     codec_network: Any
     codec_rate: int
     features: Optional[semantic_lib.FeatureExtractor] = None
     mulan_model: Any = None
-    mulan_stride_samples: int = 16000
+    mulan_stride_samples: int = 1
 
     @property
     def sample_rates(self) -> list[int]:
@@ -103,7 +103,7 @@ def from_tokenizers(codec, semantic_tokenizer=None, mulan=None) -> tuple[Tokeniz
     forward = TokenizationForward(codec.network, codec.sample_rate,
                                   None if semantic_tokenizer is None else semantic_tokenizer.features,
                                   None if mulan is None else mulan.model,
-                                  16000 if mulan is None else mulan.stride)
+                                  1 if mulan is None else mulan.stride)
     variables = {"codec": codec.variables}
     if semantic_tokenizer is not None:
         t = semantic_tokenizer
@@ -133,13 +133,10 @@ def model_from_gin(gin_file: str, bindings: Sequence[str] = ()) -> Any:
             raise ValueError(f"{gin_file} binds no MODEL macro (a model gin file of gin/models/)") from e
 
 
-def semantic_variables_shapes(features: semantic_lib.FeatureExtractor, params: Any, num_clusters: int) -> dict:
-    """Abstract 'semantic' variables (ShapeDtypeStructs) for `features` with k-means of num_clusters centres."""
-    dim = jax.eval_shape(features.embed_fn, params,
-                         jax.ShapeDtypeStruct((1, features.sample_rate), jnp.float32)).shape[-1]
-    vec = jax.ShapeDtypeStruct((dim,), jnp.float32)
-    return {"params": params, "mean": vec, "std": vec,
-            "centroids": jax.ShapeDtypeStruct((num_clusters, dim), jnp.float32)}
+def feature_dim(features: semantic_lib.FeatureExtractor, params: Any) -> int:
+    """Dimension of `features`' output (the k-means space) for its (possibly abstract) params."""
+    return int(jax.eval_shape(features.embed_fn, params,
+                              jax.ShapeDtypeStruct((1, features.sample_rate), jnp.float32)).shape[-1])
 
 
 def aot_setup(codec_gin: str, semantic_gin: Optional[str] = None, semantic_fit_gin: Optional[str] = None,

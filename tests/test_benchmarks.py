@@ -1,5 +1,5 @@
 """Benchmark scripts that must stay runnable where they are not timed: benchmarks/accelerator.py (written for a GPU
-or TPU) at tiny sizes on 8 fake CPU devices, and benchmarks/tokenize.py at its tiny size. Figures are only
+or TPU) at tiny sizes on 8 fake CPU devices, and benchmarks/tokenize_throughput.py at its tiny size. Figures are only
 checked to be present and positive."""
 import json
 import os
@@ -30,8 +30,8 @@ def test_accelerator_script_prints_every_figure_at_tiny_size():
 
 
 def test_tokenize_benchmark_prints_its_figures_at_tiny_size():
-    """benchmarks/tokenize.py (shares its name with the standard library's module, which it must not shadow)."""
-    command = [sys.executable, os.path.join("benchmarks", "tokenize.py"), "--sizes", "tiny", "--repeats", "1",
+    """benchmarks/tokenize_throughput.py through the job's tokenizers and the one-function forward."""
+    command = [sys.executable, os.path.join("benchmarks", "tokenize_throughput.py"), "--sizes", "tiny", "--repeats", "1",
                "--tiny_batch", "2"]
     result = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,10 +1,13 @@
 """Tokenization throughput on this machine: audio seconds tokenized per wall second, tiny and paper sizes.
 
-    python benchmarks/tokenize.py [--sizes tiny,paper] [--repeats 3] [--paper_batch 1]
+    python benchmarks/tokenize_throughput.py [--sizes tiny,paper] [--repeats 3] [--paper_batch 1]
+
+(Not benchmarks/tokenize.py: every script of this directory has the directory first on its import path, and a
+tokenize.py there would stand in for the standard library's `tokenize`, which numpy imports through inspect.)
 
 Random weights (speed does not depend on the values), the tokenizers the job runs
 (`python -m musiclm_jax.tokenize`):
-  tiny   the demo's: the spectral codec (gin/models/codec_spectral_tiny.gin, 4 x 256), tiny w2v-BERT to the layer
+  tiny   the demo's: the spectral codec (gin/models/codec_spectral_tiny.gin, 4 x 512), tiny w2v-BERT to the layer
          and cluster count of gin/semantic/kmeans_tiny.gin, tiny MuLan with a 12 x 32 RVQ; batches of 8 chunks
          of 4 s (gin/tokenize/tiny.gin);
   paper  SoundStream (gin/models/codec_paper.gin, 12 x 1024), w2v-BERT XL to layer 19 with 1,024 centres
@@ -19,30 +22,20 @@ shard's wall time). The last line is one JSON object.
 """
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import json
 
-# This script shares its name with the standard library's `tokenize`, which linecache and inspect import: load
-# that module before this directory is on the path, so that no such import ever finds this file.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-import tokenize as _stdlib_tokenize  # noqa: E402,F401
-sys.path.insert(0, _HERE)
+import jax
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from musiclm_jax import aot, partitioning  # noqa: E402
-from musiclm_jax import tokenize as tokenize_job  # noqa: E402
-from musiclm_jax import tokenize_forward  # noqa: E402
-from musiclm_jax.codec import Codec  # noqa: E402
-from musiclm_jax.data import audio_io, synthetic_music  # noqa: E402
-from musiclm_jax.mulan import ConditioningRVQ, MuLan  # noqa: E402
-from musiclm_jax.semantic import FeatureExtractor, SemanticTokenizer  # noqa: E402
+import common
+from musiclm_jax import aot, partitioning
+from musiclm_jax import tokenize as tokenize_job
+from musiclm_jax import tokenize_forward
+from musiclm_jax.codec import Codec
+from musiclm_jax.data import audio_io, synthetic_music
+from musiclm_jax.mulan import ConditioningRVQ, MuLan
+from musiclm_jax.semantic import FeatureExtractor, SemanticTokenizer
 
 SIZES = {
     "tiny": dict(codec="gin/models/codec_spectral_tiny.gin", semantic="gin/models/w2v_bert_tiny.gin",
