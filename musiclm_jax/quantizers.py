@@ -37,7 +37,9 @@ class RVQConfig:
       decay: EMA decay of the codebook statistics; epsilon: Laplace smoothing of code counts.
       kmeans_init, kmeans_iters: initialise each level by k-means on the first training batch.
       dead_code_threshold: codes whose EMA count falls below this are replaced (0 disables).
-      quantizer_dropout: draw n_q per training example uniformly in [1, N].
+      quantizer_dropout: the probability (True: 1) that a training example draws its n_q uniformly in [1, N]
+        (SoundStream's bitrate scalability); the others use all N levels. DAC trains with 0.5, having found
+        that dropout on every example costs quality at the full bitrate (arXiv 2306.06546, section 3.3).
     """
 
     num_quantizers: int = 12
@@ -48,7 +50,11 @@ class RVQConfig:
     kmeans_init: bool = True
     kmeans_iters: int = 10
     dead_code_threshold: float = 2.0
-    quantizer_dropout: bool = True
+    quantizer_dropout: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.quantizer_dropout) <= 1.0:
+            raise ValueError(f"RVQConfig.quantizer_dropout {self.quantizer_dropout} must be a probability in [0, 1]")
 
 
 def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
@@ -129,6 +135,10 @@ class ResidualVQ(nn.Module):
         if train and cfg.quantizer_dropout:
             rng, sub = jax.random.split(rng)
             n_q = jax.random.randint(sub, (batch,), 1, cfg.num_quantizers + 1)
+            if cfg.quantizer_dropout < 1.0:
+                rng, sub = jax.random.split(rng)
+                dropped = jax.random.uniform(sub, (batch,)) < cfg.quantizer_dropout
+                n_q = jnp.where(dropped, n_q, cfg.num_quantizers)
         else:
             n_q = jnp.full((batch,), cfg.num_quantizers if num_levels is None else num_levels, jnp.int32)
         rows_n_q = jnp.repeat(n_q, frames)  # [batch * frames]

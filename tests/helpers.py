@@ -55,7 +55,7 @@ def mesh(data: int, model: int, fsdp: int = 1, devices=None):
 
 
 def write_frozen_tiny_tokenizers(root: str, semantic_clusters: int = 16, mulan_codes: int = 16) -> dict[str, str]:
-    """Random-init tiny codec (gin/codec/tiny.gin: 24 kHz, 50 Hz, 4 x 256) and w2v-BERT run directories, a
+    """Random-init tiny codec (gin/codec/tiny.gin: 24 kHz, 50 Hz, 4 x 512) and w2v-BERT run directories, a
     `semantic_clusters`-cluster semantic tokenizer fitted on the latter (2 k-means steps), and a random-init tiny
     MuLan with a 12 x `mulan_codes` conditioning RVQ: {'codec', 'w2v_bert', 'semantic', 'mulan'}. With 64 and 32
     the sizes are those of the tiny stages' gin files."""

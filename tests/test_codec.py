@@ -132,7 +132,7 @@ def test_adversarial_start_step_survives_a_resume(tmp_path):
 
 def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
-    assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 256)
+    assert (codec.sample_rate, codec.num_quantizers, codec.codebook_size) == (24000, 4, 512)
     from musiclm_jax.data import synthetic_music
     audio = synthetic_music.generate_clip(7, seed=5, seconds=1.0, sample_rate=16000)["audio"]
     wav = str(tmp_path / "in.wav")
@@ -148,7 +148,7 @@ def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     assert decoded.shape == (24000,)
     np.testing.assert_allclose(decoded, np.clip(codec.decode(codes), -1, 1), atol=1.0 / 2**15 + 1e-6)
     with pytest.raises(ValueError, match="do not fit"):
-        codec.decode(np.full((5, 2), 256))
+        codec.decode(np.full((5, 2), 512))
 
 
 def test_bad_input_is_downmixed_resampled_padded_or_named(trained_tiny_codec, tmp_path):

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import mesh
 from musiclm_jax import partitioning
@@ -76,6 +77,28 @@ def test_quantizer_dropout_uses_and_updates_only_levels_below_n_q():
             for key in ("codebook", "cluster_size", "embed_sum"):
                 np.testing.assert_array_equal(state[key][level], variables[STATE][key][level])
         assert not np.array_equal(state["cluster_size"][0], variables[STATE]["cluster_size"][0])
+
+
+def test_quantizer_dropout_is_a_probability_per_example():
+    """DAC's setting: with probability p an example draws n_q uniformly in [1, N], else it uses all N; 1.0 is
+    SoundStream's (every example), 0.0 none. p = 0.5 over 4 levels: P(n_q = 4) = 0.5 + 0.5 / 4."""
+    x = jax.random.normal(jax.random.key(2), (4000, 1, 4))
+    fractions = {}
+    for p in (0.0, 0.5, 1.0):
+        cfg = RVQConfig(num_quantizers=4, codebook_size=8, dim=4, kmeans_init=False, dead_code_threshold=0.0,
+                        quantizer_dropout=p)
+        n_q = np.asarray(_train(cfg, _init(cfg, x), x)[2]["num_levels"])
+        fractions[p] = [float(np.mean(n_q == n)) for n in range(1, 5)]
+    assert fractions[0.0] == [0.0, 0.0, 0.0, 1.0]
+    np.testing.assert_allclose(fractions[1.0], [0.25] * 4, atol=0.03)
+    np.testing.assert_allclose(fractions[0.5], [0.125, 0.125, 0.125, 0.625], atol=0.03)
+    # True (the earlier boolean setting) is 1.0, with the same draws.
+    cfg = RVQConfig(num_quantizers=4, codebook_size=8, dim=4, kmeans_init=False, dead_code_threshold=0.0,
+                    quantizer_dropout=True)
+    assert [float(np.mean(np.asarray(_train(cfg, _init(cfg, x), x)[2]["num_levels"]) == n))
+            for n in range(1, 5)] == fractions[1.0]
+    with pytest.raises(ValueError, match="quantizer_dropout 1.5 must be a probability"):
+        RVQConfig(quantizer_dropout=1.5)
 
 
 def test_decoding_the_first_levels_sums_their_code_vectors():
