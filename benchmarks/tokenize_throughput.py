@@ -112,8 +112,8 @@ def measure(name: str, size: dict, repeats: int, batch: int) -> dict:
     print(f"  all four as the job runs them: {job_s:.3f} s ({report['job_audio_seconds_per_second']:.1f} audio-s/s)")
     print(f"  codec + semantic + MuLan as the job runs them: {job_device_s:.3f} s "
           f"({report['job_path_audio_seconds_per_second']:.1f} audio-s/s); as one function: {forward_s:.3f} s "
-          f"({report['forward_audio_seconds_per_second']:.1f} audio-s/s), {report['forward_speedup_over_job_path']:.2f}x",
-          flush=True)
+          f"({report['forward_audio_seconds_per_second']:.1f} audio-s/s), "
+          f"{report['forward_speedup_over_job_path']:.2f}x", flush=True)
     return report
 
 

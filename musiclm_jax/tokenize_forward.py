@@ -3,8 +3,8 @@
 `python -m musiclm_jax.tokenize` runs each frozen tokenizer through its own inference object (Codec,
 SemanticTokenizer, MuLan). This module writes the same computation as one function of (variables, audio), so that
 it can be compiled ahead of time for a pod (`python -m musiclm_jax.aot --job=tokenize`), counted in FLOPs
-(musiclm_jax.flops) and benchmarked (benchmarks/tokenize_throughput.py) without checkpoints. tests/test_tokenize_forward.py
-holds it equal to the job's tokens.
+(musiclm_jax.flops) and benchmarked (benchmarks/tokenize_throughput.py) without checkpoints.
+tests/test_tokenize.py holds it equal to the job's tokens.
 
     forward = TokenizationForward(codec_network, codec_rate, features, mulan_model, mulan_stride_samples)
     tokens = forward(variables, {24000: audio_24k, 16000: audio_16k})

@@ -31,8 +31,8 @@ def test_accelerator_script_prints_every_figure_at_tiny_size():
 
 def test_tokenize_benchmark_prints_its_figures_at_tiny_size():
     """benchmarks/tokenize_throughput.py through the job's tokenizers and the one-function forward."""
-    command = [sys.executable, os.path.join("benchmarks", "tokenize_throughput.py"), "--sizes", "tiny", "--repeats", "1",
-               "--tiny_batch", "2"]
+    command = [sys.executable, os.path.join("benchmarks", "tokenize_throughput.py"), "--sizes", "tiny",
+               "--repeats", "1", "--tiny_batch", "2"]
     result = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])["tiny"]
