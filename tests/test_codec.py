@@ -205,12 +205,12 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["num_examples"] == 2 and metrics["num_skipped"] == 0  # nan.wav is dropped (counted) by the scan
-    assert metrics["bitrate_kbps"] == pytest.approx(4 * 8 * 50 / 1000)  # 4 levels x log2(256) bits x 50 Hz
+    assert metrics["bitrate_kbps"] == pytest.approx(4 * 9 * 50 / 1000)  # 4 levels x log2(512) bits x 50 Hz
     codec = codec_lib.Codec.from_checkpoint(trained_tiny_codec)
     mel = MultiScaleMelLoss(24000)
     snrs, mels = [], []
     pitch = {"melody": np.zeros(2, int), "chroma_cqt": np.zeros(2, int)}
-    histogram = np.zeros(256, int)
+    histogram = np.zeros(codec.codebook_size, int)
     for name in ("a.wav", "b.flac"):
         audio = audio_io.load_audio(str(clips / name), 24000, max_seconds=0.5)
         recon = codec.reconstruct(audio)
@@ -218,7 +218,7 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
         mels.append(float(mel.mel_distance(audio[None], recon[None])))
         pitch["melody"] += pitch_metrics.melody_token_agreement(audio[None], recon[None], 24000)
         pitch["chroma_cqt"] += pitch_metrics.chroma_cqt_agreement(audio[None], recon[None], 24000)
-        histogram += np.bincount(codec.encode(audio)[:, 0], minlength=256)
+        histogram += np.bincount(codec.encode(audio)[:, 0], minlength=codec.codebook_size)
     assert metrics["si_snr_db"] == pytest.approx(np.mean(snrs), abs=1e-3)
     assert metrics["mel_distance"] == pytest.approx(np.mean(mels), rel=1e-4)
     # Pitch: pooled over the frames of both clips, by both measures (evaluation/pitch_metrics.py).
@@ -234,7 +234,7 @@ def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_
     result = eval_lib.main(["--gin_file=gin/eval/codec.gin", f"--gin.CHECKPOINT_DIR='{trained_tiny_codec}'",
                             "--gin.NUM_QUANTIZERS=1", "--gin.codec_eval.evaluate_codec.max_examples=3",
                             "--gin.codec_eval.evaluate_codec.clip_seconds=0.5"])
-    assert result["bitrate_kbps"] == pytest.approx(0.4) and result["num_examples"] == 3
+    assert result["bitrate_kbps"] == pytest.approx(9 * 50 / 1000) and result["num_examples"] == 3
     assert os.path.exists(os.path.join(trained_tiny_codec, "eval", "codec", "metrics.json"))
     assert np.isfinite(result["si_snr_db"]) and result["mel_distance"] > 0
 

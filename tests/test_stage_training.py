@@ -68,6 +68,6 @@ def test_a_model_whose_layout_disagrees_with_the_cache_is_refused(token_dir, tmp
         train_lib.main(["--gin_file=gin/stages/coarse_tiny.gin", f"--gin.MODEL_DIR='{tmp_path / 'bad'}'",
                         f"--gin.TOKEN_DIR='{token_dir}'", "--gin.TRAIN_STEPS=50",
                         "--gin.token_layout.TokenLayout.from_tuples.groups="
-                        "(('mulan', 12, 32), ('semantic', 1, 128), ('coarse', 2, 224))"])  # same total ids
+                        "(('mulan', 12, 32), ('semantic', 1, 128), ('coarse', 2, 480))"])  # same total ids
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 

@@ -141,7 +141,7 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
         batch = next(pipeline)
     assert batch["decoder_target_tokens"].shape == (4, 200)
     targets = batch["decoder_target_tokens"][:, 100:].reshape(4, 50, 2) - spec.layout.level_ranges("fine")[:, 0]
-    assert targets.min() >= 0 and targets.max() < 256
+    assert targets.min() >= 0 and targets.max() < 512
     all_codes = [np.array(e.features.feature["codec"].int64_list.value).reshape(100, 4) for e in examples]
     for row in targets:
         assert any(np.array_equal(row, c[f:f + 50, 2:]) for c in all_codes for f in range(51))
