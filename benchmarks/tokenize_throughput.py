@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 import common
-from musiclm_jax import aot, partitioning
+from musiclm_jax import partitioning
 from musiclm_jax import tokenize as tokenize_job
 from musiclm_jax import tokenize_forward
 from musiclm_jax.codec import Codec
@@ -58,7 +58,7 @@ def build_tokenizers(size: dict, seed: int = 0) -> tuple[Codec, SemanticTokenize
     v = _random_variables(codec_model, seed)
     codec = Codec(codec_model.generator, codec_model.variables(v["params"], v), codec_model.sample_rate)
 
-    fit = aot._semantic_fit_settings(size["fit"])
+    fit = tokenize_forward.semantic_fit_settings(size["fit"])
     feature_model = tokenize_forward.model_from_gin(size["semantic"])
     features = FeatureExtractor(feature_model, _random_variables(feature_model, seed + 1)["params"], fit["layer"],
                                 fit["frame_pooling"], pitch_classes=fit["pitch_class_share"] > 0)

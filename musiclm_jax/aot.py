@@ -66,6 +66,24 @@ def topology_devices(topology: str) -> list:
                          f"(pip install -e '.[tpu]') and use a name like v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:4x4") from e
 
 
+def _chip_memory(compiled, devices_per_chip: int, chip: dict) -> dict[str, Any]:
+    """The report's memory entries for a compiled executable: per_chip_bytes (arguments + outputs + temporaries
+    + generated code - donated aliases, from memory_analysis() per device, times the devices of one chip), its
+    breakdown, and the chip's HBM, fits and headroom."""
+    mem = compiled.memory_analysis()
+    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                  - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
+    per_chip = int(per_device * devices_per_chip)
+    return {
+        "per_chip_bytes": per_chip,
+        "per_chip_breakdown": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                               "temporaries": int(mem.temp_size_in_bytes), "aliased": int(mem.alias_size_in_bytes)},
+        "hbm_bytes_per_chip": chip["hbm_bytes"],
+        "fits": per_chip <= chip["hbm_bytes"],
+        "headroom": 1.0 - per_chip / chip["hbm_bytes"],
+    }
+
+
 def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: partitioning.MeshConfig,
                          logical_axis_rules: Optional[Sequence] = None, num_microbatches: int = 1,
                          topology: str) -> dict[str, Any]:
@@ -89,10 +107,6 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
         compiled = setup.train_step.lower(setup.abstract_state, batch, rng).compile()
     compile_seconds = time.perf_counter() - start
 
-    mem = compiled.memory_analysis()
-    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                  - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
-    per_chip = int(per_device * devices_per_chip)
     chip = TPU_CHIPS[kind]
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
     largest_bytes, largest_name = partitioner.largest_replicated_param_bytes(
@@ -110,12 +124,7 @@ def compile_for_topology(*, model, optimizer, batch_size: int, mesh_config: part
         "batch_size": batch_size,
         "num_microbatches": num_microbatches,
         "params": params,
-        "per_chip_bytes": per_chip,
-        "per_chip_breakdown": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-                               "temporaries": int(mem.temp_size_in_bytes), "aliased": int(mem.alias_size_in_bytes)},
-        "hbm_bytes_per_chip": chip["hbm_bytes"],
-        "fits": per_chip <= chip["hbm_bytes"],
-        "headroom": 1.0 - per_chip / chip["hbm_bytes"],
+        **_chip_memory(compiled, devices_per_chip, chip),
         "model_flops_per_chip": flops_per_chip,
         "min_step_seconds": None if flops_per_chip is None else flops_per_chip / chip["peak_bf16_flops"],
         "largest_replicated_param_bytes": largest_bytes,
@@ -131,16 +140,6 @@ def _chip_layout(topology: str):
         raise ValueError(f"no chip specification for device kind {kind!r}; known: {sorted(TPU_CHIPS)}")
     chips = len({tuple(d.coords) for d in devices})
     return devices, kind, chips
-
-
-def _semantic_fit_settings(fit_gin: str) -> dict[str, Any]:
-    """layer, frame_pooling, num_clusters and pitch_class_share of a semantic fit gin file."""
-    from musiclm_jax import semantic  # noqa: F401  (registers the configurable the file binds)
-    with gin_utils.private_config():
-        gin_utils.parse_gin([fit_gin], ["FEATURE_CHECKPOINT = None", "OUTPUT_DIR = None"], finalize=False)
-        return gin_utils.bound_arguments(
-            "semantic.fit_semantic_tokenizer", ("layer", "frame_pooling", "num_clusters", "pitch_class_share"),
-            {"frame_pooling": 1, "pitch_class_share": 0.0})
 
 
 def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: partitioning.Partitioner):
@@ -168,7 +167,7 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
     if setup["semantic_gin"]:
         if not setup["semantic_fit_gin"]:
             raise ValueError("tokenize_forward.aot_setup: semantic_gin needs semantic_fit_gin (its layer and clusters)")
-        fit = _semantic_fit_settings(setup["semantic_fit_gin"])
+        fit = tokenize_forward.semantic_fit_settings(setup["semantic_fit_gin"])
         feature_model = tokenize_forward.model_from_gin(setup["semantic_gin"])
         feature_params = abstract(feature_model)["params"]
         features = semantic.FeatureExtractor(feature_model, None, fit["layer"], fit["frame_pooling"],
@@ -216,10 +215,6 @@ def compile_tokenization_for_topology(*, setup: dict[str, Any], topology: str) -
         start = time.perf_counter()
         compiled = jax.jit(forward).lower(variables, audio).compile()
     compile_seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                  - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
-    per_chip = int(per_device * (len(devices) // chips))
     chip = TPU_CHIPS[kind]
     min_batch_seconds = flops_by["total"] / chips / chip["peak_bf16_flops"]
     audio_seconds_per_second = batch_size * chunk_seconds / min_batch_seconds
@@ -234,12 +229,7 @@ def compile_tokenization_for_topology(*, setup: dict[str, Any], topology: str) -
         "chunk_seconds": chunk_seconds,
         "inputs": {f"{rate}Hz": list(a.shape) for rate, a in audio.items()},
         "params": params,
-        "per_chip_bytes": per_chip,
-        "per_chip_breakdown": {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-                               "temporaries": int(mem.temp_size_in_bytes), "aliased": int(mem.alias_size_in_bytes)},
-        "hbm_bytes_per_chip": chip["hbm_bytes"],
-        "fits": per_chip <= chip["hbm_bytes"],
-        "headroom": 1.0 - per_chip / chip["hbm_bytes"],
+        **_chip_memory(compiled, len(devices) // chips, chip),
         "matmul_flops_per_chunk": {k: v / batch_size for k, v in flops_by.items()},
         "min_batch_seconds": min_batch_seconds,
         "audio_seconds_per_second_floor": audio_seconds_per_second,

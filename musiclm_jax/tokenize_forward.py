@@ -133,6 +133,17 @@ def model_from_gin(gin_file: str, bindings: Sequence[str] = ()) -> Any:
             raise ValueError(f"{gin_file} binds no MODEL macro (a model gin file of gin/models/)") from e
 
 
+def semantic_fit_settings(fit_gin: str) -> dict[str, Any]:
+    """layer, frame_pooling, num_clusters and pitch_class_share of a semantic tokenizer's fit gin file
+    (semantic.fit_semantic_tokenizer), read in a private gin configuration."""
+    from musiclm_jax import gin_utils
+    with gin_utils.private_config():
+        gin_utils.parse_gin([fit_gin], ["FEATURE_CHECKPOINT = None", "OUTPUT_DIR = None"], finalize=False)
+        return gin_utils.bound_arguments(
+            "semantic.fit_semantic_tokenizer", ("layer", "frame_pooling", "num_clusters", "pitch_class_share"),
+            {"frame_pooling": 1, "pitch_class_share": 0.0})
+
+
 def feature_dim(features: semantic_lib.FeatureExtractor, params: Any) -> int:
     """Dimension of `features`' output (the k-means space) for its (possibly abstract) params."""
     return int(jax.eval_shape(features.embed_fn, params,
