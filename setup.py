@@ -6,6 +6,9 @@ Extras:
   tpu      libtpu, so that `python -m musiclm_jax.aot` can compile for TPU topologies on a CPU machine
   convert  torch (CPU build), transformers and torchvggish (with resampy), used only by the weight converters and
            their tests
+  beam     Apache Beam's requirements, for preparing datasets on Beam (python -m musiclm_jax.prepare); apache-beam
+           itself is installed by launch/setup_env.sh without its own pins (it declares protobuf<7, which the pinned
+           stack cannot use: sentencepiece's generated code needs protobuf 7; Beam runs on 7, tests/test_prepare.py)
 """
 import setuptools
 
@@ -34,7 +37,12 @@ EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "scikit-learn==1.9.1"],
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     "convert": ["torch==2.13.0", "transformers==5.24.0", "torchvggish==0.2", "resampy==0.4.3"],
+    "beam": ["fastavro==1.13.1", "fasteners==0.20", "httplib2==0.32.1", "jsonpickle==4.1.4", "objsize==0.7.1",
+             "proto-plus==1.29.0", "pymongo==4.20.1", "python-dateutil==2.9.0.post0", "pytz==2026.6",
+             "sortedcontainers==2.4.0", "zstandard==0.25.0", "beartype==0.22.9", "cryptography==51.0.1",
+             "pyarrow==25.0.1"],
 }
+APACHE_BEAM = "apache-beam==2.78.0"  # installed by launch/setup_env.sh with --no-deps (see the `beam` extra)
 
 setuptools.setup(
     name="musiclm_jax",

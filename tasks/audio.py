@@ -130,16 +130,22 @@ def parse_raw_audio_task_name(name: str) -> tuple[str, int, str | None, dict]:
     return kind, rate, rest, options
 
 
-def _tfds_source(kind: str, rate: int, path: str, options: dict) -> seqio.DataSource:
+def prepared_builder(name: str, data_root: str | None = None, beam_options=None):
+    """The prepared TFDS builder of folder or MusicCaps task `name` (see the module docstring), prepared now if it
+    is not yet: in this process, or on Apache Beam with `beam_options` (tfds_builders.beam_options_from_flags).
+    The same name always reads the same prepared copy, however it was prepared."""
     from musiclm_jax.data import tfds_builders
+    kind, rate, path, options = parse_raw_audio_task_name(name)
+    if kind == "synthetic_music":
+        raise ValueError(f"{name!r}: the synthetic music is rendered on the fly; there is nothing to prepare")
+    path = os.path.abspath(path)
     clips_dir = options.pop("clips_dir", None)
     carve = HeldOutCarve(**{k: options.pop(k) for k in _CARVE_OPTIONS if k in options})
     checks = AudioChecks(sample_rate=rate, held_out=carve, **options)
     if kind == "audio_folder":
-        builder = tfds_builders.audio_folder_builder(path, checks)
-    else:
-        builder = tfds_builders.musiccaps_builder(os.path.join(path, MUSICCAPS_CSV), clips_dir or path, checks)
-    return tfds_builders.PreparedTfdsSource(builder)
+        return tfds_builders.audio_folder_builder(path, checks, data_root, beam_options=beam_options)
+    return tfds_builders.musiccaps_builder(os.path.join(path, MUSICCAPS_CSV), clips_dir or path, checks, data_root,
+                                           beam_options=beam_options)
 
 
 def register_raw_audio_task(name: str) -> seqio.Task:
@@ -158,7 +164,8 @@ def register_raw_audio_task(name: str) -> seqio.Task:
     if kind == "synthetic_music":
         source, preprocessors = _synthetic_source(rate), []
     else:
-        source, preprocessors = _tfds_source(kind, rate, path, dict(options)), [pcm_to_float]
+        from musiclm_jax.data import tfds_builders
+        source, preprocessors = tfds_builders.PreparedTfdsSource(prepared_builder(name)), [pcm_to_float]
     crops_per_clip = SYNTHETIC_CROPS_PER_CLIP if kind == "synthetic_music" else 1
     crop = functools.partial(random_crops, max_crops=crops_per_clip)
     preprocessors += [seqio.CacheDatasetPlaceholder(), crop, normalize_loudness]

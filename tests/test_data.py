@@ -1,5 +1,6 @@
 """Token layout, the prefix-LM feature converter's exact layout, the synthetic task and the input pipeline."""
 import math
+import json
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import tensorflow as tf
 
 from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.feature_converters import PrefixLMFeatureConverter
-from musiclm_jax.data.input_pipeline import SeqioInputPipeline
+from musiclm_jax.data.input_pipeline import SeqioInputPipeline, block_shuffle
 from musiclm_jax.tasks import synthetic
 from musiclm_jax.token_layout import TokenLayout
 
@@ -122,20 +123,69 @@ def test_global_input_position_moves_between_process_counts(tmp_path):
     assert _rows(next(back)) == _rows(next(two[0])) + _rows(next(two[1]))
 
 
-def test_per_process_position_is_refused_under_another_count_or_sharding(tmp_path):
+def test_per_process_position_under_another_count_starts_a_logged_new_order(tmp_path, capsys):
+    """A 'per_process' position cannot map onto another process count's shards: the run does not crash, it
+    starts a new order seeded by (seed, examples read) and says so; the same fallback is deterministic. Another
+    sharding or global batch size is refused."""
     pipe = _pipeline(process_index=0, process_count=1, input_sharding="per_process")
-    next(pipe)
+    for _ in range(3):
+        next(pipe)
     pipe.save_state(str(tmp_path))
-    with pytest.raises(ValueError, match=r"process_count 1 \(now 2; per-process shards restore only under the "
-                       "same count"):
-        _pipeline(process_index=0, process_count=2, input_sharding="per_process").restore_state(str(tmp_path))
+    with open(tmp_path / "process_0.json") as f:
+        assert json.load(f)["examples"] == 24  # 3 batches of 8
+    fresh = [_rows(next(_pipeline(process_index=i, process_count=2, input_sharding="per_process")))
+             for i in range(2)]
+    moved = []
+    for _ in range(2):
+        pipes = [_pipeline(process_index=i, process_count=2, input_sharding="per_process") for i in range(2)]
+        for p in pipes:
+            p.restore_state(str(tmp_path / "."))  # process 1 has no file of its own: it reads process 0's record
+        moved.append([_rows(next(p)) for p in pipes])
+    assert "not restored" in capsys.readouterr().err
+    assert moved[0] == moved[1] and moved[0] != fresh  # deterministic, and not the saved run's order from its start
+    assert not set(moved[0][0]) & set(moved[0][1])  # still disjoint shards
+    for p in pipes:  # and back: saved by 2 processes, resumed by 1
+        p.save_state(str(tmp_path / "two"))
+    one = _pipeline(process_index=0, process_count=1, input_sharding="per_process")
+    one.restore_state(str(tmp_path / "two"))
+    assert "saved by 2 processes" in capsys.readouterr().err and len(_rows(next(one))) == 8
     with pytest.raises(ValueError, match=r"input_sharding 'per_process' \(now 'global'\)"):
         _pipeline(process_index=0, process_count=1).restore_state(str(tmp_path))
     with pytest.raises(ValueError, match=r"batch_size 8 \(now 16\)"):
         _pipeline(batch_size=16, process_index=0, process_count=1,
                   input_sharding="per_process").restore_state(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no input position for process 1"):
-        _pipeline(process_index=1, process_count=2, input_sharding="per_process").restore_state(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no input position for process 0"):
+        _pipeline(process_index=0, process_count=1, input_sharding="per_process").restore_state(
+            str(tmp_path / "missing"))
+
+
+def test_block_shuffle_permutes_blocks_and_resumes_mid_block_without_storing_examples(tmp_path):
+    """Each block of 64 is a permutation of its 64 inputs, drawn anew per block and per seed; a symbolic
+    checkpoint taken inside a block holds no examples (the block's 64 x 16 KB would be 1 MB) and resumes exactly."""
+    ds = tf.data.Dataset.range(1000).map(lambda i: {"x": tf.fill([4000], tf.cast(i, tf.float32)), "i": i})
+    options = tf.data.Options()
+    options.experimental_symbolic_checkpoint = True
+    shuffled = block_shuffle(ds, 64, seed=3).with_options(options)
+    order = [int(e["i"]) for e in shuffled.take(256).as_numpy_iterator()]
+    for b in range(4):
+        block = order[64 * b:64 * (b + 1)]
+        assert sorted(block) == list(range(64 * b, 64 * (b + 1))) and block != sorted(block)
+    offsets = [[i - 64 * b for i in order[64 * b:64 * (b + 1)]] for b in range(4)]
+    assert len({tuple(o) for o in offsets}) == 4  # each block its own permutation
+    assert order == [int(e["i"]) for e in block_shuffle(ds, 64, seed=3).take(256).as_numpy_iterator()]
+    assert order != [int(e["i"]) for e in block_shuffle(ds, 64, seed=4).take(256).as_numpy_iterator()]
+    iterator = iter(shuffled)
+    for _ in range(100):
+        next(iterator)
+    tf.train.Checkpoint(iterator=iterator).write(str(tmp_path / "position"))
+    want = [int(next(iterator)["i"]) for _ in range(60)]
+    size = sum(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path))
+    assert size < 16_000, size
+    restored = iter(shuffled)
+    tf.train.Checkpoint(iterator=restored).read(str(tmp_path / "position")).assert_consumed()
+    assert [int(next(restored)["i"]) for _ in range(60)] == want == order[100:160]
+    with pytest.raises(ValueError, match="block 0 must be >= 1"):
+        block_shuffle(ds, 0, seed=3)
 
 
 def test_input_position_save_and_restore(tmp_path):

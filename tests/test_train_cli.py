@@ -169,8 +169,10 @@ def test_init_checkpoint_reports_what_it_did_not_find_and_strict_refuses(uninter
 def test_sigterm_on_an_audio_folder_exits_within_30_s_with_a_small_input_position(tmp_path):
     """The tiny codec on a folder of 40 three-second clips, SIGTERM after ~15 s of training. Exits 0 within 30 s
     (the trainer's own time to leave; was 20-35 s in close() alone, from tf.data's autotuning thread), and the
-    saved input position is the shuffle buffer's 64 crops (~3 MB), not the decoded folder (seqio's and TFDS's
-    in-memory caches: > 6 MB here, 42 MB for 160 clips) nor the clips in flight in the parallel maps."""
+    saved input position is an index: readers' offsets, counters and seeds, a few kilobytes, holding no examples
+    (not the decoded folder, seqio's and TFDS's in-memory caches: > 6 MB here, 42 MB for 160 clips; nor the
+    clips in flight in the parallel maps; nor, since input_pipeline.block_shuffle, a shuffle buffer's 64 crops,
+    3.1 MB)."""
     import soundfile
     folder = tmp_path / "audio"
     folder.mkdir()
@@ -200,6 +202,7 @@ def test_sigterm_on_an_audio_folder_exits_within_30_s_with_a_small_input_positio
     step = _complete_steps(model_dir)[-1]
     position = model_dir / "input_state" / str(step)
     size = sum(f.stat().st_size for f in position.iterdir())
-    assert 1e6 < size < 4.5e6, size  # 64 crops of 12,000 float32 samples: 3.1 MB
+    print("input position bytes", size)
+    assert size < 20_000, size  # 64 crops of 12,000 float32 samples would be 3.1 MB
     # The state restores (orbax); resuming from a SIGTERM checkpoint is test_sigterm_saves_a_restorable_checkpoint's.
     assert all(np.all(np.isfinite(x)) for x in jax_leaves(_params(model_dir, step)))

@@ -60,7 +60,8 @@ class DatasetConfig:
           process runs the task's preprocessing for the whole global batch: right for token caches (cheap to
           read); for raw-audio tasks at pod scale that multiplies the decoding work by the process count.
         'per_process': process i reads shard i of the stream (seqio.ShardInfo) and decodes only its examples;
-          the batches depend on the process count and an input position restores only under the same count.
+          the batches depend on the process count and an input position restores exactly only under the same
+          count (under another, the run starts a new order seeded by the seed and the examples read, and logs it).
     """
 
     mixture_or_task_name: str

@@ -11,6 +11,13 @@ has none (captioned_audio.carve_held_out). The bad-input report (skips by reason
 'resampled' and 'carved_validation') is kept in the prepared dataset's metadata (`builder.info.metadata`), and
 so are the carve's settings and the records per split before decoding ('held_out').
 
+Preparation runs in this process (decoding on a few threads) or, given Beam pipeline options, on Apache Beam
+the way TFDS builds its large datasets: the same records, checks, keys and examples, so the prepared splits are
+identical, example for example; the decoding is spread over Beam's workers (DirectRunner processes here, Dataflow,
+Flink or Spark on a cluster: `--runner=...` in the options, no code change). Under Beam each worker counts its
+skips and notes in Beam metrics (namespace BEAM_METRICS_NAMESPACE), which are summed into the same metadata
+report once the pipeline has run; a bad input under bad_input='error' fails the pipeline with the file named.
+
 Configs are made on the fly: the config name is `<rate>hz_<fingerprint>`, where the fingerprint covers the
 source's paths, file sizes and modification times, the captions file and the checks, so changing the folder or a
 setting prepares a new copy. Prepared data goes under `data_root` (default $MUSICLM_TFDS_DIR or
@@ -39,6 +46,8 @@ VERSION = "1.0.0"
 MUSICCAPS_CLIP_SECONDS = 10.0
 _DECODE_THREADS = 4
 _DECODE_CHUNK = 64
+BEAM_METRICS_NAMESPACE = "musiclm_jax.bad_input"
+_MAX_EXAMPLES_PER_REASON = 5  # as BadInputReport keeps
 
 
 def default_data_root() -> str:
@@ -82,6 +91,11 @@ class _CaptionedAudioBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     def _what(self) -> str:
         raise NotImplementedError
 
+    def _download_and_prepare(self, dl_manager, download_config):
+        # Beam options (or a runner) in the download config select the Beam build (see the module docstring).
+        self._beam = download_config.beam_options is not None or download_config.beam_runner is not None
+        super()._download_and_prepare(dl_manager, download_config)
+
     def _split_generators(self, dl_manager):
         del dl_manager
         self._report = BadInputReport(self.checks.bad_input, self._what())
@@ -94,6 +108,8 @@ class _CaptionedAudioBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         if not self._pending:
             self._report.print_summary()
             raise ValueError(f"{self._what()}: no usable audio files ({self._report.summary()['skipped']})")
+        if getattr(self, "_beam", False):
+            return {split: self._beam_examples(split) for split in self._pending}
         return {split: self._generate_examples(split) for split in self._pending}
 
     def _decode(self, record: AudioRecord):
@@ -104,14 +120,59 @@ class _CaptionedAudioBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
             for start in range(0, len(records), _DECODE_CHUNK):
                 for record, audio in pool.map(self._decode, records[start:start + _DECODE_CHUNK]):
-                    if audio is None:
-                        continue
-                    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
-                    yield record.id, {"audio": pcm, "caption": record.caption, "aspects": list(record.aspects),
-                                      "id": record.id}
+                    if audio is not None:
+                        yield _keyed_example(record, audio)
         self.info.metadata["bad_input"] = self._report.summary()
         if not self._pending:
             self._report.print_summary()
+
+    def _beam_examples(self, split: str):
+        """The Beam transform of `split`: its records, spread over the workers (Reshuffle), decoded and checked
+        on them (_decode_on_beam_worker)."""
+        beam = tfds.core.lazy_imports.apache_beam
+        return (beam.Create(self._pending[split]) | "Spread" >> beam.Reshuffle()
+                | "Decode" >> beam.FlatMap(_decode_on_beam_worker, self.checks, self.expected_seconds, self._what()))
+
+    def _process_pipeline_result(self, pipeline_result):
+        """After the Beam pipeline: the workers' skip and note counts (and skip messages) join this process's
+        report of the listing, as the metadata's 'bad_input'."""
+        metrics = pipeline_result.metrics().query(
+            tfds.core.lazy_imports.apache_beam.metrics.MetricsFilter().with_namespace(BEAM_METRICS_NAMESPACE))
+        for result in metrics["counters"]:
+            kind, name = result.key.metric.name.split(":", 1)
+            count = result.committed if result.committed is not None else result.attempted
+            (self._report.skipped if kind == "skipped" else self._report.notes)[name] += int(count)
+        for result in metrics.get("string_sets", []):
+            reason = result.key.metric.name.split(":", 1)[1]
+            messages = result.committed if result.committed is not None else result.attempted
+            kept = self._report.examples.setdefault(reason, [])
+            kept.extend(sorted(messages)[:_MAX_EXAMPLES_PER_REASON - len(kept)])
+        self.info.metadata["bad_input"] = self._report.summary()
+        self._report.print_summary()
+
+
+def _keyed_example(record: AudioRecord, audio: np.ndarray):
+    """(key, example) of a decoded record: mono float32 [samples] stored as 16-bit PCM."""
+    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return record.id, {"audio": pcm, "caption": record.caption, "aspects": list(record.aspects), "id": record.id}
+
+
+def _decode_on_beam_worker(record: AudioRecord, checks: AudioChecks, expected_seconds: Optional[float], what: str):
+    """A Beam worker's step: yields the (key, example) of `record`, or nothing if it is bad input, counting the
+    skip (or note) in Beam metrics: counters 'skipped:<reason>' and 'notes:<kind>', and the skip's message in the
+    string set 'examples:<reason>'. Under bad_input='error' the BadInputError (naming the file) fails the run."""
+    beam = tfds.core.lazy_imports.apache_beam
+    report = BadInputReport(checks.bad_input, what)
+    audio = captioned_audio.decode_record(record, checks, report, expected_seconds)
+    for reason, count in report.skipped.items():
+        beam.metrics.Metrics.counter(BEAM_METRICS_NAMESPACE, f"skipped:{reason}").inc(count)
+    for kind, count in report.notes.items():
+        beam.metrics.Metrics.counter(BEAM_METRICS_NAMESPACE, f"notes:{kind}").inc(count)
+    for reason, messages in report.examples.items():
+        for message in messages:
+            beam.metrics.Metrics.string_set(BEAM_METRICS_NAMESPACE, f"examples:{reason}").add(message)
+    if audio is not None:
+        yield _keyed_example(record, audio)
 
 
 class AudioFolder(_CaptionedAudioBuilder):
@@ -155,7 +216,20 @@ def _fingerprint(*items) -> str:
     return h.hexdigest()[:12]
 
 
-def _prepare(cls, config: CaptionedAudioConfig, root: str, timeout_s: float = 24 * 3600):
+def beam_options_from_flags(flags: Optional[str]):
+    """Beam PipelineOptions from TFDS's comma-separated form ("direct_num_workers=2,direct_running_mode=
+    multi_processing"; None or '': None, the in-process build). Needs the `beam` extra."""
+    if not flags:
+        return None
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise ImportError("Beam pipeline options were given but apache_beam is not installed: run "
+                          "`bash launch/setup_env.sh beam` (the `beam` extra)") from None
+    return PipelineOptions(flags=[f"--{option.strip()}" for option in flags.split(",") if option.strip()])
+
+
+def _prepare(cls, config: CaptionedAudioConfig, root: str, timeout_s: float = 24 * 3600, beam_options=None):
     import jax  # only for the process index: process 0 prepares, the others wait for it
     builder = cls(config=config, data_dir=root)
     info = os.path.join(builder.data_dir, "dataset_info.json")
@@ -169,29 +243,32 @@ def _prepare(cls, config: CaptionedAudioConfig, root: str, timeout_s: float = 24
     if not os.path.exists(info):
         print(f"tfds: preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir}", file=sys.stderr)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS, beam_options=beam_options))
     return builder
 
 
-def audio_folder_builder(audio_dir: str, checks: AudioChecks, data_root: Optional[str] = None) -> AudioFolder:
-    """The prepared `audio_folder` dataset of `audio_dir` (prepared now if it is not yet)."""
+def audio_folder_builder(audio_dir: str, checks: AudioChecks, data_root: Optional[str] = None,
+                         beam_options=None) -> AudioFolder:
+    """The prepared `audio_folder` dataset of `audio_dir` (prepared now if it is not yet, on Beam if
+    `beam_options`, a PipelineOptions, is given)."""
     audio_dir = os.path.abspath(audio_dir)
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"AUDIO_DIR {audio_dir!r} is not a directory")
     name = f"{checks.sample_rate}hz_{_fingerprint('audio_folder', audio_dir, checks)}"
     config = CaptionedAudioConfig(name=name, audio_dir=audio_dir, checks=checks)
     root = os.path.join(data_root or default_data_root(), f"audio_folder_{name}")
-    return _prepare(AudioFolder, config, root)
+    return _prepare(AudioFolder, config, root, beam_options=beam_options)
 
 
-def musiccaps_builder(csv_path: str, clips_dir: str, checks: AudioChecks, data_root: Optional[str] = None
-                      ) -> MusicCaps:
-    """The prepared `musiccaps` dataset of `csv_path` and `clips_dir` (prepared now if it is not yet)."""
+def musiccaps_builder(csv_path: str, clips_dir: str, checks: AudioChecks, data_root: Optional[str] = None,
+                      beam_options=None) -> MusicCaps:
+    """The prepared `musiccaps` dataset of `csv_path` and `clips_dir` (prepared now if it is not yet, on Beam if
+    `beam_options` is given)."""
     csv_path, clips_dir = os.path.abspath(csv_path), os.path.abspath(clips_dir)
     name = f"{checks.sample_rate}hz_{_fingerprint('musiccaps', csv_path, clips_dir, checks)}"
     config = CaptionedAudioConfig(name=name, csv_path=csv_path, clips_dir=clips_dir, checks=checks)
     root = os.path.join(data_root or default_data_root(), f"musiccaps_{name}")
-    return _prepare(MusicCaps, config, root)
+    return _prepare(MusicCaps, config, root, beam_options=beam_options)
 
 
 class PreparedTfdsSource(seqio.DataSource):
