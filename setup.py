@@ -49,11 +49,11 @@ setuptools.setup(
     version="0.1.0",
     description="MusicLM (text to music) in JAX/Flax for TPU pods",
     python_requires=">=3.11,<3.12",
-    # `tasks/` (seqio task definitions) and `gin/` (gin files) live at the top of the repository and are
-    # installed as musiclm_jax.tasks and musiclm_jax.gin, so an installed package carries both.
+    # `gin/` (gin files) lives at the top of the repository and is installed as musiclm_jax.gin, so an installed
+    # package carries it.
     packages=(["musiclm_jax"] + ["musiclm_jax." + p for p in setuptools.find_packages("musiclm_jax")]
-              + ["musiclm_jax.tasks", "musiclm_jax.gin"]),
-    package_dir={"musiclm_jax": "musiclm_jax", "musiclm_jax.tasks": "tasks", "musiclm_jax.gin": "gin"},
+              + ["musiclm_jax.gin"]),
+    package_dir={"musiclm_jax": "musiclm_jax", "musiclm_jax.gin": "gin"},
     package_data={"musiclm_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,
     extras_require=EXTRAS,

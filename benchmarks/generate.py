@@ -80,8 +80,8 @@ class TimedMusicLM(MusicLM):
     def _run_stage(self, name, *args, **kwargs):
         return self._timed(name, super()._run_stage, name, *args, **kwargs)
 
-    def _decode(self, codes, params):
-        return self._timed("decode", super()._decode, codes, params)
+    def decode_codes(self, codes, params):
+        return self._timed("decode", super().decode_codes, codes, params)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -151,7 +151,7 @@ def generate_once(musiclm: TimedMusicLM, texts, mulan_tokens, seed: int) -> tupl
     if mulan_tokens is None:
         audio = musiclm.generate(texts)
     else:
-        audio = musiclm._decode(musiclm.generate_tokens(mulan_tokens=mulan_tokens)["codes"], musiclm.params)
+        audio = musiclm.decode_codes(musiclm.generate_tokens(mulan_tokens=mulan_tokens)["codes"], musiclm.params)
     return dict(musiclm.times, end_to_end=time.perf_counter() - start), audio
 
 

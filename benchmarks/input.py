@@ -87,7 +87,7 @@ def write_paper_cache(root: str, examples: int) -> None:
 def raw_record_rate(root: str, batches: int, repeats: int) -> float:
     import tensorflow as tf
     files = token_cache.completed_shards(root, "train", 1)
-    description = tokenized._feature_description(token_cache.read_manifest(root))
+    description = tokenized.feature_description(token_cache.read_manifest(root))
     rates = []
     for _ in range(repeats):
         ds = tf.data.TFRecordDataset(files).repeat().map(lambda r: tf.io.parse_single_example(r, description),

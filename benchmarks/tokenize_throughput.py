@@ -80,7 +80,7 @@ def measure(name: str, size: dict, repeats: int, batch: int) -> dict:
     audio = np.stack([synthetic_music.generate_clip(i, seed=1, seconds=chunk_seconds, sample_rate=rate)["audio"]
                       for i in range(batch)]).astype(np.float32)
     audio_seconds = batch * chunk_seconds
-    batcher = tokenize_job._DeviceBatcher()
+    batcher = tokenize_job.DeviceBatcher()
     sources = [tokenize_job.codec_token_source(codec), tokenize_job.semantic_token_source(tokenizer),
                tokenize_job.mulan_token_source(mulan, chunk_seconds), tokenize_job.melody_source(rate, 5.0)]
     per_source = {}

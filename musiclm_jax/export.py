@@ -152,7 +152,7 @@ def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tupl
     if tokenizer is None:
         return functions, params
     features = tokenizer.features
-    # FeatureExtractor._embed: the jitted layer features (pooled, with pitch classes) of (params, audio).
+    # FeatureExtractor.embed_fn: the layer features (pooled, with pitch classes) of (params, audio).
     # Audio of k >= 1 whole semantic frames (what continuation gives it): the feature model's framing decides
     # its shapes in Python, which a symbolic length of samples leaves inconclusive; a multiple of the frame does not.
     per_frame = tokenizer.sample_rate / tokenizer.frame_rate
@@ -162,14 +162,14 @@ def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tupl
     constraints = ("k >= 1",)
     b, k = export.symbolic_shape("b, k", constraints=constraints)
     feature_params = _plain(features.params)
-    functions["semantic_features"] = Function(export.export(features._embed, platforms=platforms)(
+    functions["semantic_features"] = Function(export.export(jax.jit(features.embed_fn), platforms=platforms)(
         _spec(feature_params), jax.ShapeDtypeStruct((b, int(round(per_frame)) * k), jnp.float32)),
         "semantic_features", ("audio",), ("features",), constraints)
     params["semantic_features"] = feature_params
-    from musiclm_jax.semantic import _nearest
+    from musiclm_jax.semantic import nearest_centroids
     kmeans = {"centroids": np.asarray(tokenizer.centroids, np.float32)}
     b, t = export.symbolic_shape("b, t")
-    functions["semantic_assign"] = Function(export.export(jax.jit(lambda p, x: _nearest(x, p["centroids"])),
+    functions["semantic_assign"] = Function(export.export(jax.jit(lambda p, x: nearest_centroids(x, p["centroids"])),
                                                           platforms=platforms)(
         _spec(kmeans), jax.ShapeDtypeStruct((b, t, kmeans["centroids"].shape[1]), jnp.float32)),
         "semantic_kmeans", ("features",), ("ids",))

@@ -1,7 +1,9 @@
-"""Mini-batch k-means (Sculley 2010) in JAX: the semantic tokenizer's codebook (k=1024 centres of 768-1024-d
-w2v-BERT embeddings), fitted by a job that streams embeddings batch by batch, on all devices.
+"""k-means in JAX, mini-batch (Sculley 2010) and Lloyd's. The mini-batch fit gives the semantic tokenizer's
+codebook (k=1024 centres of 768-1024-d w2v-BERT embeddings) in a job that streams embeddings batch by batch, on
+all devices.
 
-* `kmeans_plus_plus`: (greedy) k-means++ seeding; the residual VQ's k-means initialisation uses it too.
+* `kmeans_plus_plus`: (greedy) k-means++ seeding; `lloyd`: Lloyd's iterations on one batch from it, the residual
+  VQ's data-dependent codebook start (quantizers.py).
 * `assign`, `inertia`: nearest centre and squared distance (vq.py: |x|^2 - 2 x.c + |c|^2 at HIGHEST precision). The
   [n, k] distance matrix is not chunked: each device holds [n / data-parallel size, k] of it.
 * `update`: one step on a `KMeansState`. The first call seeds the centres by k-means++ on its batch; every call
@@ -33,7 +35,7 @@ from etils import epath
 from jax.sharding import PartitionSpec
 
 from musiclm_jax import partitioning
-from musiclm_jax.vq import nearest_code_and_distance
+from musiclm_jax.vq import nearest_code, nearest_code_and_distance, squared_distances
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -84,7 +86,6 @@ def kmeans_plus_plus(rng: jax.Array, points: jax.Array, k: int, *, weights: Opti
     x = jnp.asarray(points, jnp.float32)
     w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     trials = min(n, 2 + int(math.log(k)) if n_local_trials is None else n_local_trials)
-    x_sq = jnp.sum(x * x, axis=1)
     log_w = jnp.log(w)
 
     def draw(key, mass, num):  # num rows without replacement, P ~ mass (P ~ weight once all mass is 0)
@@ -92,8 +93,7 @@ def kmeans_plus_plus(rng: jax.Array, points: jax.Array, k: int, *, weights: Opti
         return jax.lax.top_k(score, num)[1]
 
     def distances(idx):  # [n, len(idx)]
-        c = x[idx]
-        return jnp.maximum(x_sq[:, None] - 2.0 * jnp.dot(x, c.T, precision=HIGHEST) + jnp.sum(c * c, 1)[None], 0.0)
+        return squared_distances(x, x[idx])
 
     first = draw(jax.random.fold_in(rng, 0), jnp.zeros((n,), jnp.float32), 1)[0]
     d2 = distances(first[None])[:, 0].at[first].set(0.0)
@@ -114,6 +114,26 @@ def kmeans_plus_plus(rng: jax.Array, points: jax.Array, k: int, *, weights: Opti
 
     centroids, _ = jax.lax.fori_loop(1, k, add, (centroids, d2))
     return centroids
+
+
+def lloyd(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
+    """Lloyd's k-means on x [M, D] from a plain k-means++ start (rows with weight 0 ignored): the batch fit behind
+    a codebook's data-dependent start (quantizers.ResidualVQ; the streaming fit of many batches is `update`).
+
+    Returns (centroids [k, D], counts [k]); a centroid that loses all its points keeps its position.
+    """
+    weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    centroids = kmeans_plus_plus(rng, x, k, weights=weights, n_local_trials=1)
+
+    def step(centroids, _):
+        assign = jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None]
+        counts = jnp.sum(assign, axis=0)
+        sums = assign.T @ x.astype(jnp.float32)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts[:, None], 1.0), centroids), None
+
+    centroids, _ = jax.lax.scan(step, centroids, None, length=iters)
+    counts = jnp.sum(jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None], axis=0)
+    return centroids, counts
 
 
 def update(state: KMeansState, points: jax.Array, rng: jax.Array, *, reseed_every: int = 10,

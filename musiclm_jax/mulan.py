@@ -260,7 +260,8 @@ class MuLan:
         """[len(texts), batch] cosines between each caption and each clip."""
         return self.embed_text(texts) @ self.embed_audio(audio).T
 
-    def _require_rvq(self) -> ConditioningRVQ:
+    def conditioning_rvq(self) -> ConditioningRVQ:
+        """The conditioning RVQ (fitted by `mulan fit-rvq`); ValueError naming the fix if there is none."""
         if self.rvq is None:
             raise ValueError(f"this MuLan has no conditioning RVQ ({RVQ_FILE}); fit one with "
                              f"`python -m musiclm_jax.mulan fit-rvq --checkpoint DIR`")
@@ -268,12 +269,12 @@ class MuLan:
 
     def tokens_from_audio(self, audio) -> np.ndarray:
         """audio [batch, samples] at sample_rate -> conditioning tokens [batch, levels] int32."""
-        rvq = self._require_rvq()
+        rvq = self.conditioning_rvq()
         return rvq.quantize(np.atleast_2d(self.embed_audio(audio)))
 
     def tokens_from_text(self, texts: Sequence[str]) -> np.ndarray:
         """captions -> conditioning tokens [len(texts), levels] int32."""
-        return self._require_rvq().quantize(self.embed_text(texts))
+        return self.conditioning_rvq().quantize(self.embed_text(texts))
 
     @classmethod
     def from_checkpoint(cls, model_dir: str, step: Optional[int] = None) -> "MuLan":
@@ -378,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from musiclm_jax import text_vocab
         from musiclm_jax.data.dataset_config import raw_audio_task_name
         task = raw_audio_task_name(16000, args.audio_dir, args.musiccaps_dir)
-        text_vocab._main_train_vocab(args.output, task, args.vocab_size, args.max_captions)
+        text_vocab.train_vocab_from_task(args.output, task, args.vocab_size, args.max_captions)
         return
     if args.command == "fit-rvq":
         from musiclm_jax import distributed

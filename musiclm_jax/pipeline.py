@@ -489,7 +489,7 @@ class MusicLM:
 
     def _audio_stream(self, codes: Iterator[np.ndarray], params: GenerationParams) -> Iterator[np.ndarray]:
         """Codes as _codes_stream yields them -> consecutive audio chunks [B, n] float32 whose concatenation is
-        _decode(the last codes): [B, duration_s * codec rate]. With a causal codec decoder (`codec.causal`: no
+        decode_codes(the last codes): [B, duration_s * codec rate]. With a causal codec decoder (`codec.causal`: no
         sample depends on later frames) each codes prefix is decoded as it comes, padded with code 0 to the
         whole's frames so that it runs the very program of the final decode (a prefix decoded at its own shape
         differed from it by one 16-bit step in places on CPU), and its new samples yielded: the whole decode's,
@@ -509,7 +509,7 @@ class MusicLM:
                 if audio.shape[1] > sent:
                     yield audio[:, sent:]
                     sent = audio.shape[1]
-        audio = self._decode(whole, params)
+        audio = self.decode_codes(whole, params)
         if audio.shape[1] > sent or sent == 0:
             yield audio[:, sent:]
 
@@ -525,12 +525,12 @@ class MusicLM:
         tune = None if melody is None else self.melody_tokens(melody, len(texts))
         return self._audio_stream(self._codes_stream(texts, params, melody_tokens=tune), params)
 
-    def _decode(self, codes: np.ndarray, params: GenerationParams) -> np.ndarray:
+    def decode_codes(self, codes: np.ndarray, params: GenerationParams) -> np.ndarray:
         """Codes [B, frames, levels] -> audio [B, duration_s * codec rate] (the frames cover the duration)."""
         return self.codec.decode(codes)[:, :int(round(params.duration_s * self.codec.sample_rate))]
 
     def _result(self, tokens: dict, params: GenerationParams, return_details: bool):
-        audio = self._decode(tokens["codes"], params)
+        audio = self.decode_codes(tokens["codes"], params)
         return GenerationResult(audio, tokens, params) if return_details else audio
 
     def _continuation_prompts(self, prompt_audio: np.ndarray, texts: Sequence[str],
@@ -625,7 +625,7 @@ class MusicLM:
         expanded = [t for t in texts for _ in range(rerank)]  # candidates of a caption are adjacent
         tokens = self.generate_tokens(expanded, melody_tokens=None if tune is None else np.repeat(tune, rerank, 0),
                                       params=params)
-        audio = self._decode(tokens["codes"], params)
+        audio = self.decode_codes(tokens["codes"], params)
         scores = self.mulan_scores(expanded, audio).reshape(len(texts), rerank)
         choice = np.argmax(scores, axis=1)
         keep = np.arange(len(texts)) * rerank + choice

@@ -57,25 +57,6 @@ class RVQConfig:
             raise ValueError(f"RVQConfig.quantizer_dropout {self.quantizer_dropout} must be a probability in [0, 1]")
 
 
-def kmeans(x: jax.Array, k: int, iters: int, rng: jax.Array, weights: Optional[jax.Array] = None) -> tuple:
-    """Lloyd's k-means on x [M, D] from a plain k-means++ start (rows with weight 0 ignored).
-
-    Returns (centroids [k, D], counts [k]); a centroid that loses all its points keeps its position.
-    """
-    weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    centroids = kmeans_lib.kmeans_plus_plus(rng, x, k, weights=weights, n_local_trials=1)
-
-    def step(centroids, _):
-        assign = jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None]
-        counts = jnp.sum(assign, axis=0)
-        sums = assign.T @ x.astype(jnp.float32)
-        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts[:, None], 1.0), centroids), None
-
-    centroids, _ = jax.lax.scan(step, centroids, None, length=iters)
-    counts = jnp.sum(jax.nn.one_hot(nearest_code(x, centroids), k, dtype=jnp.float32) * weights[:, None], axis=0)
-    return centroids, counts
-
-
 def counts_perplexity(counts: jax.Array) -> jax.Array:
     """exp(entropy) of code histograms counts [..., K] -> [...] float32: 1 when one code has every count, K when
     all are used equally (no counts: 1)."""
@@ -156,7 +137,7 @@ class ResidualVQ(nn.Module):
                 rng, k_init, k_dead = jax.random.split(rng, 3)
                 if cfg.kmeans_init:
                     def fresh(r=residual, key=k_init):
-                        centroids, counts = kmeans(r, cfg.codebook_size, cfg.kmeans_iters, key)
+                        centroids, counts = kmeans_lib.lloyd(r, cfg.codebook_size, cfg.kmeans_iters, key)
                         return centroids, counts, centroids * counts[:, None]
                     codebook, size, total = jax.lax.cond(
                         inits[level] > 0, lambda c=codebook, s=size, t=total: (c, s, t), fresh)

@@ -123,7 +123,7 @@ class SemanticTokenizer:
         self.pitch_class_share = float(pitch_class_share)
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.centroids = np.asarray(centroids, np.float32)
-        self._assign = jax.jit(partial(_nearest, centroids=jnp.asarray(self.centroids)))
+        self._assign = jax.jit(partial(nearest_centroids, centroids=jnp.asarray(self.centroids)))
 
     @property
     def sample_rate(self) -> int:
@@ -185,7 +185,7 @@ class SemanticTokenizer:
             return cls(features, norm["mean"], norm["std"], km["centroids"], share)
 
 
-def _nearest(points, centroids):
+def nearest_centroids(points, centroids):
     """points [b, t, d] -> ids [b, t] int32 of the nearest centroid [k, d]."""
     from musiclm_jax.kmeans import assign
     ids, _ = assign(centroids, points.reshape(-1, points.shape[-1]))

@@ -54,9 +54,9 @@ missing files); 503 busy (max_concurrent generations running and max_queue waiti
 Retry-After), a queue wait over queue_timeout, or shutting down; 500 a failed generation.
 
 Concurrency: the bundle is loaded once; max_concurrent generations, continuations and streams (a stream holds its
-model until its last chunk is written) run at a time (each on its own serving.ServingModel.fork(), sharing the
-loaded functions and parameters; 1 by default: one model under a lock), at most max_queue more wait for one, and
-any request beyond that gets 503 immediately. Shutdown (SIGTERM, SIGINT): stop accepting, refuse new generations,
+model until its last chunk is written) run at a time on the one loaded model (each with its own settings, passed
+per call: the model keeps no per-request state; 1 by default), at most max_queue more wait for a slot, and any
+request beyond that gets 503 immediately. Shutdown (SIGTERM, SIGINT): stop accepting, refuse new generations,
 let the admitted ones finish (up to --grace seconds), exit 0.
 """
 from __future__ import annotations
@@ -69,7 +69,6 @@ import dataclasses
 import io
 import json
 import math
-import queue
 import signal
 import struct
 import sys
@@ -262,11 +261,8 @@ class Generator:
             if not 0 < d <= limits.max_duration_s:
                 raise ValueError(f"--warm_durations: {d} s is not in (0, max_duration={limits.max_duration_s}]")
         self._warm(model, log)
-        self._first = model
-        self._models: queue.Queue = queue.Queue()
-        self._models.put(model)
-        for _ in range(limits.max_concurrent - 1):
-            self._models.put(model.fork())  # forks share the stages, so their compiled samplers too
+        self._model = model  # shared by the concurrent requests: settings go with each call (generation_params)
+        self._slots = threading.BoundedSemaphore(limits.max_concurrent)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.running = self.waiting = 0
@@ -278,7 +274,7 @@ class Generator:
                     "running": self.running, "waiting": self.waiting, "max_concurrent": self.limits.max_concurrent,
                     "max_queue": self.limits.max_queue, "max_duration_s": self.limits.max_duration_s,
                     "warm_durations_s": list(self.warm_durations), "defaults": self.defaults,
-                    "serves": {f: hasattr(self._first, "missing") and not self._first.missing(f)
+                    "serves": {f: hasattr(self._model, "missing") and not self._model.missing(f)
                                for f in ("continuation", "rerank")}}
 
     def _warm(self, model, log) -> None:
@@ -292,12 +288,12 @@ class Generator:
         for d in self.warm_durations:
             start = time.time()
             for variant in variants:
-                model.set_generation_params(**{**self.defaults, "duration_s": d, **variant})
+                params = model.generation_params(**{**self.defaults, "duration_s": d, **variant})
                 if hasattr(model, "generate_stream"):
-                    for _ in model.generate_stream([WARM_UP_PROMPT]):
+                    for _ in model.generate_stream([WARM_UP_PROMPT], params=params):
                         pass
                 else:
-                    model.generate([WARM_UP_PROMPT])
+                    model.generate([WARM_UP_PROMPT], params=params)
             if log is not None:
                 print(f"serve: warmed {d:g} s in {time.time() - start:.1f} s", file=log, flush=True)
 
@@ -326,8 +322,8 @@ class Generator:
 
     @contextlib.contextmanager
     def _slot(self):
-        """A free model for one request, under the bound: 503 at once when max_concurrent run and max_queue
-        wait, or after queue_timeout waiting; released (and waiters woken) when the block ends."""
+        """The model, for one request under the bound: 503 at once when max_concurrent run and max_queue wait, or
+        after queue_timeout waiting; the slot is released (and waiters woken) when the block ends."""
         with self._lock:
             if self.closing:
                 raise RequestError(503, "the server is shutting down")
@@ -336,30 +332,28 @@ class Generator:
                                         f"(max_concurrent={self.limits.max_concurrent}, max_queue="
                                         f"{self.limits.max_queue}); retry later", {"Retry-After": "5"})
             self.waiting += 1
-        try:
-            model = self._models.get(timeout=self.limits.queue_timeout_s)
-        except queue.Empty:
+        if not self._slots.acquire(timeout=self.limits.queue_timeout_s):
             with self._lock:
                 self.waiting -= 1
                 self._idle.notify_all()
-            raise RequestError(503, f"waited {self.limits.queue_timeout_s} s for a free model; retry later",
-                               {"Retry-After": "5"}) from None
+            raise RequestError(503, f"waited {self.limits.queue_timeout_s} s for a free slot; retry later",
+                               {"Retry-After": "5"})
         with self._lock:
             self.waiting -= 1
             self.running += 1
         try:
-            yield model
+            yield self._model
         finally:
-            self._models.put(model)
+            self._slots.release()
             with self._lock:
                 self.running -= 1
                 self._idle.notify_all()
 
     def _require(self, feature: str) -> None:
         """501 when the model cannot serve `feature` ('continuation', 'rerank'): a bundle without its encoders."""
-        if not hasattr(self._first, "missing"):
+        if not hasattr(self._model, "missing"):
             raise RequestError(501, f"this model does not serve {feature}")
-        missing = self._first.missing(feature)
+        missing = self._model.missing(feature)
         if missing:
             raise RequestError(501, f"this bundle cannot serve {feature}: it has no "
                                     f"{', '.join(f'exported/{m}.jaxexp' for m in missing)} (export it again with "
@@ -375,15 +369,15 @@ class Generator:
             self._require("rerank")
         settings, samples, generated = self._settings(settings)
         with self._slot() as model:
-            model.set_generation_params(**settings)
+            params = model.generation_params(**settings)
             headers = {}
             if rerank > 1:
-                result = model.generate([prompt], rerank=rerank, return_details=True)
+                result = model.generate([prompt], rerank=rerank, return_details=True, params=params)
                 audio = result.audio
                 headers = {"X-Rerank-Scores": json.dumps([round(float(x), 6) for x in result.scores[0]]),
                            "X-Rerank-Choice": str(int(result.choice[0]))}
             else:
-                audio = model.generate([prompt])
+                audio = model.generate([prompt], params=params)
             return np.asarray(audio[0], np.float32)[:samples], generated, headers
 
     def continue_audio(self, prompt: str, settings: dict, audio: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
@@ -392,8 +386,8 @@ class Generator:
         self._require("continuation")
         settings, samples, generated = self._settings(settings)
         with self._slot() as model:
-            model.set_generation_params(**settings)
-            out = _prompt_errors(lambda: model.generate_continuation(audio, [prompt]))
+            params = model.generation_params(**settings)
+            out = _prompt_errors(lambda: model.generate_continuation(audio, [prompt], params=params))
             return np.asarray(out[0], np.float32)[:samples], generated
 
     def stream(self, prompt: str, settings: dict, audio: Optional[np.ndarray] = None) -> tuple[Iterator[np.ndarray],
@@ -407,11 +401,11 @@ class Generator:
 
         def chunks() -> Iterator[np.ndarray]:
             with self._slot() as model:
-                model.set_generation_params(**settings)
+                params = model.generation_params(**settings)
                 if audio is None:
-                    parts = model.generate_stream([prompt])
+                    parts = model.generate_stream([prompt], params=params)
                 else:
-                    parts = _prompt_errors(lambda: model.generate_continuation_stream(audio, [prompt]))
+                    parts = _prompt_errors(lambda: model.generate_continuation_stream(audio, [prompt], params=params))
                 sent = 0
                 for part in parts:
                     part = np.asarray(part[0], np.float32)[:samples - sent]
@@ -623,8 +617,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server of one model (serving.ServingModel or anything with generate, set_generation_params and
-    sample_rate). serve_forever() in one thread; shutdown_gracefully() from another."""
+    """The HTTP server of one model (serving.ServingModel, or anything with sample_rate, generation_params(**settings)
+    and generate(texts, params=...)). serve_forever() in one thread; shutdown_gracefully() from another."""
 
     daemon_threads = True
     allow_reuse_address = True

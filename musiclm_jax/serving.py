@@ -46,7 +46,6 @@ older one, or `--no_encoders`) generates, and ServingModel.missing('continuation
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -316,7 +315,8 @@ class ServedStage(pipeline.Stage):
 # ------------------------------------------------------------------------------------------------ the model
 class ServingModel:
     """Text -> music from a bundle: generate(texts), generate_stream(texts), generate_continuation(audio, texts),
-    set_generation_params(**kwargs), sample_rate.
+    each with this object's settings (set_generation_params) or a call's own (params=generation_params(...): the
+    object keeps no per-call state, so concurrent calls can share it), sample_rate.
 
     `musiclm` is the pipeline.MusicLM driving the served parts (story mode and melody work through it too);
     continuation and reranking need the bundle's audio encoders (missing() names what a bundle lacks)."""
@@ -353,45 +353,42 @@ class ServingModel:
         seed)."""
         self.musiclm.set_generation_params(**kwargs)
 
+    def generation_params(self, **kwargs) -> pipeline.GenerationParams:
+        """This object's settings with `kwargs` replaced, for one call's `params=` (the object is unchanged)."""
+        return self.musiclm.generation_params(**kwargs)
+
     def reset_generation_params(self) -> None:
         """Back to the bundle's default settings (generation.json)."""
         self.musiclm.params = pipeline.GenerationParams()
         self.musiclm.set_generation_params(**self.defaults)
 
     def generate(self, texts: Sequence[str], melody: Optional[np.ndarray] = None, rerank: int = 1,
-                 return_details: bool = False):
+                 return_details: bool = False, params: Optional[pipeline.GenerationParams] = None):
         """Captions -> audio [len(texts), duration_s * sample_rate] float32 (pipeline.MusicLM.generate; rerank=N
         keeps the best of N candidates by MuLan score, which needs the audio tower; return_details: the
         pipeline.GenerationResult with the scores [B, N] and choice [B])."""
         if rerank != 1:
             self._require("rerank")
-        return self.musiclm.generate(texts, rerank=rerank, melody=melody, return_details=return_details)
+        return self.musiclm.generate(texts, rerank=rerank, melody=melody, return_details=return_details,
+                                     params=params)
 
-    def generate_stream(self, texts: Sequence[str], melody: Optional[np.ndarray] = None):
+    def generate_stream(self, texts: Sequence[str], melody: Optional[np.ndarray] = None,
+                        params: Optional[pipeline.GenerationParams] = None):
         """generate's audio as consecutive chunks [len(texts), n] float32 (pipeline.MusicLM.generate_stream)."""
-        return self.musiclm.generate_stream(texts, melody=melody)
+        return self.musiclm.generate_stream(texts, melody=melody, params=params)
 
-    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str],
+                              params: Optional[pipeline.GenerationParams] = None) -> np.ndarray:
         """prompt_audio [B or 1, samples] (or [samples]) at sample_rate continued under the captions -> audio
         [B, duration_s * sample_rate] float32 (pipeline.MusicLM.generate_continuation)."""
         self._require("continuation")
-        return self.musiclm.generate_continuation(prompt_audio, texts)
+        return self.musiclm.generate_continuation(prompt_audio, texts, params=params)
 
-    def generate_continuation_stream(self, prompt_audio: np.ndarray, texts: Sequence[str]):
+    def generate_continuation_stream(self, prompt_audio: np.ndarray, texts: Sequence[str],
+                                     params: Optional[pipeline.GenerationParams] = None):
         """generate_continuation's audio as consecutive chunks [B, n] float32."""
         self._require("continuation")
-        return self.musiclm.generate_continuation_stream(prompt_audio, texts)
-
-    def fork(self) -> "ServingModel":
-        """Another model sharing the loaded functions and parameters, with its own generation settings (one per
-        concurrent request)."""
-        m = self.musiclm
-        stages = [m.stages[name] for name in pipeline.STAGES]
-        musiclm = pipeline.MusicLM(m.mulan, m.codec, *stages, log=None, semantic_tokenizer=m.semantic_tokenizer,
-                                   **_rates(self.manifest))
-        forked = ServingModel(musiclm, self.manifest, self.defaults, self.bundle_dir)
-        musiclm.set_generation_params(**dataclasses.asdict(m.params))
-        return forked
+        return self.musiclm.generate_continuation_stream(prompt_audio, texts, params=params)
 
 
 def load(bundle_dir: str, verify: bool = True, log=None) -> ServingModel:

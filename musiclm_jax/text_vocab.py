@@ -131,7 +131,9 @@ class TextTokenizer:
         return tokens, mask
 
 
-def _main_train_vocab(output: str, task: str, vocab_size: int, max_captions: Optional[int]) -> None:
+def train_vocab_from_task(output: str, task: str, vocab_size: int, max_captions: Optional[int]) -> None:
+    """Trains the SentencePiece vocabulary `output` (vocab_size pieces) on up to max_captions (default 100,000)
+    captions of raw-audio task `task`'s train split (`python -m musiclm_jax.mulan train-vocab`)."""
     captions = captions_of(task, "train", max_captions or 100_000)
     path = train_sentencepiece(captions, output, vocab_size)
     print(f"text vocabulary: {path} from {len(captions)} captions of {task}", file=sys.stderr)

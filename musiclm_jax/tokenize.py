@@ -96,7 +96,7 @@ def mulan_source(checkpoint: str, chunk_seconds: float) -> TokenSource:
 
 def mulan_token_source(mulan, chunk_seconds: float, checkpoint: str = "") -> TokenSource:
     """A loaded mulan.MuLan's conditioning tokens (it needs its RVQ), one frame per chunk of chunk_seconds."""
-    rvq = mulan._require_rvq()
+    rvq = mulan.conditioning_rvq()
 
     def tokenize(audio):
         codes, margins = rvq.quantize_with_margins(mulan.embed_audio(np.asarray(audio)))
@@ -113,7 +113,7 @@ def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
                        lambda audio: melody.melody_tokens(np.asarray(audio), sample_rate, frame_rate)[..., None])
 
 
-class _DeviceBatcher:
+class DeviceBatcher:
     """Lays a [batch, samples] numpy batch over this process's devices (batch padded to a multiple of them) ->
     (tokens [batch, frames, levels], near-tie mask of the same shape or None)."""
 
@@ -152,7 +152,7 @@ def chunk_clip(audio: np.ndarray, chunk_samples: int,
     return chunks, len(audio) - count * chunk_samples
 
 
-def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, sample_rate: int,
+def _tokenize_shard(sources: list[TokenSource], batcher: DeviceBatcher, clips, sample_rate: int,
                     chunk_samples: int, min_clip_samples: int, batch_size: int, frames: dict[str, int],
                     path: str) -> dict:
     import tensorflow as tf
@@ -199,7 +199,7 @@ def _tokenize_shard(sources: list[TokenSource], batcher: _DeviceBatcher, clips, 
     return counts
 
 
-def _probe_frames(sources: list[TokenSource], batcher: _DeviceBatcher, chunk_samples: int, sample_rate: int):
+def _probe_frames(sources: list[TokenSource], batcher: DeviceBatcher, chunk_samples: int, sample_rate: int):
     """Frames per chunk of each source (from one silent chunk, so the manifest states exact shapes)."""
     silent = np.zeros((1, chunk_samples), np.float32)
     return {s.name: int(batcher(s, silent, sample_rate)[0].shape[1]) for s in sources}
@@ -230,7 +230,7 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
     if task_rate != sample_rate:
         raise ValueError(f"source_task {source_task!r} is at {task_rate} Hz but the codec runs at {sample_rate} Hz")
     chunk_samples = int(round(chunk_seconds * sample_rate))
-    batcher = _DeviceBatcher()
+    batcher = DeviceBatcher()
     frames = _probe_frames(sources, batcher, chunk_samples, sample_rate)
     max_clips = dict(max_clips or {})
     split_plan = {}

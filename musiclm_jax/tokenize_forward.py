@@ -89,7 +89,7 @@ class TokenizationForward:
         if self.features is not None:
             s = variables["semantic"]
             x = self.features.embed_fn(s["params"], audio[self.features.sample_rate].astype(jnp.float32))
-            out["semantic"] = semantic_lib._nearest((x - s["mean"]) / s["std"], s["centroids"])
+            out["semantic"] = semantic_lib.nearest_centroids((x - s["mean"]) / s["std"], s["centroids"])
         if self.mulan_model is not None:
             m = variables["mulan"]
             embeddings = self._mulan_embeddings(m["params"], audio[self.mulan_model.sample_rate].astype(jnp.float32))
@@ -109,7 +109,8 @@ def from_tokenizers(codec, semantic_tokenizer=None, mulan=None) -> tuple[Tokeniz
         t = semantic_tokenizer
         variables["semantic"] = {"params": t.features.params, "mean": t.mean, "std": t.std, "centroids": t.centroids}
     if mulan is not None:
-        variables["mulan"] = {"params": mulan_audio_params(mulan.params), "codebooks": mulan._require_rvq().codebooks}
+        variables["mulan"] = {"params": mulan_audio_params(mulan.params),
+                              "codebooks": mulan.conditioning_rvq().codebooks}
     return forward, variables
 
 

@@ -89,4 +89,6 @@ def test_beam_build_under_the_error_policy_names_the_bad_file(tmp_path):
     with pytest.raises(ValueError, match="nothing to prepare"):
         audio_tasks.prepared_builder(raw_audio_task_name(RATE))
     assert tfds_builders.beam_options_from_flags("") is None
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['direct_num_worker'\]"):
+        tfds_builders.beam_options_from_flags("direct_num_worker=2")
     assert not any("dataset_info.json" in names for _, _, names in os.walk(tmp_path / "tfds"))  # nothing kept

@@ -47,16 +47,14 @@ class SlowModel:
         self.settings: dict = {}
         self.calls = 0
 
-    def fork(self):
-        return SlowModel(wait=True, release=self.release)
+    def generation_params(self, **kwargs):
+        return dict(kwargs)
 
-    def set_generation_params(self, **kwargs):
-        self.settings = kwargs
-
-    def generate(self, texts):
+    def generate(self, texts, params):
+        self.settings = params  # the last call's
         self.calls += 1
         assert self.release.wait(60)
-        return np.zeros((len(texts), int(self.settings["duration_s"] * self.sample_rate)), np.float32)
+        return np.zeros((len(texts), int(params["duration_s"] * self.sample_rate)), np.float32)
 
 
 class Running:

@@ -203,7 +203,7 @@ def test_one_function_forward_equals_the_jobs_tokenizers(frozen):
                       for i in range(3)]).astype(np.float32)
     inputs = {rate: audio_io.resample(audio, RATE, rate).astype(np.float32) for rate in forward.sample_rates}
     out = jax.jit(forward)(variables, inputs)
-    batcher = tokenize._DeviceBatcher()
+    batcher = tokenize.DeviceBatcher()
     job = {s.name: batcher(s, audio, RATE) for s in (tokenize.codec_token_source(codec),
                                                      tokenize.semantic_token_source(tokenizer),
                                                      tokenize.mulan_token_source(mulan, 6.0))}

@@ -226,7 +226,11 @@ def beam_options_from_flags(flags: Optional[str]):
     except ImportError:
         raise ImportError("Beam pipeline options were given but apache_beam is not installed: run "
                           "`bash launch/setup_env.sh beam` (the `beam` extra)") from None
-    return PipelineOptions(flags=[f"--{option.strip()}" for option in flags.split(",") if option.strip()])
+    options = PipelineOptions(flags=[f"--{option.strip()}" for option in flags.split(",") if option.strip()])
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    if unknown:  # Beam would only log and drop them
+        raise ValueError(f"Beam pipeline options {flags!r}: unknown option(s) {unknown}")
+    return options
 
 
 def _prepare(cls, config: CaptionedAudioConfig, root: str, timeout_s: float = 24 * 3600, beam_options=None):

@@ -138,7 +138,8 @@ def stage_spec(stage: str, token_dir: str, seconds: float | None = None, coarse_
                      bool(melody), input_length, target_length)
 
 
-def _feature_description(manifest: dict) -> dict:
+def feature_description(manifest: dict) -> dict:
+    """The tf.io parsing spec of a token cache's examples (data/token_cache.py), from its manifest."""
     description = {"id": tf.io.FixedLenFeature([], tf.string), "text": tf.io.FixedLenFeature([], tf.string),
                    "num_samples": tf.io.FixedLenFeature([], tf.int64)}
     for name, spec in manifest["tokenizers"].items():
@@ -243,7 +244,7 @@ def register_stage_task(name: str) -> seqio.Task:
         raise ValueError(f"token cache {spec.token_dir} has no finished shards")
     vocab = seqio.PassThroughVocabulary(size=spec.layout.vocab_size, eos_id=None)
     counts = {split: manifest["splits"][split].get("num_examples") for split in files}
-    source = seqio.TFExampleDataSource(files, _feature_description(manifest),
+    source = seqio.TFExampleDataSource(files, feature_description(manifest),
                                        num_input_examples=counts if all(counts.values()) else None)
     return seqio.TaskRegistry.add(
         registered, source=source,
