@@ -81,7 +81,9 @@ def block_shuffle(ds: tf.data.Dataset, block: int, seed: int) -> tf.data.Dataset
         order = tf.argsort(keys)
         return tf.nest.map_structure(lambda t: tf.gather(t, order), examples)
 
-    return ds.ragged_batch(block).enumerate().map(permute).unbatch()
+    fixed = all(spec.shape.is_fully_defined() for spec in tf.nest.flatten(ds.element_spec))
+    blocks = ds.batch(block) if fixed else ds.ragged_batch(block)  # dense when it can: ragged costs copies
+    return blocks.enumerate().map(permute).unbatch()
 
 
 def task_stream(task: seqio.Task, lengths: dict, split: str, shuffle: bool, seed: int,
