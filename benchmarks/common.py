@@ -22,6 +22,21 @@ PEER_CONFIG = dict(embed_dim=512, num_layers=6, num_heads=8, num_kv_heads=1, hea
                    gated_mlp=True, position_encoding="relative", vocab_multiple=1, causal_query_blocks=4)
 
 
+def write_flac_folder(folder: str, clips: int) -> list[str]:
+    """`clips` 10 s stereo 44.1 kHz FLACs of the embedded synthetic music in a new `folder` (the data-preparation
+    and input benchmarks' real-format folder) -> their paths."""
+    import numpy as np
+    import soundfile
+    from musiclm_jax.data import synthetic_music
+    os.makedirs(folder)
+    paths = []
+    for i in range(clips):
+        clip = synthetic_music.generate_clip(i, seed=5, seconds=10.0, sample_rate=44100)["audio"]
+        paths.append(os.path.join(folder, f"clip{i:03d}.flac"))
+        soundfile.write(paths[-1], np.stack([clip, 0.9 * clip], axis=1), 44100)
+    return paths
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv_heads", type=int, default=1, help="1: the peer's multi-query attention; 8: multi-head")

@@ -24,9 +24,9 @@ import tempfile
 import time
 
 import numpy as np
-import soundfile
 
-from musiclm_jax.data import audio_io, synthetic_music, token_cache
+import common
+from musiclm_jax.data import audio_io, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.tasks import tokenized
@@ -133,12 +133,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="input_bench_")
     os.environ["MUSICLM_TFDS_DIR"] = os.path.join(work, "tfds")
     folder = os.path.join(work, "clips")
-    os.makedirs(folder)
-    paths = []
-    for i in range(args.clips):
-        clip = synthetic_music.generate_clip(i, seed=5, seconds=10.0, sample_rate=44100)["audio"]
-        paths.append(os.path.join(folder, f"clip{i:03d}.flac"))
-        soundfile.write(paths[-1], np.stack([clip, 0.9 * clip], axis=1), 44100)
+    paths = common.write_flac_folder(folder, args.clips)
 
     results = {"clips": args.clips, "batch_size": BATCH, "crop_seconds": CROP / RATE}
     name = raw_audio_task_name(RATE, folder)

@@ -19,22 +19,11 @@ import os
 import statistics
 import tempfile
 
-import numpy as np
-import soundfile
-
+import common
 from musiclm_jax import prepare
-from musiclm_jax.data import synthetic_music
 from musiclm_jax.data.dataset_config import raw_audio_task_name
 
 RATE = 24000
-
-
-def write_folder(folder: str, clips: int) -> None:
-    """`clips` 10 s stereo 44.1 kHz FLACs of the synthetic music in `folder`."""
-    os.makedirs(folder)
-    for i in range(clips):
-        clip = synthetic_music.generate_clip(i, seed=5, seconds=10.0, sample_rate=44100)["audio"]
-        soundfile.write(os.path.join(folder, f"clip{i:03d}.flac"), np.stack([clip, 0.9 * clip], axis=1), 44100)
 
 
 def main() -> None:
@@ -45,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="prepare_bench_")
     folder = os.path.join(work, "clips")
-    write_folder(folder, args.clips)
+    common.write_flac_folder(folder, args.clips)
     one_clip = os.path.join(work, "one_clip")
-    write_folder(one_clip, 1)
+    common.write_flac_folder(one_clip, 1)
     name, one_clip_name = raw_audio_task_name(RATE, folder), raw_audio_task_name(RATE, one_clip)
     runs = {"in_process": None}
     runs.update({f"beam_{w}_workers": f"direct_num_workers={w},direct_running_mode=multi_processing"

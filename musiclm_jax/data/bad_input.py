@@ -18,6 +18,7 @@ from typing import TextIO
 
 POLICIES = ("skip", "error")
 _PRINTED_PER_REASON = 10  # skips printed one by one per reason; the rest only counted
+EXAMPLES_PER_REASON = 5  # skip messages kept per reason in the summary
 
 
 class BadInputError(ValueError):
@@ -55,7 +56,7 @@ class BadInputReport:
                                 f"skip such inputs)")
         self.skipped[reason] += 1
         self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
+        if len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append(message)
         if self.log is not None and self.skipped[reason] <= _PRINTED_PER_REASON:
             print(f"{self.what}: skipping {message}", file=self.log)
@@ -72,7 +73,8 @@ class BadInputReport:
         self.skipped.update(other.skipped)
         self.notes.update(other.notes)
         for reason, messages in other.examples.items():
-            self.examples.setdefault(reason, []).extend(messages[:5 - len(self.examples.get(reason, []))])
+            self.examples.setdefault(reason, []).extend(
+                messages[:EXAMPLES_PER_REASON - len(self.examples.get(reason, []))])
 
     def summary(self) -> dict:
         """JSON-ready counts: {'skipped': {reason: n}, 'notes': {kind: n}, 'examples': {reason: [messages]}}."""

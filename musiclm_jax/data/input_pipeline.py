@@ -223,7 +223,7 @@ class SeqioInputPipeline:
 
     def _record(self) -> dict:
         """What a saved position belongs to, and where it is: 'examples' read by all processes together."""
-        examples = self._batches * self._examples_per_batch()
+        examples = self._batches * self.cfg.batch_size  # every process's rows of a batch together
         return {"input_sharding": self.cfg.input_sharding, "process_count": self.process_count,
                 "batch_size": self.cfg.batch_size, "task": self.cfg.mixture_or_task_name, "seed": self._seed,
                 "examples": examples}
@@ -286,12 +286,7 @@ class SeqioInputPipeline:
             self._start_new_order(directory, examples, f"this input pipeline cannot read it ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}); it was saved by another version of it")
             return
-        self._batches = examples // self._examples_per_batch()
-
-    def _examples_per_batch(self) -> int:
-        """Examples that one batch of every process reads together."""
-        return self.cfg.batch_size if self.cfg.input_sharding == "global" else self.local_batch_size * \
-            self.process_count
+        self._batches = examples // self.cfg.batch_size
 
     def _start_new_order(self, directory: str, examples: int, why: str) -> None:
         """The documented fallback of restore_state: a new order seeded by (input seed, examples consumed)."""
@@ -303,4 +298,4 @@ class SeqioInputPipeline:
         logging.warning(message)
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
         self._build()
-        self._batches = examples // self._examples_per_batch()  # the count goes on
+        self._batches = examples // self.cfg.batch_size  # the count goes on

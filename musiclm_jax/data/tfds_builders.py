@@ -47,7 +47,6 @@ MUSICCAPS_CLIP_SECONDS = 10.0
 _DECODE_THREADS = 4
 _DECODE_CHUNK = 64
 BEAM_METRICS_NAMESPACE = "musiclm_jax.bad_input"
-_MAX_EXAMPLES_PER_REASON = 5  # as BadInputReport keeps
 
 
 def default_data_root() -> str:
@@ -138,15 +137,15 @@ class _CaptionedAudioBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         report of the listing, as the metadata's 'bad_input'."""
         metrics = pipeline_result.metrics().query(
             tfds.core.lazy_imports.apache_beam.metrics.MetricsFilter().with_namespace(BEAM_METRICS_NAMESPACE))
+        workers = BadInputReport(self.checks.bad_input, self._what(), log=None)
         for result in metrics["counters"]:
             kind, name = result.key.metric.name.split(":", 1)
             count = result.committed if result.committed is not None else result.attempted
-            (self._report.skipped if kind == "skipped" else self._report.notes)[name] += int(count)
+            (workers.skipped if kind == "skipped" else workers.notes)[name] += int(count)
         for result in metrics.get("string_sets", []):
-            reason = result.key.metric.name.split(":", 1)[1]
             messages = result.committed if result.committed is not None else result.attempted
-            kept = self._report.examples.setdefault(reason, [])
-            kept.extend(sorted(messages)[:_MAX_EXAMPLES_PER_REASON - len(kept)])
+            workers.examples[result.key.metric.name.split(":", 1)[1]] = sorted(messages)
+        self._report.merge(workers)
         self.info.metadata["bad_input"] = self._report.summary()
         self._report.print_summary()
 

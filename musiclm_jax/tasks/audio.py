@@ -18,7 +18,7 @@ clips are zero-padded) and loudness normalisation (RMS to -20 dBFS, peak at most
 clip gives one crop per epoch. A synthetic clip, which costs more to render (about 7 ms for 4 s at 24 kHz on one
 core) than a training step's crop of it costs to train on, gives up to SYNTHETIC_CROPS_PER_CLIP crops, as many
 as fit in it: each is drawn as the single crop is, so every example has the same distribution as before, and
-the shuffle buffer spreads a clip's crops over batches. The demo's codec (1 s crops) then trains 1.6 times as
+training's block shuffle (data/input_pipeline.block_shuffle) spreads a clip's crops over batches. The demo's codec (1 s crops) then trains 1.6 times as
 fast on this 2-core machine; w2v-BERT's 2 s crops come 2 per clip, MuLan's 4 s crops 1.
 """
 from __future__ import annotations
