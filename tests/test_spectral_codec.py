@@ -122,6 +122,10 @@ def test_configuration_errors_name_the_setting():
         SpectralCodecModel(CONFIG, RVQ, RATE, RATE, tone_fraction=1.5)
     with pytest.raises(ValueError, match="weighting_min_hz"):
         SpectralCodecModel(CONFIG, RVQ, RATE, RATE, weighting_min_hz=0.0)
+    with pytest.raises(ValueError, match="mel_weight"):
+        SpectralCodecModel(CONFIG, RVQ, RATE, RATE, mel_weight=-1.0)
+    with pytest.raises(ValueError, match="mel_bands 400: n_fft 960 at 24000 Hz has only"):
+        SpectralCodecModel(CONFIG, RVQ, RATE, RATE, mel_weight=1.0, mel_bands=400)
     with pytest.raises(ValueError, match="pitch_latent_weight"):
         SpectralCodecModel(SpectralCodecConfig(dimension=8), RVQConfig(dim=8), RATE, RATE, pitch_latent_weight=1.0)
 
@@ -157,6 +161,30 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     _, eval_metrics = model.loss_fn(params, {"audio": audio}, None, state)
     assert set(eval_metrics) >= {"reconstruction_loss", "log_magnitude_l1", "commitment_loss",
                                  "codebook_perplexity_0", "codebook_perplexity_3"}
+
+
+def test_log_mel_term_is_the_squared_error_of_the_decoded_and_true_mel_power():
+    """mel_weight adds mel_weight * mean((log(M |X^|^2 + eps^2) - log(M |X|^2 + eps^2))^2), |X^| the magnitudes
+    Griffin-Lim receives (exp(x^) - eps, clipped at 0), M librosa's Slaney mel filterbank; checked in numpy."""
+    import librosa
+    model = SpectralCodecModel(CONFIG, RVQ, RATE, 12000, mel_weight=0.5, mel_bands=48)
+    plain = SpectralCodecModel(CONFIG, RVQ, RATE, 12000)
+    audio = jnp.asarray(np.stack([synthetic_music.generate_clip(i, seed=1, seconds=0.5)["audio"] for i in range(2)]))
+    variables = unbox(model.get_initial_variables(jax.random.key(0), {"audio": (2, 12000)}))
+    state = {"quantizer": variables["quantizer"]}
+    loss, metrics = model.loss_fn(variables["params"], {"audio": audio}, None, state)
+    decoded, _, aux = model.generator.apply({"params": variables["params"]["generator"], **state}, audio)
+    eps = CONFIG.log_eps
+    bank = librosa.filters.mel(sr=RATE, n_fft=CONFIG.n_fft, n_mels=48, fmin=0.0, fmax=RATE / 2).astype(np.float64)
+
+    def log_mel(log_mag):
+        magnitude = np.maximum(np.exp(np.asarray(log_mag, np.float64)) - eps, 0.0)
+        return np.log(np.square(magnitude) @ bank.T + eps * eps)
+
+    want = np.mean(np.square(log_mel(decoded) - log_mel(aux["log_magnitude"])))
+    assert float(metrics["log_mel_error"]) == pytest.approx(want, rel=1e-4)
+    base = float(plain.loss_fn(variables["params"], {"audio": audio}, None, state)[0])
+    assert float(loss) == pytest.approx(base + 0.5 * want, rel=1e-4)
 
 
 def test_pitch_latent_target_is_the_pitch_class_profile_and_training_reaches_it():
