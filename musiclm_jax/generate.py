@@ -30,7 +30,7 @@ FLAGS = {"prompt": [], "duration": None, "output_dir": None, "seed": None, "guid
 
 
 def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoint: str, coarse_checkpoint: str,
-                 fine_checkpoint: str, semantic_tokenizer: Optional[str] = None, semantic_rate: float = 25.0,
+                 fine_checkpoint: str, semantic_tokenizer: Optional[str] = None,
                  temperature: Sequence[float] = (1.0, 0.95, 0.4), top_k: int = 0, top_p: float = 1.0,
                  guidance_scale: float = 1.0, duration_s: float = 10.0, seed: int = 0,
                  decode_weights: str = "float32"):
@@ -40,7 +40,7 @@ def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoi
     from musiclm_jax.pipeline import MusicLM
     musiclm = MusicLM.from_checkpoints(mulan_checkpoint, codec_checkpoint, semantic_checkpoint, coarse_checkpoint,
                                        fine_checkpoint, semantic_tokenizer=semantic_tokenizer,
-                                       semantic_rate=semantic_rate, decode_weights=decode_weights)
+                                       decode_weights=decode_weights)
     musiclm.set_generation_params(temperature=tuple(temperature), top_k=top_k, top_p=top_p,
                                   guidance_scale=guidance_scale, duration_s=duration_s, seed=seed)
     return musiclm

@@ -195,23 +195,47 @@ class Stage:
         return np.asarray(self._samplers[signature](weights, prefix, keys, settings))[:batch]
 
 
-class MusicLM:
-    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages,
-    semantic_rate (Hz of the semantic tokens; 25 for w2v-BERT/HuBERT pooled) and melody_rate (Hz of the melody
-    analysis, musiclm_jax.melody; as the tokenization job's `melody_rate`, gin/tokenize/base.gin)."""
+def coarse_codec_frames_per_semantic_frame(coarse) -> int:
+    """Codec frames per semantic frame of a coarse stage's model (models.TokenLMModel): its target window holds
+    target_length / levels codec frames, its prefix one semantic token per semantic frame (and, where it takes
+    the melody, one melody token beside each) after the other conditioning groups (MuLan)."""
+    codec_frames, rest = divmod(coarse.target_length, coarse.layout.group(coarse.target_group).levels)
+    per_frame = 2 if "melody" in coarse.prefix_groups else 1
+    other = sum(coarse.layout.group(g).levels for g in coarse.prefix_groups if g not in ("semantic", "melody"))
+    semantic_frames, rest2 = divmod(coarse.prefix_length - other, per_frame)
+    if rest or rest2 or semantic_frames < 1 or codec_frames % semantic_frames:
+        raise ValueError(f"the coarse stage's window ({coarse.prefix_length} prefix tokens of {coarse.prefix_groups}, "
+                         f"{coarse.target_length} target tokens) is not a whole number of codec frames per semantic "
+                         f"frame")
+    return codec_frames // semantic_frames
 
-    def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_rate: float = 25.0,
-                 semantic_tokenizer=None, log=sys.stderr, melody_rate: float = 5.0):
+
+class MusicLM:
+    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages, the
+    semantic tokenizer (continuation needs it), and melody_rate (Hz of the melody analysis, musiclm_jax.melody; as
+    the tokenization job's `melody_rate`, gin/tokenize/base.gin).
+
+    The semantic rate (Hz) is not a setting: the coarse stage's window holds `semantic frames` semantic tokens
+    for `codec frames` frames of codes (its layout, from the token cache), so semantic_rate = codec.frame_rate *
+    semantic frames / codec frames (25 Hz for the tiny and paper stages). `semantic_rate`, where given (a served
+    bundle's manifest), and the tokenizer's frame_rate must agree with it.
+    """
+
+    def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_tokenizer=None,
+                 log=sys.stderr, melody_rate: float = 5.0, semantic_rate: Optional[float] = None):
         self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
         self.stages = {"semantic": semantic, "coarse": coarse, "fine": fine}
-        self.semantic_rate = float(semantic_rate)
+        self.ratio = coarse_codec_frames_per_semantic_frame(coarse.model)
+        self.semantic_rate = codec.frame_rate / self.ratio
+        for what, given in (("semantic_rate", semantic_rate),
+                            ("the semantic tokenizer's frame_rate",
+                             None if semantic_tokenizer is None else semantic_tokenizer.frame_rate)):
+            if given is not None and abs(float(given) - self.semantic_rate) > 1e-6:
+                raise ValueError(f"{what} {given} Hz != {self.semantic_rate} Hz, the rate of the coarse stage's "
+                                 f"semantic tokens (codec {codec.frame_rate} Hz / {self.ratio} codec frames per "
+                                 f"semantic frame)")
         self.log = log
         self.params = GenerationParams()
-        ratio = codec.frame_rate / self.semantic_rate
-        if abs(ratio - round(ratio)) > 1e-6:
-            raise ValueError(f"the codec rate {codec.frame_rate} Hz is not a whole multiple of the semantic rate "
-                             f"{self.semantic_rate} Hz")
-        self.ratio = int(round(ratio))
         self.coarse_levels = coarse.model.layout.group("coarse").levels
         self.fine_levels = fine.model.layout.group("fine").levels
         if self.coarse_levels + self.fine_levels != codec.num_quantizers:
@@ -250,7 +274,7 @@ class MusicLM:
 
     @classmethod
     def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
-                         semantic_tokenizer: Optional[str] = None, semantic_rate: float = 25.0,
+                         semantic_tokenizer: Optional[str] = None,
                          decode_weights: str = "float32") -> "MusicLM":
         """Loads the run directories (MuLan with its RVQ, codec, the three stages, and optionally the semantic
         tokenizer, which continuation needs); decode_weights: the stages' weight precision for sampling
@@ -261,7 +285,7 @@ class MusicLM:
         stages = [Stage.from_checkpoint(path, name, decode_weights)
                   for path, name in zip((semantic, coarse, fine), STAGES)]
         tokenizer = SemanticTokenizer.load(semantic_tokenizer) if semantic_tokenizer else None
-        return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages, semantic_rate=semantic_rate,
+        return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages,
                    semantic_tokenizer=tokenizer)
 
     def semantic_frames(self, params: GenerationParams) -> int:

@@ -280,3 +280,27 @@ def test_generation_keeps_nothing_on_the_object_and_takes_settings_per_call(musi
     np.testing.assert_array_equal(musiclm.generate(["a quiet harp"]), per_call)
     with pytest.raises(ValueError, match="duration_s=0 must be positive"):
         musiclm.generation_params(duration_s=0)
+
+
+def test_the_semantic_rate_comes_from_the_coarse_stage_and_must_agree_with_the_tokenizer(musiclm, model_dirs):
+    """The tiny coarse stage holds 50 semantic tokens and 100 frames of codes (50 Hz) per window: 25 Hz, with no
+    setting; a rate given beside it (a served manifest) or a tokenizer at another rate is refused."""
+    from musiclm_jax import checkpoint_loading
+    from musiclm_jax.pipeline import coarse_codec_frames_per_semantic_frame
+    assert musiclm.semantic_rate == 25.0 and musiclm.ratio == 2
+    assert musiclm.semantic_tokenizer.frame_rate == 25.0
+    coarse_dir = model_dirs / "coarse_melody"
+    if not coarse_dir.exists():
+        checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
+                                               ["TOKEN_DIR = '/unused'"], seed=9)
+    melody_coarse = Stage.from_checkpoint(str(coarse_dir), "coarse")
+    assert coarse_codec_frames_per_semantic_frame(melody_coarse.model) == 2  # MuLan + 50 (melody, semantic) pairs
+    stages = [musiclm.stages[n] for n in ("semantic", "coarse", "fine")]
+    assert MusicLM(musiclm.mulan, musiclm.codec, *stages, log=None, semantic_rate=25.0).semantic_rate == 25.0
+    with pytest.raises(ValueError, match=r"semantic_rate 50.0 Hz != 25.0 Hz, the rate of the coarse stage"):
+        MusicLM(musiclm.mulan, musiclm.codec, *stages, log=None, semantic_rate=50.0)
+
+    class OtherRate:
+        frame_rate = 12.5
+    with pytest.raises(ValueError, match=r"the semantic tokenizer's frame_rate 12.5 Hz != 25.0 Hz"):
+        MusicLM(musiclm.mulan, musiclm.codec, *stages, log=None, semantic_tokenizer=OtherRate())

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+from flax import traverse_util
 import orbax.checkpoint as ocp
 import pytest
 
@@ -154,16 +155,29 @@ def test_init_checkpoint_fine_tunes_from_another_run_on_another_mesh(uninterrupt
 
 
 def test_init_checkpoint_reports_what_it_did_not_find_and_strict_refuses(uninterrupted, tmp_path):
-    """A deeper model: the new layer's variables are reported and keep their initial values; strict refuses."""
+    """A deeper model with a wider MLP: the new layer's variables are reported as not found, the MLP kernels of
+    the source's layers as shape mismatches (source and model shapes named); both keep their initial values,
+    everything else is the source's; strict refuses."""
     deeper = tmp_path / "deeper"
-    out = _run(deeper, 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'",
-               "--gin.transformer.TransformerConfig.num_layers=3")
+    wider = ("--gin.transformer.TransformerConfig.num_layers=3", "--gin.transformer.TransformerConfig.mlp_dim=96")
+    out = _run(deeper, 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'", *wider, "--gin.LEARNING_RATE=0.0")
     report = json.loads((deeper / "init_checkpoint.json").read_text())
     assert report["not_found"] and all(name.startswith("params/layers_2/") for name in report["not_found"])
-    assert len(report["restored"]) == 22 and "not found there (kept at their initial values)" in out.stdout
-    strict = _run(tmp_path / "strict", 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'",
-                  "--gin.transformer.TransformerConfig.num_layers=3", "--gin.INIT_CHECKPOINT_STRICT=True", check=False)
-    assert strict.returncode != 0 and "(strict): initialised 22 of" in strict.stderr
+    assert "not found there (kept at their initial values)" in out.stdout
+    mismatched = sorted(entry.split(":")[0] for entry in report["shape_mismatch"])
+    assert mismatched and all("/mlp/" in name and name.split("/")[1] in ("layers_0", "layers_1")
+                              for name in mismatched), report["shape_mismatch"]
+    assert any(" != model (" in entry and ", 96)" in entry for entry in report["shape_mismatch"])
+    assert "shape mismatches (kept at their initial values)" in out.stdout
+    assert len(report["restored"]) + len(mismatched) == 22
+    source = traverse_util.flatten_dict(_params(uninterrupted, 30), sep="/")
+    tuned = traverse_util.flatten_dict(_params(deeper, 1), sep="/")
+    for name in report["restored"]:
+        if name.startswith("params/"):
+            np.testing.assert_array_equal(tuned[name[len("params/"):]], source[name[len("params/"):]])
+    strict = _run(tmp_path / "strict", 1, f"--gin.INIT_CHECKPOINT='{uninterrupted}'", *wider,
+                  "--gin.INIT_CHECKPOINT_STRICT=True", check=False)
+    assert strict.returncode != 0 and "(strict): initialised" in strict.stderr and "shape mismatches" in strict.stderr
 
 
 def test_sigterm_on_an_audio_folder_exits_within_30_s_with_a_small_input_position(tmp_path):
