@@ -17,6 +17,16 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def melody_coarse_dir(model_dirs):
+    """The run directory of a random-init coarse stage that takes the melody (gin/stages/coarse_melody_tiny.gin)."""
+    from musiclm_jax import checkpoint_loading
+    coarse_dir = model_dirs / "coarse_melody"
+    checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
+                                           ["TOKEN_DIR = '/unused'"], seed=9)
+    return coarse_dir
+
+
+@pytest.fixture(scope="module")
 def musiclm(model_dirs):
     model = MusicLM.from_checkpoints(*(str(model_dirs / n) for n in ("mulan", "codec", "semantic", "coarse", "fine")),
                                      semantic_tokenizer=str(model_dirs / "tokenizer"))
@@ -130,15 +140,12 @@ def test_melody_tokens_fill_the_semantic_prefix_window_by_window(musiclm, monkey
         musiclm.generate(["x"], melody=np.stack([tune, tune]))
 
 
-def test_a_melody_coarse_stage_gets_the_melody_of_each_semantic_frame_of_its_window(model_dirs, monkeypatch):
+def test_a_melody_coarse_stage_gets_the_melody_of_each_semantic_frame_of_its_window(model_dirs, melody_coarse_dir,
+                                                                                    monkeypatch):
     """gin/stages/coarse_melody_tiny.gin: the coarse prefix is MuLan, the melody token of each semantic frame of the
     window (PAD past the melody's end, or all PAD without one), then the window's semantic tokens."""
-    from musiclm_jax import checkpoint_loading
-    coarse_dir = model_dirs / "coarse_melody"
-    checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
-                                           ["TOKEN_DIR = '/unused'"], seed=9)
     musiclm = MusicLM.from_checkpoints(*(str(model_dirs / n) for n in ("mulan", "codec", "semantic")),
-                                       str(coarse_dir), str(model_dirs / "fine"))
+                                       str(melody_coarse_dir), str(model_dirs / "fine"))
     musiclm.log = None
     assert musiclm.melody_stages == ("semantic", "coarse")
     calls = _record_prefixes(monkeypatch, "coarse")
@@ -282,18 +289,14 @@ def test_generation_keeps_nothing_on_the_object_and_takes_settings_per_call(musi
         musiclm.generation_params(duration_s=0)
 
 
-def test_the_semantic_rate_comes_from_the_coarse_stage_and_must_agree_with_the_tokenizer(musiclm, model_dirs):
+def test_the_semantic_rate_comes_from_the_coarse_stage_and_must_agree_with_the_tokenizer(musiclm,
+                                                                                        melody_coarse_dir):
     """The tiny coarse stage holds 50 semantic tokens and 100 frames of codes (50 Hz) per window: 25 Hz, with no
     setting; a rate given beside it (a served manifest) or a tokenizer at another rate is refused."""
-    from musiclm_jax import checkpoint_loading
     from musiclm_jax.pipeline import coarse_codec_frames_per_semantic_frame
     assert musiclm.semantic_rate == 25.0 and musiclm.ratio == 2
     assert musiclm.semantic_tokenizer.frame_rate == 25.0
-    coarse_dir = model_dirs / "coarse_melody"
-    if not coarse_dir.exists():
-        checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
-                                               ["TOKEN_DIR = '/unused'"], seed=9)
-    melody_coarse = Stage.from_checkpoint(str(coarse_dir), "coarse")
+    melody_coarse = Stage.from_checkpoint(str(melody_coarse_dir), "coarse")
     assert coarse_codec_frames_per_semantic_frame(melody_coarse.model) == 2  # MuLan + 50 (melody, semantic) pairs
     stages = [musiclm.stages[n] for n in ("semantic", "coarse", "fine")]
     assert MusicLM(musiclm.mulan, musiclm.codec, *stages, log=None, semantic_rate=25.0).semantic_rate == 25.0
