@@ -32,8 +32,14 @@ infer the pitch from level 2 codes rarely does). A distillation of a known featu
 Mimi's first level distils WavLM's.
 
 `tone_fraction` > 0 replaces that fraction of the training examples, drawn per step, with a pure tone of random
-frequency (log-uniform over [tone_min_hz, tone_max_hz]), amplitude (0.05 to 0.5) and phase: real music has
-isolated partials anywhere in that range, which a small or synthetic training set may lack.
+frequency, amplitude (0.05 to 0.5) and phase: real music has isolated partials anywhere in that range, which a
+small or synthetic training set may lack. The frequency is log-uniform over [tone_min_hz, tone_max_hz], or, for
+`tone_linear_fraction` of the tones, uniform in Hz over it. The encoder's first layer holds separate weights for
+each STFT bin, and a tone trains the few bins it covers. Log-uniform tones give each octave the same number of
+tones. An octave at 4 kHz holds 64 times the bins of one at 62 Hz, so each high bin sees 64 times fewer tones,
+and those weights learn last. Measured with the tiny configuration after 1,000 steps: log-uniform tones only
+returned 4 kHz at 6.2 kHz. Half the tones uniform in Hz returned each of the eight sanity tones, 55 Hz to 4 kHz,
+within 50 cents (figures in gin/codec/spectral_tiny.gin).
 """
 from __future__ import annotations
 
@@ -58,7 +64,8 @@ class SpectralCodecModel(CodecModel):
       sample_rate: Hz; segment_samples: samples per training example.
       commitment_weight: weight of the quantizer's commitment loss.
       weighting_min_hz: the loss weight of bin f is 1 / max(f, weighting_min_hz) (None: every bin weighs 1).
-      tone_fraction, tone_min_hz, tone_max_hz: the tone augmentation (see the module docstring; 0: off).
+      tone_fraction, tone_min_hz, tone_max_hz, tone_linear_fraction: the tone augmentation (see the module
+        docstring; tone_fraction 0: off).
       pitch_latent_weight, pitch_latent_scale: the pitch-class target of the latent's first 12 dimensions (see
         the module docstring; weight 0: off).
       mel_weight, mel_bands: the weight of the log-mel term and its bands (see the module docstring; 0: off).
@@ -67,6 +74,7 @@ class SpectralCodecModel(CodecModel):
     def __init__(self, network: SpectralCodecConfig, rvq: RVQConfig, sample_rate: int, segment_samples: int,
                  commitment_weight: float = 1.0, weighting_min_hz: Optional[float] = 100.0,
                  tone_fraction: float = 0.0, tone_min_hz: float = 40.0, tone_max_hz: float = 8000.0,
+                 tone_linear_fraction: float = 0.0,
                  pitch_latent_weight: float = 0.0, pitch_latent_scale: float = 1.0,
                  mel_weight: float = 0.0, mel_bands: int = 64):
         self.network, self.rvq = network, rvq
@@ -83,6 +91,9 @@ class SpectralCodecModel(CodecModel):
             raise ValueError(f"SpectralCodecModel: tones from {tone_min_hz} to {tone_max_hz} Hz must lie in "
                              f"(0, {self.sample_rate / 2}) Hz")
         self.tone_fraction, self.tone_min_hz, self.tone_max_hz = float(tone_fraction), tone_min_hz, tone_max_hz
+        if not 0.0 <= tone_linear_fraction <= 1.0:
+            raise ValueError(f"SpectralCodecModel.tone_linear_fraction {tone_linear_fraction} must be in [0, 1]")
+        self.tone_linear_fraction = float(tone_linear_fraction)
         if pitch_latent_weight < 0 or (pitch_latent_weight and network.dimension < 12):
             raise ValueError(f"SpectralCodecModel.pitch_latent_weight {pitch_latent_weight} must be >= 0 and needs a "
                              f"latent of at least 12 dimensions (dimension {network.dimension})")
@@ -113,12 +124,18 @@ class SpectralCodecModel(CodecModel):
 
     # ------------------------------------------------------------------------------------------ training
     def with_tones(self, audio: jax.Array, rng: jax.Array) -> jax.Array:
-        """audio [batch, samples] with each row replaced, with probability tone_fraction, by a pure tone."""
+        """audio [batch, samples] with each row replaced, with probability tone_fraction, by a pure tone (its
+        frequency log-uniform, or with probability tone_linear_fraction uniform in Hz)."""
         batch, samples = audio.shape
         k_pick, k_freq, k_amp, k_phase = jax.random.split(rng, 4)
         pick = jax.random.uniform(k_pick, (batch, 1)) < self.tone_fraction
         log_f = jax.random.uniform(k_freq, (batch, 1), minval=math.log(self.tone_min_hz),
                                    maxval=math.log(self.tone_max_hz))
+        if self.tone_linear_fraction:  # a separate key: with 0, the tones are those drawn before this option
+            k_linear, k_hz = jax.random.split(jax.random.fold_in(k_freq, 1))
+            hz = jax.random.uniform(k_hz, (batch, 1), minval=self.tone_min_hz, maxval=self.tone_max_hz)
+            linear = jax.random.uniform(k_linear, (batch, 1)) < self.tone_linear_fraction
+            log_f = jnp.where(linear, jnp.log(hz), log_f)
         amplitude = jax.random.uniform(k_amp, (batch, 1), minval=0.05, maxval=0.5)
         phase = jax.random.uniform(k_phase, (batch, 1), maxval=2 * math.pi)
         t = jnp.arange(samples, dtype=jnp.float32)[None] / self.sample_rate
