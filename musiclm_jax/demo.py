@@ -268,7 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             json.dump(quality, f, indent=1)
 
     plan = recipe.bind_plan(steps(out, prompts, args.duration, args.seed), args)
-    timings = recipe.run_plan(plan + [("evaluate", evaluate_step)], out, args.redo, "demo", args.in_process)
+    timings = recipe.run_plan(plan + [("evaluate", evaluate_step)], out, args.redo, "demo", args.in_process,
+                              recipe.local_launch(args, "demo"))
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
     with open(os.path.join(out, "quality.json")) as f:

@@ -1,7 +1,8 @@
 """The MusicLM chain on your own music, step by step: `python -m musiclm_jax.recipe`.
 
     python -m musiclm_jax.recipe --output_dir OUT (--audio_dir DIR | --musiccaps_dir DIR | --embedded)
-        [--size tiny] [--redo STEP]... [--bind STEP:NAME=VALUE]... [--init_from STEP=DIR]... [--in_process]
+        [--size tiny] [--redo STEP]... [--bind STEP:NAME=VALUE]... [--init_from STEP=DIR]...
+        [--in_process | --local N [--local_devices K]]
     python -m musiclm_jax.recipe --output_dir gs://B/OUT --audio_dir gs://B/DIR --size paper --dry-run \
         (--tpu NAME --zone ZONE [--project P] | --local N) [--topology v5e:16x16] [--aot]
 
@@ -28,6 +29,10 @@ the parameters are restored by name from DIR's latest checkpoint at any mesh, th
 the step's MODEL_DIR/init_checkpoint.json; the optimizer starts fresh; a resumed step keeps its own checkpoint,
 and a finished one is not redone unless named in --redo). `--in_process` runs
 the commands' `main` in this Python process instead of a subprocess each (quicker to start; the tests use it).
+`--local N` runs each training and data step as N processes with jax.distributed over loopback
+(`launch/tpu_run.sh --local N --local_devices K`, K CPU devices each, default 4; the global batch is split over
+the N x K devices, the data jobs take their own shards and rows), its logs in OUT/logs/<step>/process-<i>.log
+(process 0's echoed); the evaluations run in one process.
 
 Pod plans (`--dry-run`): each step printed as the command that runs it, through `launch/tpu_run.sh` on the TPU
 (`--tpu/--zone`, every worker of the `--topology` slice) or as N local processes (`--local N`), after a comment that
@@ -296,6 +301,22 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init_from", action="append", default=[],
                         help="STEP=DIR: fine-tune training step STEP from run directory DIR (INIT_CHECKPOINT)")
     parser.add_argument("--in_process", action="store_true", help="run the steps in this process")
+    parser.add_argument("--local", type=int, help="run (or with --dry-run print) the training and data steps as N "
+                                                  "local processes (launch/tpu_run.sh --local N)")
+    parser.add_argument("--local_devices", type=int, help="with --local: CPU devices per process (default 4)")
+
+
+def local_launch(args: argparse.Namespace, prefix: str = "recipe") -> Optional["Launch"]:
+    """The Launch of add_step_arguments' --local/--local_devices (None without --local); bad values are errors."""
+    if args.local_devices is not None and not args.local:
+        raise SystemExit(f"{prefix}: --local_devices goes with --local N")
+    if args.local is None:
+        return None
+    if args.local < 1 or (args.local_devices is not None and args.local_devices < 1):
+        raise SystemExit(f"{prefix}: --local {args.local} --local_devices {args.local_devices}: need positive numbers")
+    if args.in_process:
+        raise SystemExit(f"{prefix}: --in_process and --local exclude each other")
+    return Launch(local=args.local, local_devices=args.local_devices)
 
 
 def bind_plan(plan: list[Step], args: argparse.Namespace) -> list[Step]:
@@ -304,11 +325,16 @@ def bind_plan(plan: list[Step], args: argparse.Namespace) -> list[Step]:
 
 
 def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str, prefix: str = "recipe",
-             in_process: bool = False) -> None:
+             in_process: bool = False, launch: Optional[Launch] = None) -> None:
     """Runs `python -m argv...` from the repository root, echoing its output (and saving it to log_path); with
-    in_process, calls the module's main(argv[1:]) here (its output goes to the console only)."""
+    in_process, calls the module's main(argv[1:]) here (its output goes to the console only); with a local
+    `launch`, runs it as launch.local processes through launch/tpu_run.sh, their logs in log_path's directory
+    <step>/process-<i>.log (process 0's echoed as it grows)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-u", "-m", *argv]
+    if launch is not None and launch.local:
+        _run_local_step(name, argv, index, total, log_path, prefix, launch, root)
+        return
     print(f"{prefix}: [{index}/{total}] {name}: python {' '.join(cmd[2:])}", flush=True)
     if in_process:
         import gin
@@ -336,6 +362,40 @@ def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: s
         raise SystemExit(f"{prefix}: step {name} failed (exit {code}); its whole output is in {log_path}")
 
 
+def _run_local_step(name: str, argv: Sequence[str], index: int, total: int, log_path: str, prefix: str,
+                    launch: Launch, root: str) -> None:
+    """run_step through `launch/tpu_run.sh --local N`: process 0's log echoed while the processes run, the
+    launcher's own output saved to log_path."""
+    process_logs = os.path.splitext(log_path)[0]
+    shutil.rmtree(process_logs, ignore_errors=True)  # a rerun's logs replace the last ones
+    cmd = launch.command(name, argv, log_dir=process_logs, python=sys.executable)
+    print(f"{prefix}: [{index}/{total}] {name}: {shlex.join(cmd)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    for variable in ("MUSICLM_COORDINATOR", "MUSICLM_NUM_PROCESSES", "MUSICLM_PROCESS_ID", "MUSICLM_DISTRIBUTED"):
+        env.pop(variable, None)  # the launcher sets its own
+    first = os.path.join(process_logs, "process-0.log")
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=root, env=env, stdout=log,
+                                                      stderr=subprocess.STDOUT) as proc:
+        shown = 0
+        while True:
+            finished = proc.poll() is not None
+            if os.path.isfile(first):
+                with open(first, "rb") as f:
+                    f.seek(shown)
+                    data = f.read()
+                complete = data if finished else data[:data.rfind(b"\n") + 1]  # whole lines until the end
+                shown += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    if _worth_showing(line):
+                        print(f"  [{name} 0/{launch.local}] {line.rstrip()}", flush=True)
+            if finished:
+                break
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise SystemExit(f"{prefix}: step {name} failed on {launch.local} local processes (exit {proc.returncode}); "
+                         f"their logs: {process_logs}/process-*.log, the launcher's: {log_path}")
+
+
 def _worth_showing(line: str) -> bool:
     """Drops TensorFlow/absl start-up noise from the echoed output (it stays in the step's log file)."""
     noise = ("cuda", "cuInit", "oneDNN", "TF-TRT", "absl::InitializeLog", "computation placer", "AVX",
@@ -354,9 +414,10 @@ def _last_error(log_path: str) -> str:
 
 
 def run_plan(plan: Sequence[Step], out: str, redo: Sequence[str] = (), prefix: str = "recipe",
-             in_process: bool = False) -> dict[str, float]:
+             in_process: bool = False, launch: Optional[Launch] = None) -> dict[str, float]:
     """Runs the steps not yet done (OUT/.done/<step>) in order; `redo` steps start over. Returns the seconds of
-    each step run now and the total. Prints an overall progress line after each step."""
+    each step run now and the total. Prints an overall progress line after each step. With a local `launch`
+    (--local N), the training and data steps run as N processes; the evaluations and generation in one."""
     names = [name for name, _ in plan]
     unknown = set(redo) - set(names)
     if unknown:
@@ -382,7 +443,9 @@ def run_plan(plan: Sequence[Step], out: str, redo: Sequence[str] = (), prefix: s
             if callable(action):
                 action(out)
             else:
-                run_step(name, action, index, len(plan), os.path.join(log_dir, name + ".log"), prefix, in_process)
+                single = name in EVALUATION_STEPS or name == "generate"
+                run_step(name, action, index, len(plan), os.path.join(log_dir, name + ".log"), prefix, in_process,
+                         None if single else launch)
         except (SystemExit, ValueError) as e:
             if name not in EVALUATION_STEPS:
                 raise
@@ -423,15 +486,20 @@ class Launch:
     project: Optional[str] = None
     local: Optional[int] = None
 
-    def command(self, name: str, argv: Sequence[str]) -> list[str]:
+    local_devices: Optional[int] = None
+
+    def command(self, name: str, argv: Sequence[str], log_dir: Optional[str] = None,
+                python: str = "python") -> list[str]:
         """The shell command of step `name`, whose python command is `python -m argv...`, each worker's (or local
-        process's) log in logs/recipe/<name>."""
+        process's) log in log_dir (default logs/recipe/<name>)."""
         if self.local:
             where = ["--local", str(self.local)]
+            if self.local_devices:
+                where += ["--local_devices", str(self.local_devices)]
         else:
             where = ["--tpu", self.tpu, "--zone", self.zone] + (["--project", self.project] if self.project else [])
-        return ["bash", "launch/tpu_run.sh", *where, "--log_dir", f"logs/recipe/{name}", "--", "python", "-m",
-                *argv]
+        return ["bash", "launch/tpu_run.sh", *where, "--log_dir", log_dir or f"logs/recipe/{name}", "--", python,
+                "-m", *argv]
 
 
 def training_step_names(plan: Sequence[Step]) -> list[str]:
@@ -501,7 +569,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--zone", help="the TPU's zone")
     parser.add_argument("--project", help="the TPU's gcloud project (default: gcloud's)")
     parser.add_argument("--topology", default="v5e:16x16", help="the TPU slice, e.g. v5e:16x16 (chips, workers)")
-    parser.add_argument("--local", type=int, help="with --dry-run: the steps as N local processes")
     parser.add_argument("--aot", action="store_true",
                         help="with --dry-run: compile each training step for --topology here (python -m "
                              "musiclm_jax.aot; libtpu) and print its per-chip memory")
@@ -513,16 +580,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit("recipe: --tpu needs --zone")
     if args.tpu and args.local:
         raise SystemExit("recipe: --tpu and --local exclude each other")
-    if (args.tpu or args.local or args.size == "paper" or remote) and not args.dry_run:
-        raise SystemExit("recipe: pod and multi-process plans (--size paper, --tpu, --local, a gs:// output) are "
-                         "printed with --dry-run, not run: the data jobs (k-means, the RVQ fit, tokenization) run "
-                         "in one process so far; launch the printed commands step by step")
+    if (args.tpu or args.size == "paper" or remote) and not args.dry_run:
+        raise SystemExit("recipe: pod plans (--size paper, --tpu, a gs:// output) are printed with --dry-run, not "
+                         "run from here: launch the printed commands step by step (each waits for the outputs its "
+                         "comment names)")
+    launch = local_launch(args) if not args.dry_run else None
     if args.embedded and args.dry_run:
         raise SystemExit("recipe: --dry-run takes --audio_dir or --musiccaps_dir")
     if args.embedded:
         from musiclm_jax import demo
         forwarded = ["--output_dir", out, "--seed", str(args.seed)] + [f"--redo={r}" for r in args.redo]
         forwarded += [f"--bind={b}" for b in args.bind] + [f"--init_from={i}" for i in args.init_from]
+        if launch:
+            forwarded += [f"--local={launch.local}"] + (
+                [f"--local_devices={launch.local_devices}"] if launch.local_devices else [])
         return demo.main(forwarded + (["--in_process"] if args.in_process else []))
     path = args.audio_dir or args.musiccaps_dir
     path = path.rstrip("/") if path.startswith("gs://") else os.path.abspath(path)
@@ -531,11 +602,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         source.check()
     plan = bind_plan(folder_steps(out, source, args.seed, args.size), args)
     if args.dry_run:
-        launch = Launch(args.tpu, args.zone, args.project, args.local) if args.tpu or args.local else None
+        launch = (Launch(args.tpu, args.zone, args.project, args.local, args.local_devices)
+                  if args.tpu or args.local else None)
         print_plan(plan, out, args.size, launch, args.topology, aot_topology=args.topology if args.aot else None)
         return {"plan": plan}
     os.environ["MUSICLM_TFDS_DIR"] = data_root(out)  # the steps' prepared data, read back by the report
-    timings = run_plan(plan, out, args.redo, in_process=args.in_process)
+    timings = run_plan(plan, out, args.redo, in_process=args.in_process, launch=launch)
     with open(os.path.join(out, "quality.json")) as f:
         quality = json.load(f)
     quality["timings"] = timings

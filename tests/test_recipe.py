@@ -77,9 +77,54 @@ def test_the_recipe_runs_on_a_real_format_folder_and_reports(recipe_run):
 
 def test_a_second_run_skips_every_step_and_redo_starts_one_over(recipe_run, capsys):
     out, _ = recipe_run
+    steps = len(recipe.folder_steps(str(out), recipe.DataSource("a", "b")))
     recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--in_process"])
+    assert capsys.readouterr().out.count("done earlier, skipped") == steps
+    # --redo mulan_rvq: that step's output is removed and made again; every other step is skipped.
+    rvq = out / "mulan" / "mulan_rvq.npz"
+    before = rvq.stat().st_mtime_ns
+    recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--in_process",
+                 "--redo", "mulan_rvq"] + [f"--bind={b}" for b in FAST if b.startswith("mulan_rvq:")])
     printed = capsys.readouterr().out
-    assert printed.count("done earlier, skipped") == len(recipe.folder_steps(str(out), recipe.DataSource("a", "b")))
+    assert printed.count("done earlier, skipped") == steps - 1 and "[5/" in printed
+    assert rvq.stat().st_mtime_ns > before and (out / ".done" / "mulan_rvq").is_file()
+
+
+def test_local_runs_a_training_step_as_several_processes(recipe_run, capsys):
+    """--local 2: the step runs through launch/tpu_run.sh as 2 processes of 4 CPU devices (jax.distributed over
+    loopback), each with its own log, process 0's echoed; the evaluations stay in one process."""
+    out, _ = recipe_run
+    recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--redo", "semantic_stage",
+                 "--local", "2", "--local_devices", "4"] + [f"--bind={b}" for b in FAST if b.startswith("semantic_")])
+    printed = capsys.readouterr().out
+    assert "launch/tpu_run.sh --local 2 --local_devices 4 --log_dir" in printed
+    assert "[semantic_stage 0/2] step 3/3" in printed
+    logs = out / "logs" / "semantic_stage"
+    assert sorted(p.name for p in logs.iterdir()) == ["process-0.log", "process-1.log"]
+    assert "processes finished" in (out / "logs" / "semantic_stage.log").read_text()
+    steps = [json.loads(line)["step"] for line in (out / "semantic" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+    with pytest.raises(SystemExit, match="--in_process and --local exclude each other"):
+        recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--local", "2",
+                     "--in_process"])
+    with pytest.raises(SystemExit, match="--local_devices goes with --local"):
+        recipe.main(["--output_dir", str(out), "--audio_dir", str(out.parent / "music"), "--local_devices", "2"])
+
+
+def test_an_interrupted_training_step_resumes_from_its_checkpoint(tmp_path, capsys):
+    """A step that stopped before finishing (no OUT/.done/<step>) runs again and resumes from its run
+    directory's last checkpoint, as a restarted `train` does; the recipe never clears an unfinished step's
+    output. The interruption is a run of the same command to step 2 of 4 outside the recipe."""
+    model_dir = tmp_path / "out" / "codec"
+    command = ["musiclm_jax.train", "--gin_file=gin/codec/spectral_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
+               "--gin.BATCH_SIZE=8", "--gin.SEGMENT_SAMPLES=4800", "--gin.WARMUP_STEPS=1",
+               "--gin.train_lib.train.checkpoint_period=2", "--gin.train_lib.train.eval_period=0"]
+    recipe.run_step("codec", command + ["--gin.TRAIN_STEPS=2"], 1, 1, str(tmp_path / "first.log"), in_process=True)
+    assert not (tmp_path / "out" / ".done" / "codec").exists()
+    recipe.run_plan([("codec", command + ["--gin.TRAIN_STEPS=4"])], str(tmp_path / "out"), in_process=True)
+    assert f"train: resumed from step 2 in {model_dir}" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and (tmp_path / "out" / ".done" / "codec").is_file()
 
 
 def test_bad_arguments_name_what_is_wrong(tmp_path):
