@@ -1,4 +1,6 @@
-"""The HTML report of a generation run: each sample's prompt, settings, a spectrogram image and an audio player.
+"""The HTML reports: a generation run's (`write_report`: each sample's prompt, settings, a spectrogram image and
+an audio player) and an evaluation's (`write_evaluation_report`: its settings, metrics, published figures beside
+ours, and generated and reference samples).
 
 Spectrograms are written as PNG files with numpy and zlib only (log-mel, 80 bands, a built-in dark-to-bright
 colour map), so the report needs no plotting library.
@@ -10,7 +12,7 @@ import os
 import re
 import struct
 import zlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -65,14 +67,78 @@ def write_report(output_dir: str, samples: Sequence[dict], title: str = "musiclm
 <img src="{html.escape(s['spectrogram'])}" alt="spectrogram of {html.escape(s['prompt'])}">
 <audio controls src="{html.escape(s['wav'])}"></audio>
 </section>""")
+    return _write_page(output_dir, title, chr(10).join(rows))
+
+
+def _write_page(output_dir: str, title: str, body: str, style: str = "") -> str:
+    """Writes output_dir/report.html: a page titled `title` around the HTML `body`; returns its path."""
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:auto}} img{{display:block;max-width:100%}}</style>
+<style>body{{font-family:sans-serif;max-width:60em;margin:auto}} img{{display:block;max-width:100%}}{style}</style>
 </head><body><h1>{html.escape(title)}</h1>
-{chr(10).join(rows)}
+{body}
 </body></html>
 """
     path = os.path.join(output_dir, "report.html")
     with open(path, "w") as f:
         f.write(page)
     return path
+
+
+def _metric_row(name: str, value: Any) -> str:
+    shown = f"{value:.6g}" if isinstance(value, float) else html.escape(str(value))
+    return f"<tr><td>{html.escape(name)}</td><td>{shown}</td></tr>"
+
+
+
+def _published_table(metrics: dict, published: Sequence) -> str:
+    """The report's comparison: each published (metric, system, value, source) row beside our value of the same
+    metric ('-' if not computed)."""
+    rows = []
+    for metric, system, value, source in published:
+        ours = metrics.get(metric)
+        shown = f"{ours:.4g}" if isinstance(ours, float) else "-"
+        rows.append(f"<tr><td>{html.escape(metric)}</td><td>{shown}</td><td>{html.escape(system)}</td>"
+                    f"<td>{html.escape(value)}</td><td>{html.escape(source)}</td></tr>")
+    return ("<h2>Published figures on MusicCaps</h2><table>\n<tr><th>metric</th><th>ours</th><th>system</th>"
+            "<th>published</th><th>source</th></tr>\n" + "\n".join(rows) + "\n</table>")
+
+
+
+def write_evaluation_report(output_dir: str, metrics: dict, settings: dict, samples: Sequence[dict],
+                            title: str = "musiclm_jax generation evaluation", published: Sequence = ()) -> str:
+    """Writes output_dir/report.html: the settings, the metrics table (with `published` rows (metric, system,
+    value, source), those figures beside ours) and the samples that have `spectrogram` entries (their generated
+    and reference players); file names are relative to output_dir. Returns its path."""
+    metric_rows = "\n".join(_metric_row(k, v) for k, v in sorted(metrics.items()) if k != "skipped_metrics")
+    skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
+                      for k, v in metrics.get("skipped_metrics", {}).items())
+    setting_rows = "\n".join(_metric_row(k, v) for k, v in settings.items())
+    sections = []
+    for s in samples:
+        if "spectrogram" not in s:
+            continue
+        labels = ""
+        if s.get("generated_top_labels"):
+            labels = (f"<p>classifier, generated: {html.escape(', '.join(s['generated_top_labels']))}; reference: "
+                      f"{html.escape(', '.join(s['reference_top_labels']))}</p>")
+        sections.append(f"""<section>
+<h3>{html.escape(s['caption'])}</h3>
+<p>reference {html.escape(s['reference_id'])}; MuLan caption-audio cosine {s['mulan_cosine']:.3f}</p>{labels}
+<p>generated</p><img src="{html.escape(s['spectrogram'])}" alt="spectrogram of the generated clip">
+<audio controls src="{html.escape(s['wav'])}"></audio>
+<p>reference</p><img src="{html.escape(s['reference_spectrogram'])}" alt="spectrogram of the reference clip">
+<audio controls src="{html.escape(s['reference_wav'])}"></audio>
+</section>""")
+    body = f"""<h2>Settings</h2><table>
+{setting_rows}
+</table>
+<h2>Metrics</h2><table>
+{metric_rows}
+</table>
+{f'<p>Skipped:</p><ul>{skipped}</ul>' if skipped else ''}
+{_published_table(metrics, published) if published else ''}
+<h2>Samples ({len(sections)} of {len(samples)})</h2>
+{chr(10).join(sections)}"""
+    return _write_page(output_dir, title, body, style="\ntd{padding:0 1em 0 0}")
+

@@ -15,7 +15,7 @@ import soundfile
 from helpers import write_tiny_evaluation_models, write_tiny_run_directories
 from musiclm_jax import eval as eval_lib
 from musiclm_jax.data import audio_io, synthetic_music, token_cache
-from musiclm_jax.evaluation import generation_eval
+from musiclm_jax.evaluation import embedders, eval_data, generation_eval, memorization_eval
 from musiclm_jax.evaluation.generation_metrics import frechet_audio_distance
 from musiclm_jax.pipeline import MusicLM
 
@@ -75,7 +75,7 @@ def planted_cache(tmp_path_factory, musiclm):
     4), plus a chunk with only 6 real frames (too short for prompt + continuation, so not used)."""
     rng = np.random.RandomState(0)
     prompts, mulan = rng.randint(0, 64, (4, PROMPT_FRAMES)), rng.randint(0, 32, (4, 12))
-    continuation = generation_eval.semantic_continuations(musiclm, mulan, prompts, CONTINUATION_FRAMES, seed=0,
+    continuation = memorization_eval.semantic_continuations(musiclm, mulan, prompts, CONTINUATION_FRAMES, seed=0,
                                                           batch_size=BATCH_SIZE)
     tail = rng.randint(0, 64, (4, CHUNK_FRAMES - PROMPT_FRAMES - CONTINUATION_FRAMES))
     semantic = np.concatenate([prompts, continuation, tail], axis=1)
@@ -148,7 +148,7 @@ def test_kld_with_the_zero_shot_classifier_equals_a_direct_computation(cli_run, 
     out, metrics = cli_run
     _, generated, reference = _generated_and_reference(out, musiclm.sample_rate)
     mulan = musiclm.mulan
-    labels = mulan.embed_text(list(generation_eval.DEFAULT_LABELS))
+    labels = mulan.embed_text(list(embedders.DEFAULT_LABELS))
 
     def probs(audio):
         at_16k = np.stack([audio_io.to_mono_at_rate(a, 24000, 16000) for a in audio])
@@ -233,15 +233,15 @@ class BandEnergies:
 @pytest.mark.parametrize("kind", ["mulan", "plugged_in"])
 def test_fad_of_a_set_against_itself_is_zero_and_against_another_positive(kind, musiclm):
     if kind == "mulan":
-        embedder = generation_eval.MuLanEmbedder(musiclm.mulan)
+        embedder = embedders.MuLanEmbedder(musiclm.mulan)
     else:
-        embedder = generation_eval.make_embedder(BandEnergies())
+        embedder = embedders.make_embedder(BandEnergies())
         assert isinstance(embedder, BandEnergies)
     clips = np.stack([synthetic_music.generate_clip(i, seed=2, seconds=1.0, sample_rate=24000)["audio"]
                       for i in range(6)])
     noise = 0.3 * np.random.RandomState(0).randn(6, 24000).astype(np.float32)
-    reference = generation_eval.embed_clips(embedder, clips, 24000, 4)
-    other = generation_eval.embed_clips(embedder, noise, 24000, 4)
+    reference = embedders.embed_clips(embedder, clips, 24000, 4)
+    other = embedders.embed_clips(embedder, noise, 24000, 4)
     assert reference.shape[0] == 6 and reference.ndim == 2
     scale = np.trace(np.cov(reference.T))
     assert frechet_audio_distance(reference, reference) == pytest.approx(0.0, abs=1e-6 * scale)
@@ -249,7 +249,7 @@ def test_fad_of_a_set_against_itself_is_zero_and_against_another_positive(kind, 
 
 
 def test_memorization_finds_planted_continuations_and_not_unrelated_ones(musiclm, planted_cache, tmp_path):
-    metrics = generation_eval.memorization_from_cache(musiclm, planted_cache, PROMPT_SECONDS, CONTINUATION_SECONDS,
+    metrics = memorization_eval.memorization_from_cache(musiclm, planted_cache, PROMPT_SECONDS, CONTINUATION_SECONDS,
                                                       batch_size=BATCH_SIZE)
     assert metrics["memorization_exact_match_fraction"] == 1.0
     assert metrics["memorization_approximate_match_fraction"] == 1.0
@@ -257,13 +257,13 @@ def test_memorization_finds_planted_continuations_and_not_unrelated_ones(musiclm
     rng = np.random.RandomState(1)
     unrelated = write_token_cache(tmp_path / "unrelated", rng.randint(0, 64, (6, CHUNK_FRAMES)),
                                   rng.randint(0, 32, (6, 12)), [24000] * 6)
-    metrics = generation_eval.memorization_from_cache(musiclm, unrelated, PROMPT_SECONDS, CONTINUATION_SECONDS,
+    metrics = memorization_eval.memorization_from_cache(musiclm, unrelated, PROMPT_SECONDS, CONTINUATION_SECONDS,
                                                       batch_size=BATCH_SIZE)
     assert metrics["memorization_exact_match_fraction"] == 0.0
     assert metrics["memorization_approximate_match_fraction"] == 0.0
     assert metrics["memorization_mean_token_agreement"] < 0.2 and metrics["memorization_chance_agreement"] == 1 / 64
     with pytest.raises(ValueError, match="exceed the semantic stage's window of 50 frames"):
-        generation_eval.memorization_from_cache(musiclm, unrelated, 1.6, 0.48)
+        memorization_eval.memorization_from_cache(musiclm, unrelated, 1.6, 0.48)
 
 
 @pytest.mark.parametrize("setting,error,match", [
@@ -305,7 +305,7 @@ def test_eval_sets_give_the_captioned_clips_of_their_test_split(tmp_path):
         _tone(folder / f"c{i}.wav", seconds, freq=300.0 + 100 * i)
         lines.append(json.dumps({"audio_path": f"c{i}.wav", "caption": f"tone {i}", "split": split}))
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    examples = generation_eval.eval_examples(f"audio_folder:{folder}", 24000, 1.0, max_examples=2)
+    examples = eval_data.eval_examples(f"audio_folder:{folder}", 24000, 1.0, max_examples=2)
     assert [e.caption for e in examples] == ["tone 0", "tone 2"]  # test split only, at most max_examples
     assert all(e.audio.shape == (24000,) and e.audio.dtype == np.float32 for e in examples)
     assert np.all(examples[1].audio[12000:] == 0)  # 0.5 s clip zero-padded to the duration
@@ -317,12 +317,12 @@ def test_eval_sets_give_the_captioned_clips_of_their_test_split(tmp_path):
         rows.append(f'yt{i},0,10,"[\'tone\']",a tone {i},{held_out}')
     rows.append("missing,0,10,\"['x']\",deleted video,True")
     (mc / "musiccaps-public.csv").write_text("\n".join(rows) + "\n")
-    examples = generation_eval.eval_examples(f"musiccaps:{mc}", 24000, 1.0, max_examples=10)
+    examples = eval_data.eval_examples(f"musiccaps:{mc}", 24000, 1.0, max_examples=10)
     assert [(e.id, e.caption) for e in examples] == [("yt0", "a tone 0"), ("yt2", "a tone 2")]
-    synthetic = generation_eval.eval_examples(None, 24000, 0.5, max_examples=3)
+    synthetic = eval_data.eval_examples(None, 24000, 0.5, max_examples=3)
     assert [e.caption for e in synthetic] == [synthetic_music.clip_caption(i, seed=2) for i in range(3)]
     with pytest.raises(ValueError, match="has 1 usable captioned clips in split 'train'"):
-        generation_eval.eval_examples(f"musiccaps:{mc}", 24000, 1.0, max_examples=10, split="train")
+        eval_data.eval_examples(f"musiccaps:{mc}", 24000, 1.0, max_examples=10, split="train")
 
 
 def test_evaluate_passes_output_dir_only_to_evaluators_that_take_it(tmp_path):

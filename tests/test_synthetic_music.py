@@ -7,6 +7,8 @@ import librosa
 import numpy as np
 import pytest
 
+from musiclm_jax.data import music_params as mp
+from musiclm_jax.data import music_synthesis as synth
 from musiclm_jax.data import synthetic_music as sm
 
 SR = 24000
@@ -15,19 +17,19 @@ KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66,
 KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
-def _params(stream: int, index: int, **overrides) -> sm.MusicParams:
-    return dataclasses.replace(sm.sample_params(np.random.default_rng([stream, index])), **overrides)
+def _params(stream: int, index: int, **overrides) -> mp.MusicParams:
+    return dataclasses.replace(mp.sample_params(np.random.default_rng([stream, index])), **overrides)
 
 
-def _render(params: sm.MusicParams, seconds: float = 10.0, seed=(0,)) -> np.ndarray:
-    return sm.render(params, seconds, SR, np.random.default_rng(list(seed)))
+def _render(params: mp.MusicParams, seconds: float = 10.0, seed=(0,)) -> np.ndarray:
+    return synth.render(params, seconds, SR, np.random.default_rng(list(seed)))
 
 
 # ---------------------------------------------------------------------------------------------- determinism
 
 def test_same_index_and_seed_give_the_same_clip_and_other_indices_or_seeds_differ():
     first = sm.generate_clip(3, seed=1, seconds=2.0)
-    sm._KS_CACHE.clear()  # cached plucked strings must not change the result
+    synth.clear_caches()  # cached plucked strings, tables and reverbs must not change the result
     again = sm.generate_clip(3, seed=1, seconds=2.0)
     assert np.array_equal(first["audio"], again["audio"])
     assert first["caption"] == again["caption"] and first["params"] == again["params"]
@@ -66,7 +68,7 @@ def test_music_params_reject_unknown_values():
 # ---------------------------------------------------------------------------------------------- captions
 
 def test_tempo_word_boundaries():
-    assert [sm.tempo_word(b) for b in (60, 89, 90, 130, 131, 180)] == [
+    assert [mp.tempo_word(b) for b in (60, 89, 90, 130, 131, 180)] == [
         "slow", "slow", "medium", "medium", "fast", "fast"]
 
 
@@ -81,22 +83,22 @@ def test_captions_and_aspects_name_every_parameter_value_and_all_values_occur():
         drums = f"{p.drums} drum" if p.drums else "no drums"
         assert drums in text and (f"{p.drums} drums" if p.drums else "no drums") in aspects
         assert f"{p.tempo_bpm:.0f} bpm" in text and f"{p.tempo_bpm:.0f} bpm" in aspects
-        tempo = sm.tempo_word(p.tempo_bpm)
+        tempo = mp.tempo_word(p.tempo_bpm)
         assert re.search(rf"\b{tempo}\b", text) and f"{tempo} tempo" in aspects
-        assert f"{sm.key_name(p.key)} {p.mode}" in text
-        assert f"{p.mode} key" in aspects and f"{sm.key_name(p.key)} {p.mode}" in aspects
+        assert f"{mp.key_name(p.key)} {p.mode}" in text
+        assert f"{p.mode} key" in aspects and f"{mp.key_name(p.key)} {p.mode}" in aspects
         assert all(w in text and w in joined for w in texture_words[p.texture])
         assert all(w in text for w in rhythm_words[p.rhythm]) and rhythm_words[p.rhythm][0] in joined
         assert p.dynamics in text and p.dynamics in joined
         assert p.reverb in text and p.reverb in joined
         assert "None" not in text and "None" not in joined
-    for field, values in (("instrument", sm.INSTRUMENTS), ("mode", sm.MODES), ("dynamics", sm.DYNAMICS),
-                          ("reverb", sm.REVERBS), ("texture", sm.TEXTURES), ("rhythm", sm.RHYTHMS),
-                          ("drums", (None,) + sm.DRUM_STYLES)):
+    for field, values in (("instrument", mp.INSTRUMENTS), ("mode", mp.MODES), ("dynamics", mp.DYNAMICS),
+                          ("reverb", mp.REVERBS), ("texture", mp.TEXTURES), ("rhythm", mp.RHYTHMS),
+                          ("drums", (None,) + mp.DRUM_STYLES)):
         seen = {getattr(c["params"], field) for c in clips}
         assert seen == set(values), field
     keys = {c["params"].key for c in clips}
-    tempos = {sm.tempo_word(c["params"].tempo_bpm) for c in clips}
+    tempos = {mp.tempo_word(c["params"].tempo_bpm) for c in clips}
     assert len(keys) == 12 and tempos == {"slow", "medium", "fast"}
     # Several sentence shapes, not one template.
     assert len({c["caption"].split()[0] for c in clips}) >= 4
@@ -118,7 +120,7 @@ def test_loud_clips_have_more_than_twice_the_rms_of_soft_ones():
     for index in range(6):
         base = _params(21, index)
         rms = {level: float(np.sqrt(np.mean(_render(dataclasses.replace(base, dynamics=level), 4.0) ** 2)))
-               for level in sm.DYNAMICS}
+               for level in mp.DYNAMICS}
         assert rms["loud"] / rms["soft"] > 2.0, (base, rms)
         assert rms["soft"] < rms["medium"] < rms["loud"]
 
@@ -129,7 +131,7 @@ def test_tempo_is_recoverable_from_onsets_of_drum_clips():
     for index in range(20):
         params = _params(31, index)
         if params.drums is None:
-            params = dataclasses.replace(params, drums=sm.DRUM_STYLES[index % 3])
+            params = dataclasses.replace(params, drums=mp.DRUM_STYLES[index % 3])
         audio = _render(params, seed=(32, index))
         onset_env = librosa.onset.onset_strength(y=audio, sr=SR)
         bpm = float(librosa.feature.tempo(onset_envelope=onset_env, sr=SR)[0])
@@ -159,7 +161,7 @@ def _note_features(instrument: str, midi: int) -> dict:
     """Envelope and spectrum of one rendered 1 s note: attack (s to 50% of the peak 5 ms-frame RMS), decay
     (RMS over 0.5-0.9 s / peak), even/odd (energy of harmonics 2,4..12 over 3,5..11, in 0.1-0.5 s) and
     h4 share (harmonic 4's share of the energy of harmonics 2..12, in 0.02-0.3 s)."""
-    audio = sm.render_note(instrument, midi, 1.0, SR).astype(np.float64)
+    audio = synth.render_note(instrument, midi, 1.0, SR).astype(np.float64)
     frame = int(0.005 * SR)
     rms = np.sqrt(np.mean(audio[: len(audio) // frame * frame].reshape(-1, frame) ** 2, axis=1))
     peak = rms.max()
@@ -168,7 +170,7 @@ def _note_features(instrument: str, midi: int) -> dict:
         segment = audio[int(start_s * SR):int(stop_s * SR)]
         power = np.abs(np.fft.rfft(segment * np.hanning(len(segment)))) ** 2
         freqs = np.fft.rfftfreq(len(segment), 1.0 / SR)
-        f0 = sm.midi_to_hz(midi)
+        f0 = synth.midi_to_hz(midi)
         return np.array([power[np.abs(freqs - k * f0) < 0.03 * k * f0].sum() for k in range(1, 13)])
 
     late = harmonic_energy(0.1, 0.5)
@@ -185,7 +187,7 @@ def test_instruments_differ_in_envelope_and_spectrum():
     (15-40 ms), the rest at once (<= 10 ms); blown (clarinet-like) has weak even harmonics (even/odd < 0.1,
     others > 1); struck (marimba-like) puts most overtone energy in its 4th harmonic (> 0.5, others < 0.3)."""
     for midi in (57, 64, 72):
-        f = {name: _note_features(name, midi) for name in sm.INSTRUMENTS}
+        f = {name: _note_features(name, midi) for name in mp.INSTRUMENTS}
         summary = {name: {k: round(float(v), 3) for k, v in feats.items()} for name, feats in f.items()}
         assert all(f[name]["decay"] < 0.35 for name in ("plucked", "struck")), summary
         assert all(f[name]["decay"] > 0.45 for name in ("bowed", "blown", "synth")), summary
@@ -203,8 +205,8 @@ def test_reverb_tails_last_as_long_as_their_names_say():
     click = np.zeros(4 * SR, np.float32)
     click[SR // 10] = 1.0
     t60 = {}
-    for kind in sm.REVERBS:
-        tail = sm.apply_reverb(click, kind, SR)[SR // 10 + 1:].astype(np.float64)
+    for kind in mp.REVERBS:
+        tail = synth.apply_reverb(click, kind, SR)[SR // 10 + 1:].astype(np.float64)
         assert tail.shape == (4 * SR - SR // 10 - 1,)
         if kind == "dry":
             assert np.all(tail == 0.0)

@@ -129,15 +129,15 @@ def test_fad_vggish_of_the_generation_evaluation_equals_the_reference(torch_vgg,
     pooled over the set, np.cov and scipy.linalg.sqrtm (frechet-audio-distance's calculate_frechet_distance)."""
     from test_generation_metrics import scipy_frechet_distance
 
-    from musiclm_jax.evaluation import generation_eval
+    from musiclm_jax.evaluation import embedders
     from musiclm_jax.evaluation.generation_metrics import frechet_audio_distance
-    embedder = generation_eval.make_embedder("vggish", vggish_dir)
+    embedder = embedders.make_embedder("vggish", vggish_dir)
     reference = np.stack([_audio(4.0, seed=i) for i in range(6)])  # 4 frames each: 24 samples per set
     t = np.arange(reference.shape[1]) / RATE
     generated = np.stack([(0.3 * np.sign(np.sin(2 * np.pi * (220 + 40 * i) * t))
                            + 0.05 * np.random.RandomState(10 + i).randn(t.size)).astype(np.float32)
                           for i in range(6)])
-    ours = [generation_eval.embed_clips(embedder, x, RATE, batch_size=4) for x in (reference, generated)]
+    ours = [embedders.embed_clips(embedder, x, RATE, batch_size=4) for x in (reference, generated)]
     assert ours[0].shape == ours[1].shape == (24, 128)
     theirs = [np.concatenate([_fad_embedding(torch_vgg, clip) for clip in x]) for x in (reference, generated)]
     stats = [(e.mean(axis=0), np.cov(e, rowvar=False)) for e in theirs]

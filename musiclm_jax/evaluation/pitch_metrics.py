@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from musiclm_jax import melody
-from musiclm_jax.data.synthetic_music import KEY_NAMES
+from musiclm_jax.data.music_params import KEY_NAMES
 # Krumhansl & Kessler (1982) probe-tone ratings, tonic first.
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
