@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 from conftest import REPO_DIR, subprocess_env
-from musiclm_jax import export, serve, serving
+from musiclm_jax import export, serve, serve_requests, serving
 from musiclm_jax.data import audio_io
 from test_export import tiny_musiclm
 
@@ -61,7 +61,7 @@ class Running:
     """A serve.Server on a free port, in a thread."""
 
     def __init__(self, model, warm_durations=(), **limits):
-        self.server = serve.Server(model, port=0, limits=serve.Limits(**limits), log=None,
+        self.server = serve.Server(model, port=0, limits=serve_requests.Limits(**limits), log=None,
                                    warm_durations=warm_durations)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -161,7 +161,8 @@ def test_warm_durations_compile_at_start_up_and_round_requests_up(bundle_dir, ru
     status, _, body = server.request("POST", "/generate", dict(request, duration=2.5))
     assert status == 400 and "[1.0, 2.0]" in json.loads(body)["error"]
     with pytest.raises(ValueError, match="not in"):
-        serve.Server(SlowModel(), port=0, limits=serve.Limits(max_duration_s=3.0), log=None, warm_durations=(4.0,))
+        serve.Server(SlowModel(), port=0, limits=serve_requests.Limits(max_duration_s=3.0), log=None,
+                     warm_durations=(4.0,))
 
 
 def test_served_wav_has_the_samples_save_audio_writes(tmp_path):
@@ -169,7 +170,7 @@ def test_served_wav_has_the_samples_save_audio_writes(tmp_path):
     audio = np.concatenate([np.linspace(-1.2, 1.2, 4001), [np.nan, 1.0, -1.0, 0.5 / 32767, 1.5 / 32767]])
     audio_io.save_audio(str(tmp_path / "a.wav"), audio, 16000)
     written, rate = soundfile.read(str(tmp_path / "a.wav"), dtype="int16")
-    served_rate, served = read_wav(serve.wav_bytes(audio, 16000))
+    served_rate, served = read_wav(serve_requests.wav_bytes(audio, 16000))
     assert rate == served_rate == 16000
     np.testing.assert_array_equal(served, written)
     assert list(served[-5:]) == [0, 32767, -32767, 0, 2] and served.min() == -32767 and served.max() == 32767
@@ -376,7 +377,7 @@ def prompt_wav(seconds: float, rate: int = 24000) -> tuple[str, np.ndarray]:
     """(a base64 16-bit WAV of a synthetic clip, the float audio soundfile reads back from it)."""
     from musiclm_jax.data import synthetic_music
     clip = synthetic_music.generate_clip(5, seconds=seconds, sample_rate=rate)["audio"]
-    data = serve.wav_bytes(clip, rate)
+    data = serve_requests.wav_bytes(clip, rate)
     return base64.b64encode(data).decode(), soundfile.read(io.BytesIO(data), dtype="float32")[0]
 
 
@@ -492,6 +493,6 @@ def test_bad_continue_and_stream_requests_name_the_field(running):
         assert (status, reply["status"]) == (want_status, want_status), (path, str(request)[:60], reply)
         assert re.search(message, reply["error"]), (message, reply["error"])
     # The /continue body limit makes room for the base64 of the largest prompt file; /generate's does not.
-    assert serve.Limits(max_prompt_audio_bytes=60000).max_continue_body_bytes == 16384 + 80000
+    assert serve_requests.Limits(max_prompt_audio_bytes=60000).max_continue_body_bytes == 16384 + 80000
     status, _, data = server.request("POST", "/continue", json.dumps({"prompt": "x", "audio": "A" * 100000}))
     assert status == 413 and "the limit is 96384" in json.loads(data)["error"]
