@@ -28,6 +28,9 @@ CONTINUE_FIELDS = tuple(f for f in FIELDS if f != "rerank") + ("audio",)
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """What the server accepts: the longest clip (seconds), prompt and body sizes (bytes), generations at once,
+    requests waiting, and how long one may wait (seconds)."""
+
     max_duration_s: float = 30.0
     max_prompt_bytes: int = 1000
     max_body_bytes: int = 16384
