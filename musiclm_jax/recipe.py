@@ -331,10 +331,10 @@ def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: s
     `launch`, runs it as launch.local processes through launch/tpu_run.sh, their logs in log_path's directory
     <step>/process-<i>.log (process 0's echoed as it grows)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-u", "-m", *argv]
     if launch is not None and launch.local:
         _run_local_step(name, argv, index, total, log_path, prefix, launch, root)
         return
+    cmd = [sys.executable, "-u", "-m", *argv]
     print(f"{prefix}: [{index}/{total}] {name}: python {' '.join(cmd[2:])}", flush=True)
     if in_process:
         import gin
@@ -350,8 +350,7 @@ def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: s
         finally:
             gin.clear_config()
         return
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=root, env=_step_env(), stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             log.write(line)
@@ -370,7 +369,7 @@ def _run_local_step(name: str, argv: Sequence[str], index: int, total: int, log_
     shutil.rmtree(process_logs, ignore_errors=True)  # a rerun's logs replace the last ones
     cmd = launch.command(name, argv, log_dir=process_logs, python=sys.executable)
     print(f"{prefix}: [{index}/{total}] {name}: {shlex.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env = _step_env()
     for variable in ("MUSICLM_COORDINATOR", "MUSICLM_NUM_PROCESSES", "MUSICLM_PROCESS_ID", "MUSICLM_DISTRIBUTED"):
         env.pop(variable, None)  # the launcher sets its own
     first = os.path.join(process_logs, "process-0.log")
@@ -394,6 +393,11 @@ def _run_local_step(name: str, argv: Sequence[str], index: int, total: int, log_
     if proc.returncode != 0:
         raise SystemExit(f"{prefix}: step {name} failed on {launch.local} local processes (exit {proc.returncode}); "
                          f"their logs: {process_logs}/process-*.log, the launcher's: {log_path}")
+
+
+def _step_env() -> dict[str, str]:
+    """The environment of a step's processes: this one's, unbuffered, TensorFlow's C++ logging at warnings."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
 
 
 def _worth_showing(line: str) -> bool:
@@ -485,7 +489,6 @@ class Launch:
     zone: Optional[str] = None
     project: Optional[str] = None
     local: Optional[int] = None
-
     local_devices: Optional[int] = None
 
     def command(self, name: str, argv: Sequence[str], log_dir: Optional[str] = None,

@@ -90,7 +90,6 @@ def _metric_row(name: str, value: Any) -> str:
     return f"<tr><td>{html.escape(name)}</td><td>{shown}</td></tr>"
 
 
-
 def _published_table(metrics: dict, published: Sequence) -> str:
     """The report's comparison: each published (metric, system, value, source) row beside our value of the same
     metric ('-' if not computed)."""
@@ -102,7 +101,6 @@ def _published_table(metrics: dict, published: Sequence) -> str:
                     f"<td>{html.escape(value)}</td><td>{html.escape(source)}</td></tr>")
     return ("<h2>Published figures on MusicCaps</h2><table>\n<tr><th>metric</th><th>ours</th><th>system</th>"
             "<th>published</th><th>source</th></tr>\n" + "\n".join(rows) + "\n</table>")
-
 
 
 def write_evaluation_report(output_dir: str, metrics: dict, settings: dict, samples: Sequence[dict],
@@ -141,4 +139,3 @@ def write_evaluation_report(output_dir: str, metrics: dict, settings: dict, samp
 <h2>Samples ({len(sections)} of {len(samples)})</h2>
 {chr(10).join(sections)}"""
     return _write_page(output_dir, title, body, style="\ntd{padding:0 1em 0 0}")
-
