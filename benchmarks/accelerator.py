@@ -35,7 +35,7 @@ import numpy as np
 
 import common
 import generate as generate_benchmark
-from musiclm_jax import gin_utils, partitioning, weight_precision
+from musiclm_jax import aot, gin_utils, partitioning, weight_precision
 from musiclm_jax import train as train_lib
 
 # Dense bf16 peak FLOP/s per chip from the vendors' datasheets (no sparsity).
@@ -63,7 +63,8 @@ def measured_bf16_peak(size: int, repeats: int) -> float:
 
 
 def stage_model_and_optimizer(size: str):
-    gin_utils.parse_gin([f"gin/stages/semantic_{size}.gin"], ["MODEL_DIR = '/unused'", "TOKEN_DIR = '/unused'"],
+    tokens = aot.planned_token_dir(size)
+    gin_utils.parse_gin([f"gin/stages/semantic_{size}.gin"], ["MODEL_DIR = '/unused'", f"TOKEN_DIR = '{tokens}'"],
                         finalize=False)
     try:
         args = gin_utils.bound_arguments("train", ["model", "optimizer"], {})

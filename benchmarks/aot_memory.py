@@ -21,7 +21,7 @@ ARGS = ("model", "optimizer", "train_dataset_cfg", "logical_axis_rules", "num_mi
 
 
 def compile_paper(topology: str, ici: dict, batch_size: int) -> dict:
-    gin_utils.parse_gin([GIN], ["TOKEN_DIR = '/unused'"], finalize=False)
+    gin_utils.parse_gin([GIN], [f"TOKEN_DIR = '{aot.planned_token_dir('paper')}'"], finalize=False)
     args = gin_utils.bound_arguments("train", ARGS, {"logical_axis_rules": None, "num_microbatches": 1})
     gin.clear_config()
     return aot.compile_for_topology(model=args["model"], optimizer=args["optimizer"], batch_size=batch_size,

@@ -49,8 +49,9 @@ import gin
 import jax
 import numpy as np
 
-from musiclm_jax import gin_utils, partitioning
-from musiclm_jax.pipeline import STAGES, MusicLM, Stage
+from musiclm_jax import aot, gin_utils, partitioning
+from musiclm_jax.pipeline import STAGES, MusicLM
+from musiclm_jax.stage_sampling import Stage
 
 CAPTIONS = ("a calm piano melody with soft strings", "loud rock drums and distorted guitar",
             "an upbeat electronic dance track", "a slow jazz ballad on saxophone")
@@ -103,14 +104,15 @@ def tiny_musiclm(root: str) -> TimedMusicLM:
     for i, stage in enumerate(STAGES):
         if missing(stage):
             checkpoint_loading.write_run_directory(os.path.join(root, stage), f"gin/stages/{stage}_tiny.gin",
-                                                   ["TOKEN_DIR = '/unused'"], seed=3 + i)
+                                                   [f"TOKEN_DIR = '{aot.planned_token_dir('tiny')}'"], seed=3 + i)
     model = TimedMusicLM.from_checkpoints(*(os.path.join(root, n) for n in ("mulan", "codec") + STAGES))
     model.log = None
     return model
 
 
-def gin_model(gin_file: str, bindings: list[str]):
-    gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/unused'", "TOKEN_DIR = '/unused'"] + bindings, finalize=False)
+def gin_model(gin_file: str, bindings: list[str], size: str = "tiny"):
+    tokens = aot.planned_token_dir(size)
+    gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/unused'", f"TOKEN_DIR = '{tokens}'"] + bindings, finalize=False)
     try:
         return gin_utils.bound_arguments("train", ["model"], {})["model"]
     finally:
@@ -132,7 +134,7 @@ def in_memory_musiclm(size: str, dtype) -> TimedMusicLM:
     bindings = [f"transformer.TransformerConfig.dtype = '{dtype}'"] if dtype else []
     stages = []
     for i, name in enumerate(STAGES):
-        model = gin_model(f"gin/stages/{name}_{size}.gin", bindings)
+        model = gin_model(f"gin/stages/{name}_{size}.gin", bindings, size)
         stages.append(Stage(model, init_variables(model, 3 + i)["params"], name))
     model = gin_model(f"gin/codec/{size}.gin", [])
     variables = init_variables(model, 1)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import common
-from musiclm_jax.data import audio_io, token_cache
+from musiclm_jax.data import audio_io, stages, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.tasks import tokenized
@@ -187,9 +187,9 @@ def main() -> None:
     cache = os.path.join(work, "tokens")
     write_paper_cache(cache, 512)
     results["records_examples_per_s"] = raw_record_rate(cache, args.batches, args.repeats)
-    for stage in tokenized.STAGES:
+    for stage in stages.STAGES:
         task = f"{stage}_stage:{cache}"
-        spec = tokenized.stage_spec_from_name(task)
+        spec = stages.stage_spec_from_name(task)
         rate = examples_per_second(lambda: SeqioInputPipeline(DatasetConfig(
             task, spec.task_feature_lengths, "train", BATCH, seed=0), "prefix_lm"), args.batches, args.repeats)
         results[f"{stage}_stage_examples_per_s"] = rate

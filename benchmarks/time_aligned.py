@@ -2,7 +2,7 @@
 
     python benchmarks/time_aligned.py [--repeats 20]
 
-For the tiny coarse stage (gin/models/coarse_tiny.gin) and the tiny melody-conditioned semantic stage
+For the tiny coarse stage (gin/stages/coarse_tiny.gin) and the tiny melody-conditioned semantic stage
 (gin/stages/semantic_tiny.gin), at their training batch of 16: the median seconds of one jitted train step (AdamW)
 with the gin file's time_aligned_groups and with the sequence index (time_aligned_groups=()), on the same batch of
 layout-valid random tokens, measured back to back in this run. The relative bias is then per example
@@ -20,16 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from musiclm_jax import gin_utils, optimizers, partitioning
+from musiclm_jax import aot, gin_utils, optimizers, partitioning
 from musiclm_jax.train_state import TrainState
 from musiclm_jax.trainer import make_train_step
 
-STAGES = {"coarse": "gin/models/coarse_tiny.gin", "semantic_melody": "gin/stages/semantic_tiny.gin"}
+STAGES = {"coarse": "gin/stages/coarse_tiny.gin", "semantic_melody": "gin/stages/semantic_tiny.gin"}
 BATCH = 16
 
 
 def load_model(gin_file: str, aligned: bool):
-    bindings = [] if aligned else ["models.TokenLMModel.time_aligned_groups=()"]
+    # The layouts and lengths of the tiny token cache, planned from the tiny tokenizers (aot.planned_token_dir).
+    bindings = [f"TOKEN_DIR = '{aot.planned_token_dir('tiny')}'"]
+    bindings += [] if aligned else ["models.TokenLMModel.time_aligned_groups=()"]
     gin_utils.parse_gin([gin_file], bindings, finalize=False)
     return gin.query_parameter("%MODEL").scoped_configurable_fn()
 

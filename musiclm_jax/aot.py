@@ -2,6 +2,7 @@
 
     python -m musiclm_jax.aot --gin_file=gin/stages/semantic_paper.gin --topology=v5e:4x4 [--gin.BATCH_SIZE=...]
     python -m musiclm_jax.aot --job=tokenize --gin_file=gin/tokenize/aot_paper.gin --topology=v5e:16x16
+    python -m musiclm_jax.aot --job=token_manifest --gin_file=gin/tokenize/aot_paper.gin --output_dir=DIR
 
 Uses the same gin files as training (the `train` bindings: model, optimizer, batch size, mesh, rules,
 microbatches), builds the mesh from the topology's abstract devices (libtpu, from the `tpu` extra), lowers and
@@ -22,6 +23,12 @@ up by gin's tokenize_forward.aot_setup: the tokenizers' model gin files, chunk l
 laid over the data axes, and reports per-chip memory as above, matmul_flops_per_chunk by tokenizer (counted from
 the jaxpr, musiclm_jax.flops), min_batch_seconds (those FLOPs at the chips' peak), audio_seconds_per_second_floor
 and dataset_floor_hours (the hours of compute-bound work for `dataset_hours` of audio).
+
+`--job=token_manifest --output_dir=DIR` writes DIR/manifest.json, the manifest the tokenization job would write
+with those tokenizers (each one's rate, levels, codebook size and frames per chunk, from the models' gin files by
+shape evaluation: no checkpoint, no data, no topology), marked planned and without splits. A stage reads its token
+layout and lengths from it (data/stages.py): the AOT compile of a stage before any tokenization, the recipe's pod
+plan, benchmarks and tests of random-init stages. `--gin.TOKEN_DIR=DIR` then compiles a stage's gin file.
 """
 from __future__ import annotations
 
@@ -188,6 +195,90 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
     return forward, variables, params
 
 
+def planned_token_manifest(setup: dict[str, Any]) -> dict[str, Any]:
+    """The manifest.json (data/token_cache.py) that `python -m musiclm_jax.tokenize` would write with the
+    tokenizers of `setup` (a tokenize_forward.aot_setup), without their checkpoints or any data: 'tokenizers' with
+    each one's sample_rate and frame_rate (Hz), levels, codebook_size and frames per chunk (the codec's and the
+    semantic tokenizer's by shape evaluation of the job's forward on one chunk, as the job probes a silent one),
+    'planned': true and no splits. Training on it fails naming it (tasks/tokenized.register_stage_task)."""
+    from musiclm_jax import melody
+    partitioner = partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig(), jax.devices()[:1]))
+    forward, variables, _ = tokenization_forward_and_variables(setup, partitioner)
+    chunk_seconds = float(setup["chunk_seconds"])
+    shapes = forward.input_shapes(1, chunk_seconds)
+    frames_of = dataclasses.replace(forward, mulan_model=None)  # MuLan gives one frame per chunk
+    audio = {rate: jax.ShapeDtypeStruct(shapes[rate], jax.numpy.float32) for rate in frames_of.sample_rates}
+    with partitioner.activate():
+        out = jax.eval_shape(frames_of, variables, audio)
+
+    def spec(sample_rate, frame_rate, levels, codebook_size, frames):
+        return {"sample_rate": int(sample_rate), "frame_rate": float(frame_rate), "levels": int(levels),
+                "codebook_size": int(codebook_size), "frames": int(frames), "checkpoint": None}
+    codec_rate, rvq = forward.codec_rate, forward.codec_network.rvq
+    tokenizers = {"codec": spec(codec_rate, codec_rate / forward.codec_network.hop_length, rvq.num_quantizers,
+                                rvq.codebook_size, out["codec"].shape[1])}
+    if forward.features is not None:
+        tokenizers["semantic"] = spec(forward.features.sample_rate, forward.features.frame_rate, 1,
+                                      variables["semantic"]["centroids"].shape[0], out["semantic"].shape[1])
+    if forward.mulan_model is not None:
+        levels, codes, _ = variables["mulan"]["codebooks"].shape
+        tokenizers["mulan"] = spec(forward.mulan_model.sample_rate, 1.0 / chunk_seconds, levels, codes, 1)
+    if setup.get("melody_rate"):
+        rate = float(setup["melody_rate"])
+        tokenizers["melody"] = spec(codec_rate, rate, 1, melody.VOCAB_SIZE,
+                                    melody.num_frames(int(round(chunk_seconds * codec_rate)), codec_rate, rate))
+    return {"source": None, "sample_rate": int(codec_rate), "chunk_seconds": chunk_seconds,
+            "tokenizers": tokenizers, "splits": {}, "planned": True, "complete": False}
+
+
+def write_planned_token_cache(tokenizers_gin: str, output_dir: str, bindings: Sequence[str] = ()) -> dict[str, Any]:
+    """planned_token_manifest of the tokenize_forward.aot_setup that `tokenizers_gin` binds (read in a private
+    gin configuration), written to output_dir/manifest.json; returns it."""
+    import gin
+
+    from musiclm_jax import tokenize_forward
+    from musiclm_jax.data import token_cache
+    with gin_utils.private_config():
+        gin_utils.parse_gin([tokenizers_gin], list(bindings), finalize=False)
+        setup = gin.get_configurable(tokenize_forward.aot_setup)()
+    manifest = planned_token_manifest(setup)
+    os.makedirs(output_dir, exist_ok=True)
+    token_cache.write_manifest(output_dir, manifest)
+    return manifest
+
+
+# The tokenizers of each size as the recipe trains them (tokenize_forward.aot_setup gin files).
+TOKENIZERS_GIN = {"tiny": "gin/tokenize/aot_tiny.gin", "paper": "gin/tokenize/aot_paper.gin"}
+_PLANNED_DIRS: dict[str, str] = {}
+
+
+def tokenizer_setup(size: str) -> dict[str, Any]:
+    """The tokenize_forward.aot_setup of the `size` ('tiny' or 'paper') tokenizers (TOKENIZERS_GIN, read in a
+    private gin configuration): their model gin files, MuLan's RVQ size, the chunk length, the melody rate."""
+    import gin
+
+    from musiclm_jax import tokenize_forward
+    if size not in TOKENIZERS_GIN:
+        raise ValueError(f"tokenizer size {size!r}: one of {sorted(TOKENIZERS_GIN)}")
+    with gin_utils.private_config():
+        gin_utils.parse_gin([TOKENIZERS_GIN[size]], [], finalize=False)
+        return gin.get_configurable(tokenize_forward.aot_setup)()
+
+
+def planned_token_dir(size: str) -> str:
+    """A planned token cache of the `size` ('tiny' or 'paper') tokenizers (TOKENIZERS_GIN), written once per
+    process in a temporary directory: the TOKEN_DIR from which a stage's gin file takes its layout and lengths
+    where no cache is tokenized (random-init stages in benchmarks and tests)."""
+    if size not in TOKENIZERS_GIN:
+        raise ValueError(f"planned_token_dir: size {size!r}: one of {sorted(TOKENIZERS_GIN)}")
+    if size not in _PLANNED_DIRS:
+        import tempfile
+        directory = tempfile.mkdtemp(prefix=f"planned_tokens_{size}_")
+        write_planned_token_cache(TOKENIZERS_GIN[size], directory)
+        _PLANNED_DIRS[size] = directory
+    return _PLANNED_DIRS[size]
+
+
 def compile_tokenization_for_topology(*, setup: dict[str, Any], topology: str) -> dict[str, Any]:
     """Compiles the tokenization job's device work (tokenize_forward.TokenizationForward) on a global batch of
     chunks laid over the data axes of `topology`, and returns its report (see the module docstring)."""
@@ -242,11 +333,24 @@ def compile_tokenization_for_topology(*, setup: dict[str, Any], topology: str) -
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Entry point; prints the report as one JSON line and returns it."""
     def run(flags):
+        if flags["job"] not in ("train", "tokenize", "token_manifest"):
+            raise gin_utils.FlagError(f"--job={flags['job']!r}: 'train' (a run's train step), 'tokenize' (the "
+                                      f"tokenization job's forward, tokenize_forward.aot_setup) or "
+                                      f"'token_manifest' (the token cache those tokenizers would write, planned)")
+        if flags["job"] == "token_manifest":
+            import gin
+
+            from musiclm_jax import tokenize_forward
+            from musiclm_jax.data import token_cache
+            if not flags["output_dir"]:
+                raise gin_utils.FlagError("--job=token_manifest needs --output_dir=DIR (where manifest.json goes)")
+            manifest = planned_token_manifest(gin.get_configurable(tokenize_forward.aot_setup)())
+            os.makedirs(flags["output_dir"], exist_ok=True)
+            token_cache.write_manifest(flags["output_dir"], manifest)
+            print(json.dumps(manifest["tokenizers"]), flush=True)
+            return manifest
         if not flags["topology"]:
             raise gin_utils.FlagError("--topology is required, e.g. --topology=v5e:4x4")
-        if flags["job"] not in ("train", "tokenize"):
-            raise gin_utils.FlagError(f"--job={flags['job']!r}: 'train' (a run's train step) or 'tokenize' (the "
-                                      f"tokenization job's forward, tokenize_forward.aot_setup)")
         if flags["job"] == "tokenize":
             import gin
 
@@ -264,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(json.dumps(report), flush=True)
         return report
 
-    return gin_utils.run(run, extra_flags={"topology": None, "job": "train"}, argv=argv, finalize=False)
+    return gin_utils.run(run, extra_flags={"topology": None, "job": "train", "output_dir": None}, argv=argv,
+                         finalize=False)
 
 
 if __name__ == "__main__":

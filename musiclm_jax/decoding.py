@@ -170,7 +170,7 @@ def sample_after_prefix(prefill: PrefillFn, step: ParamStepFn, params: Any, pref
       `guidance_ranges` ([low, high) id ranges) set to PAD, and tokens are drawn from
       uncond + scale * (cond - uncond).
     guided: whether the batch runs twice (default: guidance_scale != 1). Give it when guidance_scale, like
-      temperature, top_k and top_p, is a traced argument of a jitted caller (pipeline.Stage.sample), so that
+      temperature, top_k and top_p, is a traced argument of a jitted caller (stage_sampling.Stage.sample), so that
       one compiled program serves every value of them.
     Returns (tokens [B, num_steps], log-probabilities [B, num_steps] under the distribution sampled from).
     """

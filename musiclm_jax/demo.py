@@ -58,7 +58,6 @@ DEFAULT_PROMPTS = (
 )
 TOKENIZED_CLIPS = "{'train': 2048, 'validation': 64, 'test': 64}"  # 4 s each: enough for the stages not to overfit
 STAGE_STEPS = recipe.STAGE_STEPS
-RVQ_CODES = recipe.RVQ_CODES
 # Guidance scale of the demo's generation (gin/sample/musiclm.gin's default is 3). Chosen on seeds 1 and 2, not the
 # demo's seed 0: with the tiny models, scale 5 raised the MuLan margin of own over shuffled pairs from 0.093 to
 # 0.128 and from 0.105 to 0.135 (12 prompts; scale 8 gave 0.096 on seed 1).

@@ -12,7 +12,7 @@ the bundle holds what generation needs and nothing else:
   - exported/*.jaxexp: jax.export serializations, for a symbolic batch size `b` (and symbolic prompt length,
     cache capacity and codec frames), lowered for every platform in --platforms (default cpu, cuda, tpu):
     MuLan's text embedding and RVQ, the codec decoder, and each stage's prefill and decoding step, the functions
-    pipeline.Stage samples with (pipeline.sample_window);
+    stage_sampling.Stage samples with (stage_sampling.sample_window);
   - the caption vocabulary, the stages' token layouts, the resolved gin config, the generation settings and
     bundle.json (format version, every file's size and SHA-256);
   - the audio encoders that continuation and reranking need (export_encoders; --no_encoders leaves them out):
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from musiclm_jax import gin_utils, pipeline, serving
+from musiclm_jax import gin_utils, pipeline, serving, stage_sampling
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 FLAGS = {"output_dir": None, "platforms": ",".join(DEFAULT_PLATFORMS)}
@@ -179,7 +179,7 @@ def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tupl
     return functions, params
 
 
-def export_stage(stage: pipeline.Stage, platforms: Sequence[str]) -> tuple[dict[str, Function], dict[str, dict]]:
+def export_stage(stage: stage_sampling.Stage, platforms: Sequence[str]) -> tuple[dict[str, Function], dict[str, dict]]:
     """A stage's prefill (symbolic batch b, prompt length p, cache capacity c >= p) and step (b, c)."""
     from jax import export
     prefill, step = stage.decoder_functions()
@@ -285,7 +285,7 @@ def write_bundle(musiclm: pipeline.MusicLM, output_dir: str, platforms: Sequence
         tokenizer = f"{serving.TEXT_VOCAB_DIR}/{os.path.basename(musiclm.mulan.tokenizer.file)}"
         os.makedirs(os.path.join(work, serving.TEXT_VOCAB_DIR), exist_ok=True)
         shutil.copyfile(musiclm.mulan.tokenizer.file, os.path.join(work, tokenizer))
-        write(serving.LAYOUTS_FILE, json.dumps({name: pipeline.StageSpec.of(musiclm.stages[name].model).to_json()
+        write(serving.LAYOUTS_FILE, json.dumps({name: stage_sampling.StageSpec.of(musiclm.stages[name].model).to_json()
                                                 for name in pipeline.STAGES}, indent=1))
         write(serving.GENERATION_FILE, json.dumps(dataclasses.asdict(musiclm.params), indent=1))
         if gin_config is not None:

@@ -167,9 +167,40 @@ def private_config():
         gin_config._set_config_is_locked(saved["locked"])
 
 
+# Functions whose value a saved config.gin records as a literal: see resolved_when_saved.
+_RESOLVED_WHEN_SAVED: set = set()
+
+
+def resolved_when_saved(fn: Callable) -> Callable:
+    """Marks `fn` as read from data outside the run (a token cache's manifest: data/stages.py). A macro bound to a
+    call of it (`PREFIX_LENGTH = @stages.stage_input_length()`) is saved in config.gin as the value the call
+    returned, so a run directory rebuilds its model without that data. Returns fn unchanged."""
+    _RESOLVED_WHEN_SAVED.add(fn)
+    return fn
+
+
+def resolve_saved_macros() -> dict[str, Any]:
+    """Evaluates every macro of the current configuration bound to a call of a resolved_when_saved function and
+    binds the macro to that value; returns {macro: value}."""
+    from gin import config as gin_config
+    resolved = {}
+    for (name, selector), values in list(gin_config._CONFIG.items()):
+        value = values.get("value")
+        if selector != "gin.macro" or not isinstance(value, gin_config.ConfigurableReference):
+            continue
+        if value.evaluate and value.configurable.wrapped in _RESOLVED_WHEN_SAVED:
+            resolved[name] = copy.deepcopy(value)  # deep-copying a reference calls it, as gin does
+    with gin.unlock_config():
+        for name, value in resolved.items():
+            gin.bind_parameter(f"{name}/gin.macro.value", value)
+    return resolved
+
+
 def save_config(model_dir: str) -> str:
-    """Writes the resolved gin config to MODEL_DIR/config.gin and returns its path."""
+    """Writes the gin config to MODEL_DIR/config.gin (macros read from data resolved to literals:
+    resolve_saved_macros) and returns its path."""
     from etils import epath
+    resolve_saved_macros()
     path = epath.Path(model_dir) / "config.gin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(gin.config_str())

@@ -3,6 +3,7 @@
     python -m musiclm_jax.recipe --output_dir OUT (--audio_dir DIR | --musiccaps_dir DIR | --embedded)
         [--size tiny] [--redo STEP]... [--bind STEP:NAME=VALUE]... [--init_from STEP=DIR]...
         [--in_process | --local N [--local_devices K]]
+        [--codec_from encodec:DIR] [--semantic_from hubert:DIR | mert:DIR] [--mulan_from clap:DIR]
     python -m musiclm_jax.recipe --output_dir gs://B/OUT --audio_dir gs://B/DIR --size paper --dry-run \
         (--tpu NAME --zone ZONE [--project P] | --local N) [--topology v5e:16x16] [--aot]
 
@@ -19,6 +20,17 @@ Steps (each the project's own command line, its output in OUT/<dir>, its whole l
   semantic_stage, coarse_stage, fine_stage                                  the three stages on the cache
   eval_codec, eval_mulan, eval_generation                                   the held-out measures
   report                                                                    OUT/quality.json
+
+Imported components, the open-weights route (MuLan and w2v-BERT were never released): `--codec_from encodec:DIR`,
+`--semantic_from hubert:DIR` or `mert:DIR`, `--mulan_from clap:DIR`, each DIR a transformers checkpoint folder
+(config.json + weights; CLAP's with tokenizer.json) or a run directory `python -m musiclm_jax.convert` wrote. The
+component's training step becomes its import (`python -m musiclm_jax.convert`, or a copy of the run directory)
+into the same OUT/<dir>: `codec` keeps EnCodec's RVQ levels of 6 kbps (8 at 75 Hz for the 24 kHz model);
+`hubert` / `mert` replaces `w2v_bert`, and the k-means fit takes the feature model's layer and a pooling to 25 Hz
+(gin/semantic/features_hubert.gin: layer 9 of 12, 50 -> 25 Hz; features_mert.gin: 75 -> 25 Hz); `mulan` is CLAP,
+whose RVQ `mulan_rvq` fits as for MuLan. The k-means, the RVQ, the token cache and the stages run as usual, and
+the stages' token layouts and lengths follow the cache those tokenizers write (data/stages.py): EnCodec's 75 Hz
+frames give the coarse stage three codec frames per semantic frame.
 
 A finished step leaves OUT/.done/<step> and is skipped when the recipe runs again; an interrupted training step
 resumes from its last checkpoint. `--redo STEP` starts one step over (its output directory removed first).
@@ -91,11 +103,10 @@ PAPER = {
 }
 SIZES = {"tiny": TINY, "paper": PAPER}
 STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}
-RVQ_CODES = 32  # the tiny stages' MuLan vocabulary (gin/models/*_tiny.gin: ('mulan', 12, 32))
-RVQ_CLIPS = 1024
-PAPER_RVQ_CODES = 1024  # the paper stages' (gin/models/*_paper.gin: ('mulan', 12, 1024)); clips: fit-rvq's default
-# What each step reads of the earlier steps' outputs (the pod plan prints it: a step starts when these are done).
-STEP_READS = {"semantic_tokens": ("w2v_bert",), "mulan_rvq": ("mulan",),
+RVQ_CLIPS = 1024  # clips the tiny MuLan's RVQ is fitted on (paper: fit-rvq's default)
+# What each step reads of the earlier steps' outputs (the pod plan prints it: a step starts when these are done;
+# of several names, those the plan has).
+STEP_READS = {"semantic_tokens": ("w2v_bert", "hubert", "mert"), "mulan_rvq": ("mulan",),
               "tokenize": ("codec", "semantic_tokens", "mulan_rvq"), "semantic_stage": ("tokenize",),
               "coarse_stage": ("tokenize",), "fine_stage": ("tokenize",), "generate": (
                   "mulan_rvq", "codec", "semantic_stage", "coarse_stage", "fine_stage", "semantic_tokens"),
@@ -108,10 +119,80 @@ EVAL_SECONDS = 4.0
 # The directory each step writes (relative to the output directory): `--redo STEP` removes it first, so the step
 # starts over (a training step would otherwise resume its finished run and change nothing). mulan_rvq writes
 # into the MuLan run directory and replaces its own files.
-STEP_OUTPUTS = {"codec": "codec", "w2v_bert": "w2v_bert", "semantic_tokens": "semantic_tokenizer", "mulan": "mulan",
+STEP_OUTPUTS = {"codec": "codec", "w2v_bert": "w2v_bert", "hubert": "hubert", "mert": "mert",
+                "semantic_tokens": "semantic_tokenizer", "mulan": "mulan",
                 "tokenize": "tokens", "semantic_stage": "semantic", "coarse_stage": "coarse", "fine_stage": "fine",
                 "generate": "samples", "eval_codec": "eval/codec", "eval_mulan": "eval/mulan",
                 "eval_generation": "eval/generation"}
+
+
+# Imported components (--codec_from, --semantic_from, --mulan_from): the kinds each flag takes.
+IMPORT_KINDS = {"codec": ("encodec",), "semantic": ("hubert", "mert"), "mulan": ("clap",)}
+# The layer and frame pooling (to 25 Hz) of an imported semantic feature model, for the k-means fit: a gin file
+# applied after the size's own k-means file (its clusters, steps and clip length).
+SEMANTIC_FEATURES_GIN = {"hubert": "gin/semantic/features_hubert.gin", "mert": "gin/semantic/features_mert.gin"}
+# EnCodec's RVQ levels kept by an import (convert encodec --bandwidth): 6 kbps, MusicLM's SoundStream bitrate
+# (the 24 kHz model's 8 of 32 levels at 75 Hz).
+ENCODEC_BANDWIDTH_KBPS = 6.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Import:
+    """An imported component in place of a trained one: `kind` ('encodec', 'hubert', 'mert' or 'clap') and `path`,
+    a transformers checkpoint folder (config.json + weights), which the plan's step converts into the component's
+    run directory (`python -m musiclm_jax.convert`), or a run directory that convert already wrote (it has a
+    config.gin), which the step copies there."""
+
+    kind: str
+    path: str
+
+    @property
+    def converted(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "config.gin"))
+
+    def step(self, name: str, model_dir: str) -> Step:
+        """The plan's step that puts this import's run directory at model_dir."""
+        if self.converted:
+            return (name, CopyRunDirectory(self.path, model_dir))
+        command = "encodec" if self.kind == "encodec" else "hubert" if self.kind in ("hubert", "mert") else "clap"
+        argv = ["musiclm_jax.convert", command, "--from", self.path, "--to", model_dir]
+        if self.kind == "encodec":
+            argv += ["--bandwidth", str(ENCODEC_BANDWIDTH_KBPS)]
+        return (name, argv)
+
+
+class CopyRunDirectory:
+    """A plan step that copies a converted run directory into the output directory (so that the MuLan RVQ fit,
+    which writes beside MuLan's checkpoint, never writes into the user's folder)."""
+
+    def __init__(self, source: str, target: str):
+        self.source, self.target = source, target
+        self.__name__ = f"copy of {source} to {target}"
+
+    def __call__(self, out: str) -> None:
+        del out
+        if os.path.exists(self.target):
+            shutil.rmtree(self.target)
+        shutil.copytree(self.source, self.target)
+
+
+def parse_imports(codec_from: Optional[str] = None, semantic_from: Optional[str] = None,
+                  mulan_from: Optional[str] = None, check_paths: bool = True) -> dict[str, Import]:
+    """{'codec' | 'semantic' | 'mulan': Import} of the --*_from flags (KIND:DIR); exits naming the flag if the kind
+    is not one it takes or (check_paths) DIR is not a directory."""
+    imports = {}
+    for role, value in (("codec", codec_from), ("semantic", semantic_from), ("mulan", mulan_from)):
+        if value is None:
+            continue
+        kind, sep, path = value.partition(":")
+        kinds = IMPORT_KINDS[role]
+        if not sep or kind not in kinds or not path:
+            raise SystemExit(f"recipe: --{role}_from {value!r}: expected KIND:DIR with KIND one of {', '.join(kinds)}")
+        if check_paths and not os.path.isdir(path):
+            raise SystemExit(f"recipe: --{role}_from {value!r}: {path} is not a directory (a transformers checkpoint "
+                             f"folder, or a run directory of `python -m musiclm_jax.convert {kinds[0]}`)")
+        imports[role] = Import(kind, path if path.startswith("gs://") else os.path.abspath(path))
+    return imports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +222,31 @@ class DataSource:
         return f"{'audio_folder' if self.kind == 'audio_dir' else 'musiccaps'}:{self.path}"
 
 
+def mulan_rvq_size(size: str) -> tuple[int, int]:
+    """(levels, codebook size) of MuLan's conditioning RVQ at `size`, as the size's tokenizers state it once
+    (aot.TOKENIZERS_GIN: tokenize_forward.aot_setup.mulan_rvq_levels and _codebook_size); the stages' MuLan
+    groups follow from the token cache those tokens are written to."""
+    from musiclm_jax import aot
+    setup = aot.tokenizer_setup(size)
+    return int(setup["mulan_rvq_levels"]), int(setup["mulan_rvq_codebook_size"])
+
+
 def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], tokenize_gin: Sequence[str],
-                   stage_steps: Optional[dict[str, int]] = STAGE_STEPS, size: str = "tiny") -> list[Step]:
+                   stage_steps: Optional[dict[str, int]] = STAGE_STEPS, size: str = "tiny",
+                   imports: Optional[dict[str, Import]] = None) -> list[Step]:
     """The tokenizers, the token cache and the three stages at `size` ('tiny' or 'paper'). data_gin: the data
     bindings of the codec, w2v-BERT, k-means and MuLan commands; rvq_data: flags of `mulan fit-rvq`; tokenize_gin:
     bindings of the tokenize command (its data and clip counts); stage_steps: TRAIN_STEPS of each stage (None:
-    the gin files' own)."""
+    the gin files' own). imports (parse_imports): components converted instead of trained: 'codec' (step codec),
+    'semantic' (step hubert or mert in place of w2v_bert; the k-means fit then takes SEMANTIC_FEATURES_GIN's layer
+    and pooling), 'mulan' (step mulan; its RVQ is fitted as for a trained MuLan). The stages' layouts follow the
+    token cache those tokenizers write (data/stages.py)."""
     gins = SIZES[size]
+    imports = imports or {}
     d = {name: os.path.join(out, name) for name in set(STEP_OUTPUTS.values())}
-    rvq_size = (["--clips", str(RVQ_CLIPS), "--codes", str(RVQ_CODES)] if size == "tiny"
-                else ["--codes", str(PAPER_RVQ_CODES)])
+    levels, codes = mulan_rvq_size(size)
+    rvq_size = ["--clips", str(RVQ_CLIPS)] if size == "tiny" else []
+    rvq_size += ["--levels", str(levels), "--codes", str(codes)]
 
     def stage_gin(stage: str) -> str:
         return gins.get(f"{stage}_stage", gins["stages"].format(stage=stage))
@@ -161,14 +257,24 @@ def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], t
     def train(gin_file: str, model_dir: str, *bindings: str) -> list[str]:
         return ["musiclm_jax.train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'", *bindings]
 
+    semantic_gins, features = [gins["semantic_tokens"]], d["w2v_bert"]
+    if "semantic" in imports:
+        kind = imports["semantic"].kind
+        semantic_gins.append(SEMANTIC_FEATURES_GIN[kind])
+        features = os.path.join(out, STEP_OUTPUTS[kind])
+        features_step = imports["semantic"].step(kind, features)
+    else:
+        features_step = ("w2v_bert", train(gins["w2v_bert"], d["w2v_bert"], *data_gin))
     return [
-        ("codec", train(gins["codec"], d["codec"], *data_gin)),
-        ("w2v_bert", train(gins["w2v_bert"], d["w2v_bert"], *data_gin)),
-        ("semantic_tokens", ["musiclm_jax.semantic", "fit", f"--gin_file={gins['semantic_tokens']}",
-                             f"--gin.FEATURE_CHECKPOINT='{d['w2v_bert']}'",
+        imports["codec"].step("codec", d["codec"]) if "codec" in imports else (
+            "codec", train(gins["codec"], d["codec"], *data_gin)),
+        features_step,
+        ("semantic_tokens", ["musiclm_jax.semantic", "fit", *[f"--gin_file={g}" for g in semantic_gins],
+                             f"--gin.FEATURE_CHECKPOINT='{features}'",
                              f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'",
                              *data_gin]),
-        ("mulan", train(gins["mulan"], d["mulan"], *data_gin)),
+        imports["mulan"].step("mulan", d["mulan"]) if "mulan" in imports else (
+            "mulan", train(gins["mulan"], d["mulan"], *data_gin)),
         ("mulan_rvq", ["musiclm_jax.mulan", "fit-rvq", "--checkpoint", d["mulan"], *rvq_size, *rvq_data]),
         ("tokenize", ["musiclm_jax.tokenize", f"--gin_file={gins['tokenize']}", f"--gin.OUTPUT_DIR='{d['tokens']}'",
                       *tokenize_gin, f"--gin.CODEC_CHECKPOINT='{d['codec']}'",
@@ -186,13 +292,15 @@ def checkpoints_gin(out: str) -> list[str]:
             + [f"--gin.SEMANTIC_TOKENIZER='{os.path.join(out, 'semantic_tokenizer')}'"])
 
 
-def folder_steps(out: str, source: DataSource, seed: int = 0, size: str = "tiny") -> list[Step]:
-    """The whole recipe on a folder or MusicCaps: training_steps, the three evaluations and the report (at tiny
-    size, the generation evaluation makes EVAL_EXAMPLES clips of EVAL_SECONDS; at paper size, the gin's)."""
+def folder_steps(out: str, source: DataSource, seed: int = 0, size: str = "tiny",
+                 imports: Optional[dict[str, Import]] = None) -> list[Step]:
+    """The whole recipe on a folder or MusicCaps: training_steps (with `imports` in place of trained components),
+    the three evaluations and the report (at tiny size, the generation evaluation makes EVAL_EXAMPLES clips of
+    EVAL_SECONDS; at paper size, the gin's)."""
     d = {name: os.path.join(out, sub) for name, sub in STEP_OUTPUTS.items()}
     rvq = ["--audio_dir", source.path]
     tiny = size == "tiny"
-    plan = training_steps(out, source.gin(), rvq, source.gin(), STAGE_STEPS if tiny else None, size)
+    plan = training_steps(out, source.gin(), rvq, source.gin(), STAGE_STEPS if tiny else None, size, imports)
     generation_size = [f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.DURATION_S={EVAL_SECONDS}"] if tiny else []
     plan += [
         ("eval_codec", ["musiclm_jax.eval", "--gin_file=gin/eval/codec.gin",
@@ -265,6 +373,9 @@ def apply_bindings(plan: list[Step], binds: Sequence[str]) -> list[Step]:
         if step not in steps or not isinstance(steps[step], list):
             raise SystemExit(f"recipe: --bind {bind!r}: no command step {step!r} "
                              f"(steps: {', '.join(n for n, a in plan if isinstance(a, list))})")
+        if steps[step][0] == "musiclm_jax.convert":
+            raise SystemExit(f"recipe: --bind {bind!r}: step {step!r} imports a checkpoint (python -m "
+                             f"musiclm_jax.convert), which takes no gin bindings")
         if step == "mulan_rvq":
             key, value = binding.split("=", 1)
             steps[step] += [f"--{key}", value]
@@ -340,6 +451,8 @@ def run_step(name: str, argv: Sequence[str], index: int, total: int, log_path: s
         import gin
         gin.clear_config()
         module = importlib.import_module(argv[0])
+        if not hasattr(module, "main"):  # a package run as `python -m` (musiclm_jax.convert): its __main__
+            module = importlib.import_module(argv[0] + ".__main__")
         with open(log_path, "w") as log:
             log.write(f"(run in process: python -m {' '.join(argv)})\n")
         try:
@@ -510,13 +623,16 @@ def training_step_names(plan: Sequence[Step]) -> list[str]:
     return [n for n, argv in plan if isinstance(argv, list) and argv and argv[0] == "musiclm_jax.train"]
 
 
-def aot_report(plan: Sequence[Step], step: str, topology: str) -> dict:
+def aot_report(plan: Sequence[Step], step: str, topology: str, size: str = "tiny") -> dict:
     """`python -m musiclm_jax.aot` of training step `step` (its gin files and bindings) for `topology`: the train
-    step compiled for the slice here, with its per-chip memory (aot.py; needs libtpu, the `tpu` extra)."""
+    step compiled for the slice here, with its per-chip memory (aot.py; needs libtpu, the `tpu` extra). A stage
+    reads its layout and lengths from the token cache, which the plan has not written yet: its TOKEN_DIR is
+    replaced by the planned cache of the `size` tokenizers (aot.planned_token_dir)."""
     import gin
 
     from musiclm_jax import aot
-    argv = dict(plan)[step]
+    argv = [a if not a.startswith("--gin.TOKEN_DIR=") else f"--gin.TOKEN_DIR='{aot.planned_token_dir(size)}'"
+            for a in dict(plan)[step]]
     gin.clear_config()
     try:
         return aot.main(list(argv[1:]) + [f"--topology={topology}"])
@@ -537,8 +653,9 @@ def print_plan(plan: Sequence[Step], out: str, size: str, launch: Optional[Launc
         where = f"TPU {launch.tpu} in {launch.zone}, topology {topology}: {chips} chips, {workers} workers"
     print(f"recipe: plan at {size} size on {where}; outputs under {out}", file=file)
     trains = training_step_names(plan)
+    names = {name for name, _ in plan}
     for index, (name, action) in enumerate(plan, 1):
-        reads = STEP_READS.get(name, ())
+        reads = tuple(r for r in STEP_READS.get(name, ()) if r in names)
         inputs = [os.path.join(out, STEP_OUTPUTS.get(r, "mulan")) for r in reads]
         after = f" after {', '.join(reads)} (reads {', '.join(dict.fromkeys(inputs))})" if reads else ""
         print(f"# [{index}/{len(plan)}] {name}{after}", file=file)
@@ -548,7 +665,7 @@ def print_plan(plan: Sequence[Step], out: str, size: str, launch: Optional[Launc
         command = launch.command(name, action) if launch else ["python", "-m", *action]
         print(shlex.join(command), file=file)
         if aot_topology and name in trains:
-            r = aot_report(plan, name, aot_topology)
+            r = aot_report(plan, name, aot_topology, size)
             print(f"#   AOT on {aot_topology}: {'fits' if r['fits'] else 'DOES NOT FIT'}, "
                   f"{r['per_chip_bytes'] / 2**30:.2f} GiB per chip of {r['hbm_bytes_per_chip'] / 2**30:.0f} "
                   f"(mesh {r['mesh']}, batch {r['batch_size']}, {r['params']:,} parameters, compiled in "
@@ -575,6 +692,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--aot", action="store_true",
                         help="with --dry-run: compile each training step for --topology here (python -m "
                              "musiclm_jax.aot; libtpu) and print its per-chip memory")
+    parser.add_argument("--codec_from", metavar="encodec:DIR",
+                        help="import EnCodec (a transformers checkpoint folder, or a converted run directory) as the "
+                             f"codec instead of training one; its RVQ levels of {ENCODEC_BANDWIDTH_KBPS:g} kbps")
+    parser.add_argument("--semantic_from", metavar="hubert:DIR|mert:DIR",
+                        help="import HuBERT or MERT as the semantic tokenizer's feature model instead of training "
+                             "w2v-BERT (the k-means fit still runs)")
+    parser.add_argument("--mulan_from", metavar="clap:DIR",
+                        help="import CLAP as the joint embedding instead of training MuLan (its RVQ is still fitted)")
     add_step_arguments(parser)
     args = parser.parse_args(argv)
     remote = args.output_dir.startswith("gs://")
@@ -590,6 +715,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     launch = local_launch(args) if not args.dry_run else None
     if args.embedded and args.dry_run:
         raise SystemExit("recipe: --dry-run takes --audio_dir or --musiccaps_dir")
+    imports = parse_imports(args.codec_from, args.semantic_from, args.mulan_from, check_paths=not args.dry_run)
+    if imports and args.embedded:
+        raise SystemExit("recipe: --codec_from, --semantic_from and --mulan_from go with --audio_dir or "
+                         "--musiccaps_dir (the demo trains its own components)")
+    if imports and args.aot:
+        raise SystemExit("recipe: --aot compiles the stages at the sizes of the recipe's own tokenizers "
+                         "(aot.TOKENIZERS_GIN); with imported components their layouts follow the imports' token "
+                         "cache: tokenize first, then `python -m musiclm_jax.aot --gin.TOKEN_DIR=...` each stage")
     if args.embedded:
         from musiclm_jax import demo
         forwarded = ["--output_dir", out, "--seed", str(args.seed)] + [f"--redo={r}" for r in args.redo]
@@ -603,7 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     source = DataSource("audio_dir" if args.audio_dir else "musiccaps", path)
     if not path.startswith("gs://"):
         source.check()
-    plan = bind_plan(folder_steps(out, source, args.seed, args.size), args)
+    plan = bind_plan(folder_steps(out, source, args.seed, args.size, imports), args)
     if args.dry_run:
         launch = (Launch(args.tpu, args.zone, args.project, args.local, args.local_devices)
                   if args.tpu or args.local else None)

@@ -9,8 +9,8 @@ Warm durations: each is generated once at start-up with the model's default sett
 guidance when those have it, which compiles every function such a request runs (streamed or not), so the first
 request costs what the second does. A request is then generated at the shortest warm duration that covers it and
 cut to its own length; one longer than every warm duration gets 400 with the list. Temperature, top_k, top_p and
-the guidance scale are arguments of the compiled samplers (pipeline.Stage.sample), so any of their values runs
-without compiling; only guidance on (scale != 1) or off is a different program, and the warm-up compiles both.
+the guidance scale are arguments of the compiled samplers (stage_sampling.Stage.sample), so any of their values
+runs without compiling; only guidance on (scale != 1) or off is a different program, and the warm-up compiles both.
 Reranking (N times the batch) and continuation (the prompt's length is a shape) compile on their first request of
 each shape.
 """
@@ -28,12 +28,12 @@ from musiclm_jax.serve_requests import WARM_UP_PROMPT, Limits, RequestError
 
 
 def _prompt_errors(call):
-    """call(), a prompt the pipeline cannot continue (pipeline.PromptError: too short, or not shorter than the
-    duration) answered with 400."""
-    from musiclm_jax import pipeline
+    """call(), a prompt the pipeline cannot continue (generation_params.PromptError: too short, or not shorter than
+    the duration) answered with 400."""
+    from musiclm_jax import generation_params
     try:
         return call()
-    except pipeline.PromptError as e:
+    except generation_params.PromptError as e:
         raise RequestError(400, f"'audio': {e}") from None
 
 

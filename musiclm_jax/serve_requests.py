@@ -76,7 +76,7 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
 
 def parse_request(body: bytes, limits: Limits, fields: Sequence[str] = FIELDS) -> tuple[str, dict[str, Any], dict]:
     """A /generate (or, with CONTINUE_FIELDS, /continue) body -> (prompt, generation settings given:
-    pipeline.GenerationParams fields, options: {'stream': bool, 'rerank': int, 'audio': the prompt file's bytes
+    generation_params.GenerationParams fields, options: {'stream': bool, 'rerank': int, 'audio': the prompt file's bytes
     (or None)})."""
     try:
         data = json.loads(body.decode("utf-8"))

@@ -9,15 +9,15 @@
     audio = model.generate_continuation(clip, ["calm piano"])     # clip [samples] at model.sample_rate
 
 The bundle's functions, exported with jax.export for a symbolic batch size, are plugged into the driver of
-pipeline.MusicLM (sliding windows, guidance and sampling: pipeline.sample_window), so a bundle gives the audio of
-the MusicLM it was exported from, bit for bit, for the same seed and settings (tests/test_export.py).
+pipeline.MusicLM (sliding windows, guidance and sampling: stage_sampling.sample_window), so a bundle gives the audio
+of the MusicLM it was exported from, bit for bit, for the same seed and settings (tests/test_export.py).
 
 Bundle layout (FORMAT_VERSION 1; every file is listed in bundle.json with its size and SHA-256):
 
     bundle.json                 format, format_version, jax version, platforms, the models' constants (rates,
                                 levels, text length), the function table and `files` {path: {bytes, sha256}}
     config.gin                  the resolved gin config of the export (for the record; serving never reads it)
-    generation.json             the default generation settings (pipeline.GenerationParams fields)
+    generation.json             the default generation settings (generation_params.GenerationParams fields)
     vocab/text/spm.model        MuLan's caption vocabulary (or tokenizer.json for an imported CLAP)
     vocab/token_layouts.json    each stage's token layout, prefix/target groups, lengths, guidance groups
     params/<part>.npz           parameters only (no optimizer state, no training statistics), flattened to
@@ -54,7 +54,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from musiclm_jax import pipeline
+from musiclm_jax import generation_params, pipeline, stage_sampling
 
 FORMAT = "musiclm_jax.serving_bundle"
 FORMAT_VERSION = 1
@@ -301,10 +301,10 @@ class ServedSemanticTokenizer:
         return np.asarray(self._assign(self.kmeans_params, (features - self.mean) / self.std))
 
 
-class ServedStage(pipeline.Stage):
+class ServedStage(stage_sampling.Stage):
     """A stage from a bundle: its StageSpec as `model`, and the exported prefill and step as decoder functions."""
 
-    def __init__(self, spec: pipeline.StageSpec, params, name: str, prefill, step):
+    def __init__(self, spec: stage_sampling.StageSpec, params, name: str, prefill, step):
         super().__init__(spec, params, name)
         self.exported = {"prefill": prefill, "step": step}
 
@@ -332,7 +332,7 @@ class ServingModel:
         return int(self.musiclm.codec.sample_rate)
 
     @property
-    def params(self) -> pipeline.GenerationParams:
+    def params(self) -> generation_params.GenerationParams:
         return self.musiclm.params
 
     def missing(self, feature: str) -> list[str]:
@@ -349,43 +349,43 @@ class ServingModel:
                               f"{', with a SEMANTIC_TOKENIZER' if 'semantic_features' in missing else ''})")
 
     def set_generation_params(self, **kwargs) -> None:
-        """Sets fields of pipeline.GenerationParams (duration_s, temperature, top_k, top_p, guidance_scale,
+        """Sets fields of generation_params.GenerationParams (duration_s, temperature, top_k, top_p, guidance_scale,
         seed)."""
         self.musiclm.set_generation_params(**kwargs)
 
-    def generation_params(self, **kwargs) -> pipeline.GenerationParams:
+    def generation_params(self, **kwargs) -> generation_params.GenerationParams:
         """This object's settings with `kwargs` replaced, for one call's `params=` (the object is unchanged)."""
         return self.musiclm.generation_params(**kwargs)
 
     def reset_generation_params(self) -> None:
         """Back to the bundle's default settings (generation.json)."""
-        self.musiclm.params = pipeline.GenerationParams()
+        self.musiclm.params = generation_params.GenerationParams()
         self.musiclm.set_generation_params(**self.defaults)
 
     def generate(self, texts: Sequence[str], melody: Optional[np.ndarray] = None, rerank: int = 1,
-                 return_details: bool = False, params: Optional[pipeline.GenerationParams] = None):
+                 return_details: bool = False, params: Optional[generation_params.GenerationParams] = None):
         """Captions -> audio [len(texts), duration_s * sample_rate] float32 (pipeline.MusicLM.generate; rerank=N
         keeps the best of N candidates by MuLan score, which needs the audio tower; return_details: the
-        pipeline.GenerationResult with the scores [B, N] and choice [B])."""
+        generation_params.GenerationResult with the scores [B, N] and choice [B])."""
         if rerank != 1:
             self._require("rerank")
         return self.musiclm.generate(texts, rerank=rerank, melody=melody, return_details=return_details,
                                      params=params)
 
     def generate_stream(self, texts: Sequence[str], melody: Optional[np.ndarray] = None,
-                        params: Optional[pipeline.GenerationParams] = None):
+                        params: Optional[generation_params.GenerationParams] = None):
         """generate's audio as consecutive chunks [len(texts), n] float32 (pipeline.MusicLM.generate_stream)."""
         return self.musiclm.generate_stream(texts, melody=melody, params=params)
 
     def generate_continuation(self, prompt_audio: np.ndarray, texts: Sequence[str],
-                              params: Optional[pipeline.GenerationParams] = None) -> np.ndarray:
+                              params: Optional[generation_params.GenerationParams] = None) -> np.ndarray:
         """prompt_audio [B or 1, samples] (or [samples]) at sample_rate continued under the captions -> audio
         [B, duration_s * sample_rate] float32 (pipeline.MusicLM.generate_continuation)."""
         self._require("continuation")
         return self.musiclm.generate_continuation(prompt_audio, texts, params=params)
 
     def generate_continuation_stream(self, prompt_audio: np.ndarray, texts: Sequence[str],
-                                     params: Optional[pipeline.GenerationParams] = None):
+                                     params: Optional[generation_params.GenerationParams] = None):
         """generate_continuation's audio as consecutive chunks [B, n] float32."""
         self._require("continuation")
         return self.musiclm.generate_continuation_stream(prompt_audio, texts, params=params)
@@ -408,7 +408,7 @@ def load(bundle_dir: str, verify: bool = True, log=None) -> ServingModel:
     functions = {name: load_function(bundle_dir, name)
                  for name in list(function_parts()) + [n for n in ENCODER_FUNCTIONS if n in listed]}
     with open(path(LAYOUTS_FILE)) as f:
-        specs = {name: pipeline.StageSpec.from_json(d) for name, d in json.load(f).items()}
+        specs = {name: stage_sampling.StageSpec.from_json(d) for name, d in json.load(f).items()}
     with open(path(GENERATION_FILE)) as f:
         defaults = json.load(f)
     m, c = manifest["mulan"], manifest["codec"]

@@ -155,15 +155,18 @@ def aot_setup(codec_gin: str, semantic_gin: Optional[str] = None, semantic_fit_g
               mulan_gin: Optional[str] = None, mulan_rvq_levels: int = 12, mulan_rvq_codebook_size: int = 1024,
               chunk_seconds: float = 30.0, batch_size: int = 512, dataset_hours: float = 280_000.0,
               mesh_config: Optional[partitioning.MeshConfig] = None,
-              logical_axis_rules: Optional[Sequence] = None) -> dict[str, Any]:
+              logical_axis_rules: Optional[Sequence] = None, melody_rate: Optional[float] = 5.0) -> dict[str, Any]:
     """What `python -m musiclm_jax.aot --job=tokenize` compiles, bound by gin (gin/tokenize/aot_paper.gin): the
     frozen tokenizers' models as their model gin files state them; the semantic tokenizer's layer, pooling and
     cluster count from its fit gin file (semantic.fit_semantic_tokenizer); MuLan's conditioning RVQ (12 x 1024
     in the paper); chunks of chunk_seconds in global batches of batch_size; the dataset size the floor is stated
     for (MusicLM's semantic stage trained on 280,000 hours). mesh_config (default: every device on 'data') and
-    logical_axis_rules (default: partitioning's) lay it out."""
+    logical_axis_rules (default: partitioning's) lay it out. melody_rate: the melody tokens' rate in Hz (None: no
+    melody tokens), as gin/tokenize/base.gin's tokenize_dataset.melody_rate; the planned token cache states it
+    (`python -m musiclm_jax.aot --job=token_manifest`), the compiled forward does not compute it (host work)."""
     return dict(codec_gin=codec_gin, semantic_gin=semantic_gin, semantic_fit_gin=semantic_fit_gin,
                 mulan_gin=mulan_gin, mulan_rvq_levels=mulan_rvq_levels,
                 mulan_rvq_codebook_size=mulan_rvq_codebook_size, chunk_seconds=chunk_seconds,
                 batch_size=batch_size, dataset_hours=dataset_hours,
-                mesh_config=mesh_config or partitioning.MeshConfig(), logical_axis_rules=logical_axis_rules)
+                mesh_config=mesh_config or partitioning.MeshConfig(), logical_axis_rules=logical_axis_rules,
+                melody_rate=melody_rate)

@@ -155,8 +155,8 @@ def train(*, model: BaseModel, optimizer: Optimizer, train_dataset_cfg: DatasetC
                                      feature_converter_kwargs=model.feature_converter_kwargs)
     train_input.check_vocab_size(model.vocab_size)
     if getattr(model, "layout", None) is not None:
-        from musiclm_jax.tasks import tokenized
-        tokenized.check_layout(train_dataset_cfg.mixture_or_task_name, model.layout)
+        from musiclm_jax.data import stages
+        stages.check_layout(train_dataset_cfg.mixture_or_task_name, model.layout)
     eval_input = None
     if eval_dataset_cfg is not None and eval_period > 0:
         missing = missing_split(eval_dataset_cfg)

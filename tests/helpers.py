@@ -12,6 +12,12 @@ from musiclm_jax.token_layout import TokenLayout
 TINY_LAYOUT = TokenLayout.from_tuples((("mulan", 12, 32), ("semantic", 1, 64)))
 
 
+def planned_token_dir(size: str = "tiny") -> str:
+    """aot.planned_token_dir: a manifest-only token cache of the `size` tokenizers, once per test process."""
+    from musiclm_jax import aot
+    return aot.planned_token_dir(size)
+
+
 def tiny_model(prefix_length: int = 12, target_length: int = 20, layout: TokenLayout = TINY_LAYOUT,
                target_group: str = "semantic", prefix_groups=("mulan",), **network) -> TokenLMModel:
     cfg = dict(embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64)
@@ -94,7 +100,7 @@ def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
                        "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
     for i, stage in enumerate(("semantic", "coarse", "fine")):
         checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
-                                               ["TOKEN_DIR = '/unused'"], seed=3 + i)
+                                               [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=3 + i)
     return root
 
 
@@ -132,3 +138,43 @@ def write_tiny_evaluation_models(root) -> dict[str, str]:
     checkpoint_loading.write_run_directory(dirs["vggish"], "gin/eval/vggish.gin", TINY_VGGISH, seed=7)
     checkpoint_loading.write_run_directory(dirs["passt"], "gin/eval/passt.gin", TINY_PASST, seed=8)
     return dirs
+
+
+CLAP_WORDS = ["<s>", "<pad>", "</s>", "<unk>", "calm", "piano", "loud", "drums", "a", "with", "slow", "fast", "guitar"]
+CLAP_FEATURES = {"sampling_rate": 16000, "hop_length": 160, "fft_window_size": 512, "max_length_s": 1,
+                 "frequency_min": 50, "frequency_max": 8000, "feature_size": 64}
+
+
+def small_clap_model(max_position_embeddings: int = 40):
+    """A random-initialised small transformers ClapModel (HTSAT audio tower, RoBERTa-style text tower over
+    CLAP_WORDS, 24-dimensional projections), every weight moved off its initial value so that each one matters
+    (needs the `convert` extra). Captions of up to max_position_embeddings - 3 tokens fit its text tower."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    audio = dict(patch_embeds_hidden_size=16, hidden_size=64, spec_size=128, num_mel_bins=64, patch_size=4,
+                 patch_stride=(4, 4), window_size=8, depths=(2, 1, 2), num_attention_heads=(2, 2, 4))
+    text = dict(vocab_size=len(CLAP_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=max_position_embeddings, pad_token_id=1)
+    config = transformers.ClapConfig(text_config=text, audio_config=audio, projection_dim=24)
+    model = transformers.ClapModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0.0, 1.0)
+            elif p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+            elif p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    return model
+
+
+def write_word_tokenizer(path, words=CLAP_WORDS):
+    """A word-level tokenizer.json over `words` (<s> $A </s>, unknown words -> <unk>), as CLAP's folder holds its
+    BPE one; returns the tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.save(str(path))
+    return tok

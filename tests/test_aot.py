@@ -2,6 +2,7 @@
 import gin
 import pytest
 
+from helpers import planned_token_dir
 from musiclm_jax import aot, partitioning
 
 KEYS = {"topology", "num_chips", "per_chip_bytes", "hbm_bytes_per_chip", "fits", "params", "model_flops_per_chip",
@@ -44,7 +45,8 @@ def test_mesh_that_does_not_fit_the_topology_is_an_error():
 
 
 def test_paper_semantic_stage_fits_16_v5e_chips_with_headroom():
-    report = aot.main(["--gin_file=gin/stages/semantic_paper.gin", "--topology=v5e:4x4", "--gin.TOKEN_DIR='/unused'"])
+    report = aot.main(["--gin_file=gin/stages/semantic_paper.gin", "--topology=v5e:4x4",
+                       f"--gin.TOKEN_DIR='{planned_token_dir('paper')}'"])
     assert report["num_chips"] == 16 and report["batch_size"] == 256
     assert 420e6 < report["params"] < 440e6
     assert report["fits"] and report["per_chip_bytes"] <= 0.8 * 16 * 2**30, report

@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import planned_token_dir
 from musiclm_jax import checkpoint_loading, gin_utils
 from musiclm_jax.codec import Codec
 
@@ -16,7 +17,7 @@ from musiclm_jax.codec import Codec
 def run_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")
     stage = checkpoint_loading.write_run_directory(str(root / "stage"), "gin/stages/semantic_tiny.gin",
-                                                   ["TOKEN_DIR = '/unused'"], seed=5)
+                                                   [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=5)
     codec = checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=6)
     return {"stage": stage, "codec": codec}
 
@@ -70,3 +71,21 @@ def test_directories_that_are_not_runs_are_named(tmp_path):
                                                            "tiny.gin")).read())
     with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no checkpoint"):
         checkpoint_loading.checkpoint_path(str(tmp_path))
+
+
+def test_a_stage_run_records_its_cache_sizes_and_loads_without_the_cache(tmp_path):
+    """The stage gin files read their layout and lengths from the token cache's manifest (data/stages.py); the
+    run's config.gin records the values, so the run loads after the cache is gone."""
+    import shutil
+    tokens = tmp_path / "tokens"
+    shutil.copytree(planned_token_dir(), tokens)
+    run = checkpoint_loading.write_run_directory(str(tmp_path / "coarse"), "gin/stages/coarse_melody_tiny.gin",
+                                                 [f"TOKEN_DIR = '{tokens}'"], seed=8)
+    config = (tmp_path / "coarse" / "config.gin").read_text()
+    assert "PREFIX_LENGTH = 112" in config and "TARGET_LENGTH = 200" in config  # 12 + 2 x 50; 50 frames x 2 x 2
+    assert "@stages.stage_" not in config
+    shutil.rmtree(tokens)
+    model = checkpoint_loading.model_from_run(run)
+    assert (model.prefix_length, model.target_length, model.layout.vocab_size) == (112, 200, 1 + 384 + 13 + 64 + 1024)
+    assert tuple((g.name, g.levels, g.codebook_size) for g in model.layout.groups) == (
+        ("mulan", 12, 32), ("melody", 1, 13), ("semantic", 1, 64), ("coarse", 2, 512))

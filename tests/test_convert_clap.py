@@ -13,41 +13,20 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from helpers import CLAP_FEATURES, small_clap_model, write_word_tokenizer  # noqa: E402
 from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.clap import UnsupportedClapConfig, text_config_from_hf  # noqa: E402
 from musiclm_jax.mulan import MuLan  # noqa: E402
 
-FEATURES = {"sampling_rate": 16000, "hop_length": 160, "fft_window_size": 512, "max_length_s": 1,
-            "frequency_min": 50, "frequency_max": 8000, "feature_size": 64}
-WORDS = ["<s>", "<pad>", "</s>", "<unk>", "calm", "piano", "loud", "drums", "a", "with", "slow", "fast", "guitar"]
+FEATURES = CLAP_FEATURES
 
 
 def _clap():
-    torch.manual_seed(0)
-    audio = dict(patch_embeds_hidden_size=16, hidden_size=64, spec_size=128, num_mel_bins=64, patch_size=4,
-                 patch_stride=(4, 4), window_size=8, depths=(2, 1, 2), num_attention_heads=(2, 2, 4))
-    text = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
-    config = transformers.ClapConfig(text_config=text, audio_config=audio, projection_dim=24)
-    model = transformers.ClapModel(config).eval()
-    with torch.no_grad():  # move every weight off its init so that each one matters
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                p.normal_(0.0, 1.0)
-            elif p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-            elif p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-    return model
+    return small_clap_model()
 
 
 def _tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tok.save(str(path))
-    return tok
+    return write_word_tokenizer(path)
 
 
 def test_clap_import_matches_transformers(tmp_path):

@@ -61,6 +61,22 @@ def test_convert_cli_writes_a_loadable_run_directory(encodec, tmp_path):
     np.testing.assert_allclose(codec.decode(codes), ref_audio, atol=1e-4, rtol=0)
 
 
+def test_bandwidth_keeps_the_levels_encodec_uses_at_that_bitrate(encodec, tmp_path):
+    """--bandwidth 6: the run directory's codec has EnCodec's 8 levels of 6 kbps (75 Hz x 10 bits x 8 = 6 kbit/s)
+    and codes and decodes as EnCodec does at 6 kbps."""
+    encodec.save_pretrained(tmp_path / "hf")
+    convert_main(["encodec", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "run"), "--bandwidth", "6"])
+    codec = Codec.from_checkpoint(str(tmp_path / "run"))
+    assert (codec.num_quantizers, codec.bitrate_kbps()) == (8, 6.0)
+    audio = np.random.RandomState(2).randn(1, 9600).astype(np.float32) * 0.1
+    ref_codes, ref_audio = _reference(encodec, audio, 6.0)
+    codes = codec.encode(audio)
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_allclose(codec.decode(codes), ref_audio, atol=1e-4, rtol=0)
+    with pytest.raises(SystemExit, match="--bandwidth applies to encodec only"):
+        convert_main(["hubert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "x"), "--bandwidth", "6"])
+
+
 def test_unsupported_encodec_settings_are_named():
     with pytest.raises(UnsupportedEncodecConfig, match="normalize"):
         convert_encodec(EncodecModel(EncodecConfig(normalize=True)))

@@ -131,17 +131,17 @@ def test_rng_argument_errors():
 
 
 def test_traced_sampling_settings_draw_what_static_ones_draw_with_one_program():
-    """pipeline.Stage.sample passes temperature, top_k, top_p and the guidance scale as traced arguments (one
+    """stage_sampling.Stage.sample passes temperature, top_k, top_p and the guidance scale as traced arguments (one
     compiled program for all their values): its tokens equal predict_batch's, whose settings are constants."""
     from helpers import TINY_LAYOUT
-    from musiclm_jax import pipeline
+    from musiclm_jax import generation_params, stage_sampling
     from musiclm_jax.models import TokenLMModel
     network = tiny_model().network
     model = TokenLMModel(network, TINY_LAYOUT, ("mulan",), "semantic", 12, 20, guidance_groups=("mulan",))
     params = init_params(model)
     prefix = random_batch(model, 3)["decoder_target_tokens"][:, :model.prefix_length]
     keys = jax.random.split(jax.random.key(5), 3)
-    stage = pipeline.Stage(model, params, "semantic")
+    stage = stage_sampling.Stage(model, params, "semantic")
     cases = [dict(temperature=0.0, top_k=0, top_p=1.0, guidance_scale=1.0),
              dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0),
              dict(temperature=0.7, top_k=5, top_p=1.0, guidance_scale=1.0),
@@ -152,7 +152,7 @@ def test_traced_sampling_settings_draw_what_static_ones_draw_with_one_program():
     for case in cases:
         want = model.predict_batch(params, {"prefix_tokens": prefix}, keys, numdecode_steps=model.target_length,
                                    **case)
-        got = stage.sample(prefix, model.target_length, 0, keys, pipeline.GenerationParams(
+        got = stage.sample(prefix, model.target_length, 0, keys, generation_params.GenerationParams(
             top_k=case["top_k"], top_p=case["top_p"], guidance_scale=case["guidance_scale"]), case["temperature"])
         np.testing.assert_array_equal(got, np.asarray(want), err_msg=str(case))
     assert len(stage._samplers) == 2  # guided or not: the only compiled variants

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_DIR, subprocess_env
-from musiclm_jax import checkpoint_loading, export, gin_utils, partitioning, pipeline, serving
+from helpers import planned_token_dir
+from musiclm_jax import checkpoint_loading, export, gin_utils, partitioning, pipeline, serving, stage_sampling
 
 PROMPTS = ["a calm piano melody", "loud rock drums and distorted guitar", "slow waltz on strings"]
 # 2.4 s: 60 semantic frames (window 50), 120 codec frames (coarse window 100, fine window 50): every stage slides.
@@ -27,7 +28,8 @@ CHECKPOINTS = [f"--gin.{n}_CHECKPOINT='/unused'" for n in ("MULAN", "CODEC", "SE
 
 # ------------------------------------------------------------------------------------------------ tiny models
 def gin_model(gin_file: str):
-    gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/unused'", "TOKEN_DIR = '/unused'"], finalize=False)
+    gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/unused'", f"TOKEN_DIR = '{planned_token_dir()}'"],
+                        finalize=False)
     try:
         return gin_utils.bound_arguments("train", ["model"], {})["model"]
     finally:
@@ -63,12 +65,12 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
     stages = []
     for i, name in enumerate(pipeline.STAGES):
         if stage_dirs:
-            stages.append(pipeline.Stage.from_checkpoint(str(stage_dirs[name]), name))
+            stages.append(stage_sampling.Stage.from_checkpoint(str(stage_dirs[name]), name))
         else:
             model = gin_model(f"gin/stages/{name}_tiny.gin")
             shapes = jax.eval_shape(lambda: partitioning.unbox(model.get_initial_variables(
                 jax.random.key(0), model.input_shapes(1))))
-            stages.append(pipeline.Stage(model, random_like(shapes["params"], 3 + i), name))
+            stages.append(stage_sampling.Stage(model, random_like(shapes["params"], 3 + i), name))
     return pipeline.MusicLM(mulan, codec, *stages, log=None, semantic_tokenizer=tiny_semantic_tokenizer())
 
 
@@ -91,7 +93,7 @@ def stage_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_stages")
     for i, name in enumerate(pipeline.STAGES):
         checkpoint_loading.write_run_directory(str(root / name), f"gin/stages/{name}_tiny.gin",
-                                               ["TOKEN_DIR = '/unused'"], seed=3 + i)
+                                               [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=3 + i)
     return {name: root / name for name in pipeline.STAGES}
 
 

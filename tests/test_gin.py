@@ -7,6 +7,7 @@ import gin
 import pytest
 
 from conftest import REPO_DIR
+from helpers import planned_token_dir
 from musiclm_jax import gin_utils
 from musiclm_jax.tokenize import tokenize_dataset  # noqa: F401  (gin/tokenize binds it)
 from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib.train)
@@ -41,13 +42,14 @@ def test_every_gin_file_parses(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.relpath(p, GIN_DIR))
 def test_every_experiment_builds_its_objects(path):
-    gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'", "TOKEN_DIR = '/tokens'"],
+    tokens = planned_token_dir("paper" if "paper" in os.path.basename(path) else "tiny")
+    gin_utils.parse_gin([os.path.relpath(path, REPO_DIR)], ["MODEL_DIR = '/tmp/unused'", f"TOKEN_DIR = '{tokens}'"],
                         finalize=True)
     args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
     model, data = args["model"], args["train_dataset_cfg"]
     if "_stage:" in data.mixture_or_task_name:  # stages on a token cache: the task names the cache and the crop
         stage = os.path.basename(path).split("_")[0]
-        assert data.mixture_or_task_name.startswith(f"{stage}_stage:/tokens?seconds=")
+        assert data.mixture_or_task_name.startswith(f"{stage}_stage:{tokens}?seconds=")
     if hasattr(model, "sequence_length"):  # token stages
         assert model.sequence_length == data.task_feature_lengths["inputs"] + data.task_feature_lengths["targets"]
         assert args["optimizer"].schedule(0) == 0.0  # warmup starts at 0
@@ -94,14 +96,15 @@ def test_paper_mulan_has_the_paper_sizes():
 
 
 def test_paper_semantic_stage_has_the_paper_sizes():
-    gin_utils.parse_gin(["gin/stages/semantic_paper.gin"], ["MODEL_DIR = '/tmp/unused'", "TOKEN_DIR = '/tokens'"])
+    gin_utils.parse_gin(["gin/stages/semantic_paper.gin"], ["MODEL_DIR = '/tmp/unused'",
+                                                            f"TOKEN_DIR = '{planned_token_dir('paper')}'"])
     args = gin_utils.bound_arguments("train", TRAIN_ARGS, {})
     net = args["model"].network
     assert (net.num_layers, net.num_heads, net.embed_dim, net.mlp_dim) == (24, 16, 1024, 4096)
     assert 420e6 < net.num_params() < 440e6
     assert args["model"].prefix_length == 12 and args["model"].target_length == 750  # 30 s at 25 Hz
     assert args["train_dataset_cfg"].batch_size == 256
-    assert args["train_dataset_cfg"].mixture_or_task_name == "semantic_stage:/tokens?seconds=30.0"
+    assert args["train_dataset_cfg"].mixture_or_task_name == f"semantic_stage:{planned_token_dir('paper')}?seconds=30.0"
     assert args["model"].guidance_groups == ("mulan",) and args["model"].conditioning_dropout == 0.1
 
 

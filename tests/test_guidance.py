@@ -7,7 +7,8 @@ import pytest
 from musiclm_jax import partitioning
 from musiclm_jax.models import TokenLMModel
 from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.pipeline import GenerationParams, Stage, StageSpec
+from musiclm_jax.generation_params import GenerationParams
+from musiclm_jax.stage_sampling import Stage, StageSpec
 from musiclm_jax.token_layout import TokenLayout
 
 LAYOUT = TokenLayout.from_tuples((("mulan", 3, 8), ("semantic", 1, 16), ("coarse", 2, 8)))
@@ -129,7 +130,7 @@ def test_guided_logits_are_the_extrapolation_of_conditional_and_unconditional(op
                                          guided, -1e30), axis=-1)
         np.testing.assert_allclose(aux["logprobs"][:, step], np.take_along_axis(lp, want[:, None], 1)[:, 0],
                                    atol=1e-4)
-    # The generation pipeline's sampler (pipeline.Stage.sample, through StageSpec) draws the same tokens.
+    # The generation pipeline's sampler (stage_sampling.Stage.sample, through StageSpec) draws the same tokens.
     stage = Stage(model, params, "coarse")
     settings = GenerationParams(temperature=(0.0, 0.0, 0.0), guidance_scale=scale)
     np.testing.assert_array_equal(stage.sample(prefix, 4, 0, jax.random.split(jax.random.key(0), 3), settings, 0.0),

@@ -91,10 +91,11 @@ def _write_melody_cache(root, clips=256, seed=0):
 def test_melody_conditioned_semantic_stage_follows_the_melody(tmp_path):
     """gin/stages/semantic_tiny.gin (one melody token per semantic frame after the MuLan tokens, placed by time),
     trained 400 steps by the trainer on a cache where the melody decides each semantic token modulo 16: with a
-    given melody, the stage's own sampler (pipeline.Stage, temperature 1) draws tokens that agree with it on > 60%
+    given melody, the stage's own sampler (stage_sampling.Stage, temperature 1) draws tokens that agree with it on > 60%
     of the frames (observed 93%, also 93% by sequence index); with the melody dropped to PAD, as in generation
     without one, on < 30% (observed 6%; 11% by sequence index; chance ~1/13 + the walk of random notes)."""
-    from musiclm_jax.pipeline import GenerationParams, Stage
+    from musiclm_jax.generation_params import GenerationParams
+    from musiclm_jax.stage_sampling import Stage
     cache, model_dir = tmp_path / "tokens", tmp_path / "semantic"
     _write_melody_cache(cache)
     train_lib.main(["--gin_file=gin/stages/semantic_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",

@@ -4,9 +4,10 @@ continuation keeping the prompt's tokens, and story mode switching the condition
 import numpy as np
 import pytest
 
-from helpers import write_tiny_run_directories
+from helpers import planned_token_dir, write_tiny_run_directories
 from musiclm_jax.data import audio_io, synthetic_music
-from musiclm_jax.pipeline import MusicLM, Stage
+from musiclm_jax.pipeline import MusicLM
+from musiclm_jax.stage_sampling import Stage
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def melody_coarse_dir(model_dirs):
     from musiclm_jax import checkpoint_loading
     coarse_dir = model_dirs / "coarse_melody"
     checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
-                                           ["TOKEN_DIR = '/unused'"], seed=9)
+                                           [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=9)
     return coarse_dir
 
 
@@ -293,7 +294,7 @@ def test_the_semantic_rate_comes_from_the_coarse_stage_and_must_agree_with_the_t
                                                                                         melody_coarse_dir):
     """The tiny coarse stage holds 50 semantic tokens and 100 frames of codes (50 Hz) per window: 25 Hz, with no
     setting; a rate given beside it (a served manifest) or a tokenizer at another rate is refused."""
-    from musiclm_jax.pipeline import coarse_codec_frames_per_semantic_frame
+    from musiclm_jax.stage_sampling import coarse_codec_frames_per_semantic_frame
     assert musiclm.semantic_rate == 25.0 and musiclm.ratio == 2
     assert musiclm.semantic_tokenizer.frame_rate == 25.0
     melody_coarse = Stage.from_checkpoint(str(melody_coarse_dir), "coarse")

@@ -251,7 +251,8 @@ def test_pod_plans_are_printed_not_run_and_their_flags_are_checked(tmp_path):
 @pytest.mark.parametrize("step", ["codec", "w2v_bert", "mulan", "semantic_stage", "coarse_stage", "fine_stage"])
 def test_each_training_step_of_a_plan_compiles_for_the_slice_it_names(step, tmp_path):
     """`--dry-run --aot`'s check at tiny size on a small slice: the step's own gin files and bindings (data and
-    token directories on gs://, never read) AOT-compile for v5e:2x2 and fit (aot.py's report)."""
+    token directories on gs://, never read; a stage's layout and lengths from the planned tiny token cache)
+    AOT-compile for v5e:2x2 and fit (aot.py's report)."""
     source = recipe.DataSource("audio_dir", "gs://bkt/music")
     plan = recipe.folder_steps("gs://bkt/run", source)
     report = recipe.aot_report(plan, step, "v5e:2x2")

@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from musiclm_jax.data import token_cache
+from musiclm_jax.data import stages, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
-from musiclm_jax.tasks import tokenized
 from musiclm_jax.data.token_cache import encode_example
+from musiclm_jax.tasks import tokenized
 
 # A tiny cache: 4 s chunks, MuLan 3 x 5, semantic 7 codes at 2 Hz, codec 4 levels x 11 codes at 4 Hz.
 TOKENIZERS = {"mulan": {"frames": 1, "levels": 3, "codebook_size": 5, "frame_rate": 0.25, "sample_rate": 8},
@@ -37,7 +37,7 @@ def _write_cache(root, tokenizers=TOKENIZERS, num_samples=32, examples=3):
 
 
 def _batches(name, n, seed=0):
-    spec = tokenized.stage_spec_from_name(name)
+    spec = stages.stage_spec_from_name(name)
     cfg = DatasetConfig(name, spec.task_feature_lengths, "train", 1, shuffle=False, seed=seed)
     with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
         return spec, [{k: v[0] for k, v in next(pipeline).items()} for _ in range(n)]
@@ -97,9 +97,9 @@ def test_semantic_stage_with_melody_layout(tmp_path):
     assert len(starts) > 1
     _write_cache(tmp_path / "plain")
     with pytest.raises(ValueError, match="no 'melody' tokens"):
-        tokenized.stage_spec_from_name(f"semantic_stage:{tmp_path / 'plain'}?melody=1")
+        stages.stage_spec_from_name(f"semantic_stage:{tmp_path / 'plain'}?melody=1")
     with pytest.raises(ValueError, match="option of the semantic and coarse stages, not the fine"):
-        tokenized.stage_spec_from_name(f"fine_stage:{tmp_path}?melody=1")
+        stages.stage_spec_from_name(f"fine_stage:{tmp_path}?melody=1")
 
 
 def test_coarse_stage_with_melody_layout(tmp_path):
@@ -166,9 +166,9 @@ def test_paper_sizes_give_the_documented_layout(tmp_path):
     os.makedirs(tmp_path, exist_ok=True)
     token_cache.write_manifest(str(tmp_path), {"sample_rate": 24000, "chunk_seconds": 30.0, "tokenizers": paper,
                                                "splits": {}})
-    semantic = tokenized.stage_spec("semantic", str(tmp_path))
-    coarse = tokenized.stage_spec("coarse", str(tmp_path))
-    fine = tokenized.stage_spec("fine", str(tmp_path))
+    semantic = stages.stage_spec("semantic", str(tmp_path))
+    coarse = stages.stage_spec("coarse", str(tmp_path))
+    fine = stages.stage_spec("fine", str(tmp_path))
     assert semantic.task_feature_lengths == {"inputs": 12, "targets": 750}
     assert semantic.layout.offset("semantic") == 12289
     assert coarse.task_feature_lengths == {"inputs": 12 + 250, "targets": 2000}
@@ -181,20 +181,33 @@ def test_caches_that_lack_what_a_stage_needs(tmp_path):
     no_mulan = {k: v for k, v in TOKENIZERS.items() if k != "mulan"}
     _write_cache(tmp_path, tokenizers=no_mulan)
     with pytest.raises(ValueError, match="has no 'mulan' tokens.*the semantic stage needs them"):
-        tokenized.stage_spec("semantic", str(tmp_path))
-    tokenized.stage_spec("fine", str(tmp_path))  # the fine stage needs only the codec
+        stages.stage_spec("semantic", str(tmp_path))
+    stages.stage_spec("fine", str(tmp_path))  # the fine stage needs only the codec
     with pytest.raises(ValueError, match="do not fit the codec's 4 levels"):
-        tokenized.stage_spec("fine", str(tmp_path), coarse_levels=3, fine_levels=2)
+        stages.stage_spec("fine", str(tmp_path), coarse_levels=3, fine_levels=2)
     with pytest.raises(FileNotFoundError, match="is not a token cache"):
-        tokenized.stage_spec("fine", str(tmp_path / "elsewhere"))
+        stages.stage_spec("fine", str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match="unknown option 'secs'"):
-        tokenized.parse_stage_task_name(f"fine_stage:{tmp_path}?secs=3")
+        stages.parse_stage_task_name(f"fine_stage:{tmp_path}?secs=3")
+
+
+def test_a_planned_cache_gives_layouts_but_no_data(tmp_path):
+    """A manifest-only cache (aot --job=token_manifest) states a stage's sizes; reading its data is an error that
+    names it."""
+    from musiclm_jax import aot
+    manifest = aot.write_planned_token_cache("gin/tokenize/aot_paper.gin", str(tmp_path))
+    assert manifest["planned"] and manifest["splits"] == {}
+    spec = stages.stage_spec("coarse", str(tmp_path), seconds=10.0)
+    assert (spec.input_length, spec.target_length) == (12 + 250, 250 * 2 * 4)  # 10 s: 250 semantic, 500 codec frames
+    assert stages.stage_groups(f"fine_stage:{tmp_path}?seconds=3.0") == (("coarse", 4, 1024), ("fine", 8, 1024))
+    with pytest.raises(ValueError, match="planned token cache.*python -m musiclm_jax.tokenize"):
+        tokenized.register_stage_task(f"fine_stage:{tmp_path}")
 
 
 def test_stage_input_position_is_restored(tmp_path):
     _write_cache(tmp_path / "cache", examples=3)
     name = f"coarse_stage:{tmp_path / 'cache'}?seconds=2&coarse_levels=2"
-    spec = tokenized.stage_spec_from_name(name)
+    spec = stages.stage_spec_from_name(name)
     cfg = DatasetConfig(name, spec.task_feature_lengths, "train", 2, seed=3)
     with SeqioInputPipeline(cfg, "prefix_lm") as a:
         for _ in range(2):

@@ -14,12 +14,11 @@ from conftest import REPO_DIR, subprocess_env
 from helpers import write_frozen_tiny_tokenizers
 from musiclm_jax import melody, tokenize
 from musiclm_jax.codec import Codec
-from musiclm_jax.data import audio_io, synthetic_music, token_cache
+from musiclm_jax.data import audio_io, stages, synthetic_music, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
 from musiclm_jax.mulan import MuLan
 from musiclm_jax.semantic import SemanticTokenizer
-from musiclm_jax.tasks import tokenized
 
 RATE = 24000
 
@@ -75,6 +74,19 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
     assert manifest["tokenizers"]["codec"]["frames"] == 100 and manifest["tokenizers"]["semantic"]["frames"] == 50
     assert (manifest["tokenizers"]["mulan"]["frames"], manifest["tokenizers"]["mulan"]["levels"]) == (1, 12)
     assert (manifest["tokenizers"]["melody"]["frames"], manifest["tokenizers"]["melody"]["codebook_size"]) == (10, 13)
+    # The planned manifest of the same tokenizers (`aot --job=token_manifest`, from their gin files without weights)
+    # states what the job wrote: rates, levels, codebook sizes and frames per chunk.
+    from musiclm_jax import aot, tokenize_forward
+    planned = aot.planned_token_manifest(tokenize_forward.aot_setup(
+        codec_gin="gin/models/codec_tiny.gin", semantic_gin="gin/models/w2v_bert_tiny.gin",
+        semantic_fit_gin="gin/semantic/kmeans_tiny.gin", mulan_gin="gin/models/mulan_tiny.gin",
+        mulan_rvq_levels=12, mulan_rvq_codebook_size=16, chunk_seconds=2.0, melody_rate=5.0))
+    assert sorted(planned["tokenizers"]) == sorted(manifest["tokenizers"])
+    for name, spec in manifest["tokenizers"].items():
+        want = dict(spec, checkpoint=None)
+        if name == "semantic":
+            want["codebook_size"] = 64  # the fixture fits 16 clusters; gin/semantic/kmeans_tiny.gin states 64
+        assert planned["tokenizers"][name] == want, name
 
     codec, tokenizer = Codec.from_checkpoint(frozen["codec"]), SemanticTokenizer.load(frozen["semantic"])
     examples = [e for p in token_cache.completed_shards(str(out), "validation", 1) for e in _read(p)]
@@ -100,7 +112,7 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
         return np.array(e.features.feature[name].int64_list.value)
 
     name = f"semantic_stage:{out}?seconds=1&melody=1"  # MuLan, then the melody token of each of the 25 frames
-    spec = tokenized.stage_spec_from_name(name)
+    spec = stages.stage_spec_from_name(name)
     cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
     with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
         batch = next(pipeline)["decoder_target_tokens"]
@@ -114,7 +126,7 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
 
     for stage in ("semantic", "coarse"):
         name = f"{stage}_stage:{out}?seconds=1"
-        spec = tokenized.stage_spec_from_name(name)
+        spec = stages.stage_spec_from_name(name)
         cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
         with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
             batch = next(pipeline)["decoder_target_tokens"]
@@ -135,7 +147,7 @@ def test_cache_matches_the_tokenizers_and_counts_skips(frozen, clips, tmp_path, 
 
     # Read back through the fine stage (levels 1-2 -> 3-4 of the 4-level codec): the codes of the cache.
     name = f"fine_stage:{out}?seconds=1"
-    spec = tokenized.stage_spec_from_name(name)
+    spec = stages.stage_spec_from_name(name)
     cfg = DatasetConfig(name, spec.task_feature_lengths, "validation", 4, shuffle=False, seed=0)
     with SeqioInputPipeline(cfg, "prefix_lm") as pipeline:
         batch = next(pipeline)

@@ -3,7 +3,10 @@
 Kinds:
   encodec   a transformers EncodecModel folder (config.json + weights) -> a codec run directory of
             gin/codec/encodec_24khz.gin with the converted generator (discriminators freshly initialised, so
-            training from it fine-tunes) and config.gin describing the converted sizes.
+            training from it fine-tunes) and config.gin describing the converted sizes. --bandwidth KBPS keeps
+            the RVQ levels EnCodec uses at that bandwidth (its rule: floor(KBPS / (log2(codebook) x frame rate)),
+            at least one, at most all: 6 kbps is 8 of the 24 kHz model's 32 levels), so the codec's tokens are
+            EnCodec's at KBPS; default all levels.
   hubert    a transformers HubertModel folder (HuBERT, or MERT: config.json + weights, optionally
             preprocessor_config.json giving the sampling rate) -> a run directory of gin/semantic/hubert.gin: the
             frozen feature model (hubert_model.HubertFeatureModel) with config.gin describing the converted sizes.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -36,16 +40,23 @@ def _bindings(prefix: str, config) -> list[str]:
     return [f"{prefix}.{f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
 
 
-def convert_encodec_dir(source: str, model_dir: str) -> str:
-    """Converts the transformers EnCodec checkpoint folder `source` into run directory `model_dir`."""
+def convert_encodec_dir(source: str, model_dir: str, bandwidth_kbps: Optional[float] = None) -> str:
+    """Converts the transformers EnCodec checkpoint folder `source` into run directory `model_dir`, with the RVQ
+    levels EnCodec uses at `bandwidth_kbps` (None: all)."""
     from transformers import EncodecModel
 
-    from musiclm_jax.convert.encodec import convert_encodec
+    from musiclm_jax.convert.encodec import convert_encodec, keep_levels, num_quantizers_for_bandwidth
 
     if not os.path.isdir(source):
         raise FileNotFoundError(f"--from {source!r} is not a directory with an EncodecModel (config.json + weights)")
     model = EncodecModel.from_pretrained(source).eval()
     params, state, seanet, rvq, sample_rate = convert_encodec(model)
+    if bandwidth_kbps is not None:
+        if bandwidth_kbps <= 0:
+            raise ValueError(f"--bandwidth {bandwidth_kbps}: a bitrate in kbit/s, above 0")
+        frame_rate = sample_rate / math.prod(seanet.strides)
+        levels = min(rvq.num_quantizers, num_quantizers_for_bandwidth(bandwidth_kbps, rvq.codebook_size, frame_rate))
+        state, rvq = keep_levels(state, rvq, levels)
     bindings = [f"SAMPLE_RATE = {sample_rate}"]
     bindings += _bindings("seanet.SEANetConfig", seanet) + _bindings("quantizers.RVQConfig", rvq)
     return checkpoint_loading.write_run_directory(model_dir, "gin/codec/encodec_24khz.gin", bindings, params, "EnCodec",
@@ -157,11 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--to", dest="model_dir", required=True, help="run directory to write")
     parser.add_argument("--pca", default=None, help="vggish: the PCA postprocessor's parameter file")
     parser.add_argument("--final_relu", action="store_true", help="vggish: keep torchvggish's ReLU on the embedding")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="encodec: keep the RVQ levels of this bitrate in kbit/s (default: all levels)")
     args = parser.parse_args(argv)
     if args.kind != "vggish" and (args.pca or args.final_relu):
         raise SystemExit("--pca and --final_relu apply to vggish only")
+    if args.kind != "encodec" and args.bandwidth is not None:
+        raise SystemExit("--bandwidth applies to encodec only")
     if args.kind == "encodec":
-        convert_encodec_dir(args.source, args.model_dir)
+        convert_encodec_dir(args.source, args.model_dir, args.bandwidth)
     elif args.kind == "hubert":
         convert_hubert_dir(args.source, args.model_dir)
     elif args.kind == "clap":

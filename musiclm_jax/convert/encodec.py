@@ -8,6 +8,8 @@ stereo) are refused with an error naming the setting.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from musiclm_jax.convert.state_dict import to_numpy
@@ -122,6 +124,15 @@ def convert_encodec(model) -> tuple[dict, dict, SEANetConfig, RVQConfig, int]:
     params = {"encoder": encoder, "decoder": decoder}
     # Collection 'quantizer' -> module 'quantizer' (SoundStream.quantizer) -> the statistics.
     return params, {STATE: {"quantizer": state}}, seanet, rvq, sample_rate
+
+
+def keep_levels(state: dict, rvq: RVQConfig, levels: int) -> tuple[dict, RVQConfig]:
+    """The quantizer state and RVQConfig of convert_encodec with only the first `levels` RVQ levels (a residual
+    quantizer's first levels code the same as the whole one's: EnCodec at a lower bandwidth)."""
+    if not 1 <= levels <= rvq.num_quantizers:
+        raise ValueError(f"keep_levels: {levels} levels of {rvq.num_quantizers}")
+    kept = {name: value[:levels] for name, value in state[STATE]["quantizer"].items()}
+    return {STATE: {"quantizer": kept}}, dataclasses.replace(rvq, num_quantizers=levels)
 
 
 def num_quantizers_for_bandwidth(bandwidth_kbps: float, codebook_size: int, frame_rate: float) -> int:

@@ -205,17 +205,23 @@ def passt_kl(classifier, reference: np.ndarray, generated: np.ndarray, sample_ra
     return generation_metrics.audiocraft_kl(*rows)
 
 
+def caption_and_clip_embeddings(model, captions: Sequence[str], audio: np.ndarray, sample_rate: int,
+                                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(text [N, D], audio [N, D]): float64 unit-norm embeddings of caption i and of clip i (audio [N, samples] at
+    sample_rate Hz, resampled to the model's rate, `batch_size` clips per call) by a mulan.MuLan or a converted
+    CLAP: what the MuLan cycle consistency and the CLAP score compare."""
+    if len(captions) != len(audio):
+        raise ValueError(f"{len(captions)} captions for {len(audio)} clips")
+    text = np.asarray(model.embed_text(list(captions)), np.float64)
+    return text, embed_clips(MuLanEmbedder(model), audio, sample_rate, batch_size)
+
+
 def clap_score(clap, captions: Sequence[str], audio: np.ndarray, sample_rate: int, batch_size: int) -> float:
     """audiocraft's CLAP score (generation_eval's docstring): the mean over clips of the cosine between caption i's text
-    embedding and clip i's audio embedding. clap: a mulan.MuLan loaded from a converted CLAP run directory;
-    audio [N, samples] at sample_rate Hz, resampled to the CLAP's rate in batches of `batch_size` clips."""
-    if len(captions) != len(audio):
-        raise ValueError(f"clap_score: {len(captions)} captions for {len(audio)} clips")
-    text = np.asarray(clap.embed_text(list(captions)), np.float64)
-    embeddings = np.concatenate([
-        np.asarray(clap.embed_audio(audio_io.resample(audio[i:i + batch_size], sample_rate, clap.sample_rate)),
-                   np.float64) for i in range(0, len(audio), batch_size)])
-    return generation_metrics.mulan_cycle_consistency(text, embeddings)
+    embedding and clip i's audio embedding (caption_and_clip_embeddings). clap: a mulan.MuLan loaded from a
+    converted CLAP run directory; audio [N, samples] at sample_rate Hz."""
+    return generation_metrics.mulan_cycle_consistency(
+        *caption_and_clip_embeddings(clap, captions, audio, sample_rate, batch_size))
 
 
 def component_name(component) -> str:

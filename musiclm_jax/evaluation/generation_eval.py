@@ -206,10 +206,7 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
     gen_probs = embedders.class_probabilities(clf, generated, rate, batch_size)
     metrics[f"kld_{embedders.component_name(clf)}"] = generation_metrics.kl_divergence(ref_probs, gen_probs)
     mcc_mulan = mulans.get(mcc_mulan_checkpoint)
-    text = mcc_mulan.embed_text(captions)
-    audio_embeddings = np.concatenate([
-        mcc_mulan.embed_audio(audio_io.resample(generated[i:i + batch_size], rate, mcc_mulan.sample_rate))
-        for i in range(0, len(generated), batch_size)])
+    text, audio_embeddings = embedders.caption_and_clip_embeddings(mcc_mulan, captions, generated, rate, batch_size)
     metrics["mulan_cycle_consistency"] = generation_metrics.mulan_cycle_consistency(text, audio_embeddings)
     cosines = np.sum(text * audio_embeddings, axis=1)
     skipped = {}

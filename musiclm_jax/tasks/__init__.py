@@ -2,6 +2,7 @@
 raw-audio and stage tasks are registered on first use by name (`get_or_register`)."""
 import seqio
 
+from musiclm_jax.data import stages
 from musiclm_jax.tasks import audio, synthetic, tokenized  # noqa: F401  (synthetic registers its token tasks)
 
 
@@ -11,6 +12,6 @@ def get_or_register(name: str):
         return seqio.get_mixture_or_task(name)
     if name.startswith(("synthetic_music_", "audio_folder_", "musiccaps_")):
         return audio.register_raw_audio_task(name)
-    if name.startswith(tuple(f"{stage}_stage:" for stage in tokenized.STAGES)):
+    if name.startswith(tuple(f"{stage}_stage:" for stage in stages.STAGES)):
         return tokenized.register_stage_task(name)
     return seqio.get_mixture_or_task(name)  # raises, naming the known tasks
