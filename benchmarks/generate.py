@@ -89,21 +89,22 @@ class TimedMusicLM(MusicLM):
 def tiny_musiclm(root: str) -> TimedMusicLM:
     """Random-init tiny run directories under `root` (as tests/test_pipeline.py writes them; existing ones are
     reused), loaded as MusicLM.from_checkpoints loads them."""
-    from musiclm_jax import checkpoint_loading, mulan, text_vocab
+    from musiclm_jax import mulan, run_directory, text_vocab
+    from musiclm_jax.fit_rvq import fit_rvq
 
     def missing(name, filename="config.gin"):
         return not os.path.exists(os.path.join(root, name, filename))
     if missing("codec"):
-        checkpoint_loading.write_run_directory(os.path.join(root, "codec"), "gin/codec/tiny.gin", [], seed=1)
+        run_directory.write_run_directory(os.path.join(root, "codec"), "gin/codec/tiny.gin", [], seed=1)
     if missing("mulan"):
-        checkpoint_loading.write_run_directory(os.path.join(root, "mulan"), "gin/mulan/tiny.gin", [], seed=2)
+        run_directory.write_run_directory(os.path.join(root, "mulan"), "gin/mulan/tiny.gin", [], seed=2)
     if missing("mulan", mulan.RVQ_FILE):
-        mulan.fit_rvq(os.path.join(root, "mulan"), num_clips=40, levels=12, codebook_size=32, steps=2)
+        fit_rvq(os.path.join(root, "mulan"), num_clips=40, levels=12, codebook_size=32, steps=2)
     # The tiny MuLan was never trained, so it has no caption vocabulary: give it one from the synthetic captions.
     text_vocab.ensure_vocabulary(os.path.join(root, "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
     for i, stage in enumerate(STAGES):
         if missing(stage):
-            checkpoint_loading.write_run_directory(os.path.join(root, stage), f"gin/stages/{stage}_tiny.gin",
+            run_directory.write_run_directory(os.path.join(root, stage), f"gin/stages/{stage}_tiny.gin",
                                                    [f"TOKEN_DIR = '{aot.planned_token_dir('tiny')}'"], seed=3 + i)
     model = TimedMusicLM.from_checkpoints(*(os.path.join(root, n) for n in ("mulan", "codec") + STAGES))
     model.log = None

@@ -11,10 +11,10 @@ comes:
 
    1. codec           python -m musiclm_jax.train --gin_file=gin/codec/spectral_tiny.gin     -> DIR/codec
    2. w2v_bert        python -m musiclm_jax.train --gin_file=gin/w2v_bert/tiny_pitch.gin     -> DIR/w2v_bert
-   3. semantic_tokens python -m musiclm_jax.semantic fit --gin_file=gin/semantic/kmeans_tiny.gin
+   3. semantic_tokens python -m musiclm_jax.fit_semantic --gin_file=gin/semantic/kmeans_tiny.gin
                                                                                           -> DIR/semantic_tokenizer
    4. mulan           python -m musiclm_jax.train --gin_file=gin/mulan/tiny.gin              -> DIR/mulan
-   5. mulan_rvq       python -m musiclm_jax.mulan fit-rvq (12 x 32 conditioning tokens)      -> DIR/mulan/mulan_rvq.npz
+   5. mulan_rvq       python -m musiclm_jax.fit_rvq (gin/mulan/rvq_tiny.gin: 12 x 32 tokens)  -> DIR/mulan/mulan_rvq.npz
    6. tokenize        python -m musiclm_jax.tokenize --gin_file=gin/tokenize/tiny.gin (2048 clips) -> DIR/tokens
    7-9. semantic_stage, coarse_stage, fine_stage
                       python -m musiclm_jax.train --gin_file=gin/stages/<stage>_tiny.gin     -> DIR/<stage>
@@ -71,7 +71,7 @@ def steps(out: str, prompts: Sequence[str], duration: float, seed: int) -> list[
               f"--output_dir={os.path.join(out, 'samples')}", f"--duration={duration}", f"--seed={seed}",
               f"--guidance={GUIDANCE}"] + [f"--prompt={p}" for p in prompts]
     tokenize = [f"--gin.tokenize.tokenize_dataset.max_clips={TOKENIZED_CLIPS}"]
-    return recipe.training_steps(out, [], [], tokenize, STAGE_STEPS) + [("generate", sample)]
+    return recipe.training_steps(out, [], tokenize, STAGE_STEPS) + [("generate", sample)]
 
 
 def permutation_p_value(similarity: np.ndarray, max_exact: int = 8, samples: int = 100_000, seed: int = 0) -> float:

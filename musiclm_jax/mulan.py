@@ -14,14 +14,14 @@ as the model's `short_clip_padding` says: zeros appended ('pad', this project's 
 whole times as fit and then zeros ('repeatpad', CLAP's convention, set by gin/mulan/clap.gin), `pad_to_window`.
 
 Conditioning tokens: a residual VQ of `levels` x `codebook_size` (paper 12 x 1024) fitted on audio embeddings of
-training clips (level l: k-means of the residuals left by levels < l), saved as CHECKPOINT/mulan_rvq.npz.
+training clips (level l: k-means of the residuals left by levels < l), saved as CHECKPOINT/mulan_rvq.npz by the
+fit job (musiclm_jax.fit_rvq): `python -m musiclm_jax.fit_rvq --gin_file=gin/mulan/rvq_tiny.gin
+--gin.MULAN_CHECKPOINT=...`.
 
 Command line:
     python -m musiclm_jax.mulan embed-audio --checkpoint DIR --input a.wav --output e.npy
     python -m musiclm_jax.mulan embed-text --checkpoint DIR --text "..." [--text "..."] --output e.npy
     python -m musiclm_jax.mulan tokens --checkpoint DIR (--input a.wav | --text "...") --output t.npy
-    python -m musiclm_jax.mulan fit-rvq --checkpoint DIR [--audio_dir D] [--clips 2048] [--levels 12] [--codes 1024]
-        [--shards 8]   (also under launch/tpu_run.sh: each process embeds its own shards of the clips)
     python -m musiclm_jax.mulan train-vocab --output DIR/text_vocab/spm.model [--audio_dir D] [--vocab_size N]
 """
 from __future__ import annotations
@@ -172,7 +172,7 @@ class ConditioningRVQ:
         processes, index = jax.process_count(), jax.process_index()
         if num_shards % processes:
             raise ValueError(f"ConditioningRVQ.fit: num_shards={num_shards} must divide evenly over the "
-                             f"{processes} processes (mulan fit-rvq rounds --shards up)")
+                             f"{processes} processes (fit_rvq rounds num_shards up)")
         total = int(distributed.sum_over_processes(np.asarray([residual.shape[0]], np.float64))[0])
         if total < max(codebook_size, num_shards):
             raise ValueError(f"fitting a {codebook_size}-code RVQ on {num_shards} shards needs >= "
@@ -214,7 +214,7 @@ class MuLan:
 
     Args:
       model: mulan_model.MuLanModel; params: its parameters; tokenizer: text_vocab.TextTokenizer.
-      rvq: the conditioning quantizer (None until `fit-rvq` has run).
+      rvq: the conditioning quantizer (None until `python -m musiclm_jax.fit_rvq` has run).
       stride_seconds: the hop of the clip-embedding windows.
     """
 
@@ -261,10 +261,11 @@ class MuLan:
         return self.embed_text(texts) @ self.embed_audio(audio).T
 
     def conditioning_rvq(self) -> ConditioningRVQ:
-        """The conditioning RVQ (fitted by `mulan fit-rvq`); ValueError naming the fix if there is none."""
+        """The conditioning RVQ (fitted by `python -m musiclm_jax.fit_rvq`); ValueError naming the fix if there is
+        none."""
         if self.rvq is None:
-            raise ValueError(f"this MuLan has no conditioning RVQ ({RVQ_FILE}); fit one with "
-                             f"`python -m musiclm_jax.mulan fit-rvq --checkpoint DIR`")
+            raise ValueError(f"this MuLan has no conditioning RVQ ({RVQ_FILE}); fit one with `python -m "
+                             f"musiclm_jax.fit_rvq --gin_file=gin/mulan/rvq_tiny.gin --gin.MULAN_CHECKPOINT=DIR`")
         return self.rvq
 
     def tokens_from_audio(self, audio) -> np.ndarray:
@@ -293,60 +294,6 @@ class MuLan:
         return cls(model, jax.device_get(loaded.params), tokenizer, rvq)
 
 
-def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: Optional[str] = None):
-    """Yields up to num_clips mono clips [samples] of the train split: the synthetic music, or every whole
-    `seconds` window of AUDIO_DIR's files in turn (a file shorter than one window gives itself; bad files
-    counted and skipped), so a folder of long recordings fits the RVQ on all of its music."""
-    from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
-    if audio_dir is None:
-        for i in range(num_clips):
-            yield synthetic_music.generate_clip(i, seed=0, seconds=seconds, sample_rate=sample_rate)["audio"]
-        return
-    paths = captioned_audio.scan_audio_folder(audio_dir, sample_rate).get("train", [])
-    window, count = int(round(seconds * sample_rate)), 0
-    for path in paths:
-        audio = audio_io.load_audio(path, sample_rate)
-        for start in range(0, max(len(audio) - window, 0) + 1, window):
-            if count == num_clips:
-                return
-            count += 1
-            yield audio[start:start + window]
-
-
-def fit_rvq(model_dir: str, audio_dir: Optional[str] = None, num_clips: int = 2048, levels: int = 12,
-            codebook_size: int = 1024, steps: int = 50, seed: int = 0, num_shards: int = 8) -> ConditioningRVQ:
-    """Fits the conditioning RVQ on audio embeddings of `num_clips` training clips; writes MODEL_DIR/mulan_rvq.npz.
-
-    With several processes (launch/tpu_run.sh) each embeds only the clips of its shards (ConditioningRVQ.fit) and
-    process 0 writes the file; the codebooks equal one process's up to float summation order. num_shards is
-    rounded up to a multiple of the process count (printed), and must not exceed the clips found."""
-    from musiclm_jax import distributed
-    mulan = MuLan.from_checkpoint(model_dir)
-    seconds = mulan.window_samples / mulan.sample_rate
-    clips = list(training_clips(mulan.sample_rate, seconds, num_clips, audio_dir))
-    if num_shards % jax.process_count():
-        rounded = -(-num_shards // jax.process_count()) * jax.process_count()
-        print(f"mulan fit-rvq: --shards {num_shards} -> {rounded}, the next multiple of the {jax.process_count()} "
-              f"processes (each embeds its own shards)", file=sys.stderr)
-        num_shards = rounded
-    if len(clips) < num_shards:
-        raise ValueError(f"mulan fit-rvq: {len(clips)} training clips cannot fill --shards {num_shards}")
-    first, count = process_rows(len(clips), num_shards)
-    mine = clips[first:first + count]
-    window, padding = mulan.window_samples, mulan.model.short_clip_padding
-    embeddings = np.concatenate([mulan.embed_audio(np.stack(
-        [pad_to_window(c[None, :window], window, padding)[0] for c in mine[i:i + 64]]))
-        for i in range(0, len(mine), 64)])
-    rvq = ConditioningRVQ.fit(embeddings, levels, codebook_size, steps=steps, seed=seed, num_shards=num_shards)
-    squared = np.sum((embeddings - rvq.reconstruct(rvq.quantize(embeddings))) ** 2, axis=-1)
-    error = distributed.sum_over_processes(np.asarray([squared.sum(dtype=np.float64)]))[0] / len(clips)
-    if jax.process_index() == 0:
-        rvq.save(os.path.join(model_dir, RVQ_FILE))
-    print(f"mulan fit-rvq: {levels} x {codebook_size} on {len(clips)} clips ({count} embedded by this process); "
-          f"mean squared error {error:.4f} -> {os.path.join(model_dir, RVQ_FILE)}", file=sys.stderr)
-    return rvq
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.mulan", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -358,15 +305,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.add_argument("--input", help="audio file")
         if name != "embed-audio":
             p.add_argument("--text", action="append", help="a caption (repeatable)")
-    fit = sub.add_parser("fit-rvq", help="fit the conditioning RVQ")
-    fit.add_argument("--checkpoint", required=True)
-    fit.add_argument("--audio_dir", default=None)
-    fit.add_argument("--clips", type=int, default=2048)
-    fit.add_argument("--levels", type=int, default=12)
-    fit.add_argument("--codes", type=int, default=1024)
-    fit.add_argument("--steps", type=int, default=50)
-    fit.add_argument("--shards", type=int, default=8,
-                     help="contiguous shards of the clips (the process count must divide it; ConditioningRVQ.fit)")
     vocab = sub.add_parser("train-vocab", help="train the caption SentencePiece model")
     vocab.add_argument("--output", required=True)
     vocab.add_argument("--audio_dir", default=None)
@@ -380,12 +318,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from musiclm_jax.data.dataset_config import raw_audio_task_name
         task = raw_audio_task_name(16000, args.audio_dir, args.musiccaps_dir)
         text_vocab.train_vocab_from_task(args.output, task, args.vocab_size, args.max_captions)
-        return
-    if args.command == "fit-rvq":
-        from musiclm_jax import distributed
-        distributed.maybe_initialize()  # before any JAX computation (launch/tpu_run.sh)
-        fit_rvq(args.checkpoint, args.audio_dir, args.clips, args.levels, args.codes, args.steps,
-                num_shards=args.shards)
         return
     mulan = MuLan.from_checkpoint(args.checkpoint)
     if args.command == "tokens" and bool(args.input) == bool(args.text):

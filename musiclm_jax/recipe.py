@@ -85,6 +85,7 @@ TINY = {
     "w2v_bert": "gin/w2v_bert/tiny_pitch.gin",
     "semantic_tokens": "gin/semantic/kmeans_tiny.gin",
     "mulan": "gin/mulan/tiny.gin",
+    "mulan_rvq": "gin/mulan/rvq_tiny.gin",
     "tokenize": "gin/tokenize/tiny.gin",
     "stages": "gin/stages/{stage}_tiny.gin",
     "coarse_stage": "gin/stages/coarse_melody_tiny.gin",
@@ -96,6 +97,7 @@ PAPER = {
     "w2v_bert": "gin/w2v_bert/paper_pitch.gin",
     "semantic_tokens": "gin/semantic/kmeans_w2v_bert.gin",
     "mulan": "gin/mulan/paper.gin",
+    "mulan_rvq": "gin/mulan/rvq_paper.gin",
     "tokenize": "gin/tokenize/paper.gin",
     "stages": "gin/stages/{stage}_paper.gin",
     "semantic_stage": "gin/stages/semantic_melody_paper.gin",
@@ -103,7 +105,6 @@ PAPER = {
 }
 SIZES = {"tiny": TINY, "paper": PAPER}
 STAGE_STEPS = {"semantic": 1000, "coarse": 800, "fine": 600}
-RVQ_CLIPS = 1024  # clips the tiny MuLan's RVQ is fitted on (paper: fit-rvq's default)
 # What each step reads of the earlier steps' outputs (the pod plan prints it: a step starts when these are done;
 # of several names, those the plan has).
 STEP_READS = {"semantic_tokens": ("w2v_bert", "hubert", "mert"), "mulan_rvq": ("mulan",),
@@ -222,20 +223,11 @@ class DataSource:
         return f"{'audio_folder' if self.kind == 'audio_dir' else 'musiccaps'}:{self.path}"
 
 
-def mulan_rvq_size(size: str) -> tuple[int, int]:
-    """(levels, codebook size) of MuLan's conditioning RVQ at `size`, as the size's tokenizers state it once
-    (aot.TOKENIZERS_GIN: tokenize_forward.aot_setup.mulan_rvq_levels and _codebook_size); the stages' MuLan
-    groups follow from the token cache those tokens are written to."""
-    from musiclm_jax import aot
-    setup = aot.tokenizer_setup(size)
-    return int(setup["mulan_rvq_levels"]), int(setup["mulan_rvq_codebook_size"])
-
-
-def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], tokenize_gin: Sequence[str],
+def training_steps(out: str, data_gin: Sequence[str], tokenize_gin: Sequence[str],
                    stage_steps: Optional[dict[str, int]] = STAGE_STEPS, size: str = "tiny",
                    imports: Optional[dict[str, Import]] = None) -> list[Step]:
     """The tokenizers, the token cache and the three stages at `size` ('tiny' or 'paper'). data_gin: the data
-    bindings of the codec, w2v-BERT, k-means and MuLan commands; rvq_data: flags of `mulan fit-rvq`; tokenize_gin:
+    bindings of the codec, w2v-BERT, k-means, MuLan and MuLan RVQ commands; tokenize_gin:
     bindings of the tokenize command (its data and clip counts); stage_steps: TRAIN_STEPS of each stage (None:
     the gin files' own). imports (parse_imports): components converted instead of trained: 'codec' (step codec),
     'semantic' (step hubert or mert in place of w2v_bert; the k-means fit then takes SEMANTIC_FEATURES_GIN's layer
@@ -244,9 +236,6 @@ def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], t
     gins = SIZES[size]
     imports = imports or {}
     d = {name: os.path.join(out, name) for name in set(STEP_OUTPUTS.values())}
-    levels, codes = mulan_rvq_size(size)
-    rvq_size = ["--clips", str(RVQ_CLIPS)] if size == "tiny" else []
-    rvq_size += ["--levels", str(levels), "--codes", str(codes)]
 
     def stage_gin(stage: str) -> str:
         return gins.get(f"{stage}_stage", gins["stages"].format(stage=stage))
@@ -269,13 +258,14 @@ def training_steps(out: str, data_gin: Sequence[str], rvq_data: Sequence[str], t
         imports["codec"].step("codec", d["codec"]) if "codec" in imports else (
             "codec", train(gins["codec"], d["codec"], *data_gin)),
         features_step,
-        ("semantic_tokens", ["musiclm_jax.semantic", "fit", *[f"--gin_file={g}" for g in semantic_gins],
+        ("semantic_tokens", ["musiclm_jax.fit_semantic", *[f"--gin_file={g}" for g in semantic_gins],
                              f"--gin.FEATURE_CHECKPOINT='{features}'",
                              f"--gin.OUTPUT_DIR='{d['semantic_tokenizer']}'",
                              *data_gin]),
         imports["mulan"].step("mulan", d["mulan"]) if "mulan" in imports else (
             "mulan", train(gins["mulan"], d["mulan"], *data_gin)),
-        ("mulan_rvq", ["musiclm_jax.mulan", "fit-rvq", "--checkpoint", d["mulan"], *rvq_size, *rvq_data]),
+        ("mulan_rvq", ["musiclm_jax.fit_rvq", f"--gin_file={gins['mulan_rvq']}",
+                       f"--gin.MULAN_CHECKPOINT='{d['mulan']}'", *data_gin]),
         ("tokenize", ["musiclm_jax.tokenize", f"--gin_file={gins['tokenize']}", f"--gin.OUTPUT_DIR='{d['tokens']}'",
                       *tokenize_gin, f"--gin.CODEC_CHECKPOINT='{d['codec']}'",
                       f"--gin.SEMANTIC_CHECKPOINT='{d['semantic_tokenizer']}'",
@@ -298,9 +288,8 @@ def folder_steps(out: str, source: DataSource, seed: int = 0, size: str = "tiny"
     the three evaluations and the report (at tiny size, the generation evaluation makes EVAL_EXAMPLES clips of
     EVAL_SECONDS; at paper size, the gin's)."""
     d = {name: os.path.join(out, sub) for name, sub in STEP_OUTPUTS.items()}
-    rvq = ["--audio_dir", source.path]
     tiny = size == "tiny"
-    plan = training_steps(out, source.gin(), rvq, source.gin(), STAGE_STEPS if tiny else None, size, imports)
+    plan = training_steps(out, source.gin(), source.gin(), STAGE_STEPS if tiny else None, size, imports)
     generation_size = [f"--gin.MAX_EXAMPLES={EVAL_EXAMPLES}", f"--gin.DURATION_S={EVAL_SECONDS}"] if tiny else []
     plan += [
         ("eval_codec", ["musiclm_jax.eval", "--gin_file=gin/eval/codec.gin",
@@ -363,7 +352,7 @@ def write_quality(out: str) -> None:
 
 
 def apply_bindings(plan: list[Step], binds: Sequence[str]) -> list[Step]:
-    """--bind STEP:NAME=VALUE: `--gin.NAME=VALUE` on a gin command, `--NAME VALUE` on mulan_rvq's flags."""
+    """--bind STEP:NAME=VALUE: `--gin.NAME=VALUE` on the step's command (every command step is gin-configured)."""
     plan = [(name, list(argv) if isinstance(argv, list) else argv) for name, argv in plan]
     steps = dict(plan)
     for bind in binds:
@@ -376,11 +365,7 @@ def apply_bindings(plan: list[Step], binds: Sequence[str]) -> list[Step]:
         if steps[step][0] == "musiclm_jax.convert":
             raise SystemExit(f"recipe: --bind {bind!r}: step {step!r} imports a checkpoint (python -m "
                              f"musiclm_jax.convert), which takes no gin bindings")
-        if step == "mulan_rvq":
-            key, value = binding.split("=", 1)
-            steps[step] += [f"--{key}", value]
-        else:
-            steps[step].append(f"--gin.{binding}")
+        steps[step].append(f"--gin.{binding}")
     return plan
 
 

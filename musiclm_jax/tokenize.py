@@ -71,7 +71,7 @@ def codec_token_source(codec, checkpoint: str = "") -> TokenSource:
 
 
 def semantic_source(checkpoint: str) -> TokenSource:
-    """The semantic tokenizer directory `checkpoint` (written by `python -m musiclm_jax.semantic fit`)."""
+    """The semantic tokenizer directory `checkpoint` (written by `python -m musiclm_jax.fit_semantic`)."""
     from musiclm_jax.semantic import SemanticTokenizer
     return semantic_token_source(SemanticTokenizer.load(checkpoint), checkpoint)
 

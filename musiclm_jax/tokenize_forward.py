@@ -136,12 +136,12 @@ def model_from_gin(gin_file: str, bindings: Sequence[str] = ()) -> Any:
 
 def semantic_fit_settings(fit_gin: str) -> dict[str, Any]:
     """layer, frame_pooling, num_clusters and pitch_class_share of a semantic tokenizer's fit gin file
-    (semantic.fit_semantic_tokenizer), read in a private gin configuration."""
+    (fit_semantic.fit_semantic_tokenizer), read in a private gin configuration."""
     from musiclm_jax import gin_utils
     with gin_utils.private_config():
         gin_utils.parse_gin([fit_gin], ["FEATURE_CHECKPOINT = None", "OUTPUT_DIR = None"], finalize=False)
         return gin_utils.bound_arguments(
-            "semantic.fit_semantic_tokenizer", ("layer", "frame_pooling", "num_clusters", "pitch_class_share"),
+            "fit_semantic.fit_semantic_tokenizer", ("layer", "frame_pooling", "num_clusters", "pitch_class_share"),
             {"frame_pooling": 1, "pitch_class_share": 0.0})
 
 
@@ -158,7 +158,7 @@ def aot_setup(codec_gin: str, semantic_gin: Optional[str] = None, semantic_fit_g
               logical_axis_rules: Optional[Sequence] = None, melody_rate: Optional[float] = 5.0) -> dict[str, Any]:
     """What `python -m musiclm_jax.aot --job=tokenize` compiles, bound by gin (gin/tokenize/aot_paper.gin): the
     frozen tokenizers' models as their model gin files state them; the semantic tokenizer's layer, pooling and
-    cluster count from its fit gin file (semantic.fit_semantic_tokenizer); MuLan's conditioning RVQ (12 x 1024
+    cluster count from its fit gin file (fit_semantic.fit_semantic_tokenizer); MuLan's conditioning RVQ (12 x 1024
     in the paper); chunks of chunk_seconds in global batches of batch_size; the dataset size the floor is stated
     for (MusicLM's semantic stage trained on 280,000 hours). mesh_config (default: every device on 'data') and
     logical_axis_rules (default: partitioning's) lay it out. melody_rate: the melody tokens' rate in Hz (None: no

@@ -67,16 +67,17 @@ def write_frozen_tiny_tokenizers(root: str, semantic_clusters: int = 16, mulan_c
     the sizes are those of the tiny stages' gin files."""
     import os
 
-    from musiclm_jax import checkpoint_loading, mulan, semantic
+    from musiclm_jax import fit_semantic, run_directory
+    from musiclm_jax.fit_rvq import fit_rvq
     paths = {name: os.path.join(root, name) for name in ("codec", "w2v_bert", "semantic", "mulan")}
-    checkpoint_loading.write_run_directory(paths["codec"], "gin/codec/tiny.gin", [], seed=1)
-    checkpoint_loading.write_run_directory(paths["w2v_bert"], "gin/w2v_bert/tiny.gin", [], seed=2)
-    semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{paths['w2v_bert']}'",
+    run_directory.write_run_directory(paths["codec"], "gin/codec/tiny.gin", [], seed=1)
+    run_directory.write_run_directory(paths["w2v_bert"], "gin/w2v_bert/tiny.gin", [], seed=2)
+    fit_semantic.main(["--gin_file=gin/semantic/kmeans_tiny.gin", f"--gin.FEATURE_CHECKPOINT='{paths['w2v_bert']}'",
                    f"--gin.OUTPUT_DIR='{paths['semantic']}'", f"--gin.NUM_CLUSTERS={semantic_clusters}",
-                   "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
-                   "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
-    checkpoint_loading.write_run_directory(paths["mulan"], "gin/mulan/tiny.gin", [], seed=3)
-    mulan.fit_rvq(paths["mulan"], num_clips=max(48, 2 * mulan_codes), levels=12, codebook_size=mulan_codes, steps=3)
+                   "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=2",
+                   "--gin.fit_semantic.fit_semantic_tokenizer.normalization_batches=1"])
+    run_directory.write_run_directory(paths["mulan"], "gin/mulan/tiny.gin", [], seed=3)
+    fit_rvq(paths["mulan"], num_clips=max(48, 2 * mulan_codes), levels=12, codebook_size=mulan_codes, steps=3)
     return paths
 
 
@@ -85,21 +86,21 @@ def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
     MuLan with a caption vocabulary and a random 12 x 32 conditioning RVQ (fitting one tests nothing here), the
     three stages of gin/stages/*_tiny.gin, and with semantic_tokenizer a tiny w2v-BERT ('w2v_bert') and its
     k-means tokenizer ('tokenizer', which continuation needs). Returns root."""
-    from musiclm_jax import checkpoint_loading, mulan, semantic, text_vocab
-    checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
-    checkpoint_loading.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
+    from musiclm_jax import fit_semantic, mulan, run_directory, text_vocab
+    run_directory.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
+    run_directory.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
     codebooks = np.random.RandomState(0).randn(12, 32, 128) * (0.5 ** np.arange(12))[:, None, None] / np.sqrt(128)
     mulan.ConditioningRVQ(codebooks).save(str(root / "mulan" / mulan.RVQ_FILE))
     # The tiny MuLan was never trained, so it has no caption vocabulary: give it one from the synthetic captions.
     text_vocab.ensure_vocabulary(str(root / "mulan"), "synthetic_music_16000hz", 512, max_captions=2000)
     if semantic_tokenizer:
-        checkpoint_loading.write_run_directory(str(root / "w2v_bert"), "gin/w2v_bert/tiny.gin", [], seed=6)
-        semantic.main(["fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
+        run_directory.write_run_directory(str(root / "w2v_bert"), "gin/w2v_bert/tiny.gin", [], seed=6)
+        fit_semantic.main(["--gin_file=gin/semantic/kmeans_tiny.gin",
                        f"--gin.FEATURE_CHECKPOINT='{root / 'w2v_bert'}'", f"--gin.OUTPUT_DIR='{root / 'tokenizer'}'",
-                       "--gin.semantic.fit_semantic_tokenizer.num_steps=2",
-                       "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1"])
+                       "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=2",
+                       "--gin.fit_semantic.fit_semantic_tokenizer.normalization_batches=1"])
     for i, stage in enumerate(("semantic", "coarse", "fine")):
-        checkpoint_loading.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
+        run_directory.write_run_directory(str(root / stage), f"gin/stages/{stage}_tiny.gin",
                                                [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=3 + i)
     return root
 
@@ -133,10 +134,10 @@ def write_tiny_evaluation_models(root) -> dict[str, str]:
     (gin/eval/vggish.gin, 32-wide dense layers, the released front end and 128-d output) and PaSST
     (gin/eval/passt.gin, one 48-wide block, the released front end and 527 classes), as `convert` writes them.
     Returns {'vggish': dir, 'passt': dir} under `root` (a pathlib.Path)."""
-    from musiclm_jax import checkpoint_loading
+    from musiclm_jax import run_directory
     dirs = {"vggish": str(root / "vggish"), "passt": str(root / "passt")}
-    checkpoint_loading.write_run_directory(dirs["vggish"], "gin/eval/vggish.gin", TINY_VGGISH, seed=7)
-    checkpoint_loading.write_run_directory(dirs["passt"], "gin/eval/passt.gin", TINY_PASST, seed=8)
+    run_directory.write_run_directory(dirs["vggish"], "gin/eval/vggish.gin", TINY_VGGISH, seed=7)
+    run_directory.write_run_directory(dirs["passt"], "gin/eval/passt.gin", TINY_PASST, seed=8)
     return dirs
 
 

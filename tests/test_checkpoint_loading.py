@@ -9,16 +9,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import planned_token_dir
-from musiclm_jax import checkpoint_loading, gin_utils
+from musiclm_jax import checkpoint_loading, gin_utils, run_directory
 from musiclm_jax.codec import Codec
 
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")
-    stage = checkpoint_loading.write_run_directory(str(root / "stage"), "gin/stages/semantic_tiny.gin",
+    stage = run_directory.write_run_directory(str(root / "stage"), "gin/stages/semantic_tiny.gin",
                                                    [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=5)
-    codec = checkpoint_loading.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=6)
+    codec = run_directory.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=6)
     return {"stage": stage, "codec": codec}
 
 
@@ -57,7 +57,7 @@ def test_loading_leaves_the_callers_gin_configuration_intact(run_dirs, tmp_path)
         assert gin.query_parameter("%TRAIN_STEPS") == 7
         codec = Codec.from_checkpoint(run_dirs["codec"])
         assert codec.sample_rate == 24000
-        checkpoint_loading.write_run_directory(str(tmp_path / "another"), "gin/codec/tiny.gin", [], seed=7)
+        run_directory.write_run_directory(str(tmp_path / "another"), "gin/codec/tiny.gin", [], seed=7)
         assert gin.config_str() == before
         assert gin.query_parameter("%TRAIN_STEPS") == 7 and gin.query_parameter("%MODEL_DIR") == "/my/run"
     finally:
@@ -79,7 +79,7 @@ def test_a_stage_run_records_its_cache_sizes_and_loads_without_the_cache(tmp_pat
     import shutil
     tokens = tmp_path / "tokens"
     shutil.copytree(planned_token_dir(), tokens)
-    run = checkpoint_loading.write_run_directory(str(tmp_path / "coarse"), "gin/stages/coarse_melody_tiny.gin",
+    run = run_directory.write_run_directory(str(tmp_path / "coarse"), "gin/stages/coarse_melody_tiny.gin",
                                                  [f"TOKEN_DIR = '{tokens}'"], seed=8)
     config = (tmp_path / "coarse" / "config.gin").read_text()
     assert "PREFIX_LENGTH = 112" in config and "TARGET_LENGTH = 200" in config  # 12 + 2 x 50; 50 frames x 2 x 2

@@ -28,9 +28,9 @@ def _write_wav(path, seconds: float, rate: int, channels: int, seed: int) -> str
 # MuLan run directory and loads the same way.
 WRITE_DIRS = """
 import json, sys
-from musiclm_jax import checkpoint_loading
+from musiclm_jax import run_directory
 for model_dir, gin_file, bindings, seed in json.loads(sys.argv[1]):
-    checkpoint_loading.write_run_directory(model_dir, gin_file, bindings, seed=seed)
+    run_directory.write_run_directory(model_dir, gin_file, bindings, seed=seed)
 """
 
 

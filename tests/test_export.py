@@ -18,7 +18,8 @@ import pytest
 
 from conftest import REPO_DIR, subprocess_env
 from helpers import planned_token_dir
-from musiclm_jax import checkpoint_loading, export, gin_utils, partitioning, pipeline, serving, stage_sampling
+from musiclm_jax import (checkpoint_loading, export, gin_utils, partitioning, pipeline, run_directory, serving,
+                         stage_sampling)
 
 PROMPTS = ["a calm piano melody", "loud rock drums and distorted guitar", "slow waltz on strings"]
 # 2.4 s: 60 semantic frames (window 50), 120 codec frames (coarse window 100, fine window 50): every stage slides.
@@ -92,7 +93,7 @@ def stage_dirs(tmp_path_factory):
     """Run directories of the three tiny stages, as training writes them (optimizer state included)."""
     root = tmp_path_factory.mktemp("export_stages")
     for i, name in enumerate(pipeline.STAGES):
-        checkpoint_loading.write_run_directory(str(root / name), f"gin/stages/{name}_tiny.gin",
+        run_directory.write_run_directory(str(root / name), f"gin/stages/{name}_tiny.gin",
                                                [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=3 + i)
     return {name: root / name for name in pipeline.STAGES}
 

@@ -15,8 +15,9 @@ from musiclm_jax.train import train  # noqa: F401  (the run files bind train_lib
 GIN_DIR = os.path.join(REPO_DIR, "gin")
 ALL_GIN = gin_utils.gin_files_in(GIN_DIR)
 EXPERIMENT_DIRS = tuple(os.path.join(GIN_DIR, d) for d in ("stages", "codec", "w2v_bert", "mulan"))
-EXPERIMENTS = [f for f in ALL_GIN
-               if f.startswith(EXPERIMENT_DIRS) or f.endswith(os.path.join("semantic", "hubert.gin"))]
+EXPERIMENTS = [f for f in ALL_GIN  # training runs (gin/mulan/rvq_*.gin configure the RVQ's fit job instead)
+               if (f.startswith(EXPERIMENT_DIRS) and not os.path.basename(f).startswith("rvq_"))
+               or f.endswith(os.path.join("semantic", "hubert.gin"))]
 TRAIN_ARGS = ["model", "optimizer", "train_dataset_cfg", "mesh_config", "total_steps", "model_dir"]
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO_DIR, subprocess_env, train_on_one_device
 from helpers import mesh
 from musiclm_jax import mulan as mulan_lib
+from musiclm_jax.fit_rvq import fit_rvq
 from musiclm_jax import partitioning
 from musiclm_jax.data import synthetic_music
 from musiclm_jax.mulan_model import MuLanModel, contrastive_loss
@@ -112,7 +113,7 @@ def trained_mulan(tmp_path_factory):
     train_on_one_device("gin/mulan/tiny.gin", model_dir, f"--gin.TRAIN_STEPS={TRAIN_STEPS}",
                         f"--gin.train_lib.train.checkpoint_period={TRAIN_STEPS}", "--gin.BATCH_SIZE=32",
                         "--gin.WARMUP_STEPS=30", timeout=1200)
-    mulan_lib.fit_rvq(model_dir, num_clips=256, levels=12, codebook_size=32, steps=20)
+    fit_rvq(model_dir, num_clips=256, levels=12, codebook_size=32, steps=20)
     return model_dir
 
 

@@ -1,5 +1,5 @@
 """The data jobs on several processes (issue 20 items 2 and 3): tokenization (`tokenize`), the semantic k-means
-(`semantic fit`) and MuLan's conditioning RVQ (`mulan fit-rvq`) under launch/tpu_run.sh --local 2 (4 CPU devices
+(`fit_semantic`) and MuLan's conditioning RVQ (`fit_rvq`) under launch/tpu_run.sh --local 2 (4 CPU devices
 each) against one process with 8 devices, on the same data.
 
 Tokenization: process p of P tokenizes the shards whose index is p mod P; each shard is the same clips whatever
@@ -57,10 +57,10 @@ def w2v_bert_dir(tmp_path_factory):
 
 
 def _semantic_fit(w2v_bert_dir, out, processes, steps):
-    command = [sys.executable, "-m", "musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
+    command = [sys.executable, "-m", "musiclm_jax.fit_semantic", "--gin_file=gin/semantic/kmeans_tiny.gin",
                f"--gin.FEATURE_CHECKPOINT='{w2v_bert_dir}'", f"--gin.OUTPUT_DIR='{out}'",
-               f"--gin.semantic.fit_semantic_tokenizer.num_steps={steps}",
-               "--gin.semantic.fit_semantic_tokenizer.save_every=2"]
+               f"--gin.fit_semantic.fit_semantic_tokenizer.num_steps={steps}",
+               "--gin.fit_semantic.fit_semantic_tokenizer.save_every=2"]
     return run(command, processes, out.parent / f"{out.name}-logs-{time.monotonic_ns()}")
 
 
@@ -84,10 +84,10 @@ def test_two_process_semantic_kmeans_equals_one_process_and_resumes(w2v_bert_dir
 
 def test_semantic_fit_rounds_a_batch_the_processes_do_not_divide(w2v_bert_dir, tmp_path):
     out = tmp_path / "odd"
-    command = [sys.executable, "-m", "musiclm_jax.semantic", "fit", "--gin_file=gin/semantic/kmeans_tiny.gin",
+    command = [sys.executable, "-m", "musiclm_jax.fit_semantic", "--gin_file=gin/semantic/kmeans_tiny.gin",
                f"--gin.FEATURE_CHECKPOINT='{w2v_bert_dir}'", f"--gin.OUTPUT_DIR='{out}'",
-               "--gin.semantic.fit_semantic_tokenizer.batch_size=3"]
-    output = run([*command, "--gin.semantic.fit_semantic_tokenizer.num_steps=1"], 2, tmp_path / "odd-logs")
+               "--gin.fit_semantic.fit_semantic_tokenizer.batch_size=3"]
+    output = run([*command, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=1"], 2, tmp_path / "odd-logs")
     assert "batch_size=3 -> 4 clips, the next multiple of the 2 processes" in output, output[-2000:]
     with np.load(out / "kmeans.npz") as km:
         assert int(km["step"]) == 1 and km["counts"].sum() == 4 * 50  # 4 clips of 2 s at 25 Hz
@@ -103,8 +103,10 @@ def mulan_dir(tmp_path_factory):
 def test_two_process_mulan_rvq_equals_one_process(mulan_dir, tmp_path):
     codebooks = {}
     for processes in (1, 2):
-        output = run([sys.executable, "-m", "musiclm_jax.mulan", "fit-rvq", "--checkpoint", mulan_dir,
-                      "--clips", "64", "--levels", "3", "--codes", "16", "--steps", "6", "--shards", "8"],
+        output = run([sys.executable, "-m", "musiclm_jax.fit_rvq", "--gin_file=gin/mulan/rvq_tiny.gin",
+                      f"--gin.MULAN_CHECKPOINT='{mulan_dir}'", "--gin.fit_rvq.fit_rvq.num_clips=64",
+                      "--gin.RVQ_LEVELS=3", "--gin.RVQ_CODES=16", "--gin.fit_rvq.fit_rvq.steps=6",
+                      "--gin.fit_rvq.fit_rvq.num_shards=8"],
                      processes, tmp_path / f"rvq-logs-{processes}")
         embedded = "64 embedded by this process" if processes == 1 else "32 embedded by this process"
         assert embedded in output, output[-2000:]

@@ -20,9 +20,9 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def melody_coarse_dir(model_dirs):
     """The run directory of a random-init coarse stage that takes the melody (gin/stages/coarse_melody_tiny.gin)."""
-    from musiclm_jax import checkpoint_loading
+    from musiclm_jax import run_directory
     coarse_dir = model_dirs / "coarse_melody"
-    checkpoint_loading.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
+    run_directory.write_run_directory(str(coarse_dir), "gin/stages/coarse_melody_tiny.gin",
                                            [f"TOKEN_DIR = '{planned_token_dir()}'"], seed=9)
     return coarse_dir
 

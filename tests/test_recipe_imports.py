@@ -23,8 +23,9 @@ from musiclm_jax.data import audio_io, synthetic_music, token_cache  # noqa: E40
 FILES = 27  # named so that the hash carve holds out 1 validation and 2 test files (as tests/test_recipe.py)
 FAST = [f"{stage}_stage:{binding}" for stage in ("semantic", "coarse", "fine")
         for binding in ("TRAIN_STEPS=3", "WARMUP_STEPS=1")]
-FAST += ["semantic_tokens:semantic.fit_semantic_tokenizer.num_steps=2", "semantic_tokens:LAYER=1",
-         "mulan_rvq:steps=2", "mulan_rvq:clips=32", "eval_generation:MAX_EXAMPLES=2", "eval_generation:BATCH_SIZE=2"]
+FAST += ["semantic_tokens:fit_semantic.fit_semantic_tokenizer.num_steps=2", "semantic_tokens:LAYER=1",
+         "mulan_rvq:fit_rvq.fit_rvq.steps=2",
+         "mulan_rvq:fit_rvq.fit_rvq.num_clips=32", "eval_generation:MAX_EXAMPLES=2", "eval_generation:BATCH_SIZE=2"]
 
 
 def _perturbed(model):
@@ -92,9 +93,9 @@ def test_the_recipe_runs_end_to_end_with_imported_codec_semantic_features_and_mu
     out = tmp_path / "out"
     imports = ["--codec_from", f"encodec:{tmp_path / 'encodec'}", "--semantic_from", f"hubert:{tmp_path / 'hubert'}",
                "--mulan_from", f"clap:{tmp_path / 'clap'}"]
-    plan = recipe.folder_steps(str(out), recipe.DataSource("audio_dir", str(tmp_path / "music")),
-                               imports=recipe.parse_imports(f"encodec:{tmp_path / 'encodec'}",
-                                                            f"hubert:{tmp_path / 'hubert'}", f"clap:{tmp_path / 'clap'}"))
+    parsed = recipe.parse_imports(f"encodec:{tmp_path / 'encodec'}", f"hubert:{tmp_path / 'hubert'}",
+                                  f"clap:{tmp_path / 'clap'}")
+    plan = recipe.folder_steps(str(out), recipe.DataSource("audio_dir", str(tmp_path / "music")), imports=parsed)
     steps = dict(plan)
     assert [name for name, _ in plan][:4] == ["codec", "hubert", "semantic_tokens", "mulan"]
     assert steps["codec"][:2] == ["musiclm_jax.convert", "encodec"] and "--bandwidth" in steps["codec"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
-from musiclm_jax import semantic
+from musiclm_jax import fit_semantic, semantic
 from musiclm_jax.data import audio_io, synthetic_music
 
 
@@ -19,18 +19,18 @@ def w2v_bert_dir(tmp_path_factory):
 
 
 def _fit(feature_dir, out, *bindings, gin_file="gin/semantic/kmeans_tiny.gin"):
-    semantic.main(["fit", f"--gin_file={gin_file}", f"--gin.FEATURE_CHECKPOINT='{feature_dir}'",
-                   f"--gin.OUTPUT_DIR='{out}'", *bindings])
+    fit_semantic.main([f"--gin_file={gin_file}", f"--gin.FEATURE_CHECKPOINT='{feature_dir}'",
+                       f"--gin.OUTPUT_DIR='{out}'", *bindings])
 
 
 def test_fit_tokenize_and_resume(w2v_bert_dir, tmp_path):
     straight = tmp_path / "straight"
-    _fit(w2v_bert_dir, straight, "--gin.semantic.fit_semantic_tokenizer.num_steps=8")
+    _fit(w2v_bert_dir, straight, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=8")
     resumed = tmp_path / "resumed"
-    _fit(w2v_bert_dir, resumed, "--gin.semantic.fit_semantic_tokenizer.num_steps=4")
+    _fit(w2v_bert_dir, resumed, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=4")
     with np.load(resumed / "kmeans.npz") as km:
         assert int(km["step"]) == 4
-    _fit(w2v_bert_dir, resumed, "--gin.semantic.fit_semantic_tokenizer.num_steps=8")  # continues at step 4
+    _fit(w2v_bert_dir, resumed, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=8")  # continues at step 4
     with np.load(straight / "kmeans.npz") as a, np.load(resumed / "kmeans.npz") as b:
         assert int(b["step"]) == 8
         np.testing.assert_allclose(a["centroids"], b["centroids"], atol=1e-5)
@@ -85,10 +85,11 @@ def test_pitch_classes_hold_their_share_of_the_variance_and_tokens_follow_them(w
     fitted, distinct = {}, {}
     for share in (0.0, 0.75):
         out = tmp_path / f"share_{share}"
-        _fit(w2v_bert_dir, out, f"--gin.PITCH_CLASS_SHARE={share}", "--gin.semantic.fit_semantic_tokenizer.num_steps=8")
+        _fit(w2v_bert_dir, out, f"--gin.PITCH_CLASS_SHARE={share}",
+             "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=8")
         fitted[share] = tokenizer = semantic.SemanticTokenizer.load(str(out))
         assert tokenizer.pitch_class_share == share
-        batches = semantic.audio_batches(16000, 4, 2.0, seed=1)  # the fit's normalisation batches (seed + 1)
+        batches = fit_semantic.audio_batches(16000, 4, 2.0, seed=1)  # the fit's normalisation batches (seed + 1)
         audio = np.concatenate([next(batches) for _ in range(2)])
         features = tokenizer.features(audio)
         assert features.shape == (8, 50, 64 + (12 if share else 0))
@@ -132,7 +133,7 @@ def test_semantic_eval_reports_the_melody_information_of_the_tokens(w2v_bert_dir
     from musiclm_jax import melody
     from musiclm_jax.evaluation import codec_eval, semantic_eval
     tok_dir = tmp_path / "tok"
-    _fit(w2v_bert_dir, tok_dir, "--gin.semantic.fit_semantic_tokenizer.num_steps=4")
+    _fit(w2v_bert_dir, tok_dir, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=4")
     result = eval_lib.main(["--gin_file=gin/eval/semantic.gin", f"--gin.CHECKPOINT_DIR='{tok_dir}'",
                             "--gin.semantic_eval.evaluate_semantic.max_examples=5",
                             "--gin.semantic_eval.evaluate_semantic.clip_seconds=2.0",
@@ -169,9 +170,10 @@ def test_tokens_from_an_imported_hubert_at_25_hz(tmp_path):
     from musiclm_jax.convert.__main__ import main as convert_main
     convert_main(["hubert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "hubert")])
     _fit(tmp_path / "hubert", tmp_path / "tok", "--gin.LAYER=1", "--gin.NUM_CLUSTERS=16",
-         "--gin.semantic.fit_semantic_tokenizer.batch_size=4", "--gin.semantic.fit_semantic_tokenizer.clip_seconds=2.0",
-         "--gin.semantic.fit_semantic_tokenizer.num_steps=3",
-         "--gin.semantic.fit_semantic_tokenizer.normalization_batches=1", gin_file="gin/semantic/kmeans_hubert.gin")
+         "--gin.fit_semantic.fit_semantic_tokenizer.batch_size=4",
+         "--gin.fit_semantic.fit_semantic_tokenizer.clip_seconds=2.0",
+         "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=3",
+         "--gin.fit_semantic.fit_semantic_tokenizer.normalization_batches=1", gin_file="gin/semantic/kmeans_hubert.gin")
     tokenizer = semantic.SemanticTokenizer.load(str(tmp_path / "tok"))
     assert tokenizer.frame_rate == 25.0  # HuBERT's 50 Hz pooled by 2
     audio = synthetic_music.generate_clip(1, seed=4, seconds=2.0, sample_rate=16000)["audio"]

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conversion never downloads
 
-from musiclm_jax import checkpoint_loading  # noqa: E402
+from musiclm_jax import run_directory  # noqa: E402
 
 
 def _bindings(prefix: str, config) -> list[str]:
@@ -59,7 +59,7 @@ def convert_encodec_dir(source: str, model_dir: str, bandwidth_kbps: Optional[fl
         state, rvq = keep_levels(state, rvq, levels)
     bindings = [f"SAMPLE_RATE = {sample_rate}"]
     bindings += _bindings("seanet.SEANetConfig", seanet) + _bindings("quantizers.RVQConfig", rvq)
-    return checkpoint_loading.write_run_directory(model_dir, "gin/codec/encodec_24khz.gin", bindings, params, "EnCodec",
+    return run_directory.write_run_directory(model_dir, "gin/codec/encodec_24khz.gin", bindings, params, "EnCodec",
                                 subtree="generator", flax_mutables=state)
 
 
@@ -90,7 +90,7 @@ def convert_hubert_dir(source: str, model_dir: str) -> str:
     params, config = convert_hubert(model, config.sample_rate)
     bindings = [f"SAMPLE_RATE = {config.sample_rate}", f"SEGMENT_SAMPLES = {10 * config.sample_rate}"]
     bindings += _bindings("hubert.HubertConfig", config)
-    return checkpoint_loading.write_run_directory(model_dir, "gin/semantic/hubert.gin", bindings, params, "HuBERT")
+    return run_directory.write_run_directory(model_dir, "gin/semantic/hubert.gin", bindings, params, "HuBERT")
 
 
 _CLAP_FEATURES = {"sampling_rate": "sample_rate", "hop_length": "hop_length", "fft_window_size": "fft_window_size",
@@ -116,7 +116,7 @@ def convert_clap_dir(source: str, model_dir: str, text_length: int = 77) -> str:
         feature_settings = {ours: extractor[theirs] for theirs, ours in _CLAP_FEATURES.items() if theirs in extractor}
     model = ClapModel.from_pretrained(source).eval()
     params, config = convert_clap(model, text_length, **feature_settings)
-    checkpoint_loading.write_run_directory(model_dir, "gin/mulan/clap.gin", gin_bindings(config, text_length),
+    run_directory.write_run_directory(model_dir, "gin/mulan/clap.gin", gin_bindings(config, text_length),
                                            params, "CLAP")
     tokenizer = os.path.join(source, "tokenizer.json")
     if os.path.exists(tokenizer):
@@ -139,7 +139,7 @@ def convert_vggish_file(source: str, model_dir: str, pca: Optional[str] = None, 
             raise FileNotFoundError(f"{path!r} is not a file (expected a torch state dict saved with torch.save)")
     params = convert_vggish(torch.load(source, map_location="cpu", weights_only=True))
     pca_params = convert_vggish_pca(torch.load(pca, map_location="cpu", weights_only=False)) if pca else None
-    checkpoint_loading.write_run_directory(model_dir, "gin/eval/vggish.gin",
+    run_directory.write_run_directory(model_dir, "gin/eval/vggish.gin",
                                            [f"vggish.VGGishConfig.final_relu = {final_relu}"], params, "VGGish")
     if pca_params is not None:
         np.savez(os.path.join(model_dir, PCA_FILE), **pca_params)
@@ -157,7 +157,7 @@ def convert_passt_file(source: str, model_dir: str) -> str:
     state_dict = strip_wrapper(torch.load(source, map_location="cpu", weights_only=True))
     config = config_from_state_dict(state_dict)
     params = convert_passt(state_dict, config)
-    return checkpoint_loading.write_run_directory(model_dir, "gin/eval/passt.gin", gin_bindings(config), params,
+    return run_directory.write_run_directory(model_dir, "gin/eval/passt.gin", gin_bindings(config), params,
                                                   "PaSST")
 
 
