@@ -231,38 +231,30 @@ def planned_token_manifest(setup: dict[str, Any]) -> dict[str, Any]:
             "tokenizers": tokenizers, "splits": {}, "planned": True, "complete": False}
 
 
-def write_planned_token_cache(tokenizers_gin: str, output_dir: str, bindings: Sequence[str] = ()) -> dict[str, Any]:
-    """planned_token_manifest of the tokenize_forward.aot_setup that `tokenizers_gin` binds (read in a private
-    gin configuration), written to output_dir/manifest.json; returns it."""
-    import gin
-
-    from musiclm_jax import tokenize_forward
+def write_planned_token_cache(setup: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """planned_token_manifest(setup) written to output_dir/manifest.json; returns it."""
     from musiclm_jax.data import token_cache
-    with gin_utils.private_config():
-        gin_utils.parse_gin([tokenizers_gin], list(bindings), finalize=False)
-        setup = gin.get_configurable(tokenize_forward.aot_setup)()
     manifest = planned_token_manifest(setup)
     os.makedirs(output_dir, exist_ok=True)
     token_cache.write_manifest(output_dir, manifest)
     return manifest
 
 
-# The tokenizers of each size as the recipe trains them (tokenize_forward.aot_setup gin files).
-TOKENIZERS_GIN = {"tiny": "gin/tokenize/aot_tiny.gin", "paper": "gin/tokenize/aot_paper.gin"}
-_PLANNED_DIRS: dict[str, str] = {}
-
-
-def tokenizer_setup(size: str) -> dict[str, Any]:
-    """The tokenize_forward.aot_setup of the `size` ('tiny' or 'paper') tokenizers (TOKENIZERS_GIN, read in a
-    private gin configuration): their model gin files, MuLan's RVQ size, the chunk length, the melody rate."""
+def tokenizers_setup(tokenizers_gin: str) -> dict[str, Any]:
+    """The tokenize_forward.aot_setup that the gin file `tokenizers_gin` binds (gin/tokenize/aot_*.gin: the
+    tokenizers' model gin files, MuLan's RVQ size, the chunk length, the melody rate), read in a private gin
+    configuration."""
     import gin
 
     from musiclm_jax import tokenize_forward
-    if size not in TOKENIZERS_GIN:
-        raise ValueError(f"tokenizer size {size!r}: one of {sorted(TOKENIZERS_GIN)}")
     with gin_utils.private_config():
-        gin_utils.parse_gin([TOKENIZERS_GIN[size]], [], finalize=False)
+        gin_utils.parse_gin([tokenizers_gin], [], finalize=False)
         return gin.get_configurable(tokenize_forward.aot_setup)()
+
+
+# The tokenizers of each size as the recipe trains them (tokenize_forward.aot_setup gin files).
+TOKENIZERS_GIN = {"tiny": "gin/tokenize/aot_tiny.gin", "paper": "gin/tokenize/aot_paper.gin"}
+_PLANNED_DIRS: dict[str, str] = {}
 
 
 def planned_token_dir(size: str) -> str:
@@ -274,7 +266,7 @@ def planned_token_dir(size: str) -> str:
     if size not in _PLANNED_DIRS:
         import tempfile
         directory = tempfile.mkdtemp(prefix=f"planned_tokens_{size}_")
-        write_planned_token_cache(TOKENIZERS_GIN[size], directory)
+        write_planned_token_cache(tokenizers_setup(TOKENIZERS_GIN[size]), directory)
         _PLANNED_DIRS[size] = directory
     return _PLANNED_DIRS[size]
 
@@ -341,12 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             import gin
 
             from musiclm_jax import tokenize_forward
-            from musiclm_jax.data import token_cache
             if not flags["output_dir"]:
                 raise gin_utils.FlagError("--job=token_manifest needs --output_dir=DIR (where manifest.json goes)")
-            manifest = planned_token_manifest(gin.get_configurable(tokenize_forward.aot_setup)())
-            os.makedirs(flags["output_dir"], exist_ok=True)
-            token_cache.write_manifest(flags["output_dir"], manifest)
+            manifest = write_planned_token_cache(gin.get_configurable(tokenize_forward.aot_setup)(),
+                                                 flags["output_dir"])
             print(json.dumps(manifest["tokenizers"]), flush=True)
             return manifest
         if not flags["topology"]:

@@ -129,6 +129,8 @@ STEP_OUTPUTS = {"codec": "codec", "w2v_bert": "w2v_bert", "hubert": "hubert", "m
 
 # Imported components (--codec_from, --semantic_from, --mulan_from): the kinds each flag takes.
 IMPORT_KINDS = {"codec": ("encodec",), "semantic": ("hubert", "mert"), "mulan": ("clap",)}
+# The `python -m musiclm_jax.convert` kind of each (MERT's checkpoints are HubertModel's).
+CONVERT_KIND = {"encodec": "encodec", "hubert": "hubert", "mert": "hubert", "clap": "clap"}
 # The layer and frame pooling (to 25 Hz) of an imported semantic feature model, for the k-means fit: a gin file
 # applied after the size's own k-means file (its clusters, steps and clip length).
 SEMANTIC_FEATURES_GIN = {"hubert": "gin/semantic/features_hubert.gin", "mert": "gin/semantic/features_mert.gin"}
@@ -155,8 +157,7 @@ class Import:
         """The plan's step that puts this import's run directory at model_dir."""
         if self.converted:
             return (name, CopyRunDirectory(self.path, model_dir))
-        command = "encodec" if self.kind == "encodec" else "hubert" if self.kind in ("hubert", "mert") else "clap"
-        argv = ["musiclm_jax.convert", command, "--from", self.path, "--to", model_dir]
+        argv = ["musiclm_jax.convert", CONVERT_KIND[self.kind], "--from", self.path, "--to", model_dir]
         if self.kind == "encodec":
             argv += ["--bandwidth", str(ENCODEC_BANDWIDTH_KBPS)]
         return (name, argv)

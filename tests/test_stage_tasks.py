@@ -195,7 +195,7 @@ def test_a_planned_cache_gives_layouts_but_no_data(tmp_path):
     """A manifest-only cache (aot --job=token_manifest) states a stage's sizes; reading its data is an error that
     names it."""
     from musiclm_jax import aot
-    manifest = aot.write_planned_token_cache("gin/tokenize/aot_paper.gin", str(tmp_path))
+    manifest = aot.write_planned_token_cache(aot.tokenizers_setup("gin/tokenize/aot_paper.gin"), str(tmp_path))
     assert manifest["planned"] and manifest["splits"] == {}
     spec = stages.stage_spec("coarse", str(tmp_path), seconds=10.0)
     assert (spec.input_length, spec.target_length) == (12 + 250, 250 * 2 * 4)  # 10 s: 250 semantic, 500 codec frames
