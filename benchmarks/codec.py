@@ -23,7 +23,7 @@ import numpy as np
 import common
 from musiclm_jax import gin_utils, partitioning
 from musiclm_jax import train as train_lib
-from musiclm_jax.codec import Codec
+from musiclm_jax.codec.inference import Codec
 
 PEER_REFERENCE = {"codec_seconds_per_audio_second": 0.223, "train_step_s_median": 8.6}
 PEER_MATCHED = ["seanet.SEANetConfig.strides = (2, 4, 5, 8)", "quantizers.RVQConfig.num_quantizers = 8"]

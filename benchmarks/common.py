@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from musiclm_jax.models import TokenLMModel
 from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 # audiolm-pytorch's SemanticTransformer defaults at dim 512: multi-query attention (one key/value head), GEGLU
 # feed-forward of width int(512 * 4 * 2 / 3), relative position bias. `--kv_heads 8` gives our multi-head default.

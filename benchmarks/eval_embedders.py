@@ -71,7 +71,7 @@ def _measure(name: str, params: int, sample_rate: int, frontend, embed_batch, re
 
 def vggish(repeats: int) -> dict:
     from musiclm_jax.networks.vggish import log_mel_examples
-    from musiclm_jax.vggish_model import VGGishEmbedder, VGGishModel
+    from musiclm_jax.evaluation.vggish_model import VGGishEmbedder, VGGishModel
     model = VGGishModel()
     params = partitioning.unbox(jax.jit(lambda k: model.get_initial_variables(k, None))(jax.random.key(0)))["params"]
     embedder = VGGishEmbedder(model, params)
@@ -84,7 +84,7 @@ def vggish(repeats: int) -> dict:
 
 def passt(repeats: int) -> dict:
     from musiclm_jax.networks.passt import log_mel
-    from musiclm_jax.passt_model import PaSSTClassifier, PaSSTModel
+    from musiclm_jax.evaluation.passt_model import PaSSTClassifier, PaSSTModel
     model = PaSSTModel()
     params = partitioning.unbox(jax.jit(lambda k: model.get_initial_variables(k, None))(jax.random.key(0)))["params"]
     classifier = PaSSTClassifier(model, params)
@@ -96,7 +96,7 @@ def passt(repeats: int) -> dict:
 
 
 def clap(repeats: int) -> dict:
-    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.mulan.inference import MuLan
     from musiclm_jax.networks.mulan import MuLan as MuLanNetwork
     gin_utils.parse_gin(["gin/mulan/clap.gin"], ["MODEL_DIR = '/tmp/unused'"])
     model = gin_utils.bound_arguments("train", ["model"], {})["model"]

@@ -4,7 +4,7 @@
     python benchmarks/generate.py --size paper [--seconds 0.2] [--repeats 3] [--dtype float32]
 
 Two sizes, both random-init (speed does not depend on the weights' values), both run through MusicLM's own chain
-(musiclm_jax/pipeline.py: generate_tokens, _run_stage over sliding windows, Stage.sample's jitted KV-cached
+(musiclm_jax/generation/pipeline.py: generate_tokens, _run_stage over sliding windows, Stage.sample's jitted KV-cached
 sampler, the codec's decode):
   tiny   every model tiny (gin/codec/tiny.gin; gin/mulan/tiny.gin with a 12 x 32 RVQ fitted on 40 synthetic clips
          and a 512-piece caption vocabulary; gin/stages/{semantic,coarse,fine}_tiny.gin), written as run
@@ -50,8 +50,8 @@ import jax
 import numpy as np
 
 from musiclm_jax import aot, gin_utils, partitioning
-from musiclm_jax.pipeline import STAGES, MusicLM
-from musiclm_jax.stage_sampling import Stage
+from musiclm_jax.generation.pipeline import STAGES, MusicLM
+from musiclm_jax.generation.stage_sampling import Stage
 
 CAPTIONS = ("a calm piano melody with soft strings", "loud rock drums and distorted guitar",
             "an upbeat electronic dance track", "a slow jazz ballad on saxophone")
@@ -89,7 +89,9 @@ class TimedMusicLM(MusicLM):
 def tiny_musiclm(root: str) -> TimedMusicLM:
     """Random-init tiny run directories under `root` (as tests/test_pipeline.py writes them; existing ones are
     reused), loaded as MusicLM.from_checkpoints loads them."""
-    from musiclm_jax import mulan, run_directory, text_vocab
+    from musiclm_jax import run_directory
+    from musiclm_jax.mulan import inference as mulan
+    from musiclm_jax.mulan import text_vocab
     from musiclm_jax.fit_rvq import fit_rvq
 
     def missing(name, filename="config.gin"):
@@ -131,7 +133,7 @@ def init_variables(model, seed: int):
 def in_memory_musiclm(size: str, dtype) -> TimedMusicLM:
     """The stages (gin/stages/*_{size}.gin) and the codec (gin/codec/{size}.gin) of one size, random-init in
     memory, chained without MuLan (fed MuLan tokens)."""
-    from musiclm_jax.codec import Codec
+    from musiclm_jax.codec.inference import Codec
     bindings = [f"transformer.TransformerConfig.dtype = '{dtype}'"] if dtype else []
     stages = []
     for i, name in enumerate(STAGES):

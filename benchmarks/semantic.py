@@ -21,9 +21,9 @@ import numpy as np
 import common
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (gin files bind train_lib.train)
-from musiclm_jax.hubert_model import HubertFeatureModel
+from musiclm_jax.semantic.hubert_model import HubertFeatureModel
 from musiclm_jax.networks.hubert import HubertConfig
-from musiclm_jax.semantic import FeatureExtractor, SemanticTokenizer
+from musiclm_jax.semantic.inference import FeatureExtractor, SemanticTokenizer
 
 NUM_CLUSTERS = 1024
 

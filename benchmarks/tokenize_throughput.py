@@ -32,10 +32,10 @@ import common
 from musiclm_jax import partitioning
 from musiclm_jax import tokenize as tokenize_job
 from musiclm_jax import tokenize_forward
-from musiclm_jax.codec import Codec
+from musiclm_jax.codec.inference import Codec
 from musiclm_jax.data import audio_io, synthetic_music
-from musiclm_jax.mulan import ConditioningRVQ, MuLan
-from musiclm_jax.semantic import FeatureExtractor, SemanticTokenizer
+from musiclm_jax.mulan.inference import ConditioningRVQ, MuLan
+from musiclm_jax.semantic.inference import FeatureExtractor, SemanticTokenizer
 
 SIZES = {
     "tiny": dict(codec="gin/models/codec_spectral_tiny.gin", semantic="gin/models/w2v_bert_tiny.gin",

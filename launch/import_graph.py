@@ -23,12 +23,12 @@ from typing import Iterable
 PACKAGE = "musiclm_jax"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 # What a serving or generating process loads; none of them may pull TensorFlow, seqio or data/ at import time.
-INFERENCE = ("musiclm_jax.serving", "musiclm_jax.pipeline", "musiclm_jax.stage_sampling",
-             "musiclm_jax.generation_params", "musiclm_jax.codec", "musiclm_jax.mulan", "musiclm_jax.semantic",
-             "musiclm_jax.checkpoint_loading")
+INFERENCE = ("musiclm_jax.serving.bundle", "musiclm_jax.generation.pipeline",
+             "musiclm_jax.generation.stage_sampling", "musiclm_jax.generation.params", "musiclm_jax.codec.inference",
+             "musiclm_jax.mulan.inference", "musiclm_jax.semantic.inference", "musiclm_jax.checkpoint_loading")
 FORBIDDEN_FOR_INFERENCE = ("tensorflow", "seqio", "tensorflow_datasets", "musiclm_jax.data", "musiclm_jax.tasks")
 # What networks/ may import besides networks/: pure JAX building blocks with no training, data or gin.
-NETWORK_BLOCKS = ("layers", "partitioning", "weight_precision", "spectral", "quantizers", "vq", "kmeans")
+NETWORK_BLOCKS = ("layers", "partitioning", "weight_precision", "spectral", "vq", "kmeans")
 
 
 def modules() -> dict[str, str]:

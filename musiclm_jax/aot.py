@@ -153,8 +153,9 @@ def tokenization_forward_and_variables(setup: dict[str, Any], partitioner: parti
     """(TokenizationForward, abstract variables with their shardings on the partitioner's mesh, parameter counts
     {tokenizer: n}) of a tokenize_forward.aot_setup. Parameters are laid out by each model's logical axis rules; the
     k-means centres, normalisation and RVQ codebooks are replicated."""
-    from musiclm_jax import checkpoint_loading, semantic, tokenize_forward
-    from musiclm_jax import mulan as mulan_lib
+    from musiclm_jax import checkpoint_loading, tokenize_forward
+    from musiclm_jax.semantic import inference as semantic
+    from musiclm_jax.mulan import inference as mulan_lib
 
     def abstract(model):
         return checkpoint_loading.abstract_variables(model, partitioner)
@@ -201,7 +202,7 @@ def planned_token_manifest(setup: dict[str, Any]) -> dict[str, Any]:
     each one's sample_rate and frame_rate (Hz), levels, codebook_size and frames per chunk (the codec's and the
     semantic tokenizer's by shape evaluation of the job's forward on one chunk, as the job probes a silent one),
     'planned': true and no splits. Training on it fails naming it (tasks/tokenized.register_stage_task)."""
-    from musiclm_jax import melody
+    from musiclm_jax.generation import melody
     partitioner = partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig(), jax.devices()[:1]))
     forward, variables, _ = tokenization_forward_and_variables(setup, partitioner)
     chunk_seconds = float(setup["chunk_seconds"])

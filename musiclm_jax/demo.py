@@ -99,7 +99,7 @@ def evaluate(out: str, seed: int = 0) -> dict:
     'shuffled_permutation_mean' (a seeded derangement), 'permutation_p_value' (permutation_p_value), 'num_prompts',
     'similarity' [prompt][audio]}."""
     from musiclm_jax.data import audio_io
-    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.mulan.inference import MuLan
     samples_dir = os.path.join(out, "samples")
     with open(os.path.join(samples_dir, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
@@ -172,7 +172,7 @@ def clip_standard_error(generated: np.ndarray, reference: np.ndarray, pitched: n
 
 
 def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 16) -> dict:
-    """How closely generation follows a given melody: the melody tokens (musiclm_jax.melody) of held-out
+    """How closely generation follows a given melody: the melody tokens (musiclm_jax.generation.melody) of held-out
     synthetic test clips condition generation under their own captions; the generated audio's melody tokens are
     compared, on the frames where the melody has a pitch, with that melody ('agreement_with_melody'), and with
     the same captions generated without a melody ('agreement_without_melody') and with another clip's melody
@@ -189,11 +189,11 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
     melody frame's semantic tokens stand for), next to the reference audio's own semantic tokens
     ('semantic_agreement_of_reference_tokens', what the tokens can carry): they tell the semantic stage's share
     from the acoustic stages' and the codec's."""
-    from musiclm_jax import melody
+    from musiclm_jax.generation import melody
     from musiclm_jax.data import audio_io, synthetic_music
     from musiclm_jax.evaluation import pitch_metrics
-    from musiclm_jax.pipeline import MusicLM
-    from musiclm_jax.semantic import SemanticTokenizer
+    from musiclm_jax.generation.pipeline import MusicLM
+    from musiclm_jax.semantic.inference import SemanticTokenizer
     musiclm = MusicLM.from_checkpoints(*(os.path.join(out, n) for n in ("mulan", "codec", "semantic", "coarse",
                                                                          "fine")))
     musiclm.log = None
@@ -242,7 +242,7 @@ def melody_following(out: str, duration: float, seed: int = 0, num_clips: int = 
 def codec_checks(out_dir: str) -> dict:
     """The demo codec's round trips of pure tones (55 Hz to 4 kHz) and silence: codec_eval.codec_sanity of
     DIR/codec."""
-    from musiclm_jax.codec import Codec
+    from musiclm_jax.codec.inference import Codec
     from musiclm_jax.evaluation import codec_eval
     return codec_eval.codec_sanity(Codec.from_checkpoint(os.path.join(out_dir, "codec")))
 

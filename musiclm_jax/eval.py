@@ -71,12 +71,12 @@ def _load_embedder(model: str, checkpoint: str):
         raise SystemExit(f"eval embed: --checkpoint {checkpoint!r} is not a directory")
     try:
         if model == "vggish":
-            from musiclm_jax.vggish_model import VGGishEmbedder
+            from musiclm_jax.evaluation.vggish_model import VGGishEmbedder
             return VGGishEmbedder.from_checkpoint(checkpoint)
         if model == "passt":
-            from musiclm_jax.passt_model import PaSSTClassifier
+            from musiclm_jax.evaluation.passt_model import PaSSTClassifier
             return PaSSTClassifier.from_checkpoint(checkpoint)
-        from musiclm_jax.mulan import MuLan
+        from musiclm_jax.mulan.inference import MuLan
         return MuLan.from_checkpoint(checkpoint)
     except ValueError as e:  # "DIR holds a VGGishModel, not PaSST"
         raise SystemExit(f"eval embed --model {model}: cannot use checkpoint {checkpoint!r}: {e}") from e

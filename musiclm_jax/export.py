@@ -40,7 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from musiclm_jax import gin_utils, pipeline, serving, stage_sampling
+from musiclm_jax import gin_utils
+from musiclm_jax.generation import pipeline
+from musiclm_jax.serving import bundle as serving
+from musiclm_jax.generation import stage_sampling
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 FLAGS = {"output_dir": None, "platforms": ",".join(DEFAULT_PLATFORMS)}
@@ -166,7 +169,7 @@ def export_encoders(musiclm: pipeline.MusicLM, platforms: Sequence[str]) -> tupl
         _spec(feature_params), jax.ShapeDtypeStruct((b, int(round(per_frame)) * k), jnp.float32)),
         "semantic_features", ("audio",), ("features",), constraints)
     params["semantic_features"] = feature_params
-    from musiclm_jax.semantic import nearest_centroids
+    from musiclm_jax.semantic.inference import nearest_centroids
     kmeans = {"centroids": np.asarray(tokenizer.centroids, np.float32)}
     b, t = export.symbolic_shape("b, t")
     functions["semantic_assign"] = Function(export.export(jax.jit(lambda p, x: nearest_centroids(x, p["centroids"])),

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from musiclm_jax.mulan import RVQ_FILE, ConditioningRVQ, MuLan, pad_to_window, process_rows
+from musiclm_jax.mulan.inference import RVQ_FILE, ConditioningRVQ, MuLan, pad_to_window, process_rows
 
 
 def training_clips(sample_rate: int, seconds: float, num_clips: int, audio_dir: Optional[str] = None,

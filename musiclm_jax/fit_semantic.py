@@ -19,7 +19,7 @@ import numpy as np
 
 from musiclm_jax import distributed
 from musiclm_jax.kmeans import MiniBatchKMeans
-from musiclm_jax.semantic import (KMEANS_FILE, NORMALIZATION_FILE, FeatureExtractor, SemanticTokenizer,
+from musiclm_jax.semantic.inference import (KMEANS_FILE, NORMALIZATION_FILE, FeatureExtractor, SemanticTokenizer,
                                   load_feature_model)
 
 

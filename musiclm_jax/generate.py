@@ -23,7 +23,7 @@ import time
 from typing import Optional, Sequence
 
 from musiclm_jax import gin_utils
-from musiclm_jax.melody import describe as describe_melody
+from musiclm_jax.generation.melody import describe as describe_melody
 
 FLAGS = {"prompt": [], "duration": None, "output_dir": None, "seed": None, "guidance": None, "continue_from": None,
          "rerank": None, "melody": None}
@@ -37,7 +37,7 @@ def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoi
     """The pipeline.MusicLM of the given run directories with its default generation settings (bound in gin);
     decode_weights: 'float32', 'bfloat16' or 'int8' (weight-only), the stages' weights while sampling
     (musiclm_jax.weight_precision)."""
-    from musiclm_jax.pipeline import MusicLM
+    from musiclm_jax.generation.pipeline import MusicLM
     musiclm = MusicLM.from_checkpoints(mulan_checkpoint, codec_checkpoint, semantic_checkpoint, coarse_checkpoint,
                                        fine_checkpoint, semantic_tokenizer=semantic_tokenizer,
                                        decode_weights=decode_weights)
@@ -52,7 +52,7 @@ def run(musiclm, prompts: Sequence[str], output_dir: str, continue_from: Optiona
     rerank > 1 keeps the best of that many candidates by MuLan score; melody: an audio file whose melody every
     sample follows (MusicLM.generate)."""
 
-    from musiclm_jax import report
+    from musiclm_jax.evaluation import report
     from musiclm_jax.data import audio_io
     if not prompts:
         raise ValueError("give at least one --prompt")

@@ -24,9 +24,9 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from musiclm_jax import decoding
+from musiclm_jax.generation import decoding
 from musiclm_jax.networks.transformer import DecoderOnlyTransformer, TransformerConfig
-from musiclm_jax.token_layout import PAD_ID, TokenLayout
+from musiclm_jax.generation.token_layout import PAD_ID, TokenLayout
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -67,8 +67,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from musiclm_jax.serve_generator import Generator
-from musiclm_jax.serve_requests import (CONTINUE_FIELDS, FIELDS, Limits, RequestError, decode_prompt_audio,
+from musiclm_jax.serving.generator import Generator
+from musiclm_jax.serving.requests import (CONTINUE_FIELDS, FIELDS, Limits, RequestError, decode_prompt_audio,
                                         parse_request, pcm_bytes, wav_bytes, wav_header)
 
 
@@ -316,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     max_prompt_audio_bytes=args.max_prompt_audio_bytes, max_prompt_audio_s=args.max_prompt_audio_s,
                     max_rerank=args.max_rerank)
 
-    from musiclm_jax import serving
+    from musiclm_jax.serving import bundle as serving
     start = time.time()
     model = serving.load(args.bundle, verify=not args.no_verify)
     server = Server(model, args.host, args.port, limits, warm_durations=warm)

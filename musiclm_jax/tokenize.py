@@ -10,7 +10,7 @@ shorter than `min_clip_seconds` is skipped and counted; the tail after the last 
 seconds counted), runs each tokenizer on batches of chunks laid out over all of this process's devices, and writes
 the token cache described in musiclm_jax.data.token_cache. Tokenizers: the codec (all levels), the semantic
 tokenizer, MuLan's conditioning RVQ (of each chunk's clip embedding) and the melody tokens (quantized chroma,
-musiclm_jax.melody, at `melody_rate` Hz), each optional but the codec.
+musiclm_jax.generation.melody, at `melody_rate` Hz), each optional but the codec.
 
 Work is divided into shards of `clips_per_shard` clips; process p of P does the shards whose index is p mod P. A
 shard is written to a temporary file and renamed, then marked done by its .json, so a restarted job skips the
@@ -28,13 +28,14 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
 from musiclm_jax import distributed
 from musiclm_jax.data import audio_io, token_cache
+from musiclm_jax.data.dataset_config import RawAudioSource
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ class TokenSource:
 
 def codec_source(checkpoint: str) -> TokenSource:
     """All RVQ levels of the codec run directory `checkpoint`."""
-    from musiclm_jax.codec import Codec
+    from musiclm_jax.codec.inference import Codec
     return codec_token_source(Codec.from_checkpoint(checkpoint), checkpoint)
 
 
@@ -72,7 +73,7 @@ def codec_token_source(codec, checkpoint: str = "") -> TokenSource:
 
 def semantic_source(checkpoint: str) -> TokenSource:
     """The semantic tokenizer directory `checkpoint` (written by `python -m musiclm_jax.fit_semantic`)."""
-    from musiclm_jax.semantic import SemanticTokenizer
+    from musiclm_jax.semantic.inference import SemanticTokenizer
     return semantic_token_source(SemanticTokenizer.load(checkpoint), checkpoint)
 
 
@@ -90,7 +91,7 @@ MULAN_NEAR_TIE = 1e-5
 
 def mulan_source(checkpoint: str, chunk_seconds: float) -> TokenSource:
     """MuLan's conditioning tokens (its RVQ of the chunk's clip embedding): one frame of `levels` per chunk."""
-    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.mulan.inference import MuLan
     return mulan_token_source(MuLan.from_checkpoint(checkpoint), chunk_seconds, checkpoint)
 
 
@@ -106,9 +107,9 @@ def mulan_token_source(mulan, chunk_seconds: float, checkpoint: str = "") -> Tok
 
 
 def melody_source(sample_rate: int, frame_rate: float) -> TokenSource:
-    """Melody tokens (musiclm_jax.melody: the dominant pitch class per frame, or none) at frame_rate Hz, computed
+    """Melody tokens (musiclm_jax.generation.melody: the dominant pitch class per frame, or none) at frame_rate Hz, computed
     on the host from the chunk at the codec's rate (no checkpoint)."""
-    from musiclm_jax import melody
+    from musiclm_jax.generation import melody
     return TokenSource("melody", sample_rate, frame_rate, 1, melody.VOCAB_SIZE, "",
                        lambda audio: melody.melody_tokens(np.asarray(audio), sample_rate, frame_rate)[..., None])
 
@@ -205,13 +206,14 @@ def _probe_frames(sources: list[TokenSource], batcher: DeviceBatcher, chunk_samp
     return {s.name: int(batcher(s, silent, sample_rate)[0].shape[1]) for s in sources}
 
 
-def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
+def tokenize_dataset(output_dir: str, source: Union[RawAudioSource, str], codec_checkpoint: str,
                      semantic_checkpoint: Optional[str] = None, mulan_checkpoint: Optional[str] = None,
                      splits: Sequence[str] = ("train", "validation", "test"), chunk_seconds: float = 30.0,
                      min_clip_seconds: float = 1.0, clips_per_shard: int = 256, batch_size: int = 8,
                      max_clips: Optional[dict] = None, melody_rate: Optional[float] = None) -> dict:
-    """Writes the token cache of `source_task` (a raw-audio task name at the codec's rate) to output_dir and
-    returns its manifest. See the module docstring. The semantic tokenizer and MuLan (with its fitted RVQ) are
+    """Writes the token cache of `source` to output_dir and returns its manifest. `source` is a
+    dataset_config.RawAudioSource (gin: `@dataset_config.raw_audio_source()`), read at the codec's sample rate
+    (one that names another rate is an error), or a raw-audio task name at the codec's rate. See the module docstring. The semantic tokenizer and MuLan (with its fitted RVQ) are
     optional: the fine stage needs only the codec. Splits the source does not have (a folder too small for a
     held-out carve) are left out, with a message. `max_clips` {split: n} caps a split (the synthetic music has
     100,000 train clips). `melody_rate` (Hz, e.g. 5.0) adds the melody tokens that melody-conditioned semantic
@@ -226,9 +228,12 @@ def tokenize_dataset(output_dir: str, source_task: str, codec_checkpoint: str,
     sample_rate = sources[0].sample_rate
     if melody_rate:
         sources.append(melody_source(sample_rate, float(melody_rate)))
-    _, task_rate, _, _ = audio_tasks.parse_raw_audio_task_name(source_task)
-    if task_rate != sample_rate:
-        raise ValueError(f"source_task {source_task!r} is at {task_rate} Hz but the codec runs at {sample_rate} Hz")
+    if isinstance(source, str):
+        source = RawAudioSource.from_task_name(source)
+    try:
+        source_task = source.at_rate(sample_rate).task_name
+    except ValueError as e:
+        raise ValueError(f"tokenize_dataset.source: {e}, the codec's rate ({codec_checkpoint})") from None
     chunk_samples = int(round(chunk_seconds * sample_rate))
     batcher = DeviceBatcher()
     frames = _probe_frames(sources, batcher, chunk_samples, sample_rate)

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax import mulan as mulan_lib
+from musiclm_jax.mulan import inference as mulan_lib
 from musiclm_jax import partitioning
-from musiclm_jax import semantic as semantic_lib
+from musiclm_jax.semantic import inference as semantic_lib
 from musiclm_jax import vq
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from musiclm_jax import partitioning
 from musiclm_jax.models import TokenLMModel
 from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 TINY_LAYOUT = TokenLayout.from_tuples((("mulan", 12, 32), ("semantic", 1, 64)))
 
@@ -86,7 +86,9 @@ def write_tiny_run_directories(root, semantic_tokenizer: bool = False):
     MuLan with a caption vocabulary and a random 12 x 32 conditioning RVQ (fitting one tests nothing here), the
     three stages of gin/stages/*_tiny.gin, and with semantic_tokenizer a tiny w2v-BERT ('w2v_bert') and its
     k-means tokenizer ('tokenizer', which continuation needs). Returns root."""
-    from musiclm_jax import fit_semantic, mulan, run_directory, text_vocab
+    from musiclm_jax import fit_semantic, run_directory
+    from musiclm_jax.mulan import inference as mulan
+    from musiclm_jax.mulan import text_vocab
     run_directory.write_run_directory(str(root / "codec"), "gin/codec/tiny.gin", [], seed=1)
     run_directory.write_run_directory(str(root / "mulan"), "gin/mulan/tiny.gin", [], seed=2)
     codebooks = np.random.RandomState(0).randn(12, 32, 128) * (0.5 ** np.arange(12))[:, None, None] / np.sqrt(128)

@@ -13,7 +13,7 @@ import soundfile
 from musiclm_jax.data import tfds_builders
 from musiclm_jax.data.bad_input import BadInputError
 from musiclm_jax.data.captioned_audio import AudioChecks
-from musiclm_jax.data.dataset_config import DatasetConfig, raw_audio_task_name
+from musiclm_jax.data.dataset_config import DatasetConfig, RawAudioSource, raw_audio_source, raw_audio_task_name
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline, missing_split
 from musiclm_jax.tasks import audio as audio_tasks
 from conftest import REPO_DIR, subprocess_env
@@ -30,6 +30,31 @@ def _tfds_dir(tmp_path, monkeypatch):
 def _pipeline(name, split="train", batch_size=4, length=8000, seed=0, shuffle=True):
     cfg = DatasetConfig(name, {"audio": length}, split, batch_size, seed=seed, shuffle=shuffle)
     return SeqioInputPipeline(cfg, "audio")
+
+
+def test_a_raw_audio_source_is_typed_and_its_task_name_round_trips():
+    source = raw_audio_source(audio_dir="/data/clips", bad_input="error", require_captions=True,
+                              validation_fraction=0.2)
+    assert source.sample_rate is None and source.kind == "audio_folder"
+    name = source.at_rate(RATE).task_name
+    assert name == "audio_folder_16000hz:/data/clips?bad_input=error&require_captions=true&validation_fraction=0.2"
+    parsed = RawAudioSource.from_task_name(name)
+    assert parsed == source.at_rate(RATE) and parsed.options["validation_fraction"] == 0.2
+    assert parsed.options["require_captions"] is True and isinstance(parsed.sample_rate, int)
+    assert RawAudioSource.from_task_name("musiccaps_24000hz:/mc?clips_dir=/clips").options == {"clips_dir": "/clips"}
+    assert raw_audio_task_name(RATE) == "synthetic_music_16000hz" == raw_audio_source().at_rate(RATE).task_name
+    with pytest.raises(ValueError, match="at 16000 Hz, not 24000 Hz"):
+        parsed.at_rate(24000)
+    with pytest.raises(ValueError, match="has no sample rate yet"):
+        source.task_name
+    with pytest.raises(ValueError, match="synthetic_music: takes no path"):
+        RawAudioSource.from_task_name("synthetic_music_16000hz:/x")
+    with pytest.raises(ValueError, match="needs a source directory"):
+        RawAudioSource("audio_folder", RATE)
+    with pytest.raises(ValueError, match="not a raw-audio task name"):
+        RawAudioSource.from_task_name("audio_folder_16khz:/x")
+    with pytest.raises(ValueError, match="positive integer"):
+        RawAudioSource("synthetic_music", 16000.5)
 
 
 def test_synthetic_music_crops_normalises_and_resumes(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import planned_token_dir
 from musiclm_jax import checkpoint_loading, gin_utils, run_directory
-from musiclm_jax.codec import Codec
+from musiclm_jax.codec.inference import Codec
 
 
 @pytest.fixture(scope="module")

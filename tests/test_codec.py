@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
-from musiclm_jax import codec as codec_lib
+from musiclm_jax.codec import inference as codec_lib
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
 from musiclm_jax.data import audio_io
@@ -183,7 +183,7 @@ def test_bad_input_is_downmixed_resampled_padded_or_named(trained_tiny_codec, tm
 def test_codec_eval_writes_metrics_that_match_a_direct_computation(trained_tiny_codec, tmp_path):
     import soundfile
     from musiclm_jax import eval as eval_lib
-    from musiclm_jax.codec_losses import MultiScaleMelLoss
+    from musiclm_jax.codec.losses import MultiScaleMelLoss
     from musiclm_jax.data import synthetic_music
     from musiclm_jax.evaluation import pitch_metrics
     from musiclm_jax.evaluation.audio_metrics import si_snr_db

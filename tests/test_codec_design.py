@@ -10,12 +10,13 @@ import pytest
 from flax import traverse_util
 
 from helpers import harmonic_notes
-from musiclm_jax import codec_losses, melody
-from musiclm_jax.codec_model import PROGRESS, CodecLossWeights, SoundStreamModel
+from musiclm_jax.codec import losses as codec_losses
+from musiclm_jax.generation import melody
+from musiclm_jax.codec.model import PROGRESS, CodecLossWeights, SoundStreamModel
 from musiclm_jax.evaluation import codec_eval, pitch_metrics
 from musiclm_jax.networks.discriminators import STFTDiscriminatorConfig, WaveDiscriminatorConfig
 from musiclm_jax.networks.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, Snake
-from musiclm_jax.quantizers import RVQConfig, code_perplexity
+from musiclm_jax.networks.quantizers import RVQConfig, code_perplexity
 
 RATE = 24000
 

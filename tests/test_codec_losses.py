@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from musiclm_jax import partitioning
-from musiclm_jax.codec_losses import (MultiScaleMelLoss, feature_matching_loss, hinge_discriminator_loss,
+from musiclm_jax.codec.losses import (MultiScaleMelLoss, feature_matching_loss, hinge_discriminator_loss,
                                       hinge_generator_loss)
 from musiclm_jax.spectral import mel_filterbank
 from musiclm_jax.networks.discriminators import (Discriminators, MultiScaleWaveDiscriminator,

@@ -16,7 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from helpers import CLAP_FEATURES, small_clap_model, write_word_tokenizer  # noqa: E402
 from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.clap import UnsupportedClapConfig, text_config_from_hf  # noqa: E402
-from musiclm_jax.mulan import MuLan  # noqa: E402
+from musiclm_jax.mulan.inference import MuLan  # noqa: E402
 
 FEATURES = CLAP_FEATURES
 

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import EncodecConfig, EncodecModel  # noqa: E402
 
-from musiclm_jax.codec import Codec  # noqa: E402
+from musiclm_jax.codec.inference import Codec  # noqa: E402
 from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.encodec import UnsupportedEncodecConfig, convert_encodec  # noqa: E402
 from musiclm_jax.networks.soundstream import SoundStream  # noqa: E402

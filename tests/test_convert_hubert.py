@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from musiclm_jax import checkpoint_loading, partitioning  # noqa: E402
 from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.hubert import UnsupportedHubertConfig, config_from_hf, convert_hubert  # noqa: E402
-from musiclm_jax.hubert_model import HubertFeatureModel  # noqa: E402
+from musiclm_jax.semantic.hubert_model import HubertFeatureModel  # noqa: E402
 from musiclm_jax.networks.hubert import Hubert, HubertConfig, num_frames  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16, 16),

@@ -11,7 +11,7 @@ from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.feature_converters import PrefixLMFeatureConverter
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline, block_shuffle
 from musiclm_jax.tasks import synthetic
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 
 def test_token_layout_offsets_and_round_trip():

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from helpers import init_params, mesh, random_batch, tiny_model
-from musiclm_jax import decoding, partitioning
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax import partitioning
+from musiclm_jax.generation import decoding
+from musiclm_jax.generation.token_layout import TokenLayout
 
 
 def _np_top_k(logits, k):
@@ -134,7 +135,8 @@ def test_traced_sampling_settings_draw_what_static_ones_draw_with_one_program():
     """stage_sampling.Stage.sample passes temperature, top_k, top_p and the guidance scale as traced arguments (one
     compiled program for all their values): its tokens equal predict_batch's, whose settings are constants."""
     from helpers import TINY_LAYOUT
-    from musiclm_jax import generation_params, stage_sampling
+    from musiclm_jax.generation import params as generation_params
+    from musiclm_jax.generation import stage_sampling
     from musiclm_jax.models import TokenLMModel
     network = tiny_model().network
     model = TokenLMModel(network, TINY_LAYOUT, ("mulan",), "semantic", 12, 20, guidance_groups=("mulan",))

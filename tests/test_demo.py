@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import harmonic_notes
-from musiclm_jax import demo, generate, gin_utils, mulan, recipe, run_directory, text_vocab
+from musiclm_jax import demo, generate, gin_utils, recipe, run_directory
+from musiclm_jax.mulan import inference as mulan
+from musiclm_jax.mulan import text_vocab
 from musiclm_jax.data import audio_io
 
 

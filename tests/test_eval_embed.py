@@ -53,7 +53,7 @@ def dirs(tmp_path_factory):
 
 
 def test_vggish_embed_matches_api(dirs, tmp_path, capsys):
-    from musiclm_jax.vggish_model import VGGishEmbedder
+    from musiclm_jax.evaluation.vggish_model import VGGishEmbedder
     out = str(tmp_path / "sub" / "vggish.npy")
     returned = eval_lib.main(["embed", "--model", "vggish", "--checkpoint", dirs["vggish"], "--input", dirs["short"],
                               "--output", out])
@@ -71,7 +71,7 @@ def test_vggish_embed_matches_api(dirs, tmp_path, capsys):
 
 
 def test_passt_embed_matches_api(dirs, tmp_path):
-    from musiclm_jax.passt_model import PaSSTClassifier
+    from musiclm_jax.evaluation.passt_model import PaSSTClassifier
     out = str(tmp_path / "passt.npy")
     saved = eval_lib.main(["embed", "--model", "passt", "--checkpoint", dirs["passt"], "--input", dirs["long"],
                            "--output", out])
@@ -85,7 +85,7 @@ def test_passt_embed_matches_api(dirs, tmp_path):
 
 
 def test_clap_embed_matches_api(dirs, tmp_path):
-    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.mulan.inference import MuLan
     out = str(tmp_path / "clap.npy")
     saved = eval_lib.main(["embed", "--model", "clap", "--checkpoint", dirs["mulan"], "--input", dirs["short"],
                            "--output", out])

@@ -18,8 +18,10 @@ import pytest
 
 from conftest import REPO_DIR, subprocess_env
 from helpers import planned_token_dir
-from musiclm_jax import (checkpoint_loading, export, gin_utils, partitioning, pipeline, run_directory, serving,
-                         stage_sampling)
+from musiclm_jax import checkpoint_loading, export, gin_utils, partitioning, run_directory
+from musiclm_jax.generation import pipeline
+from musiclm_jax.serving import bundle as serving
+from musiclm_jax.generation import stage_sampling
 
 PROMPTS = ["a calm piano melody", "loud rock drums and distorted guitar", "slow waltz on strings"]
 # 2.4 s: 60 semantic frames (window 50), 120 codec frames (coarse window 100, fine window 50): every stage slides.
@@ -47,10 +49,10 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
     """MusicLM of the tiny configs with random weights: the codec and MuLan (with a caption vocabulary trained on
     the synthetic captions and a random RVQ) in memory; the stages from `stage_dirs` ({name: run directory}) if
     given, else in memory."""
-    from musiclm_jax import text_vocab
-    from musiclm_jax.codec import Codec
+    from musiclm_jax.mulan import text_vocab
+    from musiclm_jax.codec.inference import Codec
     from musiclm_jax.data import synthetic_music
-    from musiclm_jax.mulan import ConditioningRVQ, MuLan
+    from musiclm_jax.mulan.inference import ConditioningRVQ, MuLan
     codec_model = gin_model("gin/codec/tiny.gin")
     audio = jnp.zeros((1, 4 * codec_model.seanet.hop_length), jnp.float32)
     codec_vars = jax.eval_shape(lambda: partitioning.unbox(codec_model.generator.init({"params": jax.random.key(0)},
@@ -78,7 +80,7 @@ def tiny_musiclm(root, stage_dirs=None) -> pipeline.MusicLM:
 def tiny_semantic_tokenizer():
     """The tiny w2v-BERT (random weights), layer 3 with the pitch-class profile, and 64 random k-means centres
     (the tiny semantic stage's vocabulary), as gin/semantic/kmeans_tiny.gin fits them: what continuation needs."""
-    from musiclm_jax import semantic
+    from musiclm_jax.semantic import inference as semantic
     model = gin_model("gin/w2v_bert/tiny.gin")
     shapes = jax.eval_shape(lambda: partitioning.unbox(model.get_initial_variables(jax.random.key(0),
                                                                                    model.input_shapes(1))))
@@ -122,7 +124,7 @@ def bundle(tmp_path_factory, musiclm):
 SERVE_SCRIPT = """
 import json, sys
 import numpy as np
-from musiclm_jax import serving
+from musiclm_jax.serving import bundle as serving
 model = serving.load(sys.argv[1])
 audio = model.generate(json.loads(sys.argv[2]))
 np.save(sys.argv[3], audio)
@@ -190,6 +192,54 @@ def test_a_bundle_continues_and_reranks_as_musiclm_does(musiclm, bundle):
     np.testing.assert_array_equal(got.audio, want.audio)
     np.testing.assert_array_equal(got.scores, want.scores)
     np.testing.assert_array_equal(got.choice, want.choice)
+
+
+def _protocol_problems(obj, protocol) -> list[str]:
+    """What `obj` lacks of `protocol` (musiclm_jax.interfaces): a member, or a method whose parameters do not
+    start with the protocol's (by name) or whose extra parameters have no default."""
+    import inspect
+    problems = []
+    for name, member in vars(protocol).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        wanted = list(inspect.signature(member).parameters)[1:]
+        have = list(inspect.signature(getattr(obj, name)).parameters.values())
+        if [p.name for p in have[:len(wanted)]] != wanted or any(
+                p.default is inspect.Parameter.empty for p in have[len(wanted):]):
+            problems.append(f"{type(obj).__name__}.{name}{inspect.signature(getattr(obj, name))} does not take "
+                            f"{protocol.__name__}.{name}'s {wanted}")
+    for name in [*protocol.__annotations__, *(n for n, v in vars(protocol).items() if isinstance(v, property))]:
+        if not hasattr(obj, name):
+            problems.append(f"{type(obj).__name__} has no {name}")
+    return problems
+
+
+def test_inference_classes_and_served_parts_implement_the_interfaces(musiclm, bundle):
+    from musiclm_jax import interfaces
+    from musiclm_jax.codec import Codec
+    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.semantic import SemanticTokenizer
+    served = serving.load(str(bundle)).musiclm
+    expected = {"inference": (Codec, MuLan, SemanticTokenizer, stage_sampling.Stage),
+                "served": (serving.ServedCodec, serving.ServedMuLan, serving.ServedSemanticTokenizer,
+                           serving.ServedStage)}
+    for family, model in (("inference", musiclm), ("served", served)):
+        parts = [(interfaces.Codec, model.codec), (interfaces.MuLan, model.mulan),
+                 (interfaces.SemanticTokenizer, model.semantic_tokenizer)]
+        parts += [(interfaces.Stage, stage) for stage in model.stages.values()]
+        for (protocol, part), cls in zip(parts, expected[family] + (expected[family][-1],) * 2):
+            assert type(part) is cls, (family, protocol.__name__, type(part))
+            assert isinstance(part, protocol), (family, protocol.__name__)
+            assert _protocol_problems(part, protocol) == [], family
+    # The check can fail: a codec without decode, a tokenizer whose tokenize needs another argument.
+    assert not isinstance(object(), interfaces.Codec)
+
+    class NoDefault:
+        sample_rate, frame_rate = 16000, 25.0
+
+        def tokenize(self, audio, layer):
+            return audio
+    assert _protocol_problems(NoDefault(), interfaces.SemanticTokenizer) != []
 
 
 def test_exported_functions_have_a_symbolic_batch(musiclm, bundle):

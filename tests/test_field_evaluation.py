@@ -12,9 +12,9 @@ from helpers import write_tiny_evaluation_models, write_tiny_run_directories
 from musiclm_jax import eval as eval_lib
 from musiclm_jax.data import audio_io
 from musiclm_jax.evaluation import generation_metrics
-from musiclm_jax.mulan import MuLan
-from musiclm_jax.passt_model import PaSSTClassifier
-from musiclm_jax.vggish_model import VGGishEmbedder
+from musiclm_jax.mulan.inference import MuLan
+from musiclm_jax.evaluation.passt_model import PaSSTClassifier
+from musiclm_jax.evaluation.vggish_model import VGGishEmbedder
 
 CHECKPOINTS = ("mulan", "codec", "semantic", "coarse", "fine")
 MACROS = ("MULAN_CHECKPOINT", "CODEC_CHECKPOINT", "SEMANTIC_CHECKPOINT", "COARSE_CHECKPOINT", "FINE_CHECKPOINT")

@@ -17,7 +17,7 @@ from musiclm_jax import eval as eval_lib
 from musiclm_jax.data import audio_io, synthetic_music, token_cache
 from musiclm_jax.evaluation import embedders, eval_data, generation_eval, memorization_eval
 from musiclm_jax.evaluation.generation_metrics import frechet_audio_distance
-from musiclm_jax.pipeline import MusicLM
+from musiclm_jax.generation.pipeline import MusicLM
 
 NUM_CAPTIONS = 5  # two batches of 4: the second one padded
 DURATION_S = 1.0
@@ -168,7 +168,7 @@ def test_mcc_is_the_mean_mulan_score_of_the_generated_audio(cli_run, musiclm):
 def test_clap_score_is_the_mean_caption_audio_cosine_at_the_claps_rate(cli_run, model_dirs, musiclm):
     """audiocraft's CLAP score: clip i resampled to the CLAP's rate (16 kHz for this tiny one, 48 kHz for
     LAION-CLAP), cosine of its unit-norm audio embedding with caption i's text embedding, averaged."""
-    from musiclm_jax.mulan import MuLan
+    from musiclm_jax.mulan.inference import MuLan
     out, metrics = cli_run
     captions, generated, _ = _generated_and_reference(out, musiclm.sample_rate)
     clap = MuLan.from_checkpoint(str(model_dirs / "mulan"))
@@ -182,7 +182,7 @@ def test_clap_score_is_the_mean_caption_audio_cosine_at_the_claps_rate(cli_run, 
 def test_kl_passt_is_audiocrafts_kl_of_the_passt_posteriors(cli_run, musiclm, evaluation_models):
     """kl_passt: both clips at 32 kHz, one softmax row per clip (1 s: one segment), KL(reference || generated +
     1e-6) summed over the 527 classes (audiocraft's torch formula, written out here), averaged."""
-    from musiclm_jax.passt_model import PaSSTClassifier
+    from musiclm_jax.evaluation.passt_model import PaSSTClassifier
     out, metrics = cli_run
     _, generated, reference = _generated_and_reference(out, musiclm.sample_rate)
     classifier = PaSSTClassifier.from_checkpoint(evaluation_models["passt"])
@@ -197,7 +197,7 @@ def test_kl_passt_is_audiocrafts_kl_of_the_passt_posteriors(cli_run, musiclm, ev
 def test_passt_rows_of_long_clips_are_audiocrafts_segments(evaluation_models):
     """A 23 s clip: segments of 10, 10 and 3 s, each its own row (segment-major), as audiocraft cuts them; a tail
     of at most 0.15 s is dropped."""
-    from musiclm_jax.passt_model import PaSSTClassifier
+    from musiclm_jax.evaluation.passt_model import PaSSTClassifier
     classifier = PaSSTClassifier.from_checkpoint(evaluation_models["passt"])
     rng = np.random.RandomState(0)
     audio = (0.1 * rng.randn(2, 23 * 16000)).astype(np.float32)

@@ -78,8 +78,10 @@ def test_audio_dir_selects_a_folder_task(path, rate):
 def test_tokenize_and_audio_runs_name_their_source(bindings, expected):
     gin_utils.parse_gin(["gin/tokenize/tiny.gin"], ["OUTPUT_DIR = '/tmp/o'", "CODEC_CHECKPOINT = '/c'",
                                                     "SEMANTIC_CHECKPOINT = '/s'", "MULAN_CHECKPOINT = None"] + bindings)
-    args = gin_utils.bound_arguments("tokenize_dataset", ["source_task", "chunk_seconds"], {})
-    assert args["source_task"] == expected and args["chunk_seconds"] == 4.0
+    args = gin_utils.bound_arguments("tokenize_dataset", ["source", "chunk_seconds"], {})
+    # The job's source names no rate: tokenize_dataset reads it at its codec's (24 kHz for the tiny codec).
+    assert args["source"].sample_rate is None and args["chunk_seconds"] == 4.0
+    assert args["source"].at_rate(24000).task_name == expected
     gin.clear_config()
     gin_utils.parse_gin(["gin/codec/tiny.gin"], ["MODEL_DIR = '/tmp/unused'"] + bindings)
     data = gin_utils.bound_arguments("train", ["train_dataset_cfg"], {})["train_dataset_cfg"]

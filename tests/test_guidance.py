@@ -7,9 +7,9 @@ import pytest
 from musiclm_jax import partitioning
 from musiclm_jax.models import TokenLMModel
 from musiclm_jax.networks.transformer import TransformerConfig
-from musiclm_jax.generation_params import GenerationParams
-from musiclm_jax.stage_sampling import Stage, StageSpec
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.params import GenerationParams
+from musiclm_jax.generation.stage_sampling import Stage, StageSpec
+from musiclm_jax.generation.token_layout import TokenLayout
 
 LAYOUT = TokenLayout.from_tuples((("mulan", 3, 8), ("semantic", 1, 16), ("coarse", 2, 8)))
 NET = TransformerConfig(embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64, dropout_rate=0.0,

@@ -8,7 +8,8 @@ import pytest
 from sklearn.cluster import KMeans
 
 from helpers import mesh
-from musiclm_jax import kmeans, partitioning
+from musiclm_jax import partitioning
+from musiclm_jax import kmeans
 
 K, DIM = 32, 16
 

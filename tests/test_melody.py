@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from musiclm_jax import melody
+from musiclm_jax.generation import melody
 from musiclm_jax import train as train_lib
 from musiclm_jax.data import token_cache
 
@@ -94,8 +94,8 @@ def test_melody_conditioned_semantic_stage_follows_the_melody(tmp_path):
     given melody, the stage's own sampler (stage_sampling.Stage, temperature 1) draws tokens that agree with it on > 60%
     of the frames (observed 93%, also 93% by sequence index); with the melody dropped to PAD, as in generation
     without one, on < 30% (observed 6%; 11% by sequence index; chance ~1/13 + the walk of random notes)."""
-    from musiclm_jax.generation_params import GenerationParams
-    from musiclm_jax.stage_sampling import Stage
+    from musiclm_jax.generation.params import GenerationParams
+    from musiclm_jax.generation.stage_sampling import Stage
     cache, model_dir = tmp_path / "tokens", tmp_path / "semantic"
     _write_melody_cache(cache)
     train_lib.main(["--gin_file=gin/stages/semantic_tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",

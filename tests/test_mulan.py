@@ -13,15 +13,15 @@ import pytest
 
 from conftest import REPO_DIR, subprocess_env, train_on_one_device
 from helpers import mesh
-from musiclm_jax import mulan as mulan_lib
+from musiclm_jax.mulan import inference as mulan_lib
 from musiclm_jax.fit_rvq import fit_rvq
 from musiclm_jax import partitioning
 from musiclm_jax.data import synthetic_music
-from musiclm_jax.mulan_model import MuLanModel, contrastive_loss
+from musiclm_jax.mulan.model import MuLanModel, contrastive_loss
 from musiclm_jax.networks.audio_towers import ResNetConfig, ViTConfig
 from musiclm_jax.networks.bert import BertConfig
 from musiclm_jax.networks.mulan import MuLanConfig
-from musiclm_jax.text_vocab import TextTokenizer
+from musiclm_jax.mulan.text_vocab import TextTokenizer
 
 
 def _numpy_loss(audio, text, scale):
@@ -182,8 +182,8 @@ def test_the_caption_vocabulary_is_made_by_prepare_assets_only(tmp_path):
 
 
 def test_short_clips_are_padded_or_repeated_to_one_window():
-    from musiclm_jax.mulan import pad_to_window
-    from musiclm_jax.mulan_model import MuLanModel
+    from musiclm_jax.mulan.inference import pad_to_window
+    from musiclm_jax.mulan.model import MuLanModel
     clip = np.array([[1.0, 2.0, 3.0]], np.float32)
     np.testing.assert_array_equal(pad_to_window(clip, 8), [[1, 2, 3, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(pad_to_window(clip, 8, "repeatpad"), [[1, 2, 3, 1, 2, 3, 0, 0]])

@@ -26,7 +26,7 @@ from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.passt import (PaSSTStateDictError, config_from_state_dict, convert_passt,  # noqa: E402
                                        strip_wrapper)
 from musiclm_jax.networks.passt import PaSSTConfig, log_mel  # noqa: E402
-from musiclm_jax.passt_model import PaSSTClassifier, PaSSTModel, audiocraft_segments  # noqa: E402
+from musiclm_jax.evaluation.passt_model import PaSSTClassifier, PaSSTModel, audiocraft_segments  # noqa: E402
 
 RATE = 32000
 TINY = dict(embed_dim=96, depth=2, num_heads=12)  # 12 heads: the count the converter assumes (not in the weights)

@@ -6,8 +6,8 @@ import pytest
 
 from helpers import planned_token_dir, write_tiny_run_directories
 from musiclm_jax.data import audio_io, synthetic_music
-from musiclm_jax.pipeline import MusicLM
-from musiclm_jax.stage_sampling import Stage
+from musiclm_jax.generation.pipeline import MusicLM
+from musiclm_jax.generation.stage_sampling import Stage
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,7 @@ def test_the_semantic_rate_comes_from_the_coarse_stage_and_must_agree_with_the_t
                                                                                         melody_coarse_dir):
     """The tiny coarse stage holds 50 semantic tokens and 100 frames of codes (50 Hz) per window: 25 Hz, with no
     setting; a rate given beside it (a served manifest) or a tokenizer at another rate is refused."""
-    from musiclm_jax.stage_sampling import coarse_codec_frames_per_semantic_frame
+    from musiclm_jax.generation.stage_sampling import coarse_codec_frames_per_semantic_frame
     assert musiclm.semantic_rate == 25.0 and musiclm.ratio == 2
     assert musiclm.semantic_tokenizer.frame_rate == 25.0
     melody_coarse = Stage.from_checkpoint(str(melody_coarse_dir), "coarse")

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import mesh
 from musiclm_jax import partitioning
-from musiclm_jax.quantizers import STATE, ResidualVQ, RVQConfig
+from musiclm_jax.networks.quantizers import STATE, ResidualVQ, RVQConfig
 
 
 def _init(cfg, x):

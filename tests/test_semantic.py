@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
-from musiclm_jax import fit_semantic, semantic
+from musiclm_jax import fit_semantic
+from musiclm_jax.semantic import inference as semantic
 from musiclm_jax.data import audio_io, synthetic_music
 
 
@@ -130,7 +131,7 @@ def test_pitch_classes_hold_their_share_of_the_variance_and_tokens_follow_them(w
 def test_semantic_eval_reports_the_melody_information_of_the_tokens(w2v_bert_dir, tmp_path):
     """gin/eval/semantic.gin through the eval entry point equals a direct computation on the same clips."""
     from musiclm_jax import eval as eval_lib
-    from musiclm_jax import melody
+    from musiclm_jax.generation import melody
     from musiclm_jax.evaluation import codec_eval, semantic_eval
     tok_dir = tmp_path / "tok"
     _fit(w2v_bert_dir, tok_dir, "--gin.fit_semantic.fit_semantic_tokenizer.num_steps=4")

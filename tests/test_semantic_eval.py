@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from musiclm_jax import melody
+from musiclm_jax.generation import melody
 from musiclm_jax.evaluation.semantic_eval import (entropy_bits, held_out_information_bits, mutual_information_bits,
                                                   paired_frames)
 

@@ -19,7 +19,9 @@ import pytest
 import soundfile
 
 from conftest import REPO_DIR, subprocess_env
-from musiclm_jax import export, serve, serve_requests, serving
+from musiclm_jax import export, serve
+from musiclm_jax.serving import requests as serve_requests
+from musiclm_jax.serving import bundle as serving
 from musiclm_jax.data import audio_io
 from test_export import tiny_musiclm
 

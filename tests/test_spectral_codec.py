@@ -7,15 +7,15 @@ import pytest
 
 from conftest import train_on_one_device
 from helpers import adam_steps
-from musiclm_jax import codec as codec_lib
+from musiclm_jax.codec import inference as codec_lib
 from musiclm_jax import spectral
 from musiclm_jax.data import audio_io, synthetic_music
 from musiclm_jax.evaluation import codec_eval, pitch_metrics
 from musiclm_jax.networks.spectral_codec import (SpectralCodec, SpectralCodecConfig, griffin_lim, istft,
                                                  log_magnitude)
 from musiclm_jax.partitioning import unbox
-from musiclm_jax.quantizers import RVQConfig
-from musiclm_jax.spectral_codec_model import SpectralCodecModel
+from musiclm_jax.networks.quantizers import RVQConfig
+from musiclm_jax.codec.spectral_model import SpectralCodecModel
 
 RATE = 24000
 CONFIG = SpectralCodecConfig(width=32, blocks=1)

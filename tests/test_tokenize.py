@@ -12,13 +12,14 @@ import soundfile
 
 from conftest import REPO_DIR, subprocess_env
 from helpers import write_frozen_tiny_tokenizers
-from musiclm_jax import melody, tokenize
-from musiclm_jax.codec import Codec
+from musiclm_jax import tokenize
+from musiclm_jax.generation import melody
+from musiclm_jax.codec.inference import Codec
 from musiclm_jax.data import audio_io, stages, synthetic_music, token_cache
 from musiclm_jax.data.dataset_config import DatasetConfig
 from musiclm_jax.data.input_pipeline import SeqioInputPipeline
-from musiclm_jax.mulan import MuLan
-from musiclm_jax.semantic import SemanticTokenizer
+from musiclm_jax.mulan.inference import MuLan
+from musiclm_jax.semantic.inference import SemanticTokenizer
 
 RATE = 24000
 

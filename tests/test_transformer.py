@@ -9,7 +9,7 @@ import pytest
 
 from helpers import init_params, random_batch, tiny_model
 from musiclm_jax.models import cross_entropy
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 VARIANTS = [
     dict(position_encoding="relative"),
@@ -171,7 +171,7 @@ def _coarse_like(position_encoding="relative", **kwargs):
     frames), so a semantic frame spans 8 target tokens."""
     from musiclm_jax.models import TokenLMModel
     from musiclm_jax.networks.transformer import TransformerConfig
-    from musiclm_jax.token_layout import TokenLayout
+    from musiclm_jax.generation.token_layout import TokenLayout
     layout = TokenLayout.from_tuples((("mulan", 3, 8), ("semantic", 1, 16), ("coarse", 2, 16)))
     network = TransformerConfig(embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64,
                                 position_encoding=position_encoding)

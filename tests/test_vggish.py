@@ -13,7 +13,7 @@ torchvggish = pytest.importorskip("torchvggish")
 from musiclm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from musiclm_jax.convert.vggish import VGGishStateDictError, convert_vggish  # noqa: E402
 from musiclm_jax.networks.vggish import VGGishConfig, log_mel_examples  # noqa: E402
-from musiclm_jax.vggish_model import VGGishEmbedder  # noqa: E402
+from musiclm_jax.evaluation.vggish_model import VGGishEmbedder  # noqa: E402
 
 RATE = 16000
 

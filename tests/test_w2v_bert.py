@@ -13,7 +13,7 @@ from helpers import adam_steps
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
 from musiclm_jax.networks.w2v_bert import W2VBertConfig
-from musiclm_jax.w2v_bert_model import contrastive_loss, sample_negatives, span_mask
+from musiclm_jax.semantic.w2v_bert_model import contrastive_loss, sample_negatives, span_mask
 
 TRAIN_STEPS = 200
 # Means of the last 10 of 200 steps against the first 10 (observed ratios: contrastive ~0.8, MLM ~0.45).
@@ -111,7 +111,7 @@ def test_training_lowers_both_losses(trained_tiny_w2v_bert):
 
 
 def test_pitch_target_marks_the_sounding_note_on_frames_aligned_with_the_network():
-    from musiclm_jax.w2v_bert_model import pitch_target
+    from musiclm_jax.semantic.w2v_bert_model import pitch_target
     cfg = W2VBertConfig()
     t = np.arange(16000) / 16000
     audio = jnp.asarray(np.stack([0.3 * np.sin(2 * np.pi * 440.0 * t),                      # A4 = MIDI 69
@@ -129,8 +129,8 @@ def test_pitch_target_marks_the_sounding_note_on_frames_aligned_with_the_network
 def test_the_pitch_head_learns_the_pitch_target():
     """A w2v-BERT with pitch_bins: the pitch loss is part of the loss and falls in 60 steps (in process)."""
     from musiclm_jax.data import synthetic_music
-    from musiclm_jax.quantizers import STATE
-    from musiclm_jax.w2v_bert_model import W2VBertModel
+    from musiclm_jax.networks.quantizers import STATE
+    from musiclm_jax.semantic.w2v_bert_model import W2VBertModel
     cfg = W2VBertConfig(n_mels=40, subsampling_channels=8, embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                         num_contrastive_layers=1, num_mlm_layers=1, codebook_size=16, contrastive_dim=32,
                         dropout_rate=0.0, pitch_bins=48, pitch_layer=1)

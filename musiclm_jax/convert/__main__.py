@@ -132,7 +132,7 @@ def convert_vggish_file(source: str, model_dir: str, pca: Optional[str] = None, 
     import torch
 
     from musiclm_jax.convert.vggish import convert_vggish, convert_vggish_pca
-    from musiclm_jax.vggish_model import PCA_FILE
+    from musiclm_jax.evaluation.vggish_model import PCA_FILE
 
     for path in filter(None, (source, pca)):
         if not os.path.isfile(path):

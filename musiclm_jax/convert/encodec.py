@@ -14,7 +14,7 @@ import numpy as np
 
 from musiclm_jax.convert.state_dict import to_numpy
 from musiclm_jax.networks.seanet import SEANetConfig
-from musiclm_jax.quantizers import STATE, RVQConfig
+from musiclm_jax.networks.quantizers import STATE, RVQConfig
 
 
 class UnsupportedEncodecConfig(ValueError):

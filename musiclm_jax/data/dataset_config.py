@@ -2,39 +2,136 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+import re
+import urllib.parse
+from typing import Any, Mapping, Optional
 
 
-def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, musiccaps_dir: Optional[str] = None,
-                        bad_input: str = "skip", require_captions: bool = False,
-                        validation_fraction: Optional[float] = None, test_fraction: Optional[float] = None) -> str:
-    """The raw-audio task for a rate: the embedded synthetic music, the `audio_folder` dataset of `audio_dir`,
-    or the `musiccaps` dataset of `musiccaps_dir` (see tasks/audio.py).
+RAW_AUDIO_KINDS = ("synthetic_music", "audio_folder", "musiccaps")
+# The options a folder or MusicCaps source takes, with their types (captioned_audio.AudioChecks and HeldOutCarve;
+# clips_dir, MusicCaps only: where its clips are).
+RAW_AUDIO_OPTIONS = {"bad_input": str, "require_captions": lambda v: str(v).lower() in ("1", "true", "yes"),
+                     "min_sample_rate": int, "silence_dbfs": float, "min_seconds": float, "max_seconds": float,
+                     "validation_fraction": float, "test_fraction": float}
+_RAW_AUDIO_NAME = re.compile(r"^(synthetic_music|audio_folder|musiccaps)_(\d+)hz(?::(.+))?$")
 
-    Such tasks are registered on first use, so a gin file can name a user's folder:
-    `MIXTURE_OR_TASK_NAME = @dataset_config.raw_audio_task_name()` with `raw_audio_task_name.audio_dir =
-    %AUDIO_DIR`. bad_input ('skip' or 'error') and require_captions set how the folder's bad inputs are handled;
+
+@dataclasses.dataclass(frozen=True)
+class RawAudioSource:
+    """Where raw audio comes from, as typed values: the seqio task (tasks/audio.py) is named from these.
+
+    Attributes:
+      kind: 'synthetic_music' (the embedded procedural music), 'audio_folder' or 'musiccaps'.
+      sample_rate: Hz the clips are decoded and resampled to; None until a job binds its model's rate
+        (`at_rate`: the tokenization job takes the codec's).
+      path: the folder (audio_folder) or the MusicCaps directory (musiccaps); None for the synthetic music.
+      options: the source's settings, {name: typed value} of RAW_AUDIO_OPTIONS (and clips_dir for MusicCaps).
+    """
+
+    kind: str
+    sample_rate: Optional[int] = None
+    path: Optional[str] = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in RAW_AUDIO_KINDS:
+            raise ValueError(f"raw-audio source kind {self.kind!r}: expected one of {RAW_AUDIO_KINDS}")
+        if self.sample_rate is not None and (int(self.sample_rate) != self.sample_rate or self.sample_rate <= 0):
+            raise ValueError(f"raw-audio source sample_rate {self.sample_rate!r}: expected a positive integer (Hz)")
+        if (self.kind == "synthetic_music") == bool(self.path):
+            raise ValueError(f"raw-audio source {self.kind}: " + ("takes no path" if self.path else
+                             f"needs a source directory ({self.kind}_<rate>hz:<DIR>)"))
+        if self.kind == "synthetic_music" and self.options:
+            raise ValueError(f"raw-audio source synthetic_music takes no options (given {sorted(self.options)})")
+        for key in self.options:
+            if key not in RAW_AUDIO_OPTIONS and not (self.kind == "musiccaps" and key == "clips_dir"):
+                raise ValueError(f"raw-audio source {self.kind}: unknown option {key!r}; known: "
+                                 f"{sorted(RAW_AUDIO_OPTIONS)}" + (" and clips_dir" if self.kind == "musiccaps" else ""))
+
+    def at_rate(self, sample_rate: int) -> "RawAudioSource":
+        """This source at `sample_rate` Hz; an error if it already names another rate."""
+        if self.sample_rate is not None and int(self.sample_rate) != int(sample_rate):
+            raise ValueError(f"{self.task_name!r} is at {self.sample_rate} Hz, not {int(sample_rate)} Hz")
+        return dataclasses.replace(self, sample_rate=int(sample_rate))
+
+    @property
+    def task_name(self) -> str:
+        """The seqio task's name: synthetic_music_<rate>hz, audio_folder_<rate>hz:<DIR>[?options] or
+        musiccaps_<rate>hz:<DIR>[?options]."""
+        if self.sample_rate is None:
+            raise ValueError(f"the {self.kind} source has no sample rate yet (RawAudioSource.at_rate)")
+        name = f"{self.kind}_{int(self.sample_rate)}hz"
+        if self.path:
+            name += f":{self.path}"
+        if self.options:
+            name += "?" + "&".join(f"{k}={_option_text(v)}" for k, v in self.options.items())
+        return name
+
+    @classmethod
+    def from_task_name(cls, name: str) -> "RawAudioSource":
+        """The source a raw-audio task name names (the one parser of such names); an error naming the name."""
+        match = _RAW_AUDIO_NAME.match(name)
+        if not match:
+            raise ValueError(f"{name!r} is not a raw-audio task name (synthetic_music_<rate>hz, "
+                             f"audio_folder_<rate>hz:<DIR> or musiccaps_<rate>hz:<DIR>)")
+        kind, rate, rest = match.group(1), int(match.group(2)), match.group(3)
+        options = {}
+        if rest and "?" in rest:
+            rest, query = rest.split("?", 1)
+            for key, value in urllib.parse.parse_qsl(query, strict_parsing=True):
+                options[key] = RAW_AUDIO_OPTIONS.get(key, str)(value)
+        try:
+            return cls(kind, rate, rest, options)
+        except ValueError as e:
+            raise ValueError(f"{name!r}: {e}") from None
+
+
+def _option_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def raw_audio_source(sample_rate: Optional[int] = None, audio_dir: Optional[str] = None,
+                     musiccaps_dir: Optional[str] = None, bad_input: str = "skip", require_captions: bool = False,
+                     validation_fraction: Optional[float] = None, test_fraction: Optional[float] = None
+                     ) -> RawAudioSource:
+    """The raw-audio source of a job: the embedded synthetic music, the `audio_folder` dataset of `audio_dir`, or
+    the `musiccaps` dataset of `musiccaps_dir` (see tasks/audio.py), at `sample_rate` Hz (None: the job binds its
+    model's rate, as the tokenization job binds the codec's).
+
+    bad_input ('skip' or 'error') and require_captions set how the folder's bad inputs are handled;
     validation_fraction and test_fraction, the held-out carve of a source without such rows (None:
     captioned_audio.HeldOutCarve's defaults).
     """
     if audio_dir and musiccaps_dir:
         raise ValueError(f"set AUDIO_DIR ({audio_dir!r}) or MUSICCAPS_DIR ({musiccaps_dir!r}), not both")
     if bad_input not in ("skip", "error"):
-        raise ValueError(f"raw_audio_task_name.bad_input={bad_input!r}: must be 'skip' or 'error'")
-    options = []
+        raise ValueError(f"raw_audio_source.bad_input={bad_input!r}: must be 'skip' or 'error'")
+    options = {}
     if bad_input != "skip":
-        options.append(f"bad_input={bad_input}")
+        options["bad_input"] = bad_input
     if require_captions:
-        options.append("require_captions=true")
+        options["require_captions"] = True
     for key, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
         if value is not None:
-            options.append(f"{key}={float(value)!r}")
-    query = ("?" + "&".join(options)) if options else ""
+            options[key] = float(value)
     if audio_dir:
-        return f"audio_folder_{int(sample_rate)}hz:{audio_dir}{query}"
+        return RawAudioSource("audio_folder", sample_rate, audio_dir, options)
     if musiccaps_dir:
-        return f"musiccaps_{int(sample_rate)}hz:{musiccaps_dir}{query}"
-    return f"synthetic_music_{int(sample_rate)}hz"
+        return RawAudioSource("musiccaps", sample_rate, musiccaps_dir, options)
+    return RawAudioSource("synthetic_music", sample_rate)  # rendered clean: the folder options do not apply
+
+
+def raw_audio_task_name(sample_rate: int, audio_dir: Optional[str] = None, musiccaps_dir: Optional[str] = None,
+                        bad_input: str = "skip", require_captions: bool = False,
+                        validation_fraction: Optional[float] = None, test_fraction: Optional[float] = None) -> str:
+    """The seqio task name of `raw_audio_source(...)` at `sample_rate` Hz, for training jobs whose input is a task
+    name: `MIXTURE_OR_TASK_NAME = @dataset_config.raw_audio_task_name()` with `raw_audio_task_name.sample_rate =
+    %SAMPLE_RATE` (the model's) and `raw_audio_task_name.audio_dir = %AUDIO_DIR`. Such tasks are registered on
+    first use, so a gin file can name a user's folder."""
+    return raw_audio_source(int(sample_rate), audio_dir, musiccaps_dir, bad_input, require_captions,
+                            validation_fraction, test_fraction).task_name
 
 
 INPUT_SHARDINGS = ("global", "per_process")

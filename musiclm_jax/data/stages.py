@@ -24,7 +24,7 @@ import urllib.parse
 
 from musiclm_jax import gin_utils
 from musiclm_jax.data import token_cache
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 STAGES = ("semantic", "coarse", "fine")
 DEFAULT_SECONDS = {"semantic": None, "coarse": 10.0, "fine": 3.0}  # None: the whole chunk

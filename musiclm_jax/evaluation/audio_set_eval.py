@@ -116,7 +116,7 @@ def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: 
     if vggish_checkpoint is None:
         skipped["fad_vggish"] = "no VGGISH_CHECKPOINT given (python -m musiclm_jax.convert vggish)"
     else:
-        from musiclm_jax.vggish_model import VGGishEmbedder
+        from musiclm_jax.evaluation.vggish_model import VGGishEmbedder
         embedder = VGGishEmbedder.from_checkpoint(vggish_checkpoint)
         rate = embedder.sample_rate
         (ref_frames, ref_short), (gen_frames, gen_short) = (_vggish_frames(embedder, clips.at(rate))
@@ -133,7 +133,7 @@ def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: 
     if passt_checkpoint is None:
         skipped["kl_passt"] = "no PASST_CHECKPOINT given (python -m musiclm_jax.convert passt)"
     else:
-        from musiclm_jax.passt_model import PaSSTClassifier
+        from musiclm_jax.evaluation.passt_model import PaSSTClassifier
         classifier = PaSSTClassifier.from_checkpoint(passt_checkpoint)
         rate = classifier.sample_rate
         ref, gen = reference.at(rate), generated.at(rate)
@@ -160,7 +160,7 @@ def evaluate_audio_sets(checkpoint_dir: str, output_dir: str, *, generated_dir: 
         if checkpoint is None:
             skipped[name] = f"no {setting} given"
             continue
-        from musiclm_jax.mulan import MuLan
+        from musiclm_jax.mulan.inference import MuLan
         model = MuLan.from_checkpoint(checkpoint)
         clips = generated.at(model.sample_rate)
         keys = sorted(k for k in captions if k in clips)

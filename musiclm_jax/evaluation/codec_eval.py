@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.codec import Codec
-from musiclm_jax.codec_losses import MultiScaleMelLoss
+from musiclm_jax.codec.inference import Codec
+from musiclm_jax.codec.losses import MultiScaleMelLoss
 from musiclm_jax.data import audio_io, captioned_audio, synthetic_music
 from musiclm_jax.evaluation import pitch_metrics
 from musiclm_jax.evaluation.audio_metrics import si_snr_db
-from musiclm_jax.quantizers import counts_perplexity
+from musiclm_jax.networks.quantizers import counts_perplexity
 
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
 

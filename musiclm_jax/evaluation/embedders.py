@@ -48,7 +48,7 @@ class FeatureModelEmbedder:
     """Layer `layer` (default: the last) of a w2v-BERT or converted HuBERT/MERT run directory, averaged over time."""
 
     def __init__(self, checkpoint: str, layer: Optional[int] = None, name: str = "features"):
-        from musiclm_jax import semantic
+        from musiclm_jax.semantic import inference as semantic
         model, params = semantic.load_feature_model(checkpoint)
         self.extractor = semantic.FeatureExtractor(model, params, model.num_layers if layer is None else int(layer))
         self.name = name
@@ -62,7 +62,7 @@ class VGGishFrameEmbedder:
     128-d row per whole 0.96 s of each clip, without the PCA postprocessor: [B, frames, 128]."""
 
     def __init__(self, checkpoint: str, name: str = "vggish"):
-        from musiclm_jax.vggish_model import VGGishEmbedder
+        from musiclm_jax.evaluation.vggish_model import VGGishEmbedder
         self.embedder, self.name = VGGishEmbedder.from_checkpoint(checkpoint), name
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -107,7 +107,7 @@ class MuLanCache:
         if checkpoint is None:
             return self.default
         if checkpoint not in self.loaded:
-            from musiclm_jax.mulan import MuLan
+            from musiclm_jax.mulan.inference import MuLan
             self.loaded[checkpoint] = MuLan.from_checkpoint(checkpoint)
         return self.loaded[checkpoint]
 

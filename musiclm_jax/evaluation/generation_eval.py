@@ -85,7 +85,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from musiclm_jax import report as report_lib
+from musiclm_jax.evaluation import report as report_lib
 from musiclm_jax.data import audio_io, token_cache
 from musiclm_jax.data.bad_input import BadInputReport
 from musiclm_jax.evaluation import embedders, generation_metrics, memorization_eval
@@ -213,7 +213,7 @@ def evaluate_generation(checkpoint_dir: str, output_dir: str, *, musiclm, eval_d
     if passt_checkpoint is None:
         skipped["kl_passt"] = "no PASST_CHECKPOINT given (a PaSST converted by python -m musiclm_jax.convert passt)"
     else:
-        from musiclm_jax.passt_model import PaSSTClassifier
+        from musiclm_jax.evaluation.passt_model import PaSSTClassifier
         metrics["kl_passt"] = embedders.passt_kl(PaSSTClassifier.from_checkpoint(passt_checkpoint), reference,
                                                  generated, rate, batch_size)
     if clap_checkpoint is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from musiclm_jax.data import captioned_audio, synthetic_music
 from musiclm_jax.data.bad_input import BadInputReport
-from musiclm_jax.mulan import MuLan
+from musiclm_jax.mulan.inference import MuLan
 
 SYNTHETIC_TEST_SEED = 2  # the test split of the synthetic_music raw-audio tasks (tasks/audio.py)
 

@@ -2,7 +2,7 @@
 
 Two independent measures of pitch-class agreement, so that a claim never rests on this project's own tokens alone:
 
-* `melody_token_agreement`: the project's melody tokens (musiclm_jax.melody: dominant pitch class of each 200 ms
+* `melody_token_agreement`: the project's melody tokens (musiclm_jax.generation.melody: dominant pitch class of each 200 ms
   from an STFT chroma between 100 Hz and 2.1 kHz) of the estimate against the reference's, on the frames where
   the reference has a pitch (token != NO_MELODY).
 * `chroma_cqt_agreement`: librosa's constant-Q chroma (`librosa.feature.chroma_cqt`, hop 512 samples, 12 bins,
@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from musiclm_jax import melody
+from musiclm_jax.generation import melody
 from musiclm_jax.data.music_params import KEY_NAMES
 # Krumhansl & Kessler (1982) probe-tone ratings, tonic first.
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])

@@ -1,7 +1,7 @@
 """Semantic-token evaluation: how much of the melody the semantic tokens carry.
 
 Each held-out clip (the `split` files of an audio folder, or the embedded synthetic music's test clips; see
-codec_eval.evaluation_clips) is tokenized by the semantic tokenizer, and its melody tokens (musiclm_jax.melody,
+codec_eval.evaluation_clips) is tokenized by the semantic tokenizer, and its melody tokens (musiclm_jax.generation.melody,
 5 Hz) are computed from the same audio. Semantic frame j (at the tokenizer's frame rate) is paired with the melody
 frame that contains its start, floor(j * 5 / frame_rate); pairs whose melody frame has no pitch (NO_MELODY) and
 frames past the last whole melody frame are left out. Over all pairs of all clips:
@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from musiclm_jax import melody
+from musiclm_jax.generation import melody
 from musiclm_jax.evaluation import pitch_metrics
 from musiclm_jax.evaluation.codec_eval import evaluation_batches
 
@@ -92,7 +92,7 @@ def paired_frames(semantic: np.ndarray, melody_tokens: np.ndarray, semantic_rate
 def evaluate_semantic(checkpoint_dir: str, audio_dir: Optional[str] = None, split: str = "test",
                       max_examples: int = 64, clip_seconds: float = 4.0, batch_size: int = 8) -> dict:
     """Evaluates the semantic tokenizer of TOKENIZER_DIR `checkpoint_dir` (see the module docstring)."""
-    from musiclm_jax.semantic import SemanticTokenizer
+    from musiclm_jax.semantic.inference import SemanticTokenizer
     tokenizer = SemanticTokenizer.load(checkpoint_dir)
     rate = tokenizer.sample_rate
     sem_per_clip, mel_per_clip, chroma_pairs, skipped = [], [], [], {}

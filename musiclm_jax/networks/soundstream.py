@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax.networks.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
-from musiclm_jax.quantizers import ResidualVQ, RVQConfig
+from musiclm_jax.networks.quantizers import ResidualVQ, RVQConfig
 
 
 class SoundStream(nn.Module):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import layers, spectral
-from musiclm_jax.quantizers import ResidualVQ, RVQConfig
+from musiclm_jax.networks.quantizers import ResidualVQ, RVQConfig
 
 # Log-magnitudes of music at log_eps = 1e-2 lie in about [-4.6, 5]; the network sees (x + SHIFT) / SCALE and its
 # output is mapped back with the inverse, so both ends work near unit scale.

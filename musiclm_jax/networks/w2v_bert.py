@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from musiclm_jax import layers, spectral
-from musiclm_jax.quantizers import ResidualVQ, RVQConfig
+from musiclm_jax.networks.quantizers import ResidualVQ, RVQConfig
 from musiclm_jax.vq import squared_distances
 from musiclm_jax.partitioning import constrain
 

@@ -8,8 +8,9 @@
 
 Folder and MusicCaps names may end with options, `?bad_input=error&require_captions=true` (see
 captioned_audio.AudioChecks: bad_input, require_captions, min_sample_rate, silence_dbfs, min_seconds,
-max_seconds; captioned_audio.HeldOutCarve: validation_fraction, test_fraction; and clips_dir for MusicCaps);
-`raw_audio_task_name` (gin) builds such names. Their TFDS datasets
+max_seconds; captioned_audio.HeldOutCarve: validation_fraction, test_fraction; and clips_dir for MusicCaps).
+Names are written and read as typed values by data/dataset_config.RawAudioSource (its `task_name` and
+`from_task_name`); `raw_audio_task_name` and `raw_audio_source` (gin) build them. Their TFDS datasets
 are prepared at registration (once; tfds_builders).
 
 Examples: {'audio': float32 [samples] mono at <rate>, 'text': caption ('' if none), 'id': str}; then, after
@@ -26,24 +27,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
-import urllib.parse
 
 import seqio
 import tensorflow as tf
 
 from musiclm_jax.data import synthetic_music
 from musiclm_jax.data.captioned_audio import AudioChecks, HeldOutCarve
+from musiclm_jax.data.dataset_config import RawAudioSource
 
 SYNTHETIC_CLIP_SECONDS = 4.0
 SYNTHETIC_CLIPS = {"train": 100_000, "validation": 1_000, "test": 1_000}
 SYNTHETIC_CROPS_PER_CLIP = 4
 TARGET_RMS_DB = -20.0
 MUSICCAPS_CSV = "musiccaps-public.csv"
-_NAME = re.compile(r"^(synthetic_music|audio_folder|musiccaps)_(\d+)hz(?::(.+))?$")
-_CHECK_OPTIONS = {"bad_input": str, "require_captions": lambda v: v.lower() in ("1", "true", "yes"),
-                  "min_sample_rate": int, "silence_dbfs": float, "min_seconds": float, "max_seconds": float,
-                  "validation_fraction": float, "test_fraction": float}
 _CARVE_OPTIONS = ("validation_fraction", "test_fraction")
 
 
@@ -108,41 +104,19 @@ def _synthetic_source(sample_rate: int) -> seqio.DataSource:
     return seqio.FunctionDataSource(dataset_fn, splits=splits, num_input_examples=SYNTHETIC_CLIPS)
 
 
-def parse_raw_audio_task_name(name: str) -> tuple[str, int, str | None, dict]:
-    """(kind, rate, source path or None, options) of a raw-audio task name (see the module docstring)."""
-    match = _NAME.match(name)
-    if not match:
-        raise ValueError(f"{name!r} is not a raw-audio task name (synthetic_music_<rate>hz, "
-                         f"audio_folder_<rate>hz:<DIR> or musiccaps_<rate>hz:<DIR>)")
-    kind, rate, rest = match.group(1), int(match.group(2)), match.group(3)
-    if kind == "synthetic_music" and rest:
-        raise ValueError(f"{name!r}: synthetic_music takes no source")
-    if kind != "synthetic_music" and not rest:
-        raise ValueError(f"{name!r}: {kind} needs a source directory ({kind}_<rate>hz:<DIR>)")
-    options = {}
-    if rest and "?" in rest:
-        rest, query = rest.split("?", 1)
-        for key, value in urllib.parse.parse_qsl(query, strict_parsing=True):
-            if key not in _CHECK_OPTIONS and not (kind == "musiccaps" and key == "clips_dir"):
-                raise ValueError(f"{name!r}: unknown option {key!r}; known: {sorted(_CHECK_OPTIONS)}"
-                                 + (" and clips_dir" if kind == "musiccaps" else ""))
-            options[key] = _CHECK_OPTIONS.get(key, str)(value)
-    return kind, rate, rest, options
-
-
 def prepared_builder(name: str, data_root: str | None = None, beam_options=None):
     """The prepared TFDS builder of folder or MusicCaps task `name` (see the module docstring), prepared now if it
     is not yet: in this process, or on Apache Beam with `beam_options` (tfds_builders.beam_options_from_flags).
     The same name always reads the same prepared copy, however it was prepared."""
     from musiclm_jax.data import tfds_builders
-    kind, rate, path, options = parse_raw_audio_task_name(name)
-    if kind == "synthetic_music":
+    source = RawAudioSource.from_task_name(name)
+    if source.kind == "synthetic_music":
         raise ValueError(f"{name!r}: the synthetic music is rendered on the fly; there is nothing to prepare")
-    path = os.path.abspath(path)
+    path, options = os.path.abspath(source.path), dict(source.options)
     clips_dir = options.pop("clips_dir", None)
     carve = HeldOutCarve(**{k: options.pop(k) for k in _CARVE_OPTIONS if k in options})
-    checks = AudioChecks(sample_rate=rate, held_out=carve, **options)
-    if kind == "audio_folder":
+    checks = AudioChecks(sample_rate=source.sample_rate, held_out=carve, **options)
+    if source.kind == "audio_folder":
         return tfds_builders.audio_folder_builder(path, checks, data_root, beam_options=beam_options)
     return tfds_builders.musiccaps_builder(os.path.join(path, MUSICCAPS_CSV), clips_dir or path, checks, data_root,
                                            beam_options=beam_options)
@@ -154,10 +128,11 @@ def register_raw_audio_task(name: str) -> seqio.Task:
     Folder and MusicCaps tasks are registered in seqio as <kind>_<rate>hz_<hash of the name> (seqio names
     cannot hold paths).
     """
-    kind, rate, path, options = parse_raw_audio_task_name(name)
+    source = RawAudioSource.from_task_name(name)
+    kind, rate = source.kind, source.sample_rate
     registered = name
     if kind != "synthetic_music":
-        path = os.path.abspath(path)
+        path, options = os.path.abspath(source.path), source.options
         registered = f"{kind}_{rate}hz_{hashlib.sha1(f'{path}?{sorted(options.items())}'.encode()).hexdigest()[:12]}"
     if registered in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(registered)
@@ -196,11 +171,11 @@ def clip_range(name: str, split: str, start: int, stop: int, synthetic_seconds: 
     """Yields clips start..stop-1 of `split` as numpy dicts {'audio': float32 [samples], 'text': str, 'id': str},
     in a fixed order (for jobs that process every clip once, such as tokenization). Synthetic clips are rendered
     `synthetic_seconds` long."""
-    kind, rate, _, _ = parse_raw_audio_task_name(name)
-    if kind == "synthetic_music":
+    source = RawAudioSource.from_task_name(name)
+    if source.kind == "synthetic_music":
         for index in range(start, stop):
             clip = synthetic_music.generate_clip(index, seed=list(SYNTHETIC_CLIPS).index(split),
-                                                 seconds=synthetic_seconds, sample_rate=rate)
+                                                 seconds=synthetic_seconds, sample_rate=source.sample_rate)
             yield {"audio": clip["audio"], "text": clip["caption"], "id": clip["id"]}
         return
     builder = register_raw_audio_task(name).source.builder

@@ -22,7 +22,7 @@ import math
 import seqio
 import tensorflow as tf
 
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 NUM_CONDITIONING = 12
 MAX_STEP = 8

@@ -7,7 +7,7 @@
 optionally followed by `?seconds=S&coarse_levels=Lc&fine_levels=Lf&melody=1` (defaults: semantic the whole chunk,
 coarse 10 s, fine 3 s, each at most the chunk; Lc = min(4, levels // 2), Lf = the remaining levels; melody 0).
 `melody=1` (semantic or coarse stage, a cache with melody tokens): the MuLan tokens are followed by the melody
-token of each semantic frame of the crop (musiclm_jax.melody, 13 codes; the cache's tokens, e.g. 5 Hz, repeated to
+token of each semantic frame of the crop (musiclm_jax.generation.melody, 13 codes; the cache's tokens, e.g. 5 Hz, repeated to
 the semantic rate: 750 for 30 s), in the layout mulan, melody, semantic (, coarse), then, for the coarse stage,
 by the semantic crop; the crop then starts on a melody frame. (The coarse stage with melody is MusicGen's route
 of conditioning the acoustic-token model on the melody's chroma; MusicLM conditions only the semantic stage.)
@@ -17,7 +17,7 @@ distance varies with t and the model must find the frame's melody by content; me
 tokens encode the melody, 400 steps of the tiny stage follow a given melody on 89% of the frames with aligned
 tokens and on 7.5% (chance ~8%) with 5 Hz tokens.
 
-Token layout (exact; global ids of the stage's TokenLayout, see musiclm_jax.token_layout): every (group, level)
+Token layout (exact; global ids of the stage's TokenLayout, see musiclm_jax.generation.token_layout): every (group, level)
 has its own id range after PAD = 0, `id = offset(group) + level * codebook_size + code`, and multi-level groups
 are flattened frame-major. With the paper's sizes (MuLan 12 x 1024, semantic 1024, codec 12 x 1024, 25 and
 50 Hz) and a crop starting at semantic frame s (codec frame 2s):
@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from musiclm_jax.data import token_cache
 from musiclm_jax.data.stages import StageSpec, stage_spec_from_name
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation.token_layout import TokenLayout
 
 
 def feature_description(manifest: dict) -> dict:

@@ -90,7 +90,7 @@ class MuLanModel(BaseModel):
     def prepare_assets(self) -> None:
         """Trains the caption vocabulary into vocabulary_dir/text_vocab/spm.model from vocabulary_source_task's
         training captions, unless it exists (text_vocab.ensure_vocabulary; process 0 trains, the others wait)."""
-        from musiclm_jax import text_vocab
+        from musiclm_jax.mulan import text_vocab
         self._vocabulary_settings()
         text_vocab.ensure_vocabulary(self.vocabulary_dir, self.vocabulary_source_task, self.network.text.vocab_size)
 
@@ -98,7 +98,7 @@ class MuLanModel(BaseModel):
     def feature_converter_kwargs(self) -> dict:
         """{'vocabulary_path': the caption vocabulary}, which must exist (prepare_assets makes it). Raises
         FileNotFoundError naming the path, or ValueError if it has more pieces than the text tower embeds."""
-        from musiclm_jax import text_vocab
+        from musiclm_jax.mulan import text_vocab
         self._vocabulary_settings()
         path = text_vocab.vocabulary_path(self.vocabulary_dir)
         if not os.path.exists(path):

@@ -24,12 +24,12 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from musiclm_jax import codec_losses
+from musiclm_jax.codec import losses as codec_losses
 from musiclm_jax.models import RawAudioModel
 from musiclm_jax.networks.discriminators import Discriminators, STFTDiscriminatorConfig, WaveDiscriminatorConfig
 from musiclm_jax.networks.seanet import SEANetConfig
 from musiclm_jax.networks.soundstream import SoundStream
-from musiclm_jax.quantizers import STATE, RVQConfig
+from musiclm_jax.networks.quantizers import STATE, RVQConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from musiclm_jax import spectral
 from musiclm_jax.models import AudioFeatureModel, cross_entropy
 from musiclm_jax.networks.w2v_bert import W2VBert, W2VBertConfig
-from musiclm_jax.quantizers import STATE
+from musiclm_jax.networks.quantizers import STATE
 
 
 def span_mask(rng: jax.Array, batch: int, frames: int, mask_prob: float, mask_span: int) -> jax.Array:

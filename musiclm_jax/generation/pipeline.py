@@ -22,7 +22,7 @@ cross. Classifier-free guidance (guidance_scale != 1) applies to the stages trai
 `guidance_groups`: the MuLan tokens); its unconditional input drops the melody too (`unconditional_groups`), so a
 given melody is followed more strongly as the scale rises, and without one both inputs have PAD there. Melody
 (`generate(texts, melody=audio)`): a semantic stage trained with melody tokens in its prefix
-(gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.melody, the dominant pitch class per
+(gin/stages/semantic_tiny.gin) gets, per window, the melody token (musiclm_jax.generation.melody, the dominant pitch class per
 200 ms) of each of the window's frames, PAD where the melody has ended or none was given; a coarse stage trained
 with them (gin/stages/coarse_melody_tiny.gin) gets the melody token of each semantic frame of its window the same
 way, beside the semantic tokens. Reranking (`rerank=N`) samples N candidates per caption and keeps the one MuLan
@@ -40,15 +40,17 @@ from typing import Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from musiclm_jax.generation_params import GenerationParams, GenerationResult, PromptError
-from musiclm_jax.stage_sampling import Stage, coarse_codec_frames_per_semantic_frame
+from musiclm_jax import interfaces
+from musiclm_jax.generation.params import GenerationParams, GenerationResult, PromptError
+from musiclm_jax.generation.stage_sampling import Stage, coarse_codec_frames_per_semantic_frame
 
 STAGES = ("semantic", "coarse", "fine")
 
 
 class MusicLM:
-    """Generation from captions. Args: the frozen models (mulan.MuLan, codec.Codec), the three Stages, the
-    semantic tokenizer (continuation needs it), and melody_rate (Hz of the melody analysis, musiclm_jax.melody; as
+    """Generation from captions. Args: the frozen models (MuLan, codec), the three stages, the semantic tokenizer
+    (continuation needs it), each anything that implements its protocol in musiclm_jax.interfaces (the inference
+    classes, or a bundle's served parts), and melody_rate (Hz of the melody analysis, musiclm_jax.generation.melody; as
     the tokenization job's `melody_rate`, gin/tokenize/base.gin).
 
     The semantic rate (Hz) is not a setting: the coarse stage's window holds `semantic frames` semantic tokens
@@ -57,7 +59,9 @@ class MusicLM:
     bundle's manifest), and the tokenizer's frame_rate must agree with it.
     """
 
-    def __init__(self, mulan, codec, semantic: Stage, coarse: Stage, fine: Stage, semantic_tokenizer=None,
+    def __init__(self, mulan: interfaces.MuLan, codec: interfaces.Codec, semantic: interfaces.Stage,
+                 coarse: interfaces.Stage, fine: interfaces.Stage,
+                 semantic_tokenizer: Optional[interfaces.SemanticTokenizer] = None,
                  log=sys.stderr, melody_rate: float = 5.0, semantic_rate: Optional[float] = None):
         self.mulan, self.codec, self.semantic_tokenizer = mulan, codec, semantic_tokenizer
         self.stages = {"semantic": semantic, "coarse": coarse, "fine": fine}
@@ -115,9 +119,9 @@ class MusicLM:
         """Loads the run directories (MuLan with its RVQ, codec, the three stages, and optionally the semantic
         tokenizer, which continuation needs); decode_weights: the stages' weight precision for sampling
         ('float32', 'bfloat16' or 'int8' weight-only; Stage.from_checkpoint)."""
-        from musiclm_jax.codec import Codec
-        from musiclm_jax.mulan import MuLan
-        from musiclm_jax.semantic import SemanticTokenizer
+        from musiclm_jax.codec.inference import Codec
+        from musiclm_jax.mulan.inference import MuLan
+        from musiclm_jax.semantic.inference import SemanticTokenizer
         stages = [Stage.from_checkpoint(path, name, decode_weights)
                   for path, name in zip((semantic, coarse, fine), STAGES)]
         tokenizer = SemanticTokenizer.load(semantic_tokenizer) if semantic_tokenizer else None
@@ -220,8 +224,8 @@ class MusicLM:
 
     def melody_tokens(self, melody_audio: np.ndarray, batch: int) -> np.ndarray:
         """Melody audio [B or 1, samples] (or [samples]) at the codec's rate -> melody tokens [batch, frames] at the
-        melody rate of the stages that take one (musiclm_jax.melody)."""
-        from musiclm_jax import melody
+        melody rate of the stages that take one (musiclm_jax.generation.melody)."""
+        from musiclm_jax.generation import melody
         self._require_melody_stage()
         audio = np.atleast_2d(np.asarray(melody_audio, np.float32))
         if audio.shape[0] not in (1, batch):
@@ -468,7 +472,7 @@ class MusicLM:
         settings (default: the object's, set_generation_params).
 
         melody: audio [B or 1, samples] (or [samples]) at the codec's rate whose melody (the dominant pitch class
-        per 200 ms, musiclm_jax.melody) the stages that take one follow; past its end they run without one.
+        per 200 ms, musiclm_jax.generation.melody) the stages that take one follow; past its end they run without one.
 
         rerank: N > 1 samples N candidates per caption (one batch of B * N, each with its own random stream) and
         keeps, per caption, the one whose MuLan audio embedding is closest to the caption's text embedding (the

@@ -14,9 +14,9 @@ from functools import partial
 import jax
 import numpy as np
 
-from musiclm_jax import decoding
-from musiclm_jax.generation_params import GenerationParams
-from musiclm_jax.token_layout import TokenLayout
+from musiclm_jax.generation import decoding
+from musiclm_jax.generation.params import GenerationParams
+from musiclm_jax.generation.token_layout import TokenLayout
 
 
 @dataclasses.dataclass(frozen=True)

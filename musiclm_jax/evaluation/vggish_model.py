@@ -109,7 +109,6 @@ class VGGishEmbedder:
         """audio [samples] at sample_rate -> [examples, 128] float32 (one per whole 0.96 s; a clip shorter than
         0.975 s is an error naming its length). postprocess=True applies the AudioSet PCA, whitening and 8-bit
         quantization (needs the PCA converted with the weights; FAD does not use it)."""
-        from musiclm_jax.data import audio_io
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise ValueError(f"VGGishEmbedder.embed takes one mono clip [samples]; got shape {audio.shape}")

@@ -24,13 +24,13 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from musiclm_jax.serve_requests import WARM_UP_PROMPT, Limits, RequestError
+from musiclm_jax.serving.requests import WARM_UP_PROMPT, Limits, RequestError
 
 
 def _prompt_errors(call):
     """call(), a prompt the pipeline cannot continue (generation_params.PromptError: too short, or not shorter than
     the duration) answered with 400."""
-    from musiclm_jax import generation_params
+    from musiclm_jax.generation import params as generation_params
     try:
         return call()
     except generation_params.PromptError as e:

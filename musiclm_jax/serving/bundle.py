@@ -1,6 +1,6 @@
 """Generation from an export bundle (`python -m musiclm_jax.export`): no gin, no checkpoints, no Flax models.
 
-    from musiclm_jax import serving
+    from musiclm_jax.serving import bundle as serving
     model = serving.load("/bundles/musiclm")
     model.set_generation_params(duration_s=4.0, guidance_scale=3.0, seed=0)
     audio = model.generate(["calm piano", "loud rock drums"])     # [2, 4 s * model.sample_rate] float32
@@ -54,7 +54,9 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from musiclm_jax import generation_params, pipeline, stage_sampling
+from musiclm_jax.generation import params as generation_params
+from musiclm_jax.generation import pipeline
+from musiclm_jax.generation import stage_sampling
 
 FORMAT = "musiclm_jax.serving_bundle"
 FORMAT_VERSION = 1
@@ -231,7 +233,7 @@ class ServedMuLan:
     def embed_audio(self, audio) -> np.ndarray:
         """audio [batch, samples] (or [samples]) at sample_rate -> unit-norm clip embeddings [batch, D] (or [D]),
         as mulan.MuLan.embed_audio (mulan.embed_clips: the mean over windows)."""
-        from musiclm_jax import mulan
+        from musiclm_jax.mulan import inference as mulan
         a = self._require_audio()
         return mulan.embed_clips(audio, a["window_samples"], a["stride"], a["short_clip_padding"],
                                  lambda windows: mulan.embed_in_batches(
@@ -393,7 +395,7 @@ class ServingModel:
 
 def load(bundle_dir: str, verify: bool = True, log=None) -> ServingModel:
     """The ServingModel of an export bundle. verify=False skips the SHA-256 checks (sizes are still checked)."""
-    from musiclm_jax import text_vocab
+    from musiclm_jax.mulan import text_vocab
     manifest = read_manifest(bundle_dir, verify)
 
     def path(name):

@@ -46,9 +46,9 @@ def train_sentencepiece(captions: Iterable[str], model_path: str, vocab_size: in
 def captions_of(task_name: str, split: str = "train", max_captions: int = 100_000) -> list[str]:
     """Captions of a raw-audio task's split (the synthetic music's from its parameters, without rendering)."""
     from musiclm_jax.data import synthetic_music
+    from musiclm_jax.data.dataset_config import RawAudioSource
     from musiclm_jax.tasks import audio as audio_tasks
-    kind, _, _, _ = audio_tasks.parse_raw_audio_task_name(task_name)
-    if kind == "synthetic_music":
+    if RawAudioSource.from_task_name(task_name).kind == "synthetic_music":
         seed = list(audio_tasks.SYNTHETIC_CLIPS).index(split)
         count = min(max_captions, audio_tasks.SYNTHETIC_CLIPS[split])
         return [synthetic_music.clip_caption(i, seed) for i in range(count)]

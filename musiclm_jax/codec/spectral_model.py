@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import spectral
-from musiclm_jax.codec_model import CodecModel
+from musiclm_jax.codec.model import CodecModel
 from musiclm_jax.networks.spectral_codec import SpectralCodec, SpectralCodecConfig
-from musiclm_jax.quantizers import STATE, RVQConfig
+from musiclm_jax.networks.quantizers import STATE, RVQConfig
 
 
 class SpectralCodecModel(CodecModel):
