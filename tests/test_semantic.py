@@ -7,6 +7,7 @@ import pytest
 
 from conftest import train_on_one_device
 from musiclm_jax import fit_semantic
+from musiclm_jax.semantic import __main__ as semantic_cli
 from musiclm_jax.semantic import inference as semantic
 from musiclm_jax.data import audio_io, synthetic_music
 
@@ -59,9 +60,9 @@ def test_fit_tokenize_and_resume(w2v_bert_dir, tmp_path):
     wav = str(tmp_path / "a.wav")
     audio_io.save_audio(wav, synthetic_music.generate_clip(5, seed=3, seconds=2.0, sample_rate=22050)["audio"],
                         22050)
-    semantic.main(["tokenize", "--checkpoint", str(straight), "--input", wav, "--output", str(tmp_path / "t.npy")])
+    semantic_cli.main(["tokenize", "--checkpoint", str(straight), "--input", wav, "--output", str(tmp_path / "t.npy")])
     assert np.load(tmp_path / "t.npy").shape == (50,)
-    semantic.main(["embed", "--checkpoint", w2v_bert_dir, "--layer", "3", "--input", wav, "--output",
+    semantic_cli.main(["embed", "--checkpoint", w2v_bert_dir, "--layer", "3", "--input", wav, "--output",
                    str(tmp_path / "e.npy")])
     emb = np.load(tmp_path / "e.npy")
     assert emb.shape == (50, 64)

@@ -1,4 +1,11 @@
-"""`python -m musiclm_jax.codec`: the command line of the codec (the inference class: musiclm_jax.codec.inference).
+"""`python -m musiclm_jax.codec`: a file through the codec (musiclm_jax.codec.inference.Codec).
+
+    python -m musiclm_jax.codec encode --checkpoint DIR --input a.wav --output codes.npy [--num_quantizers N |
+        --bandwidth KBPS]
+    python -m musiclm_jax.codec decode --checkpoint DIR --input codes.npy --output b.wav [--num_samples N]
+
+DIR is a codec run directory. The input audio is mixed to mono and resampled to the codec's rate; codes.npy holds
+int32 [frames, n_q].
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""The codec interface (as audiocraft's compression models) and its command line.
+"""The codec's inference class (as audiocraft's compression models); its command line is codec/__main__.py.
 
     codec = Codec.from_checkpoint("/path/to/MODEL_DIR")
     codes = codec.encode(audio)              # audio [batch, samples] at codec.sample_rate -> [batch, frames, n_q]
     audio = codec.decode(codes[..., :4])     # any number of the first levels (bitrate scalability)
-
-    python -m musiclm_jax.codec encode --checkpoint DIR --input a.wav --output codes.npy [--num_quantizers N |
-        --bandwidth KBPS]
-    python -m musiclm_jax.codec decode --checkpoint DIR --input codes.npy --output b.wav [--num_samples N]
 
 A checkpoint directory is a training MODEL_DIR (config.gin + checkpoints/), e.g. from `python -m
 musiclm_jax.train --gin_file=gin/codec/tiny.gin` or `python -m musiclm_jax.convert encodec`. Input audio is

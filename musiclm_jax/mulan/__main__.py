@@ -1,4 +1,10 @@
-"""`python -m musiclm_jax.mulan`: the command line of MuLan (the inference class: musiclm_jax.mulan.inference).
+"""`python -m musiclm_jax.mulan`: a file's or a caption's MuLan embedding or tokens (musiclm_jax.mulan.inference),
+and the caption vocabulary's training step (musiclm_jax.mulan.text_vocab).
+
+    python -m musiclm_jax.mulan embed-audio --checkpoint DIR --input a.wav --output e.npy
+    python -m musiclm_jax.mulan embed-text --checkpoint DIR --text "..." [--text "..."] --output e.npy
+    python -m musiclm_jax.mulan tokens --checkpoint DIR (--input a.wav | --text "...") --output t.npy
+    python -m musiclm_jax.mulan train-vocab --output DIR/text_vocab/spm.model [--audio_dir D] [--vocab_size N]
 """
 from __future__ import annotations
 

@@ -18,11 +18,7 @@ training clips (level l: k-means of the residuals left by levels < l), saved as 
 fit job (musiclm_jax.fit_rvq): `python -m musiclm_jax.fit_rvq --gin_file=gin/mulan/rvq_tiny.gin
 --gin.MULAN_CHECKPOINT=...`.
 
-Command line:
-    python -m musiclm_jax.mulan embed-audio --checkpoint DIR --input a.wav --output e.npy
-    python -m musiclm_jax.mulan embed-text --checkpoint DIR --text "..." [--text "..."] --output e.npy
-    python -m musiclm_jax.mulan tokens --checkpoint DIR (--input a.wav | --text "...") --output t.npy
-    python -m musiclm_jax.mulan train-vocab --output DIR/text_vocab/spm.model [--audio_dir D] [--vocab_size N]
+Command line (mulan/__main__.py): `python -m musiclm_jax.mulan embed-audio|embed-text|tokens|train-vocab`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`python -m musiclm_jax.semantic`: the command line of semantic tokens (the inference class: musiclm_jax.semantic.inference).
+"""`python -m musiclm_jax.semantic`: a file's semantic tokens or layer features (musiclm_jax.semantic.inference).
+
+    python -m musiclm_jax.semantic tokenize --checkpoint TOKENIZER_DIR --input a.wav --output tokens.npy [--dedupe]
+    python -m musiclm_jax.semantic embed --checkpoint FEATURE_MODEL_DIR --layer L --input a.wav --output emb.npy
 """
 from __future__ import annotations
 

@@ -14,9 +14,7 @@ The fit is a job of its own (musiclm_jax.fit_semantic):
     python -m musiclm_jax.fit_semantic --gin_file=gin/semantic/kmeans_tiny.gin \
         --gin.FEATURE_CHECKPOINT="'/tmp/w2v_bert_tiny'" --gin.OUTPUT_DIR="'/tmp/semantic_tok'" [--gin.AUDIO_DIR=...]
 
-Command line:
-    python -m musiclm_jax.semantic tokenize --checkpoint TOKENIZER_DIR --input a.wav --output tokens.npy [--dedupe]
-    python -m musiclm_jax.semantic embed --checkpoint FEATURE_MODEL_DIR --layer L --input a.wav --output emb.npy
+Command line (semantic/__main__.py): `python -m musiclm_jax.semantic tokenize|embed`.
 
 TOKENIZER_DIR holds tokenizer.json (feature checkpoint, layer, pooling, k), normalisation.npz (mean, std) and
 kmeans.npz (the k-means state; written every `save_every` steps, so a restarted fit resumes where it stopped).
