@@ -728,8 +728,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   if args.tpu or args.local else None)
         print_plan(plan, out, args.size, launch, args.topology, aot_topology=args.topology if args.aot else None)
         return {"plan": plan}
-    os.environ["MUSICLM_TFDS_DIR"] = data_root(out)  # the steps' prepared data, read back by the report
-    timings = run_plan(plan, out, args.redo, in_process=args.in_process, launch=launch)
+    # The steps' prepared data, read back by the report; set for this run only, so that a later run in the same
+    # process (recipe.main called twice, as the tests do) does not read this one's data.
+    previous_root = os.environ.get("MUSICLM_TFDS_DIR")
+    os.environ["MUSICLM_TFDS_DIR"] = data_root(out)
+    try:
+        timings = run_plan(plan, out, args.redo, in_process=args.in_process, launch=launch)
+    finally:
+        if previous_root is None:
+            del os.environ["MUSICLM_TFDS_DIR"]
+        else:
+            os.environ["MUSICLM_TFDS_DIR"] = previous_root
     with open(os.path.join(out, "quality.json")) as f:
         quality = json.load(f)
     quality["timings"] = timings

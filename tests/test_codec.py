@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import train_on_one_device
+from musiclm_jax.codec import __main__ as codec_cli
 from musiclm_jax.codec import inference as codec_lib
 from musiclm_jax import gin_utils
 from musiclm_jax import train  # noqa: F401  (the run files bind train_lib.train)
@@ -137,12 +138,12 @@ def test_codec_cli_round_trip(trained_tiny_codec, tmp_path):
     audio = synthetic_music.generate_clip(7, seed=5, seconds=1.0, sample_rate=16000)["audio"]
     wav = str(tmp_path / "in.wav")
     audio_io.save_audio(wav, audio, 16000)  # another rate: the CLI resamples
-    codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", wav, "--output",
+    codec_cli.main(["encode", "--checkpoint", trained_tiny_codec, "--input", wav, "--output",
                     str(tmp_path / "codes.npy"), "--num_quantizers", "2"])
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (50, 2)  # 1 s at 50 Hz, 2 levels
     np.testing.assert_array_equal(codes, codec.encode(audio_io.load_audio(wav, 24000), 2))
-    codec_lib.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
+    codec_cli.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
                     "--output", str(tmp_path / "out.wav")])
     decoded = audio_io.load_audio(str(tmp_path / "out.wav"), 24000)
     assert decoded.shape == (24000,)
@@ -161,22 +162,22 @@ def test_bad_input_is_downmixed_resampled_padded_or_named(trained_tiny_codec, tm
     # A stereo file at 44.1 kHz through the CLI: downmixed, resampled, and trimmed back with --num_samples.
     stereo = str(tmp_path / "stereo.wav")
     soundfile.write(stereo, 0.3 * rng.randn(44100 // 2, 2).astype(np.float32), 44100)
-    codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", stereo, "--output",
+    codec_cli.main(["encode", "--checkpoint", trained_tiny_codec, "--input", stereo, "--output",
                     str(tmp_path / "codes.npy")])
     assert np.load(tmp_path / "codes.npy").shape == (25, 4)
-    codec_lib.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
+    codec_cli.main(["decode", "--checkpoint", trained_tiny_codec, "--input", str(tmp_path / "codes.npy"),
                     "--output", str(tmp_path / "back.wav"), "--num_samples", "12000"])
     assert soundfile.info(str(tmp_path / "back.wav")).frames == 12000
     # Non-finite samples and undecodable files are errors naming the file.
     nan_wav = str(tmp_path / "nan.wav")
     soundfile.write(nan_wav, np.full(4800, np.nan, np.float32), 24000, subtype="FLOAT")
     with pytest.raises(audio_io.AudioDecodeError, match="nan.wav: non-finite samples"):
-        codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", nan_wav, "--output",
+        codec_cli.main(["encode", "--checkpoint", trained_tiny_codec, "--input", nan_wav, "--output",
                         str(tmp_path / "x.npy")])
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF not really a wave file")
     with pytest.raises(audio_io.AudioDecodeError, match="junk.wav: cannot decode audio"):
-        codec_lib.main(["encode", "--checkpoint", trained_tiny_codec, "--input", str(junk), "--output",
+        codec_cli.main(["encode", "--checkpoint", trained_tiny_codec, "--input", str(junk), "--output",
                         str(tmp_path / "x.npy")])
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO_DIR, subprocess_env, train_on_one_device
 from helpers import mesh
+from musiclm_jax.mulan import __main__ as mulan_cli
 from musiclm_jax.mulan import inference as mulan_lib
 from musiclm_jax.fit_rvq import fit_rvq
 from musiclm_jax import partitioning
@@ -154,13 +155,13 @@ def test_tokens_from_audio_and_text_and_the_cli(trained_mulan, tmp_path):
     import soundfile
     wav = tmp_path / "clip.wav"
     soundfile.write(wav, clips[1], 16000, subtype="FLOAT")
-    mulan_lib.main(["tokens", "--checkpoint", trained_mulan, "--input", str(wav), "--output", str(tmp_path / "t.npy")])
+    mulan_cli.main(["tokens", "--checkpoint", trained_mulan, "--input", str(wav), "--output", str(tmp_path / "t.npy")])
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), audio_tokens[1])
-    mulan_lib.main(["embed-text", "--checkpoint", trained_mulan, "--text", "a calm piano piece",
+    mulan_cli.main(["embed-text", "--checkpoint", trained_mulan, "--text", "a calm piano piece",
                     "--output", str(tmp_path / "e.npy")])
     assert np.load(tmp_path / "e.npy").shape == (1, 128)
     with pytest.raises(SystemExit):
-        mulan_lib.main(["tokens", "--checkpoint", trained_mulan, "--output", str(tmp_path / "x.npy")])
+        mulan_cli.main(["tokens", "--checkpoint", trained_mulan, "--output", str(tmp_path / "x.npy")])
 
 
 def test_the_caption_vocabulary_is_made_by_prepare_assets_only(tmp_path):

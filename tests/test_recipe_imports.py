@@ -103,8 +103,10 @@ def test_the_recipe_runs_end_to_end_with_imported_codec_semantic_features_and_mu
                                                                                                "clap"]
     assert "--gin_file=gin/semantic/features_hubert.gin" in steps["semantic_tokens"]
 
+    data_root_before = os.environ.get("MUSICLM_TFDS_DIR")
     result = recipe.main(["--output_dir", str(out), "--audio_dir", str(tmp_path / "music"), "--in_process", *imports]
                          + [f"--bind={b}" for b in FAST])
+    assert os.environ.get("MUSICLM_TFDS_DIR") == data_root_before  # the run's data root does not outlive it
     quality = result["quality"]
     # The token cache holds the imports' tokens: EnCodec's 4 levels of 64 at 75 Hz, HuBERT's 50 Hz pooled to
     # 25 Hz, CLAP's RVQ; the stages took their layouts from it.

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import train_on_one_device
 from helpers import adam_steps
+from musiclm_jax.codec import __main__ as codec_cli
 from musiclm_jax.codec import inference as codec_lib
 from musiclm_jax import spectral
 from musiclm_jax.data import audio_io, synthetic_music
@@ -263,11 +264,11 @@ def test_codec_cli_round_trip_of_the_spectral_codec(trained_spectral_codec, tmp_
     audio = synthetic_music.generate_clip(3, seed=5, seconds=1.0)["audio"]
     wav = str(tmp_path / "in.wav")
     audio_io.save_audio(wav, audio, RATE)
-    codec_lib.main(["encode", "--checkpoint", trained_spectral_codec, "--input", wav, "--output",
+    codec_cli.main(["encode", "--checkpoint", trained_spectral_codec, "--input", wav, "--output",
                     str(tmp_path / "codes.npy")])
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (50, 4)
-    codec_lib.main(["decode", "--checkpoint", trained_spectral_codec, "--input", str(tmp_path / "codes.npy"),
+    codec_cli.main(["decode", "--checkpoint", trained_spectral_codec, "--input", str(tmp_path / "codes.npy"),
                     "--output", str(tmp_path / "out.wav")])
     decoded = audio_io.load_audio(str(tmp_path / "out.wav"), RATE)
     np.testing.assert_allclose(decoded, np.clip(codec.decode(codes), -1, 1), atol=1.0 / 2**15 + 1e-6)
