@@ -18,6 +18,7 @@ import numpy as np
 
 from musiclm_jax.codec.inference import Codec
 
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.codec", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from musiclm_jax.mulan.inference import MuLan
 
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.mulan", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from musiclm_jax.semantic.inference import FeatureExtractor, SemanticTokenizer, load_feature_model
 
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m musiclm_jax.semantic", description=__doc__.split("\n\n")[0])
