@@ -10,7 +10,7 @@ norms, softmax and logits are computed in fp32.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -404,11 +404,33 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
     return buckets + jnp.where(is_exact, distance, large)
 
 
+class CausalBlockBias(NamedTuple):
+    """A relative position bias for causal attention split into query blocks, kept as its table and bucket ids
+    so that each layer gathers its own copy (dot_product_attention, `bias=`).
+
+    The bias of block i is table[:, buckets[i]]: [1, heads, q_i, k_i]. Gathered per layer, the gradient of
+    each layer's block is scattered into the table on its own; a bias computed once and shared by the layers
+    instead has one gradient fusion reading every layer's and block's logits gradient at once (24 arrays for
+    6 layers and 4 blocks), which XLA's CPU backend runs at a fraction of the memory bandwidth (~10% of the
+    peer configuration's training step; README, Benchmarks).
+
+    table: [heads, num_buckets + 1] fp32, the last column MASK_VALUE (the causal mask);
+    buckets: per block, [q_i, k_i] int32 ids into the table's columns.
+    """
+    table: jax.Array
+    buckets: tuple
+
+    def block(self, i: int) -> jax.Array:
+        return jnp.take(self.table, self.buckets[i], axis=1)[None]
+
+
 class RelativePositionBias(nn.Module):
     """T5 relative position bias: a learned scalar per (bucket, head), shared by all layers.
 
-    Returns bias [1, heads, q_len, k_len] for query positions [q_len] and key positions [k_len], or
+    Called: bias [1, heads, q_len, k_len] for query positions [q_len] and key positions [k_len], or
     [batch, heads, q_len, k_len] for per-example positions [batch, q_len] and [batch, k_len].
+    `causal_blocks(ranges)`: the causal bias of the query blocks [(start, end)] over `end` keys each, as a
+    CausalBlockBias (the same values as the call's, causally masked and sliced per block).
     """
 
     num_heads: int
@@ -418,18 +440,30 @@ class RelativePositionBias(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
-    @nn.compact
-    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-        table = self.param(
+    def setup(self):
+        self.table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("relpos_buckets", "heads")),
             (self.num_buckets, self.num_heads), self.param_dtype)
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
         relative = key_positions[..., None, :] - query_positions[..., :, None]  # [(batch,) q, k]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table, buckets, axis=0)  # [(batch,) q, k, heads]
+        bias = jnp.take(self.table, buckets, axis=0)  # [(batch,) q, k, heads]
         if bias.ndim == 3:
             return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
         return jnp.transpose(bias, (0, 3, 1, 2)).astype(jnp.float32)
+
+    def causal_blocks(self, ranges: Sequence[tuple[int, int]]) -> CausalBlockBias:
+        table = jnp.concatenate([jnp.transpose(self.table).astype(jnp.float32),
+                                 jnp.full((self.num_heads, 1), MASK_VALUE, jnp.float32)], axis=1)
+        buckets = []
+        for start, end in ranges:
+            queries = jnp.arange(start, end, dtype=jnp.int32)[:, None]
+            keys = jnp.arange(end, dtype=jnp.int32)[None, :]
+            ids = relative_position_bucket(keys - queries, self.bidirectional, self.num_buckets, self.max_distance)
+            buckets.append(jnp.where(keys <= queries, ids, self.num_buckets))
+        return CausalBlockBias(table, tuple(buckets))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:
@@ -454,10 +488,43 @@ def _grouped_query(query: jax.Array, kv_heads: int) -> jax.Array:
     return query.reshape(b, q, kv_heads, h // kv_heads, d)
 
 
+@jax.custom_vjp
+def _add_batch_shared(logits: jax.Array, bias: jax.Array) -> jax.Array:
+    """logits [batch, ...] + bias [1, ...] (the same shape otherwise). The bias gradient sums the batch slices
+    with elementwise adds: XLA's CPU backend streams those at memory speed, while the reduction over the major
+    axis that autodiff gives runs at a few hundred MB/s (README, Benchmarks). Batches over 16 use the reduction:
+    one fused add per example would read too many arrays at once."""
+    return logits + bias
+
+
+def _add_batch_shared_fwd(logits, bias):
+    return logits + bias, None
+
+
+def _add_batch_shared_bwd(_, grad):
+    if grad.shape[0] > 16:
+        return grad, jnp.sum(grad, axis=0, keepdims=True)
+    total = grad[:1]
+    for i in range(1, grad.shape[0]):
+        total = total + grad[i:i + 1]
+    return grad, total
+
+
+_add_batch_shared.defvjp(_add_batch_shared_fwd, _add_batch_shared_bwd)
+
+
+def add_bias(logits: jax.Array, bias: jax.Array) -> jax.Array:
+    """logits + bias, where bias broadcasts to logits; a bias shared by the batch ([1, ...], the same shape
+    otherwise) gets its gradient through _add_batch_shared."""
+    if bias.ndim == logits.ndim and bias.shape[0] == 1 and bias.shape[1:] == logits.shape[1:]:
+        return _add_batch_shared(logits, bias)
+    return logits + bias
+
+
 def _masked_softmax(logits: jax.Array, bias: Optional[jax.Array], mask: Optional[jax.Array]) -> jax.Array:
     """softmax(logits + bias) over the last axis, with mask-False positions given no weight (fp32)."""
     if bias is not None:
-        logits = logits + bias
+        logits = add_bias(logits, bias)
     if mask is not None:
         logits = jnp.where(mask, logits, MASK_VALUE)
     return jax.nn.softmax(logits, axis=-1)
@@ -490,7 +557,32 @@ def _slice_qk(x: Optional[jax.Array], q_start: int, q_end: int, k_end: int) -> O
     return x[..., q_start if x.shape[-2] > 1 else 0:q_end if x.shape[-2] > 1 else 1, :k_end]
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bias: Optional[jax.Array],
+def causal_query_block_ranges(length: int, blocks: int) -> Optional[list[tuple[int, int]]]:
+    """The query blocks [(start, end)] that dot_product_attention splits causal attention over `length` tokens
+    into (block i attends to keys [0, end_i)), or None where it does not split (blocks <= 1, or fewer than two
+    tokens per block)."""
+    if blocks <= 1 or length < 2 * blocks:
+        return None
+    block = -(-length // blocks)
+    return [(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def split_causal_bias(bias: Optional[jax.Array], length: int, blocks: int):
+    """bias [..., length, length] -> a tuple of the per-block slices [..., end_i - start_i, end_i] that
+    dot_product_attention(causal_query_blocks=blocks) reads; unchanged where it does not split.
+
+    Slice once, before the layers, when every layer shares one bias (the relative position bias): each layer
+    then reads its blocks without slicing, and the bias gradient sums the layers' block gradients on the
+    blocks' shapes before one pad per block (sliced per layer, every layer's every block is padded to the full
+    [heads, length, length] and summed: 4 blocks x 6 layers of full-size pads, ~10% of the peer
+    configuration's training step on CPU)."""
+    ranges = causal_query_block_ranges(length, blocks)
+    if bias is None or ranges is None:
+        return bias
+    return tuple(_slice_qk(bias, start, end, end) for start, end in ranges)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, bias,
                           mask: Optional[jax.Array], dropout_rate: float = 0.0,
                           dropout_rng: Optional[jax.Array] = None, dtype: DType = jnp.float32,
                           causal_query_blocks: int = 1) -> jax.Array:
@@ -500,23 +592,34 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       query: [batch, q_len, heads, head_dim]; key, value: [batch, k_len, kv_heads, head_dim], where kv_heads
         divides heads (grouped-query attention; kv_heads == heads is multi-head attention).
       bias: added to the logits, broadcastable to [batch, heads, q_len, k_len] (relative position bias and,
-        folded in, a -1e10 mask).
+        folded in, a -1e10 mask); or, with causal_query_blocks, the tuple split_causal_bias returns or a
+        CausalBlockBias (RelativePositionBias.causal_blocks).
       mask: bool, broadcastable to [batch, heads, q_len, k_len]; False positions get no weight.
       causal_query_blocks: if > 1, the attention is known to be causal with q_len == k_len: queries are split
-        into this many blocks and block i attends only to keys up to its last query, skipping the masked upper
-        triangle (about 40% of the score and value FLOPs for 4 blocks). The result is the same.
+        into this many blocks (causal_query_block_ranges) and block i attends only to keys up to its last
+        query, skipping the masked upper triangle (about 40% of the score and value FLOPs for 4 blocks). The
+        result is the same.
     Returns:
       [batch, q_len, heads, head_dim] in `dtype`. Logits and softmax are computed in fp32.
     """
     length = query.shape[1]
-    if causal_query_blocks <= 1 or length != key.shape[1] or length < 2 * causal_query_blocks:
+    ranges = causal_query_block_ranges(length, causal_query_blocks) if length == key.shape[1] else None
+    blocks_given = len(bias.buckets) if isinstance(bias, CausalBlockBias) else len(bias) if isinstance(
+        bias, tuple) else None
+    if blocks_given is not None and (ranges is None or blocks_given != len(ranges)):
+        raise ValueError(f"bias is split into {blocks_given} query blocks, but this attention over {length} queries "
+                         f"and {key.shape[1]} keys with causal_query_blocks={causal_query_blocks} uses "
+                         f"{0 if ranges is None else len(ranges)}")
+    if ranges is None:
         return _attend(query, key, value, bias, mask, dropout_rate, dropout_rng, dtype)
-    block = -(-length // causal_query_blocks)
     outputs = []
-    for i, start in enumerate(range(0, length, block)):
-        end = min(start + block, length)
+    for i, (start, end) in enumerate(ranges):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        outputs.append(_attend(query[:, start:end], key[:, :end], value[:, :end], _slice_qk(bias, start, end, end),
+        if isinstance(bias, CausalBlockBias):
+            block_bias = bias.block(i)
+        else:
+            block_bias = bias[i] if isinstance(bias, tuple) else _slice_qk(bias, start, end, end)
+        outputs.append(_attend(query[:, start:end], key[:, :end], value[:, :end], block_bias,
                                _slice_qk(mask, start, end, end), dropout_rate, rng, dtype))
     return jnp.concatenate(outputs, axis=1)
 

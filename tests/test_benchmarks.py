@@ -39,3 +39,19 @@ def test_tokenize_benchmark_prints_its_figures_at_tiny_size():
     assert set(report["per_tokenizer"]) == {"codec", "semantic", "mulan", "melody"}
     assert report["audio_seconds_per_batch"] == 8.0
     assert report["job_audio_seconds_per_second"] > 0 and report["forward_speedup_over_job_path"] > 0
+
+
+def test_profile_script_splits_a_training_step_into_matmuls_and_the_rest():
+    """benchmarks/lm_profile.py on a short step: the trace holds XLA's op events, the dots are found through
+    the compiled HLO, and the shares add up."""
+    command = [sys.executable, os.path.join("benchmarks", "lm_profile.py"), "--job", "step", "--batch", "1",
+               "--length", "32", "--top", "50"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "lm_profile" and result["job"] == "step" and result["config"]["length"] == 32
+    assert result["op_seconds"] > 0 and 0.05 < result["matmul_share"] < 1.0
+    names = [c["name"] for c in result["categories"]]
+    assert "matmul" in names and len(names) > 3
+    assert abs(sum(c["share"] for c in result["categories"]) - 1.0) < 0.05  # --top 50 covers nearly all
+    assert any(op["shape"].startswith("f32[") for op in result["top_ops"])

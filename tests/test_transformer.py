@@ -166,6 +166,37 @@ def test_causal_query_blocks_give_the_same_logits_and_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
 
 
+def test_the_relative_bias_per_query_block_equals_the_whole_bias_and_its_gradient():
+    """RelativePositionBias.causal_blocks (gathered per layer) and the batch-shared bias add (its gradient by
+    elementwise adds) give the values and gradients of the whole causal bias added by broadcasting."""
+    from musiclm_jax import layers
+    relpos = layers.RelativePositionBias(num_heads=3, num_buckets=8, max_distance=16)
+    positions = jnp.arange(20)
+    variables = relpos.init(jax.random.key(0), positions, positions)
+    whole = relpos.apply(variables, positions, positions)  # [1, 3, 20, 20]
+    causal = positions[None, :] <= positions[:, None]
+    masked = jnp.where(causal, whole, layers.MASK_VALUE)
+    ranges = layers.causal_query_block_ranges(20, 3)
+    assert ranges == [(0, 7), (7, 14), (14, 20)]
+    blocks = relpos.apply(variables, ranges, method=layers.RelativePositionBias.causal_blocks)
+    for i, (start, end) in enumerate(ranges):
+        np.testing.assert_array_equal(blocks.block(i), masked[:, :, start:end, :end])
+    # The batch-shared add: same values, and the bias gradient is the batch sum (within float32 rounding).
+    logits = jax.random.normal(jax.random.key(1), (5, 3, 20, 20))
+    weights = jax.random.normal(jax.random.key(2), (5, 3, 20, 20))
+    for batch in (5, 17):  # 17: the reduction fallback
+        lg = jnp.tile(logits, (4, 1, 1, 1))[:batch]
+        wt = jnp.tile(weights, (4, 1, 1, 1))[:batch]
+        shared = jax.grad(lambda b: jnp.sum(jnp.sin(layers.add_bias(lg, b)) * wt))(whole)
+        plain = jax.grad(lambda b: jnp.sum(jnp.sin(lg + b) * wt))(whole)
+        np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(shared, 0.0)
+    # A bias split into blocks that the attention does not use is an error, not a silent mismatch.
+    q = jnp.zeros((1, 20, 3, 4))
+    with pytest.raises(ValueError, match="split into 3 query blocks"):
+        layers.dot_product_attention(q, q, q, bias=blocks, mask=None, causal_query_blocks=4)
+
+
 def _coarse_like(position_encoding="relative", **kwargs):
     """A coarse-stage layout in miniature: 3 MuLan levels, 5 semantic frames, 40 target tokens (2 levels x 20
     frames), so a semantic frame spans 8 target tokens."""

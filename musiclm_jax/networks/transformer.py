@@ -300,24 +300,35 @@ class DecoderOnlyTransformer(nn.Module):
             else:
                 key_positions = positions
             query_positions = positions
+        prefix_masked = cfg.bidirectional_prefix and prefix_mask is not None
+        # Training with causal query blocks (layers.dot_product_attention): the bias is built per block, once.
+        blocks = None if decode or prefix_masked else layers.causal_query_block_ranges(length,
+                                                                                      cfg.causal_query_blocks)
         bias = None
         if cfg.position_encoding == "relative":
-            bias = layers.RelativePositionBias(
+            relpos = layers.RelativePositionBias(
                 cfg.num_heads, cfg.relative_num_buckets, cfg.relative_max_distance,
-                bidirectional=cfg.bidirectional_prefix or explicit, name="relpos_bias")(query_positions,
-                                                                                        key_positions)
-        if cfg.bidirectional_prefix and prefix_mask is not None:
+                bidirectional=cfg.bidirectional_prefix or explicit, name="relpos_bias")
+            if blocks is not None and not explicit:  # the same bias for every example: gathered per layer
+                bias = relpos.causal_blocks(blocks)
+            else:
+                bias = relpos(query_positions, key_positions)
+        if prefix_masked:
             # Per-example mask [b, 1, q, k]: causal, plus prefix positions seeing each other (a prefix must be
             # fed in one call when decoding).
             query_prefix = prefix_mask.astype(bool)
             key_prefix = jax.lax.dynamic_update_slice(jnp.zeros((batch, capacity), bool), query_prefix,
                                                       (0, cache_index))
             mask = (causal[None] | (query_prefix[:, :, None] & key_prefix[:, None, :]))[:, None]
-        else:
+        elif not isinstance(bias, layers.CausalBlockBias):
             # The causal mask is the same for every example: fold it into the additive bias [1|b, h|1, q, k]
-            # (per example with explicit positions).
+            # (per example with explicit positions), sliced into the query blocks once.
             base = bias if bias is not None else jnp.zeros((1, 1, length, capacity), jnp.float32)
             bias, mask = jnp.where(causal[None, None], base, layers.MASK_VALUE), None
+            if blocks is not None:
+                bias = layers.split_causal_bias(bias, length, cfg.causal_query_blocks)
+        else:
+            mask = None
         if not explicit:
             positions = jnp.broadcast_to(query_positions[None], (batch, length))
 
