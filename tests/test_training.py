@@ -99,7 +99,10 @@ def test_gradient_accumulation_equals_the_full_batch():
     state = TrainState.create({"params": params}, opt.tx)
     full = jax.jit(make_train_step(model, opt, 1))(state, batch, jax.random.key(0))
     accumulated = jax.jit(make_train_step(model, opt, 4))(state, batch, jax.random.key(0))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6), full[0].params, accumulated[0].params)
+    # Adam scales each update by its gradient's own size, so summing microbatches in another order moves a
+    # near-zero gradient's update by more than its rounding: 2.3e-6 seen on an AVX-512 CPU, also before the
+    # relative bias changes; a wrong accumulation moves updates by ~lr = 1e-2.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), full[0].params, accumulated[0].params)
     for key in ("loss", "accuracy", "grad_norm"):
         np.testing.assert_allclose(full[1][key], accumulated[1][key], rtol=1e-5)
     assert float(accumulated[1]["loss_weight"]) == 8 * model.target_length - 15
