@@ -53,6 +53,32 @@ def peer_model(kv_heads: int, target_length: int) -> TokenLMModel:
     return TokenLMModel(TransformerConfig(**peer_config(kv_heads)), layout, prefix_groups=(),
                         target_group="semantic", prefix_length=0, target_length=target_length)
 PEER_VOCAB = 1024
+
+
+def peer_train_inputs(kv_heads: int, batch: int, length: int):
+    """(model, AdamW optimizer (lr 3e-4, weight decay 0.01), fresh TrainState, batch of random targets [batch,
+    length] as the trainer takes it) of the training-step benchmarks (lm_step.py, lm_profile.py)."""
+    import numpy as np
+    from musiclm_jax import optimizers, partitioning
+    from musiclm_jax.train_state import TrainState
+    model = peer_model(kv_heads, target_length=length)
+    optimizer = optimizers.create_optimizer(name="adamw", learning_rate=3e-4, weight_decay=0.01)
+    variables = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1)))
+    tokens = np.random.RandomState(0).randint(1, model.vocab_size, (batch, length)).astype(np.int32)
+    data = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tokens[:, :-1]], 1),
+            "decoder_target_tokens": tokens, "decoder_loss_weights": np.ones_like(tokens),
+            "decoder_causal_attention": np.zeros_like(tokens)}
+    return model, optimizer, TrainState.create(variables, optimizer.tx), jax.tree.map(jnp.asarray, data)
+
+
+def peer_sampler(model: TokenLMModel, new_tokens: int):
+    """jitted sample(params, prompt [batch, 1], rng) -> [batch, new_tokens]: temperature-1 sampling after a
+    1-token prompt, as lm_sample.py and lm_profile.py time it."""
+    @jax.jit
+    def sample(params, prompt, rng):
+        return model.predict_batch(params, {"prefix_tokens": prompt}, rng, numdecode_steps=new_tokens,
+                                   prompt_target_length=1, temperature=1.0)
+    return sample
 # Figures measured on this machine for the issue (audiolm-pytorch 2.4.0, torch 2.13 CPU, 2 threads, medians of 5).
 PEER_REFERENCE = {"train_tokens_per_s": 725.0, "generate_tokens_per_s": 67.7}
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_audiolm.py")

@@ -35,8 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from musiclm_jax import optimizers, partitioning  # noqa: E402
-from musiclm_jax.train_state import TrainState  # noqa: E402
+from musiclm_jax import partitioning  # noqa: E402
 from musiclm_jax.trainer import make_train_step  # noqa: E402
 
 
@@ -64,31 +63,17 @@ def matmul_ops(hlo: str) -> set[str]:
 
 
 def step_job(kv_heads: int, batch: int, length: int):
-    """(compiled function, its arguments) of one training step."""
-    model = common.peer_model(kv_heads, target_length=length)
-    optimizer = optimizers.create_optimizer(name="adamw", learning_rate=3e-4, weight_decay=0.01)
-    variables = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1)))
-    state = TrainState.create(variables, optimizer.tx)
-    tokens = np.random.RandomState(0).randint(1, model.vocab_size, (batch, length)).astype(np.int32)
-    data = {"decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), tokens[:, :-1]], 1),
-            "decoder_target_tokens": tokens, "decoder_loss_weights": np.ones_like(tokens),
-            "decoder_causal_attention": np.zeros_like(tokens)}
-    data = jax.tree.map(jnp.asarray, data)
-    step = jax.jit(make_train_step(model, optimizer))
-    return step, (state, data, jax.random.key(1))
+    """(jitted function, its arguments) of one training step."""
+    model, optimizer, state, data = common.peer_train_inputs(kv_heads, batch, length)
+    return jax.jit(make_train_step(model, optimizer)), (state, data, jax.random.key(1))
 
 
 def sample_job(kv_heads: int, new_tokens: int):
-    """(compiled function, its arguments) of sampling `new_tokens` after a 1-token prompt at batch 1."""
+    """(jitted function, its arguments) of sampling `new_tokens` after a 1-token prompt at batch 1."""
     model = common.peer_model(kv_heads, target_length=new_tokens + 1)
     params = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1))["params"])
     prompt = jnp.asarray(np.random.RandomState(0).randint(1, model.vocab_size, (1, 1)), jnp.int32)
-
-    @jax.jit
-    def sample(params, prompt, rng):
-        return model.predict_batch(params, {"prefix_tokens": prompt}, rng, numdecode_steps=new_tokens,
-                                   prompt_target_length=1, temperature=1.0)
-    return sample, (params, prompt, jax.random.key(1))
+    return common.peer_sampler(model, new_tokens), (params, prompt, jax.random.key(1))
 
 
 def op_times(trace_dir: str) -> tuple[dict, dict]:

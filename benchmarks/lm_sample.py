@@ -40,10 +40,7 @@ def main():
     params = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1))["params"])
     prompt = jnp.asarray(np.random.RandomState(0).randint(1, model.vocab_size, (args.batch, 1)), jnp.int32)
 
-    @jax.jit
-    def sample(params, prompt, rng):
-        return model.predict_batch(params, {"prefix_tokens": prompt}, rng, numdecode_steps=args.new_tokens,
-                                   prompt_target_length=1, temperature=1.0)
+    sample = common.peer_sampler(model, args.new_tokens)
 
     main_memory = common.streaming_bandwidth(1 << 30)
     calls = iter(range(10**6))

@@ -16,12 +16,8 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import common
-from musiclm_jax import optimizers, partitioning
-from musiclm_jax.train_state import TrainState
 from musiclm_jax.trainer import make_train_step
 
 
@@ -32,16 +28,7 @@ def main():
     common.add_common_flags(parser)
     args = parser.parse_args()
 
-    model = common.peer_model(args.kv_heads, target_length=args.length)
-    optimizer = optimizers.create_optimizer(name="adamw", learning_rate=3e-4, weight_decay=0.01)
-    variables = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1)))
-    state = TrainState.create(variables, optimizer.tx)
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(1, model.vocab_size, (args.batch, args.length)).astype(np.int32)
-    batch = {"decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), tokens[:, :-1]], 1),
-             "decoder_target_tokens": tokens, "decoder_loss_weights": np.ones_like(tokens),
-             "decoder_causal_attention": np.zeros_like(tokens)}
-    batch = jax.tree.map(jnp.asarray, batch)
+    model, optimizer, state, batch = common.peer_train_inputs(args.kv_heads, args.batch, args.length)
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
     key = jax.random.key(1)
     holder = {"state": state}

@@ -567,16 +567,14 @@ def causal_query_block_ranges(length: int, blocks: int) -> Optional[list[tuple[i
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def split_causal_bias(bias: Optional[jax.Array], length: int, blocks: int):
-    """bias [..., length, length] -> a tuple of the per-block slices [..., end_i - start_i, end_i] that
-    dot_product_attention(causal_query_blocks=blocks) reads; unchanged where it does not split.
+def split_causal_bias(bias: Optional[jax.Array], ranges: Optional[Sequence[tuple[int, int]]]):
+    """bias [..., length, length] -> a tuple of the per-block slices [..., end_i - start_i, end_i] of the query
+    blocks `ranges` (causal_query_block_ranges) that dot_product_attention reads; unchanged without blocks.
 
-    Slice once, before the layers, when every layer shares one bias (the relative position bias): each layer
-    then reads its blocks without slicing, and the bias gradient sums the layers' block gradients on the
-    blocks' shapes before one pad per block (sliced per layer, every layer's every block is padded to the full
-    [heads, length, length] and summed: 4 blocks x 6 layers of full-size pads, ~10% of the peer
-    configuration's training step on CPU)."""
-    ranges = causal_query_block_ranges(length, blocks)
+    Slice once, before the layers, when every layer shares one bias (a per-example relative bias, or the causal
+    mask alone): the layers then read their blocks without slicing, and a bias gradient sums the layers' block
+    gradients on the blocks' shapes before one pad per block, where slicing per layer pads every layer's every
+    block to the full [heads, length, length]."""
     if bias is None or ranges is None:
         return bias
     return tuple(_slice_qk(bias, start, end, end) for start, end in ranges)
@@ -604,21 +602,22 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     """
     length = query.shape[1]
     ranges = causal_query_block_ranges(length, causal_query_blocks) if length == key.shape[1] else None
-    blocks_given = len(bias.buckets) if isinstance(bias, CausalBlockBias) else len(bias) if isinstance(
-        bias, tuple) else None
-    if blocks_given is not None and (ranges is None or blocks_given != len(ranges)):
-        raise ValueError(f"bias is split into {blocks_given} query blocks, but this attention over {length} queries "
-                         f"and {key.shape[1]} keys with causal_query_blocks={causal_query_blocks} uses "
+    if isinstance(bias, CausalBlockBias):  # (a NamedTuple: tested before the plain tuple)
+        block_biases = [bias.block(i) for i in range(len(bias.buckets))]
+    elif isinstance(bias, tuple):
+        block_biases = list(bias)
+    else:
+        block_biases = None
+    if block_biases is not None and (ranges is None or len(block_biases) != len(ranges)):
+        raise ValueError(f"bias is split into {len(block_biases)} query blocks, but this attention over {length} "
+                         f"queries and {key.shape[1]} keys with causal_query_blocks={causal_query_blocks} uses "
                          f"{0 if ranges is None else len(ranges)}")
     if ranges is None:
         return _attend(query, key, value, bias, mask, dropout_rate, dropout_rng, dtype)
     outputs = []
     for i, (start, end) in enumerate(ranges):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        if isinstance(bias, CausalBlockBias):
-            block_bias = bias.block(i)
-        else:
-            block_bias = bias[i] if isinstance(bias, tuple) else _slice_qk(bias, start, end, end)
+        block_bias = _slice_qk(bias, start, end, end) if block_biases is None else block_biases[i]
         outputs.append(_attend(query[:, start:end], key[:, :end], value[:, :end], block_bias,
                                _slice_qk(mask, start, end, end), dropout_rate, rng, dtype))
     return jnp.concatenate(outputs, axis=1)

@@ -320,15 +320,13 @@ class DecoderOnlyTransformer(nn.Module):
             key_prefix = jax.lax.dynamic_update_slice(jnp.zeros((batch, capacity), bool), query_prefix,
                                                       (0, cache_index))
             mask = (causal[None] | (query_prefix[:, :, None] & key_prefix[:, None, :]))[:, None]
-        elif not isinstance(bias, layers.CausalBlockBias):
-            # The causal mask is the same for every example: fold it into the additive bias [1|b, h|1, q, k]
-            # (per example with explicit positions), sliced into the query blocks once.
-            base = bias if bias is not None else jnp.zeros((1, 1, length, capacity), jnp.float32)
-            bias, mask = jnp.where(causal[None, None], base, layers.MASK_VALUE), None
-            if blocks is not None:
-                bias = layers.split_causal_bias(bias, length, cfg.causal_query_blocks)
         else:
             mask = None
+            if not isinstance(bias, layers.CausalBlockBias):  # (which holds the causal mask already)
+                # The causal mask is the same for every example: fold it into the additive bias [1|b, h|1, q, k]
+                # (per example with explicit positions), sliced into the query blocks once.
+                base = bias if bias is not None else jnp.zeros((1, 1, length, capacity), jnp.float32)
+                bias = layers.split_causal_bias(jnp.where(causal[None, None], base, layers.MASK_VALUE), blocks)
         if not explicit:
             positions = jnp.broadcast_to(query_positions[None], (batch, length))
 
