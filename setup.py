@@ -54,7 +54,7 @@ setuptools.setup(
     packages=(["musiclm_jax"] + ["musiclm_jax." + p for p in setuptools.find_packages("musiclm_jax")]
               + ["musiclm_jax.gin"]),
     package_dir={"musiclm_jax": "musiclm_jax", "musiclm_jax.gin": "gin"},
-    package_data={"musiclm_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    package_data={"musiclm_jax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"], "musiclm_jax.kernels": ["*.cc"]},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -1,5 +1,6 @@
 """What narrow decoding weights cost in quality: a trained stage's held-out cross-entropy with its kernels and
-embedding tables in float32, bfloat16 and int8 (musiclm_jax.weight_precision), on the same batches.
+embedding tables in float32, bfloat16 and int8 (musiclm_jax.weight_precision), and in int8 as the CPU kernel holds
+it ('int8+kernel': one scale per last-axis feature), on the same batches.
 
     python benchmarks/decode_precision.py --model_dir /tmp/musiclm_jax/demo/semantic [--batches 8]
 
@@ -57,8 +58,10 @@ def main():
         return jnp.sum(target * weights), jnp.sum(weights), jnp.argmax(logits, axis=-1)
 
     results, reference_argmax = {}, None
-    for precision in weight_precision.PRECISIONS:
-        narrow = weight_precision.for_decoding(params, precision)
+    # 'int8+kernel': the CPU kernel's int8 weights, one scale per last-axis feature (weight_precision.KernelWeight);
+    # these teacher-forced batches are too many rows for the kernel, so XLA computes with those same weights.
+    for precision, matvec in [(p, "xla") for p in weight_precision.PRECISIONS] + [("int8", "kernel")]:
+        narrow = weight_precision.for_decoding(params, precision, matvec)
         total, count, argmaxes = 0.0, 0.0, []
         for batch in batches:
             ll, n, top = score(narrow, batch)
@@ -66,7 +69,7 @@ def main():
             argmaxes.append(np.asarray(top)[batch["decoder_loss_weights"] > 0])
         argmax = np.concatenate(argmaxes)
         reference_argmax = argmax if reference_argmax is None else reference_argmax
-        results[precision] = {"cross_entropy": -total / count, "weight_bytes": weight_precision.weight_bytes(narrow),
+        results[precision if matvec == "xla" else f"{precision}+{matvec}"] = {"cross_entropy": -total / count, "weight_bytes": weight_precision.weight_bytes(narrow),
                               "argmax_equal_to_float32": float(np.mean(argmax == reference_argmax))}
     for r in results.values():
         r["cross_entropy_minus_float32"] = r["cross_entropy"] - results["float32"]["cross_entropy"]

@@ -1,13 +1,15 @@
 """Where the time of the stage LM's training step or sampling loop goes on this CPU, op by op (jax.profiler).
 
     python benchmarks/lm_profile.py [--job step|sample] [--kv_heads 1|8] [--top 15]
+        [--decode_weights float32|bfloat16|int8] [--matvec xla|kernel]
 
 The peer's configuration as in lm_step.py (batch 4 x 512 tokens, AdamW) and lm_sample.py (512 tokens at
-batch 1, float32 weights). The job is compiled and run once, then traced for one run with XLA's per-thunk
+batch 1; the sampling weights in --decode_weights, their products run by --matvec). The job is compiled and run once, then traced for one run with XLA's per-thunk
 trace events (`--xla_cpu_enable_xprof_traceme`, set by this script before JAX starts). Events are read from the
 trace's XSpace protobuf (TensorFlow's copy of the proto), summed over XLA's worker threads and grouped:
 
-  matmul        dots, and fusions whose computation holds a dot (XNNPACK/YNNPACK/oneDNN fusions around them)
+  matmul        dots, fusions whose computation holds a dot (XNNPACK/YNNPACK/oneDNN fusions around them), and
+                calls of this project's matrix-vector kernel (custom call musiclm_matvec)
   other kinds   each remaining op by its name without the number (e.g. transpose_copy_fusion; a library
                 fusion without a dot, such as a YNNPACK reduction, keeps its name: ynn_fusion)
 
@@ -35,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from musiclm_jax import partitioning  # noqa: E402
+from musiclm_jax import partitioning, weight_precision  # noqa: E402
 from musiclm_jax.trainer import make_train_step  # noqa: E402
 
 
@@ -53,7 +55,7 @@ def matmul_ops(hlo: str) -> set[str]:
         if not instruction:
             continue
         name, op = instruction.groups()
-        if op in ("dot", "convolution"):
+        if op in ("dot", "convolution") or 'custom_call_target="musiclm_matvec"' in line:
             with_dot.add(computation)
             names.add(name)
         called = re.search(r"calls=%([\w.\-]+)", line)
@@ -68,11 +70,13 @@ def step_job(kv_heads: int, batch: int, length: int):
     return jax.jit(make_train_step(model, optimizer)), (state, data, jax.random.key(1))
 
 
-def sample_job(kv_heads: int, new_tokens: int):
-    """(jitted function, its arguments) of sampling `new_tokens` after a 1-token prompt at batch 1."""
+def sample_job(kv_heads: int, new_tokens: int, precision: str = "float32", matvec: str = "xla"):
+    """(jitted function, its arguments) of sampling `new_tokens` after a 1-token prompt at batch 1, the weights
+    held in `precision` with their products run by `matvec` (weight_precision.for_decoding)."""
     model = common.peer_model(kv_heads, target_length=new_tokens + 1)
     params = partitioning.unbox(model.get_initial_variables(jax.random.key(0), model.input_shapes(1))["params"])
     prompt = jnp.asarray(np.random.RandomState(0).randint(1, model.vocab_size, (1, 1)), jnp.int32)
+    params = jax.device_put(weight_precision.for_decoding(params, precision, matvec))
     return common.peer_sampler(model, new_tokens), (params, prompt, jax.random.key(1))
 
 
@@ -106,10 +110,12 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512, help="training tokens per example, or tokens sampled")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--decode_weights", choices=weight_precision.PRECISIONS, default="float32")
+    parser.add_argument("--matvec", choices=weight_precision.MATVECS, default="xla")
     args = parser.parse_args()
 
     fn, fn_args = (step_job(args.kv_heads, args.batch, args.length) if args.job == "step"
-                   else sample_job(args.kv_heads, args.length))
+                   else sample_job(args.kv_heads, args.length, args.decode_weights, args.matvec))
     hlo = fn.lower(*fn_args).compile().as_text()
     jax.block_until_ready(fn(*fn_args))  # compile and warm up
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -135,7 +141,8 @@ def main():
         "job": args.job,
         "config": dict(common.peer_config(args.kv_heads), vocab=common.PEER_VOCAB, batch=args.batch,
                        length=args.length) if args.job == "step" else
-        dict(common.peer_config(args.kv_heads), vocab=common.PEER_VOCAB, batch=1, new_tokens=args.length),
+        dict(common.peer_config(args.kv_heads), vocab=common.PEER_VOCAB, batch=1, new_tokens=args.length,
+             decode_weights=args.decode_weights, matvec=args.matvec),
         "device": jax.devices()[0].device_kind,
         "traced_wall_s": wall,
         "op_seconds": total,

@@ -33,14 +33,15 @@ def load_musiclm(mulan_checkpoint: str, codec_checkpoint: str, semantic_checkpoi
                  fine_checkpoint: str, semantic_tokenizer: Optional[str] = None,
                  temperature: Sequence[float] = (1.0, 0.95, 0.4), top_k: int = 0, top_p: float = 1.0,
                  guidance_scale: float = 1.0, duration_s: float = 10.0, seed: int = 0,
-                 decode_weights: str = "float32"):
+                 decode_weights: str = "float32", decode_matvec: str = "xla"):
     """The pipeline.MusicLM of the given run directories with its default generation settings (bound in gin);
     decode_weights: 'float32', 'bfloat16' or 'int8' (weight-only), the stages' weights while sampling
-    (musiclm_jax.weight_precision)."""
+    (musiclm_jax.weight_precision); decode_matvec: 'xla', or 'kernel' for the CPU matrix-vector kernel in the
+    decoding steps (musiclm_jax.kernels.matvec; built on first use with the system C++ compiler)."""
     from musiclm_jax.generation.pipeline import MusicLM
     musiclm = MusicLM.from_checkpoints(mulan_checkpoint, codec_checkpoint, semantic_checkpoint, coarse_checkpoint,
                                        fine_checkpoint, semantic_tokenizer=semantic_tokenizer,
-                                       decode_weights=decode_weights)
+                                       decode_weights=decode_weights, decode_matvec=decode_matvec)
     musiclm.set_generation_params(temperature=tuple(temperature), top_k=top_k, top_p=top_p,
                                   guidance_scale=guidance_scale, duration_s=duration_s, seed=seed)
     return musiclm

@@ -58,7 +58,7 @@ class DenseGeneral(nn.Module):
                             shape, self.param_dtype)
         batch_shape = x.shape[:x.ndim - self.num_contract]
         if isinstance(kernel, weight_precision.Int8Weight):  # decoding weights (weight_precision.for_decoding)
-            kernel = kernel.dequantize(jnp.bfloat16)
+            kernel = kernel.dequantize(jnp.bfloat16)  # (a KernelWeight reshapes its int8 values and scale itself)
         y = weight_precision.matmul(x.reshape((-1, fan_in)), kernel.reshape((fan_in, -1)), self.dtype)
         return y.reshape(batch_shape + features)
 
@@ -110,13 +110,15 @@ class Embed(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [...] int32 -> embeddings [..., features] in `dtype`."""
         table = self.embedding
+        if isinstance(table, weight_precision.KernelWeight):  # the kernel runs products; a lookup reads the table
+            table = table.weight
         if isinstance(table, weight_precision.Int8Weight):  # int8 rows scaled per feature
             return (jnp.take(table.values, tokens, axis=0).astype(jnp.float32) * table.scale[0]).astype(self.dtype)
         return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (tied output projection): x [..., features] -> [..., vocab]."""
-        return weight_precision.matmul(x, self.embedding, self.dtype, "...e,ve->...v")
+        return weight_precision.matmul(x, self.embedding, self.dtype, weight_precision.TIED_EQUATION)
 
 
 class RMSNorm(nn.Module):

@@ -55,3 +55,17 @@ def test_profile_script_splits_a_training_step_into_matmuls_and_the_rest():
     assert "matmul" in names and len(names) > 3
     assert abs(sum(c["share"] for c in result["categories"]) - 1.0) < 0.05  # --top 50 covers nearly all
     assert any(op["shape"].startswith("f32[") for op in result["top_ops"])
+
+
+def test_profile_script_counts_the_matvec_kernel_as_matmul_time():
+    """benchmarks/lm_profile.py --job sample with int8 weights in the CPU kernel: the kernel's calls are found in
+    the HLO and counted with the matmuls."""
+    command = [sys.executable, os.path.join("benchmarks", "lm_profile.py"), "--job", "sample", "--length", "64",
+               "--decode_weights", "int8", "--matvec", "kernel", "--top", "50"]
+    proc = subprocess.run(command, cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["config"]["decode_weights"] == "int8" and result["config"]["matvec"] == "kernel"
+    kernel_ops = [op for op in result["top_ops"] if op["name"].startswith("ffi_call")]
+    assert kernel_ops and all(op["count"] == 63 for op in kernel_ops)  # one call per new token after the first
+    assert 0.3 < result["matmul_share"] < 1.0

@@ -115,14 +115,15 @@ class MusicLM:
     @classmethod
     def from_checkpoints(cls, mulan: str, codec: str, semantic: str, coarse: str, fine: str,
                          semantic_tokenizer: Optional[str] = None,
-                         decode_weights: str = "float32") -> "MusicLM":
+                         decode_weights: str = "float32", decode_matvec: str = "xla") -> "MusicLM":
         """Loads the run directories (MuLan with its RVQ, codec, the three stages, and optionally the semantic
         tokenizer, which continuation needs); decode_weights: the stages' weight precision for sampling
-        ('float32', 'bfloat16' or 'int8' weight-only; Stage.from_checkpoint)."""
+        ('float32', 'bfloat16' or 'int8' weight-only; Stage.from_checkpoint); decode_matvec: 'xla' or 'kernel'
+        (the CPU matrix-vector kernel for the decoding steps, musiclm_jax.kernels.matvec)."""
         from musiclm_jax.codec.inference import Codec
         from musiclm_jax.mulan.inference import MuLan
         from musiclm_jax.semantic.inference import SemanticTokenizer
-        stages = [Stage.from_checkpoint(path, name, decode_weights)
+        stages = [Stage.from_checkpoint(path, name, decode_weights, decode_matvec)
                   for path, name in zip((semantic, coarse, fine), STAGES)]
         tokenizer = SemanticTokenizer.load(semantic_tokenizer) if semantic_tokenizer else None
         return cls(MuLan.from_checkpoint(mulan), Codec.from_checkpoint(codec), *stages,

@@ -83,20 +83,24 @@ class Stage:
         self._replicated = None  # the parameters on every device, made on the first sharded call
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str, name: str, decode_weights: str = "float32") -> "Stage":
+    def from_checkpoint(cls, model_dir: str, name: str, decode_weights: str = "float32",
+                        decode_matvec: str = "xla") -> "Stage":
         """The stage of a run directory; decode_weights: the precision its kernels and embedding tables are held
-        in for sampling ('float32', 'bfloat16', 'int8'; musiclm_jax.weight_precision)."""
+        in for sampling ('float32', 'bfloat16', 'int8'; musiclm_jax.weight_precision); decode_matvec: 'xla', or
+        'kernel' for the CPU matrix-vector kernel in the decoding steps (musiclm_jax.kernels.matvec)."""
         from musiclm_jax import checkpoint_loading, partitioning, weight_precision
         from musiclm_jax.models import TokenLMModel
         if decode_weights not in weight_precision.PRECISIONS:  # before reading the checkpoint
             raise ValueError(f"decode_weights {decode_weights!r}: expected one of {weight_precision.PRECISIONS}")
+        if decode_matvec not in weight_precision.MATVECS:
+            raise ValueError(f"decode_matvec {decode_matvec!r}: expected one of {weight_precision.MATVECS}")
         loaded = checkpoint_loading.load_model(model_dir)
         if not isinstance(loaded.model, TokenLMModel):
             raise ValueError(f"{model_dir} holds a {type(loaded.model).__name__}, not a stage (TokenLMModel)")
         partitioner = None
         if jax.process_count() == 1 and jax.local_device_count() > 1:
             partitioner = partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig()))
-        params = weight_precision.for_decoding(jax.device_get(loaded.params), decode_weights)
+        params = weight_precision.for_decoding(jax.device_get(loaded.params), decode_weights, decode_matvec)
         return cls(loaded.model, params, name, partitioner)
 
     def decoder_functions(self):
