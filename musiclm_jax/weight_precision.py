@@ -161,7 +161,7 @@ def _kernel_matmul(x: jax.Array, weight: KernelWeight, dtype, equation: Optional
         out_shape = x.shape[:-1] + (values.shape[0],)
 
     def elsewhere(x2):
-        return matmul(x2, inner, jnp.float32, equation if equation is None else "me,ve->mv")
+        return matmul(x2, inner, jnp.float32, equation)
 
     y = jax.lax.platform_dependent(x2, cpu=on_cpu, default=elsewhere)
     return y.reshape(out_shape).astype(dtype)

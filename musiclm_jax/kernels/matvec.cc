@@ -284,10 +284,9 @@ ffi::Error Matvec(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::Bu
   job.dtype = dtype;
   // Two chunks a worker: a late helper still finds work, and one that is slow holds up at most half its share.
   const int64_t split = transposed ? n_dim : k_dim;
-  const int64_t wanted = std::min<int64_t>(2 * workers, std::max<int64_t>(1, split / 8));
+  const int64_t wanted = workers == 1 ? 1 : std::min<int64_t>(2 * workers, std::max<int64_t>(1, split / 8));
   job.span = (split + wanted - 1) / wanted;
-  job.chunks = workers == 1 ? 1 : (split + job.span - 1) / job.span;
-  if (workers == 1) job.span = split;
+  job.chunks = (split + job.span - 1) / job.span;
 
   thread_local std::vector<float> partials;
   if (transposed) {
